@@ -1,0 +1,1 @@
+"""The `suncet` command line (installed as suncet.cli)."""

@@ -1,0 +1,1 @@
+"""Built-in plugins (installed as suncet.plugins), registered through entry points."""

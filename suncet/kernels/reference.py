@@ -1,0 +1,47 @@
+"""The multi-positive contrastive operation in plain PyTorch: the oracle for the fused kernels.
+
+It materialises the M x N similarity matrix, so it is only for checking and small sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def allowed_and_positive(
+    row_keys: Tensor, col_keys: Tensor, row_groups: Tensor, col_groups: Tensor, self_offset: int
+) -> tuple[Tensor, Tensor]:
+    """Masks [M, N]: which columns each row may see, and which of those are its positives."""
+    rows = torch.arange(row_keys.shape[0], device=row_keys.device)
+    cols = torch.arange(col_keys.shape[0], device=row_keys.device)
+    allowed = (row_groups[:, None] == col_groups[None, :]) & (cols[None, :] != rows[:, None] + self_offset)
+    positive = allowed & (row_keys[:, None] == col_keys[None, :])
+    return allowed, positive
+
+
+def multi_positive_reference(
+    q: Tensor,
+    k: Tensor,
+    row_keys: Tensor,
+    col_keys: Tensor,
+    row_groups: Tensor,
+    col_groups: Tensor,
+    self_offset: int,
+    tau: float,
+) -> tuple[Tensor, Tensor]:
+    """Per-row ``LSE(allowed columns) - LSE(positive columns)`` of ``q k^T / tau``.
+
+    q [M, D] and k [N, D] are already L2-normalised. Returns the per-row losses (fp32, 0 on
+    rows without a positive) and the boolean valid flag of each row.
+    """
+    s = (q.float() @ k.float().T) / tau
+    allowed, positive = allowed_and_positive(row_keys, col_keys, row_groups, col_groups, self_offset)
+    valid = positive.any(dim=1)
+    # Rows with no positive are zeroed before the LSEs so that their (unused) branch stays
+    # finite: a row of -inf would turn the zero upstream gradient into NaN.
+    keep = valid[:, None]
+    lse_all = torch.logsumexp(torch.where(keep, s.masked_fill(~allowed, float("-inf")), 0.0), dim=1)
+    lse_pos = torch.logsumexp(torch.where(keep, s.masked_fill(~positive, float("-inf")), 0.0), dim=1)
+    loss = torch.where(valid, lse_all - lse_pos, 0.0)
+    return loss, valid

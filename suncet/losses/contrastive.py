@@ -1,0 +1,162 @@
+"""NT-Xent, SuNCEt and their common multi-positive form, over any kernel backend."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from suncet import kernels
+
+
+def _normalize(x: Tensor) -> Tensor:
+    # Normalised in fp32 and handed to the kernels in the input's dtype (bf16 stays bf16).
+    return F.normalize(x.float(), dim=1).to(x.dtype)
+
+
+def _check_rows(name: str, x: Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [rows, dim], got shape {tuple(x.shape)}")
+
+
+def _check_keys(name: str, keys: Tensor, rows: int) -> None:
+    if keys.dim() != 1 or keys.shape[0] != rows:
+        raise ValueError(f"{name} must be 1-D with {rows} entries, got shape {tuple(keys.shape)}")
+
+
+def masked_mean(loss: Tensor, valid: Tensor) -> Tensor:
+    """Mean of the valid rows' losses; 0 (with zero gradient) when no row is valid."""
+    return (loss * valid).sum() / valid.sum().clamp(min=1)
+
+
+def contrastive_loss(
+    q: Tensor,
+    row_keys: Tensor,
+    *,
+    k: Tensor | None = None,
+    col_keys: Tensor | None = None,
+    row_groups: Tensor | None = None,
+    col_groups: Tensor | None = None,
+    self_offset: int = 0,
+    tau: float = 0.1,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """General multi-positive contrastive loss, per row.
+
+    Rows ``q`` [M, D] are compared with columns ``k`` [N, D] (``q`` itself when omitted),
+    both raw and L2-normalised here. Row i sees column j when their groups are equal and j is
+    not row i's own column ``i + self_offset``; a seen column is a positive when its key
+    equals the row's key. Returns ``(loss [M] fp32, valid [M] bool)``:
+    ``loss_i = LSE over seen columns - LSE over positives`` of ``q_i . k_j / tau``, 0 on rows
+    with no positive (``valid`` False).
+    """
+    if not tau > 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    _check_rows("q", q)
+    _check_keys("row_keys", row_keys, q.shape[0])
+    qn = _normalize(q)
+    if k is None:
+        kn = qn
+        col_keys = row_keys if col_keys is None else col_keys
+    else:
+        _check_rows("k", k)
+        if k.shape[1] != q.shape[1]:
+            raise ValueError(f"q and k differ in width: {q.shape[1]} vs {k.shape[1]}")
+        if col_keys is None:
+            raise ValueError("col_keys is required when k is given")
+        kn = _normalize(k)
+    _check_keys("col_keys", col_keys, kn.shape[0])
+    if row_groups is None:
+        row_groups = torch.zeros_like(row_keys)
+    if col_groups is None:
+        col_groups = row_groups if k is None else torch.zeros_like(col_keys)
+    _check_keys("row_groups", row_groups, q.shape[0])
+    _check_keys("col_groups", col_groups, kn.shape[0])
+    return kernels.multi_positive(
+        qn, kn, row_keys, col_keys, row_groups, col_groups, int(self_offset), float(tau), backend
+    )
+
+
+def _view_ids(rows: int, device: torch.device) -> Tensor:
+    """Image ids of a [view1; view2] layout of ``rows`` = 2B rows: i and i + B share an id."""
+    if rows % 2:
+        raise ValueError(f"NT-Xent needs [view1; view2] rows, an even count; got {rows}")
+    return torch.arange(rows, device=device) % (rows // 2)
+
+
+def _gathered_view_ids(local_rows: int, total_rows: int, device: torch.device) -> Tensor:
+    """Image ids of columns gathered from ranks that each hold a [view1; view2] block."""
+    if total_rows % local_rows:
+        raise ValueError(f"gathered rows ({total_rows}) are not a multiple of the local rows ({local_rows})")
+    j = torch.arange(total_rows, device=device)
+    half = local_rows // 2
+    return (j // local_rows) * half + (j % local_rows) % half
+
+
+def nt_xent(
+    z: Tensor, tau: float = 0.1, *, backend: str = "auto", gathered: Tensor | None = None, rank: int = 0
+) -> Tensor:
+    """SimCLR's NT-Xent: mean over the 2B rows of ``z = [view1; view2]`` (raw projections).
+
+    For a multi-GPU batch pass ``gathered`` (every rank's ``z``, concatenated in rank order,
+    with gradient) and this process's ``rank``; the denominator then runs over all ranks.
+    """
+    rows = z.shape[0]
+    ids = _view_ids(rows, z.device)
+    if gathered is None:
+        loss, valid = contrastive_loss(z, ids, tau=tau, backend=backend)
+    else:
+        loss, valid = contrastive_loss(
+            z,
+            ids + rank * (rows // 2),
+            k=gathered,
+            col_keys=_gathered_view_ids(rows, gathered.shape[0], z.device),
+            self_offset=rank * rows,
+            tau=tau,
+            backend=backend,
+        )
+    return masked_mean(loss, valid)
+
+
+def suncet_loss(
+    z: Tensor,
+    labels: Tensor,
+    tau: float = 0.1,
+    *,
+    backend: str = "auto",
+    gathered: Tensor | None = None,
+    gathered_labels: Tensor | None = None,
+    rank: int = 0,
+) -> Tensor:
+    """SuNCEt on labeled projections ``z`` [N, D]: positives (same class) summed inside the log.
+
+    Rows whose class appears nowhere else are left out of the mean; with no such row at all
+    the loss is 0 with zero gradient.
+    """
+    if gathered is None:
+        loss, valid = contrastive_loss(z, labels, tau=tau, backend=backend)
+    else:
+        if gathered_labels is None:
+            raise ValueError("gathered_labels is required with gathered")
+        loss, valid = contrastive_loss(
+            z, labels, k=gathered, col_keys=gathered_labels, self_offset=rank * z.shape[0], tau=tau, backend=backend
+        )
+    return masked_mean(loss, valid)
+
+
+def nt_xent_and_suncet(
+    z_unlabeled: Tensor, z_labeled: Tensor, labels: Tensor, tau: float = 0.1, *, backend: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    """Both terms from ONE launch over ``[z_unlabeled; z_labeled]``.
+
+    The unlabeled rows ([view1; view2]) only see each other and the labeled rows only see each
+    other, so the result equals ``nt_xent(z_unlabeled)`` and ``suncet_loss(z_labeled, labels)``.
+    """
+    rows_u, rows_l = z_unlabeled.shape[0], z_labeled.shape[0]
+    device = z_unlabeled.device
+    keys = torch.cat([_view_ids(rows_u, device), labels.to(device=device, dtype=torch.long)])
+    groups = torch.cat(
+        [torch.zeros(rows_u, dtype=torch.long, device=device), torch.ones(rows_l, dtype=torch.long, device=device)]
+    )
+    loss, valid = contrastive_loss(torch.cat([z_unlabeled, z_labeled]), keys, row_groups=groups, tau=tau, backend=backend)
+    return masked_mean(loss[:rows_u], valid[:rows_u]), masked_mean(loss[rows_u:], valid[rows_u:])
