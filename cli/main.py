@@ -1,5 +1,121 @@
-import click
+"""`suncet`: the command line. Errors print one line (a traceback only with --debug)."""
 
-@click.group()
-def main():
-    """suncet"""
+from __future__ import annotations
+
+import sys
+
+import click
+from rich.table import Table
+
+import suncet
+from suncet.cli.main_console import console, err_console
+from suncet.errors import SuncetError
+
+
+class SuncetGroup(click.Group):
+    """A click group whose commands report SuncetError (and any crash) as one line."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            err_console.print("[red]error:[/red] interrupted")
+            sys.exit(130)
+        except Exception as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            code = exc.exit_code if isinstance(exc, SuncetError) else 1
+            detail = str(exc) if isinstance(exc, SuncetError) else f"{type(exc).__name__}: {exc}"
+            err_console.print(f"[red]error:[/red] {detail}", markup=True, highlight=False, soft_wrap=True)
+            sys.exit(code)
+
+
+@click.group(cls=SuncetGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(suncet.__version__, prog_name="suncet")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Contrastive semi-supervised pre-training: SimCLR / SwAV + SuNCEt."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+@main.command()
+def plugins() -> None:
+    """List the methods, datasets, backbones and optimizers that are installed."""
+    from suncet.registry import REGISTRIES
+
+    table = Table(title="suncet plugins")
+    for column in ("kind", "name", "source package", "description"):
+        table.add_column(column)
+    failures = []
+    for kind, registry in REGISTRIES.items():
+        for info in registry.infos():
+            table.add_row(kind, info.name, info.source, info.description)
+        failures += registry.failures()
+    console.print(table)
+    for failure in failures:
+        err_console.print(
+            f"[yellow]warning:[/yellow] {failure.kind} entry point '{failure.entry_point}' from package "
+            f"'{failure.source}' failed to import: {failure.error}",
+            highlight=False,
+        )
+
+
+@main.command()
+def doctor() -> None:
+    """Versions, devices, and which kernel backends run here (and why not)."""
+    import platform
+
+    import torch
+
+    from suncet.kernels import backend_status, resolve_backend
+
+    info = Table(title="suncet doctor", show_header=False)
+    info.add_column("item")
+    info.add_column("value")
+    info.add_row("suncet", suncet.__version__)
+    info.add_row("python", platform.python_version())
+    info.add_row("torch", torch.__version__)
+    info.add_row("torch CUDA build", torch.version.cuda or "no")
+    try:
+        import triton
+
+        info.add_row("triton", triton.__version__)
+    except ImportError:
+        info.add_row("triton", "not installed")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    info.add_row("CUDA devices", ", ".join(torch.cuda.get_device_name(i) for i in range(gpus)) or "none")
+    info.add_row("CPU threads", str(torch.get_num_threads()))
+    try:
+        from suncet import _C
+
+        info.add_row("suncet._C", ", ".join(f"{k}={v}" for k, v in _C.build_info().items()))
+    except ImportError as exc:
+        info.add_row("suncet._C", f"not importable: {exc}")
+    console.print(info)
+
+    backends = Table(title="kernel backends")
+    backends.add_column("backend")
+    backends.add_column("usable")
+    backends.add_column("why")
+    for name, (usable, reason) in backend_status().items():
+        backends.add_row(name, "[green]yes[/green]" if usable else "[red]no[/red]", reason)
+    console.print(backends)
+    device = torch.device("cuda" if gpus else "cpu")
+    console.print(f"auto selects [bold]{resolve_backend('auto', device)}[/bold] on {device}")
+
+
+def _register_subcommands() -> None:
+    from suncet.cli.bench import bench
+    from suncet.cli.evaluate import eval_command
+    from suncet.cli.train import train
+
+    main.add_command(train)
+    main.add_command(eval_command)
+    main.add_command(bench)
+
+
+_register_subcommands()

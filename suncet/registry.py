@@ -17,7 +17,7 @@ import types
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from suncet.errors import SuncetError
+from suncet.errors import ConfigError, SuncetError
 
 __all__ = [
     "BACKBONES",
@@ -43,7 +43,7 @@ class PluginError(SuncetError):
 
 
 class UnknownPluginError(PluginError):
-    pass
+    exit_code = 2
 
 
 class DuplicatePluginError(PluginError):
@@ -173,8 +173,24 @@ class Registry:
             message += f" (plugins that failed to import: {broken})"
         raise UnknownPluginError(message)
 
-    def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        return self.get(name).obj(*args, **kwargs)
+    def create(self, name: str, *args: Any, options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        """Call plugin ``name`` with ``args``/``kwargs`` from the engine plus the user's ``options``,
+        rejecting options the plugin does not take."""
+        info = self.get(name)
+        options = dict(options or {})
+        if options:
+            try:
+                parameters = inspect.signature(info.obj).parameters
+            except (TypeError, ValueError):
+                parameters = {}
+            takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+            accepted = [n for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in kwargs]
+            unknown = sorted(set(options) - set(accepted))
+            if unknown and not takes_any:
+                raise ConfigError(
+                    f"{self.kind} '{name}' has no option '{unknown[0]}'; its options: {', '.join(accepted) or 'none'}"
+                )
+        return info.obj(*args, **kwargs, **options)
 
     def names(self) -> list[str]:
         self._load_entry_points()

@@ -1,1 +1,7 @@
-"""Built-in datasets."""
+"""Built-in datasets.
+
+A dataset plugin is a callable ``(*, root: str | None, download: bool)`` returning a
+``suncet.data.ImageDataset``.
+"""
+
+from suncet.plugins.datasets import digits  # noqa: F401  (registers the plugins)

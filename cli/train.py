@@ -1,0 +1,102 @@
+"""`suncet train`: pre-train with a method on a dataset and a label subset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from suncet.cli.evaluate import print_scores
+from suncet.cli.main_console import console
+from suncet.config import build_config, load_yaml, parse_key_values
+from suncet.errors import ConfigError
+
+# flag name -> config key, for flags that map one-to-one onto a config key
+_FLAG_KEYS = (
+    "method", "dataset", "data", "labels", "label_seed", "backbone", "epochs", "batch_size",
+    "classes_per_step", "images_per_class", "suncet_weight", "suncet_epochs", "tau", "proj_hidden",
+    "proj_dim", "optimizer", "lr", "start_lr", "final_lr", "warmup_epochs", "weight_decay", "momentum",
+    "kernel", "device", "seed", "monitor_every", "probe_every", "final_eval", "preset",
+)
+
+
+@click.command()
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML file of settings (flags override it).")
+@click.option("--preset", help="Recipe preset: digits, cifar10, paper-imagenet-10pct.")
+@click.option("--method", help="Method plugin (simclr, swav, supervised, ...).")
+@click.option("--dataset", help="Dataset plugin (digits, ...).")
+@click.option("--data", help="Dataset root directory, for datasets read from disk.")
+@click.option("--download/--no-download", default=None, help="Download the dataset if it is missing (where a network exists).")
+@click.option("--labels", help="Labeled subset: 10%, 1%, 0.5%, 0%, 100%, 4/class, or a file of training indices.")
+@click.option("--label-seed", type=int, help="Seed of the labeled-subset draw.")
+@click.option("--backbone", help="Backbone plugin (small_resnet, resnet18, resnet50, ...).")
+@click.option("--backbone-opt", multiple=True, metavar="KEY=VALUE", help="Backbone option (repeatable).")
+@click.option("--method-opt", multiple=True, metavar="KEY=VALUE", help="Method option (repeatable).")
+@click.option("--optimizer", help="Optimizer plugin (lars, sgd, adamw).")
+@click.option("--optimizer-opt", multiple=True, metavar="KEY=VALUE", help="Optimizer option (repeatable).")
+@click.option("--epochs", type=int, help="Epochs (passes over the unlabeled images).")
+@click.option("--batch-size", type=int, help="Unlabeled images per step (each gives two views).")
+@click.option("--classes-per-step", type=int, help="Classes in each step's labeled batch.")
+@click.option("--images-per-class", type=int, help="Labeled images per class in each step.")
+@click.option("--suncet-weight", type=float, help="Weight of the SuNCEt term (0: off).")
+@click.option("--suncet-epochs", type=int, help="Epoch after which SuNCEt is switched off (default: never).")
+@click.option("--tau", type=float, help="Temperature of the contrastive terms.")
+@click.option("--proj-hidden", type=int, help="Hidden width of the projection head.")
+@click.option("--proj-dim", type=int, help="Output width of the projection head.")
+@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--start-lr", type=float, help="Learning rate at the start of the warm-up.")
+@click.option("--final-lr", type=float, help="Learning rate at the end of the cosine decay.")
+@click.option("--warmup-epochs", type=float, help="Linear warm-up length in epochs.")
+@click.option("--weight-decay", type=float, help="Weight decay (not applied to biases and norms).")
+@click.option("--momentum", type=float, help="Momentum.")
+@click.option("--kernel", help="Contrastive kernel backend: auto, cpu, triton, cuda, reference.")
+@click.option("--device", help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, help="Seed of initialisation, sampling and augmentation.")
+@click.option("--deterministic/--no-deterministic", default=None, help="Ask torch for deterministic algorithms.")
+@click.option("--monitor-every", type=int, help="Epochs between kNN monitors (0: off).")
+@click.option("--probe-every", type=int, help="Epochs between linear-probe monitors (0: off).")
+@click.option("--final-eval", help="Evaluation after training: linear, knn, finetune or none.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Run directory (default: runs/<name>-<time>).")
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path), help="Continue the run in this directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
+def train(config_file, backbone_opt, method_opt, optimizer_opt, out_dir, resume_dir, overwrite, download, deterministic, **flags):
+    """Pre-train a backbone; ends with a semi-supervised evaluation.
+
+    Example: suncet train --method simclr --labels 10%
+    """
+    from suncet.trainer import LAST_CHECKPOINT, evaluate_run, load_run_config, prepare_run_dir
+    from suncet.trainer import train as run_training
+
+    overrides = {key: flags[key] for key in _FLAG_KEYS if flags.get(key) is not None}
+    if download is not None:
+        overrides["download"] = download
+    if deterministic is not None:
+        overrides["deterministic"] = deterministic
+    for option, key, pairs in (
+        ("--backbone-opt", "backbone_options", backbone_opt),
+        ("--method-opt", "method_options", method_opt),
+        ("--optimizer-opt", "optimizer_options", optimizer_opt),
+    ):
+        if pairs:
+            overrides[key] = parse_key_values(pairs, option)
+
+    if resume_dir is not None:
+        if overrides or config_file or out_dir:
+            raise ConfigError("--resume continues a run with its saved config; give no other settings with it")
+        if not (resume_dir / LAST_CHECKPOINT).is_file():
+            raise ConfigError(f"--resume {resume_dir}: no checkpoint at {resume_dir / LAST_CHECKPOINT}")
+        config = load_run_config(resume_dir)
+        run_dir = resume_dir
+    else:
+        config = build_config(load_yaml(config_file) if config_file else None, overrides)
+        run_dir = prepare_run_dir(config, out_dir, overwrite)
+
+    run_training(config, run_dir, resume=resume_dir is not None, console=console)
+    console.print(f"run written to {run_dir}")
+    if config.final_eval != "none":
+        from suncet.trainer import load_trained, write_json
+
+        run = load_trained(run_dir)
+        result = evaluate_run(run, config.final_eval, baseline=True)
+        write_json(run_dir / f"eval_{config.final_eval}.json", result)
+        print_scores(result, title=f"{config.final_eval} evaluation of {run_dir}")

@@ -1,0 +1,216 @@
+"""Training configuration: one flat dataclass, filled from defaults < preset < YAML file < flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from suncet.errors import ConfigError
+from suncet.labels import parse_label_spec
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    method: str = "simclr"
+    dataset: str = "digits"
+    data: str | None = None
+    download: bool = False
+    labels: str = "10%"
+    label_seed: int = 0
+    backbone: str = "small_resnet"
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+    method_options: dict[str, Any] = field(default_factory=dict)
+    proj_hidden: int = 512
+    proj_dim: int = 128
+    tau: float = 0.1
+    # SuNCEt
+    suncet_weight: float = 1.0
+    suncet_epochs: int | None = None
+    classes_per_step: int = 10
+    images_per_class: int = 4
+    # schedule and optimisation
+    epochs: int = 40
+    batch_size: int = 128
+    optimizer: str = "lars"
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
+    lr: float = 1.0
+    start_lr: float = 0.0
+    final_lr: float = 0.0
+    warmup_epochs: float = 2.0
+    weight_decay: float = 1e-5
+    momentum: float = 0.9
+    # machinery
+    kernel: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    deterministic: bool = False
+    run_dir: str | None = None
+    checkpoint_every_epochs: int = 1
+    knn_k: int = 20
+    monitor_every: int = 1
+    probe_every: int = 0
+    final_eval: str = "linear"
+    preset: str | None = None
+
+
+# Recipes. "digits" is tuned for 2 CPU cores; "paper-imagenet-10pct" carries method.md's values.
+PRESETS: dict[str, dict[str, Any]] = {
+    "digits": {},
+    "cifar10": {
+        "dataset": "cifar10",
+        "backbone": "resnet18",
+        "epochs": 200,
+        "batch_size": 256,
+        "classes_per_step": 10,
+        "images_per_class": 8,
+        "proj_hidden": 2048,
+        "lr": 1.2,
+        "start_lr": 0.0,
+        "warmup_epochs": 10,
+        "weight_decay": 1e-6,
+        "tau": 0.5,
+    },
+    "paper-imagenet-10pct": {
+        "dataset": "imagefolder",
+        "backbone": "resnet50",
+        "labels": "10%",
+        "epochs": 500,
+        "suncet_epochs": 250,
+        # per GPU (x 64 GPUs): 44 unlabeled x 2 views + 20 classes x 2 labeled
+        "batch_size": 44,
+        "classes_per_step": 20,
+        "images_per_class": 2,
+        "proj_hidden": 2048,
+        "proj_dim": 128,
+        "tau": 0.1,
+        "optimizer": "lars",
+        "optimizer_options": {"trust_coefficient": 0.001},
+        "lr": 4.8,
+        "start_lr": 0.6,
+        "warmup_epochs": 10,
+        "weight_decay": 1e-6,
+        "momentum": 0.9,
+        "monitor_every": 10,
+        "final_eval": "finetune",
+    },
+}
+
+FINAL_EVALS = ("linear", "knn", "finetune", "none")
+
+
+def config_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Coerce ``value`` to the field's type where it is unambiguous; else a ConfigError."""
+    hints = typing.get_type_hints(TrainConfig)
+    expected = hints[key]
+    origin = typing.get_origin(expected)
+    allowed = typing.get_args(expected) if origin in (typing.Union, types.UnionType) else (expected,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        base = typing.get_origin(kind) or kind
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            continue
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is str and isinstance(value, str):
+            return value
+        if base is dict and isinstance(value, dict):
+            return dict(value)
+    names = " or ".join(getattr(typing.get_origin(k) or k, "__name__", str(k)) for k in allowed)
+    raise ConfigError(f"config key '{key}' must be {names}, got {value!r}")
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
+    return data
+
+
+def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """defaults < preset (named in overrides or file, else the dataset's own) < file < overrides."""
+    file_values = dict(file_values or {})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    known = config_fields()
+    for source, values in (("config file", file_values), ("options", overrides)):
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"unknown {source} key '{key}'; known keys: {', '.join(known)}")
+    dataset = overrides.get("dataset", file_values.get("dataset", TrainConfig.dataset))
+    preset = overrides.get("preset", file_values.get("preset"))
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset}'; available: {', '.join(PRESETS)}")
+    values: dict[str, Any] = {}
+    values.update(PRESETS.get(preset if preset is not None else dataset, {}))
+    values.update(file_values)
+    values.update(overrides)
+    values = {k: _check_type(k, v, known[k].type) for k, v in values.items()}
+    config = TrainConfig(**values)
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    """Range checks that need no plugin lookup (those are done when the run is assembled)."""
+
+    def positive(name: str, allow_zero: bool = False) -> None:
+        value = getattr(config, name)
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(f"{name.replace('_', '-')} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+    parse_label_spec(config.labels)
+    for name in ("epochs", "batch_size", "proj_hidden", "proj_dim", "lr", "tau", "knn_k", "checkpoint_every_epochs"):
+        positive(name)
+    for name in ("suncet_weight", "weight_decay", "warmup_epochs", "start_lr", "final_lr", "monitor_every", "probe_every"):
+        positive(name, allow_zero=True)
+    if not 0 <= config.momentum < 1:
+        raise ConfigError(f"momentum must be in [0, 1), got {config.momentum}")
+    if config.warmup_epochs >= config.epochs:
+        raise ConfigError(f"warmup-epochs ({config.warmup_epochs}) must be fewer than epochs ({config.epochs})")
+    if config.suncet_epochs is not None and not 0 <= config.suncet_epochs <= config.epochs:
+        raise ConfigError(f"suncet-epochs must be between 0 and epochs ({config.epochs}), got {config.suncet_epochs}")
+    if config.final_eval not in FINAL_EVALS:
+        raise ConfigError(f"final-eval must be one of {', '.join(FINAL_EVALS)}, got '{config.final_eval}'")
+    if config.device not in ("auto", "cpu", "cuda") and not config.device.startswith("cuda:"):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got '{config.device}'")
+
+
+def to_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def parse_key_values(pairs: tuple[str, ...] | list[str], option: str) -> dict[str, Any]:
+    """``key=value`` strings to a dict, values read as YAML scalars (3000 -> int, true -> bool)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"{option} expects KEY=VALUE, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out

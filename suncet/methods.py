@@ -1,0 +1,123 @@
+"""The interface of method plugins: what a training step hands a method, and what it returns."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from suncet.errors import ConfigError
+
+
+@dataclass
+class TrainBatch:
+    """One step's augmented inputs, already on the training device.
+
+    ``global_views`` are the large crops of the unlabeled images (SimCLR: view1, view2),
+    ``local_views`` the small crops (SwAV multi-crop), ``labeled`` one large crop of each
+    labeled image with its ``labels``; ``labeled`` is None once SuNCEt is switched off.
+    """
+
+    global_views: list[Tensor]
+    local_views: list[Tensor] = field(default_factory=list)
+    labeled: Tensor | None = None
+    labels: Tensor | None = None
+    epoch: int = 0
+    step: int = 0
+
+
+@dataclass
+class MethodConfig:
+    """Settings every method receives; ``options`` holds the method's own (see ``Method.Options``)."""
+
+    num_classes: int
+    tau: float = 0.1
+    suncet_weight: float = 1.0
+    suncet_epochs: int | None = None
+    proj_hidden: int = 2048
+    proj_dim: int = 128
+    kernel: str = "auto"
+    steps_per_epoch: int = 1
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Base class of a pre-training method plugin.
+
+    A subclass receives the backbone (``backbone.feature_dim`` features per image) and a
+    ``MethodConfig``, builds its heads, and implements ``forward(batch) -> dict`` returning
+    the total ``"loss"`` and any named terms to log. ``uses_labels`` says whether it wants a
+    labeled batch each step; ``global_views``/``local_views`` how many crops of each
+    unlabeled image it wants (0 global views: no unlabeled images are loaded).
+    """
+
+    global_views: ClassVar[int] = 2
+    local_views: int = 0
+    uses_labels: bool = True
+
+    @dataclass
+    class Options:
+        """Method-specific options (none by default)."""
+
+    def __init__(self, backbone: nn.Module, config: MethodConfig):
+        super().__init__()
+        self.backbone = backbone
+        self.config = config
+        self.options = parse_options(type(self).Options, config.options, type(self).__name__)
+
+    def forward(self, batch: TrainBatch) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def wants_labeled(self, epoch: int) -> bool:
+        """Whether ``epoch``'s steps load a labeled batch (SuNCEt stops after ``suncet_epochs``)."""
+        limit = self.config.suncet_epochs
+        return self.uses_labels and (limit is None or epoch < limit)
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called after each optimizer step (SwAV re-normalises its prototypes here)."""
+
+    def features(self, images: Tensor) -> Tensor:
+        """Representation used by evaluation: the backbone's output, heads dropped."""
+        return self.backbone(images)
+
+
+def parse_options(options_cls: type, values: dict[str, Any], owner: str) -> Any:
+    """Build a method's Options dataclass, rejecting unknown keys and values of the wrong type."""
+    known = {f.name: f for f in dataclasses.fields(options_cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown option '{unknown[0]}' for method {owner}; known: {', '.join(sorted(known)) or 'none'}"
+        )
+    converted = {}
+    for name, value in values.items():
+        default = getattr(options_cls, name, None)
+        target = type(default) if default is not None else None
+        try:
+            if target is bool and isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                value = value.lower() in ("true", "1", "yes")
+            elif target in (int, float) and not isinstance(value, bool):
+                value = target(value)
+                if target is int and isinstance(values[name], float) and not float(values[name]).is_integer():
+                    raise ValueError(values[name])
+        except ValueError:
+            raise ConfigError(f"option '{name}' of method {owner} must be {target.__name__}, got {values[name]!r}") from None
+        converted[name] = value
+    return options_cls(**converted)
+
+
+def projection_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """Linear - ReLU - Linear, the paper's projection head."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+
+
+def forward_in_one_pass(backbone: nn.Module, head: nn.Module, parts: list[Tensor]) -> list[Tensor]:
+    """Run same-resolution parts through backbone and head as one batch (shared BN statistics)."""
+    sizes = [p.shape[0] for p in parts]
+    out = head(backbone(torch.cat(parts)))
+    return list(out.split(sizes))

@@ -1,0 +1,430 @@
+"""The training loop: assemble a run from plugins, pre-train, monitor, checkpoint, evaluate.
+
+Read top to bottom: ``train`` builds everything from the config, then loops over epochs
+(one pass over the unlabeled images each) and steps (one forward pass over
+[unlabeled views; labeled view]); at each epoch's end it logs metrics and writes a checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import Tensor
+
+from suncet.augment import BatchAugment
+from suncet.checkpoint import load_checkpoint, save_checkpoint
+from suncet.config import TrainConfig, build_config, to_yaml
+from suncet.data import ImageDataset, ImageSource, InMemoryImages
+from suncet.errors import ConfigError, SuncetError
+from suncet.evaluation import extract_features, finetune, knn_classify, linear_probe, raw_pixel_baseline
+from suncet.labels import parse_label_spec, read_index_file, select_labeled, write_labels
+from suncet.methods import Method, MethodConfig, TrainBatch
+from suncet.optim import parameter_groups, warmup_cosine
+from suncet.registry import BACKBONES, DATASETS, METHODS, OPTIMIZERS
+from suncet.samplers import ClassStratifiedSampler, UnlabeledSampler
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.csv"
+LABELS_FILE = "labels.txt"
+LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
+
+
+class NonFiniteLossError(SuncetError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available here")
+    return device
+
+
+def default_run_dir(config: TrainConfig) -> Path:
+    labels = config.labels.replace("%", "pct").replace("/", "per")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.method}-{config.dataset}-{labels}-seed{config.seed}-{stamp}"
+
+
+@dataclass
+class Run:
+    """A training run assembled from its config: data, labeled subset, model and optimizer."""
+
+    config: TrainConfig
+    run_dir: Path
+    device: torch.device
+    dataset: ImageDataset
+    labeled: Tensor  # indices into dataset.train
+    method: Method
+    optimizer: torch.optim.Optimizer
+    unlabeled: ImageSource
+    unlabeled_sampler: UnlabeledSampler
+    labeled_sampler: ClassStratifiedSampler | None
+
+
+class _Concat:
+    """The unlabeled stream: the training images followed by any extra unlabeled images."""
+
+    def __init__(self, first: ImageSource, second: ImageSource):
+        self.first, self.second = first, second
+        self.labels = torch.cat([first.labels, second.labels])
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    def load(self, indices: Tensor) -> Tensor:
+        n = len(self.first)
+        in_first = indices < n
+        images_first = self.first.load(indices[in_first])
+        out = images_first.new_empty((len(indices), *images_first.shape[1:]))
+        out[in_first.to(out.device)] = images_first
+        out[~in_first.to(out.device)] = self.second.load(indices[~in_first] - n).to(out.device)
+        return out
+
+
+def _on_device(source: ImageSource, device: torch.device) -> ImageSource:
+    # Small decoded datasets live on the training device: a step then never waits on a copy.
+    return source.to(device) if isinstance(source, InMemoryImages) else source
+
+
+def load_dataset(config: TrainConfig) -> ImageDataset:
+    return DATASETS.create(config.dataset, root=config.data, download=config.download)
+
+
+def choose_labeled(config: TrainConfig, dataset: ImageDataset) -> Tensor:
+    spec_path = Path(config.labels)
+    if spec_path.suffix in (".txt", ".csv") or spec_path.is_file():
+        return read_index_file(spec_path, len(dataset.train))
+    spec = parse_label_spec(config.labels)
+    return select_labeled(dataset.train.labels, spec, dataset.num_classes, config.label_seed)
+
+
+def build_method(config: TrainConfig, dataset: ImageDataset, steps_per_epoch: int) -> Method:
+    backbone = BACKBONES.create(
+        config.backbone,
+        in_channels=dataset.channels,
+        image_size=dataset.recipe.global_crop.size,
+        options=config.backbone_options,
+    )
+    method_config = MethodConfig(
+        num_classes=dataset.num_classes,
+        tau=config.tau,
+        suncet_weight=config.suncet_weight,
+        suncet_epochs=config.suncet_epochs,
+        proj_hidden=config.proj_hidden,
+        proj_dim=config.proj_dim,
+        kernel=config.kernel,
+        steps_per_epoch=steps_per_epoch,
+        options=dict(config.method_options),
+    )
+    method = METHODS.get(config.method).obj(backbone, method_config)
+    if not isinstance(method, Method):
+        raise ConfigError(f"method plugin '{config.method}' did not build a suncet.methods.Method")
+    return method
+
+
+def assemble(config: TrainConfig, run_dir: Path, labeled: Tensor | None = None) -> Run:
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    dataset = load_dataset(config)
+    if labeled is None:
+        labeled = choose_labeled(config, dataset)
+    unlabeled = dataset.train if dataset.extra_unlabeled is None else _Concat(dataset.train, dataset.extra_unlabeled)
+    unlabeled_sampler = UnlabeledSampler(len(unlabeled), config.batch_size, config.seed)
+    method = build_method(config, dataset, unlabeled_sampler.steps_per_epoch).to(device)
+    if device.type == "cuda":
+        method = method.to(memory_format=torch.channels_last)
+    labeled_sampler = None
+    if len(labeled) == 0 and not (method.global_views or method.local_views):
+        raise ConfigError(f"method '{config.method}' trains on labeled images only, but --labels {config.labels} selects none")
+    if method.wants_labeled(0) and len(labeled) > 0:
+        labeled_sampler = ClassStratifiedSampler(
+            dataset.train.labels[labeled],
+            min(config.classes_per_step, len(torch.unique(dataset.train.labels[labeled]))),
+            config.images_per_class,
+            config.seed,
+        )
+    optimizer = OPTIMIZERS.create(
+        config.optimizer,
+        parameter_groups(method, config.weight_decay),
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        momentum=config.momentum,
+        options=config.optimizer_options,
+    )
+    return Run(
+        config=config,
+        run_dir=run_dir,
+        device=device,
+        dataset=dataset,
+        labeled=labeled,
+        method=method,
+        optimizer=optimizer,
+        unlabeled=_on_device(unlabeled, device),
+        unlabeled_sampler=unlabeled_sampler,
+        labeled_sampler=labeled_sampler,
+    )
+
+
+PROTOCOLS = ("linear", "knn", "finetune")
+
+
+def evaluate_run(
+    run: Run, protocol: str, labeled: Tensor | None = None, finetune_epochs: int | None = None, baseline: bool = False
+) -> dict:
+    """Semi-supervised test accuracy with the labeled subset (all training labels when it is empty).
+
+    'knn' and 'linear' use frozen backbone features; 'finetune' trains the whole backbone plus a
+    zero-initialised linear layer on the labeled images (30 epochs at >= 10% labels, else 60, as
+    the paper). With ``baseline``, small in-memory datasets also get the raw-pixel baseline.
+    """
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got '{protocol}'")
+    dataset, device, backbone = run.dataset, run.device, run.method.backbone
+    labeled = run.labeled if labeled is None else labeled
+    bank = labeled if len(labeled) else torch.arange(len(dataset.train))
+    if protocol == "finetune":
+        fraction = len(bank) / len(dataset.train)
+        epochs = finetune_epochs or (30 if fraction >= 0.1 else 60)
+        scores = finetune(backbone, dataset, bank, device, epochs=epochs, seed=run.config.seed)
+    else:
+        train_features = extract_features(backbone, dataset.train, dataset, device, indices=bank)
+        test_features = extract_features(backbone, dataset.test, dataset, device)
+        train_labels = dataset.train.labels[bank].to(device)
+        if protocol == "knn":
+            scores = knn_classify(
+                train_features, train_labels, test_features, dataset.test.labels, dataset.num_classes, k=run.config.knn_k
+            )
+        else:
+            scores = linear_probe(train_features, train_labels, test_features, dataset.test.labels, dataset.num_classes)
+    result = {"protocol": protocol, "labeled_images": len(bank), **scores.as_dict()}
+    if baseline and isinstance(dataset.train, InMemoryImages) and dataset.image_size <= 32:
+        result["raw_pixels"] = raw_pixel_baseline(dataset, bank, device).as_dict()
+    return result
+
+
+class Meters:
+    """Sums of the logged loss terms over an epoch's steps."""
+
+    def __init__(self, state: dict | None = None):
+        self.sums: dict[str, float] = dict((state or {}).get("sums", {}))
+        self.steps = int((state or {}).get("steps", 0))
+
+    def add(self, terms: dict[str, float]) -> None:
+        for key, value in terms.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        return {key: value / max(1, self.steps) for key, value in self.sums.items()}
+
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "steps": self.steps}
+
+
+def _write_metrics_row(path: Path, row: dict) -> None:
+    rows = []
+    if path.exists():
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    rows.append({k: ("" if v is None else v) for k, v in row.items()})
+    fields = list(dict.fromkeys(key for r in rows for key in r))
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def _truncate_metrics(path: Path, completed_epochs: int) -> None:
+    """Drop rows of epochs the checkpoint does not cover (written after it, then lost)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields, rows = reader.fieldnames or [], [r for r in reader if int(r["epoch"]) <= completed_epochs]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _checkpoint_state(run: Run, generator: torch.Generator, progress: dict, meters: Meters) -> dict:
+    state = {
+        "model": run.method.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "config": dataclasses.asdict(run.config),
+        "labeled": run.labeled.clone(),
+        "progress": dict(progress),
+        "meters": meters.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "augment": generator.get_state()},
+        "labeled_sampler": run.labeled_sampler.state_dict() if run.labeled_sampler else None,
+    }
+    if torch.cuda.is_available():
+        state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore(run: Run, state: dict, generator: torch.Generator) -> tuple[dict, Meters]:
+    run.method.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    generator.set_state(state["rng"]["augment"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if run.labeled_sampler is not None and state["labeled_sampler"] is not None:
+        run.labeled_sampler.load_state_dict(state["labeled_sampler"])
+    return dict(state["progress"]), Meters(state["meters"])
+
+
+def prepare_run_dir(config: TrainConfig, run_dir: Path | None, overwrite: bool) -> Path:
+    run_dir = Path(run_dir or config.run_dir or default_run_dir(config))
+    if (run_dir / CONFIG_FILE).exists() and not overwrite:
+        raise ConfigError(
+            f"run directory {run_dir} already holds a run; continue it with --resume {run_dir} or replace it with --overwrite"
+        )
+    return run_dir
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
+    values = yaml.safe_load(path.read_text()) or {}
+    return build_config(overrides=values)
+
+
+def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, console: Console | None = None) -> dict:
+    """Pre-train as ``config`` says, writing everything into ``run_dir``; returns the final metrics."""
+    console = console or Console()
+    run_dir = Path(run_dir)
+    state = load_checkpoint(run_dir / LAST_CHECKPOINT) if resume else None
+    run = assemble(config, run_dir, labeled=state["labeled"] if state else None)
+    cfg, method, optimizer, device = run.config, run.method, run.optimizer, run.device
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+    write_labels(run_dir / LABELS_FILE, run.labeled, cfg.labels)
+
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "images_seen": 0, "train_seconds": 0.0}
+    meters = Meters()
+    if state is not None:
+        progress, meters = _restore(run, state, generator)
+        _truncate_metrics(run_dir / METRICS_FILE, progress["epoch"])
+        console.print(f"resuming {run_dir} at epoch {progress['epoch']}, step {progress['step_in_epoch']}")
+
+    recipe = run.dataset.recipe
+    global_augment = BatchAugment(recipe, recipe.global_crop)
+    local_augment = BatchAugment(recipe, recipe.local_crop)
+    steps_per_epoch = run.unlabeled_sampler.steps_per_epoch
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    autocast = device.type == "cuda"
+    labeled_images = _on_device(run.dataset.train, device)
+
+    console.print(
+        f"[bold]{cfg.method}[/bold] on {cfg.dataset}: {len(run.unlabeled)} unlabeled, {len(run.labeled)} labeled "
+        f"({cfg.labels}), {cfg.backbone}, {cfg.epochs} epochs x {steps_per_epoch} steps, device {device}, "
+        f"kernel {cfg.kernel} -> {run_dir}"
+    )
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("train", total=total_steps, completed=progress["global_step"], status="")
+        method.train()
+        for epoch in range(progress["epoch"], cfg.epochs):
+            batches = run.unlabeled_sampler.epoch_batches(epoch)
+            with_labels = method.wants_labeled(epoch) and run.labeled_sampler is not None
+            epoch_start, epoch_start_images = time.perf_counter(), progress["images_seen"]
+            for step_in_epoch in range(progress["step_in_epoch"], steps_per_epoch):
+                lr = warmup_cosine(progress["global_step"], total_steps, warmup_steps, cfg.lr, cfg.start_lr, cfg.final_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                batch = TrainBatch(global_views=[], epoch=epoch, step=progress["global_step"])
+                images_in_step = 0
+                if method.global_views or method.local_views:
+                    images = run.unlabeled.load(batches[step_in_epoch]).to(device, non_blocking=True)
+                    batch.global_views = [global_augment(images, generator) for _ in range(method.global_views)]
+                    batch.local_views = [local_augment(images, generator) for _ in range(method.local_views)]
+                    images_in_step += images.shape[0]
+                if with_labels:
+                    positions, classes = run.labeled_sampler.next_batch()
+                    labeled = labeled_images.load(run.labeled[positions]).to(device, non_blocking=True)
+                    batch.labeled, batch.labels = global_augment(labeled, generator), classes.to(device)
+                    images_in_step += labeled.shape[0]
+
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    terms = method(batch)
+                loss = terms["loss"]
+                if not torch.isfinite(loss):
+                    bad = [k for k, v in terms.items() if k != "loss" and not torch.isfinite(v)] or ["loss"]
+                    raise NonFiniteLossError(
+                        f"non-finite loss at epoch {epoch}, step {progress['global_step']} (term {', '.join(bad)} = "
+                        f"{terms[bad[0]].item()}); the last good checkpoint is {run_dir / LAST_CHECKPOINT}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                method.after_optimizer_step(progress["global_step"])
+
+                meters.add({k: v.item() for k, v in terms.items()})
+                progress["global_step"] += 1
+                progress["step_in_epoch"] = step_in_epoch + 1
+                progress["images_seen"] += images_in_step
+                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs}", status=f"loss {loss.item():.3f} lr {lr:.3g}")
+
+            epoch_seconds = time.perf_counter() - epoch_start
+            progress["train_seconds"] += epoch_seconds
+            row = {"epoch": epoch + 1, "step": progress["global_step"], **meters.means(), "lr": lr}
+            row["images_seen"] = progress["images_seen"]
+            row["train_seconds"] = round(progress["train_seconds"], 3)
+            row["images_per_second"] = round((progress["images_seen"] - epoch_start_images) / max(epoch_seconds, 1e-9), 1)
+            if cfg.monitor_every and ((epoch + 1) % cfg.monitor_every == 0 or epoch + 1 == cfg.epochs):
+                row["knn_top1"] = evaluate_run(run, "knn")["top1"]
+            if cfg.probe_every and ((epoch + 1) % cfg.probe_every == 0 or epoch + 1 == cfg.epochs):
+                row["linear_top1"] = evaluate_run(run, "linear")["top1"]
+            _write_metrics_row(run_dir / METRICS_FILE, row)
+            bar.console.print(
+                " ".join(
+                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in row.items()
+                    if k not in ("step", "train_seconds", "images_seen")
+                )
+            )
+            progress.update(epoch=epoch + 1, step_in_epoch=0)
+            meters = Meters()
+            if (epoch + 1) % cfg.checkpoint_every_epochs == 0 or epoch + 1 == cfg.epochs:
+                save_checkpoint(run_dir / LAST_CHECKPOINT, _checkpoint_state(run, generator, progress, meters))
+    return row if cfg.epochs > 0 else {}
+
+
+def load_trained(run_dir: Path, device: str | None = None) -> Run:
+    """A finished or interrupted run, rebuilt from its directory with its last checkpoint's weights."""
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    if device is not None:
+        config = dataclasses.replace(config, device=device)
+    state = load_checkpoint(run_dir / LAST_CHECKPOINT)
+    run = assemble(config, run_dir, labeled=state["labeled"])
+    run.method.load_state_dict(state["model"])
+    run.method.eval()
+    return run
+
+
+def write_json(path: Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
