@@ -1,6 +1,8 @@
 // Python bindings of suncet._C: the fused contrastive kernels and what this build holds.
 #include <torch/extension.h>
 
+#include "contrastive.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -21,6 +23,14 @@ pybind11::dict build_info() {
   info["openmp"] = false;
   info["openmp_max_threads"] = 1;
 #endif
+#if defined(__AVX512F__)
+  info["simd"] = "avx512";
+#elif defined(__AVX2__)
+  info["simd"] = "avx2";
+#else
+  info["simd"] = "generic";
+#endif
+  info["multi_positive_cpu"] = true;
   info["cxx_standard"] = static_cast<long>(__cplusplus);
   return info;
 }
@@ -28,6 +38,28 @@ pybind11::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
   m.doc() = "suncet C++/CUDA kernels";
   m.def("build_info", &build_info, "What this build of the extension contains");
+  m.def("multi_positive_forward_cpu", &suncet::multi_positive_forward_cpu,
+        "Fused multi-positive contrastive forward on CPU: (loss, valid, lse_all, lse_pos)", py::arg("q"),
+        py::arg("k"), py::arg("row_keys"), py::arg("col_keys"), py::arg("row_groups"), py::arg("col_groups"),
+        py::arg("self_offset"), py::arg("tau"), py::arg("one_tower"), py::call_guard<py::gil_scoped_release>());
+  m.def("multi_positive_backward_cpu", &suncet::multi_positive_backward_cpu,
+        "Fused multi-positive contrastive backward on CPU: (dq, dk), dk empty when one_tower", py::arg("grad_loss"),
+        py::arg("q"), py::arg("k"), py::arg("row_keys"), py::arg("col_keys"), py::arg("row_groups"),
+        py::arg("col_groups"), py::arg("lse_all"), py::arg("lse_pos"), py::arg("self_offset"), py::arg("tau"),
+        py::arg("one_tower"), py::call_guard<py::gil_scoped_release>());
+#ifdef SUNCET_WITH_CUDA
+  m.def("multi_positive_forward_cuda", &suncet::multi_positive_forward_cuda,
+        "Fused multi-positive contrastive forward on CUDA (bf16): (loss, valid, lse_all, lse_pos)",
+        py::arg("q"), py::arg("k"), py::arg("row_keys"), py::arg("col_keys"), py::arg("row_groups"),
+        py::arg("col_groups"), py::arg("self_offset"), py::arg("tau"), py::arg("one_tower"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("multi_positive_backward_cuda", &suncet::multi_positive_backward_cuda,
+        "Fused multi-positive contrastive backward on CUDA (bf16): (dq, dk), dk empty when one_tower",
+        py::arg("grad_loss"), py::arg("q"), py::arg("k"), py::arg("row_keys"), py::arg("col_keys"),
+        py::arg("row_groups"), py::arg("col_groups"), py::arg("lse_all"), py::arg("lse_pos"),
+        py::arg("self_offset"), py::arg("tau"), py::arg("one_tower"), py::call_guard<py::gil_scoped_release>());
+#endif
 }

@@ -188,8 +188,6 @@ def validate(config: TrainConfig) -> None:
         positive(name, allow_zero=True)
     if not 0 <= config.momentum < 1:
         raise ConfigError(f"momentum must be in [0, 1), got {config.momentum}")
-    if config.warmup_epochs >= config.epochs:
-        raise ConfigError(f"warmup-epochs ({config.warmup_epochs}) must be fewer than epochs ({config.epochs})")
     if config.suncet_epochs is not None and not 0 <= config.suncet_epochs <= config.epochs:
         raise ConfigError(f"suncet-epochs must be between 0 and epochs ({config.epochs}), got {config.suncet_epochs}")
     if config.final_eval not in FINAL_EVALS:

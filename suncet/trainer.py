@@ -333,7 +333,7 @@ def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, console: 
     local_augment = BatchAugment(recipe, recipe.local_crop)
     steps_per_epoch = run.unlabeled_sampler.steps_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    warmup_steps = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
     autocast = device.type == "cuda"
     labeled_images = _on_device(run.dataset.train, device)
 

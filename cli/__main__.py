@@ -1,0 +1,3 @@
+from suncet.cli.main import main
+
+main()

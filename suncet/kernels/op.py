@@ -1,0 +1,109 @@
+"""The fused operation as torch custom ops, shared by the cpu, triton and cuda backends.
+
+``suncet::multi_positive`` returns (loss [M, P], valid [M, P], lse_all [M], lse_pos [M, P]);
+only the losses carry gradient, and the backward (``suncet::multi_positive_backward``) needs
+nothing but the inputs and the two LSEs (a row's validity is ``lse_pos > -inf``). Both ops have
+fake implementations, so ``torch.compile`` traces a training step through them without a graph
+break, and the backward is itself an op that AOTAutograd records.
+
+With ``one_tower`` the caller passes the same tensor as q and k; the backward then returns the
+whole gradient as dq (one atomics-free pass over ``(G + G^T) z``) and no gradient for k.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+_BACKEND_MODULES = {
+    "cpu": "suncet.kernels.cpu",
+    "triton": "suncet.kernels.triton_kernels",
+    "cuda": "suncet.kernels.cuda",
+}
+
+
+def _backend(name: str):
+    return importlib.import_module(_BACKEND_MODULES[name])
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("suncet::multi_positive", mutates_args=())
+def multi_positive_op(
+    q: Tensor,
+    k: Tensor,
+    row_keys: Tensor,
+    col_keys: Tensor,
+    row_groups: Tensor,
+    col_groups: Tensor,
+    self_offset: int,
+    tau: float,
+    one_tower: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _backend(backend).forward(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower)
+
+
+@multi_positive_op.register_fake
+def _multi_positive_fake(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower, backend):
+    rows, sets = row_keys.shape
+    stats = _stats_dtype(q.dtype)
+    return (
+        q.new_empty((rows, sets), dtype=stats),
+        q.new_empty((rows, sets), dtype=torch.bool),
+        q.new_empty((rows,), dtype=stats),
+        q.new_empty((rows, sets), dtype=stats),
+    )
+
+
+@torch.library.custom_op("suncet::multi_positive_backward", mutates_args=())
+def multi_positive_backward_op(
+    grad_loss: Tensor,
+    q: Tensor,
+    k: Tensor,
+    row_keys: Tensor,
+    col_keys: Tensor,
+    row_groups: Tensor,
+    col_groups: Tensor,
+    lse_all: Tensor,
+    lse_pos: Tensor,
+    self_offset: int,
+    tau: float,
+    one_tower: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    return _backend(backend).backward(
+        grad_loss.contiguous(), q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower
+    )
+
+
+@multi_positive_backward_op.register_fake
+def _multi_positive_backward_fake(
+    grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower, backend
+):
+    dk = q.new_empty((0, q.shape[1])) if one_tower else k.new_empty(k.shape)
+    return q.new_empty(q.shape), dk
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower, backend = inputs
+    _, valid, lse_all, lse_pos = output
+    ctx.mark_non_differentiable(valid, lse_all, lse_pos)
+    ctx.save_for_backward(q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos)
+    ctx.config = (self_offset, tau, one_tower, backend)
+
+
+def _backward(ctx, grad_loss, _grad_valid, _grad_lse_all, _grad_lse_pos):
+    q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos = ctx.saved_tensors
+    self_offset, tau, one_tower, backend = ctx.config
+    dq, dk = multi_positive_backward_op(
+        grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower, backend
+    )
+    return dq, (None if one_tower else dk), None, None, None, None, None, None, None, None
+
+
+multi_positive_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,500 @@
+"""Triton kernels of the fused multi-positive contrastive loss, and their launchers.
+
+Forward: one program per (row tile, column split) walks its column tiles with an online
+log-sum-exp (running maxima in log2 units, ``exp2`` with ``log2(e) / tau`` folded into the
+scale); with more than one split, a small kernel merges the partial statistics. Backward: a
+prologue turns (g, lse_all, lse_pos) into per-row exponent offsets and coefficients, then one
+program per row tile of ``a`` recomputes ``s = a b^T`` tile by tile and accumulates
+``H b`` in fp32, where ``H`` is the gradient of the losses with respect to ``s`` as seen from
+the rows (row side), from the columns (column side, the transposed term), or both (one tower:
+``dz = (G + G^T) z / tau`` in one pass). Every output element is written by exactly one
+program: no atomics, deterministic.
+
+Similarity tiles stay in fp32; bf16/fp16 inputs go to the tensor cores as they are, fp32
+inputs through tf32 unless ``set_fp32_precision("ieee")``. Tiles whose row and column groups
+cannot meet are not visited (each program first scans the column groups for its range).
+See docs/kernels.md for the numerics.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+AUTOTUNE = os.environ.get("SUNCET_TRITON_AUTOTUNE", "1") != "0"
+
+_LOG2E = 1.4426950408889634
+_FLOOR = tl.constexpr(-1.0e30)  # start of running maxima: finite, so -inf (masked) minus it stays -inf
+_DEAD = tl.constexpr(1.0e30)  # exponent offset of rows that receive no gradient: exp2(s - _DEAD) == 0
+_SCAN = tl.constexpr(4096)  # column groups read at once by the range scan
+
+_fp32_precision = os.environ.get("SUNCET_TRITON_FP32_PRECISION", "tf32")
+
+
+def set_fp32_precision(mode: str) -> None:
+    """How fp32 inputs use the tensor cores: ``"tf32"`` (default) or ``"ieee"`` (exact fp32)."""
+    global _fp32_precision
+    if mode not in ("tf32", "ieee"):
+        raise ValueError(f"fp32 precision must be 'tf32' or 'ieee', got {mode!r}")
+    _fp32_precision = mode
+
+
+def fp32_precision() -> str:
+    return _fp32_precision
+
+
+def _configs(table: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    if INTERPRETING:
+        # The interpreter runs block operations in NumPy: one small shape, no tuning.
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    chosen = table if AUTOTUNE else table[:1]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in chosen]
+
+
+def _prune_wide(configs, named_args, **kwargs):
+    # Register budget: a [BLOCK_M, 256] fp32 accumulator or q tile wants a narrower tile.
+    if named_args["D"] <= 128 or len(configs) == 1:
+        return configs
+    narrow = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return narrow or configs[:1]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); the first entry is used when autotuning is off.
+# Not yet measured on a GPU: starting points taken from flash-attention-style kernels of the
+# same head width, to be narrowed with `suncet bench kernels` on the card.
+_FORWARD_TABLE = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3)]
+_BACKWARD_TABLE = [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)]
+
+
+@triton.jit
+def _tile_group_range(groups_ptr, idx, ok):
+    g = tl.load(groups_ptr + idx, mask=ok, other=0)
+    lo = tl.min(tl.where(ok, g, 9223372036854775807), 0)
+    hi = tl.max(tl.where(ok, g, -9223372036854775807), 0)
+    return g, lo, hi
+
+
+@triton.jit
+def _column_tile_span(
+    groups_a_ptr, lo_a, hi_a, groups_b_ptr, lo_b, hi_b, N, BOTH: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """First and one-past-last column tile whose groups meet [lo_a, hi_a] (and, with BOTH,
+    whose second group array meets [lo_b, hi_b])."""
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    first = n_tiles
+    last = 0
+    for start in range(0, N, _SCAN):
+        idx = start + tl.arange(0, _SCAN)
+        ok = idx < N
+        g = tl.load(groups_a_ptr + idx, mask=ok, other=0)
+        tile_lo = tl.min(tl.reshape(tl.where(ok, g, 9223372036854775807), (_SCAN // BLOCK_N, BLOCK_N)), 1)
+        tile_hi = tl.max(tl.reshape(tl.where(ok, g, -9223372036854775807), (_SCAN // BLOCK_N, BLOCK_N)), 1)
+        hit = (tile_lo <= hi_a) & (lo_a <= tile_hi)
+        if BOTH:
+            g2 = tl.load(groups_b_ptr + idx, mask=ok, other=0)
+            lo2 = tl.min(tl.reshape(tl.where(ok, g2, 9223372036854775807), (_SCAN // BLOCK_N, BLOCK_N)), 1)
+            hi2 = tl.max(tl.reshape(tl.where(ok, g2, -9223372036854775807), (_SCAN // BLOCK_N, BLOCK_N)), 1)
+            hit = hit | ((lo2 <= hi_b) & (lo_b <= hi2))
+        tile = start // BLOCK_N + tl.arange(0, _SCAN // BLOCK_N)
+        first = tl.minimum(first, tl.min(tl.where(hit, tile, n_tiles), 0))
+        last = tl.maximum(last, tl.max(tl.where(hit, tile + 1, 0), 0))
+    return first, last
+
+
+@triton.jit
+def _select_code(member0, member1, t0, t1, t2, t3, P: tl.constexpr):
+    """Per entry, the table value of its membership code (bit p: positive of key set p)."""
+    if P == 1:
+        return tl.where(member0, t1, t0)
+    else:
+        return tl.where(member0, tl.where(member1, t3, t1), tl.where(member1, t2, t0))
+
+
+@triton.autotune(configs=_configs(_FORWARD_TABLE), key=["M", "N", "D", "P"], prune_configs_by={"early_config_prune": _prune_wide})
+@triton.jit
+def _forward_kernel(
+    q_ptr, k_ptr, row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
+    partial_ptr, loss_ptr, valid_ptr, lse_all_ptr, lse_pos_ptr,
+    M, N, D, self_offset, scale2,
+    P: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    row0 = pid * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    q = tl.load(q_ptr + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    row_group, rg_lo, rg_hi = _tile_group_range(row_groups_ptr, rows, row_ok)
+    key0 = tl.load(row_keys_ptr + rows * P, mask=row_ok, other=0)
+    key1 = key0
+    if P == 2:
+        key1 = tl.load(row_keys_ptr + rows * P + 1, mask=row_ok, other=0)
+
+    max_all = tl.full([BLOCK_M], _FLOOR, tl.float32)
+    sum_all = tl.zeros([BLOCK_M], tl.float32)
+    max0 = tl.full([BLOCK_M], _FLOOR, tl.float32)
+    sum0 = tl.zeros([BLOCK_M], tl.float32)
+    max1 = tl.full([BLOCK_M], _FLOOR, tl.float32)
+    sum1 = tl.zeros([BLOCK_M], tl.float32)
+
+    first, last = _column_tile_span(col_groups_ptr, rg_lo, rg_hi, col_groups_ptr, rg_lo, rg_hi, N, False, BLOCK_N)
+    per_split = tl.cdiv(last - first, splits)
+    t_begin = first + split * per_split
+    t_end = tl.minimum(t_begin + per_split, last)
+    for t in range(t_begin, t_end):
+        col0 = t * BLOCK_N
+        cols = col0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        col_group, cg_lo, cg_hi = _tile_group_range(col_groups_ptr, cols, col_ok)
+        k = tl.load(k_ptr + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        s2 = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
+        uniform = (rg_lo == rg_hi) & (cg_lo == cg_hi) & (rg_lo == cg_lo)
+        diagonal = (row0 + self_offset < col0 + BLOCK_N) & (col0 < row0 + BLOCK_M + self_offset)
+        if (col0 + BLOCK_N > N) | (uniform == 0) | diagonal:
+            allowed = (
+                col_ok[None, :]
+                & (row_group[:, None] == col_group[None, :])
+                & (cols[None, :] != rows[:, None] + self_offset)
+            )
+            s2 = tl.where(allowed, s2, float("-inf"))
+        member0 = key0[:, None] == tl.load(col_keys_ptr + cols * P, mask=col_ok, other=0)[None, :]
+        member1 = member0
+        if P == 2:
+            member1 = key1[:, None] == tl.load(col_keys_ptr + cols * P + 1, mask=col_ok, other=0)[None, :]
+
+        new_all = tl.maximum(max_all, tl.max(s2, 1))
+        sum_all = sum_all * tl.exp2(max_all - new_all)
+        max_all = new_all
+        new0 = tl.maximum(max0, tl.max(tl.where(member0, s2, float("-inf")), 1))
+        sum0 = sum0 * tl.exp2(max0 - new0)
+        max0 = new0
+        if P == 2:
+            new1 = tl.maximum(max1, tl.max(tl.where(member1, s2, float("-inf")), 1))
+            sum1 = sum1 * tl.exp2(max1 - new1)
+            max1 = new1
+        # One exponential per entry, relative to the smallest maximum among its sets; per-row
+        # factors (<= 1) carry it over to the other sums.
+        both = tl.minimum(max0, max1)
+        offset = _select_code(member0, member1, max_all[:, None], max0[:, None], max1[:, None], both[:, None], P)
+        e = tl.exp2(s2 - offset)
+        to_all = _select_code(
+            member0, member1, 1.0,
+            tl.exp2(max0 - max_all)[:, None], tl.exp2(max1 - max_all)[:, None], tl.exp2(both - max_all)[:, None], P,
+        )  # fmt: skip
+        sum_all += tl.sum(e * to_all, 1)
+        if P == 1:
+            sum0 += tl.sum(tl.where(member0, e, 0.0), 1)
+        else:
+            sum0 += tl.sum(tl.where(member0, e * tl.where(member1, tl.exp2(both - max0)[:, None], 1.0), 0.0), 1)
+            sum1 += tl.sum(tl.where(member1, e * tl.where(member0, tl.exp2(both - max1)[:, None], 1.0), 0.0), 1)
+
+    if splits == 1:
+        _finalize_rows(rows, row_ok, max_all, sum_all, max0, sum0, max1, sum1, loss_ptr, valid_ptr, lse_all_ptr, lse_pos_ptr, P)
+    else:
+        base = partial_ptr + split * (2 + 2 * P) * M + rows
+        tl.store(base, max_all, mask=row_ok)
+        tl.store(base + M, sum_all, mask=row_ok)
+        tl.store(base + 2 * M, max0, mask=row_ok)
+        tl.store(base + 3 * M, sum0, mask=row_ok)
+        if P == 2:
+            tl.store(base + 4 * M, max1, mask=row_ok)
+            tl.store(base + 5 * M, sum1, mask=row_ok)
+
+
+@triton.jit
+def _finalize_rows(rows, row_ok, max_all, sum_all, max0, sum0, max1, sum1, loss_ptr, valid_ptr, lse_all_ptr, lse_pos_ptr, P: tl.constexpr):
+    ln2 = 0.6931471805599453
+    # log2 of a positive stand-in where a sum is 0, so that no -inf - -inf is ever formed.
+    lse_all2 = tl.where(sum_all > 0, max_all + tl.log2(tl.where(sum_all > 0, sum_all, 1.0)), float("-inf"))
+    tl.store(lse_all_ptr + rows, lse_all2 * ln2, mask=row_ok)
+    valid0 = sum0 > 0
+    lse02 = tl.where(valid0, max0 + tl.log2(tl.where(valid0, sum0, 1.0)), float("-inf"))
+    tl.store(lse_pos_ptr + rows * P, lse02 * ln2, mask=row_ok)
+    tl.store(valid_ptr + rows * P, valid0, mask=row_ok)
+    tl.store(loss_ptr + rows * P, tl.where(valid0, (lse_all2 - tl.where(valid0, lse02, 0.0)) * ln2, 0.0), mask=row_ok)
+    if P == 2:
+        valid1 = sum1 > 0
+        lse12 = tl.where(valid1, max1 + tl.log2(tl.where(valid1, sum1, 1.0)), float("-inf"))
+        tl.store(lse_pos_ptr + rows * P + 1, lse12 * ln2, mask=row_ok)
+        tl.store(valid_ptr + rows * P + 1, valid1, mask=row_ok)
+        tl.store(loss_ptr + rows * P + 1, tl.where(valid1, (lse_all2 - tl.where(valid1, lse12, 0.0)) * ln2, 0.0), mask=row_ok)
+
+
+@triton.jit
+def _merge(partial_ptr, stat, splits, rows, row_ok, M, STATS: tl.constexpr, BLOCK: tl.constexpr):
+    top = tl.full([BLOCK], _FLOOR, tl.float32)
+    for split in range(0, splits):
+        top = tl.maximum(top, tl.load(partial_ptr + (split * STATS + stat) * M + rows, mask=row_ok, other=_FLOOR))
+    total = tl.zeros([BLOCK], tl.float32)
+    for split in range(0, splits):
+        m = tl.load(partial_ptr + (split * STATS + stat) * M + rows, mask=row_ok, other=_FLOOR)
+        s = tl.load(partial_ptr + (split * STATS + stat + 1) * M + rows, mask=row_ok, other=0.0)
+        total += s * tl.exp2(m - top)
+    return top, total
+
+
+@triton.jit
+def _combine_kernel(partial_ptr, loss_ptr, valid_ptr, lse_all_ptr, lse_pos_ptr, M, splits, P: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < M
+    max_all, sum_all = _merge(partial_ptr, 0, splits, rows, row_ok, M, 2 + 2 * P, BLOCK)
+    max0, sum0 = _merge(partial_ptr, 2, splits, rows, row_ok, M, 2 + 2 * P, BLOCK)
+    max1 = max0
+    sum1 = sum0
+    if P == 2:
+        max1, sum1 = _merge(partial_ptr, 4, splits, rows, row_ok, M, 2 + 2 * P, BLOCK)
+    _finalize_rows(rows, row_ok, max_all, sum_all, max0, sum0, max1, sum1, loss_ptr, valid_ptr, lse_all_ptr, lse_pos_ptr, P)
+
+
+@triton.jit
+def _gradient_tables_kernel(grad_ptr, lse_all_ptr, lse_pos_ptr, tables_ptr, M, P: tl.constexpr, BLOCK: tl.constexpr):
+    """Per row of q and membership code c: the exponent offset (log2 units) and coefficient with
+    dL/ds_ij = coef_c(i) * exp2(s2_ij - offset_c(i)). Table rows: offsets of codes 0..2^P-1, then
+    coefficients of codes 0..2^P-1."""
+    log2e = 1.4426950408889634
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < M
+    lse_all = tl.load(lse_all_ptr + rows, mask=ok, other=0.0) * log2e
+    lse0 = tl.load(lse_pos_ptr + rows * P, mask=ok, other=float("-inf"))
+    valid0 = lse0 > float("-inf")
+    lse0 = tl.where(valid0, lse0 * log2e, 0.0)
+    g0 = tl.where(valid0, tl.load(grad_ptr + rows * P, mask=ok, other=0.0), 0.0)
+    if P == 1:
+        alive = valid0
+        tl.store(tables_ptr + rows, tl.where(alive, lse_all, _DEAD), mask=ok)
+        tl.store(tables_ptr + M + rows, tl.where(valid0, lse0, _DEAD), mask=ok)
+        tl.store(tables_ptr + 2 * M + rows, g0, mask=ok)
+        tl.store(tables_ptr + 3 * M + rows, tl.where(valid0, g0 * (tl.exp2(lse0 - lse_all) - 1.0), 0.0), mask=ok)
+    else:
+        lse1 = tl.load(lse_pos_ptr + rows * P + 1, mask=ok, other=float("-inf"))
+        valid1 = lse1 > float("-inf")
+        lse1 = tl.where(valid1, lse1 * log2e, 0.0)
+        g1 = tl.where(valid1, tl.load(grad_ptr + rows * P + 1, mask=ok, other=0.0), 0.0)
+        g_sum = g0 + g1
+        alive = valid0 | valid1
+        both = valid0 & valid1
+        o3 = tl.minimum(lse0, lse1)
+        tl.store(tables_ptr + rows, tl.where(alive, lse_all, _DEAD), mask=ok)
+        tl.store(tables_ptr + M + rows, tl.where(valid0, lse0, _DEAD), mask=ok)
+        tl.store(tables_ptr + 2 * M + rows, tl.where(valid1, lse1, _DEAD), mask=ok)
+        tl.store(tables_ptr + 3 * M + rows, tl.where(both, o3, _DEAD), mask=ok)
+        tl.store(tables_ptr + 4 * M + rows, g_sum, mask=ok)
+        tl.store(tables_ptr + 5 * M + rows, tl.where(valid0, g_sum * tl.exp2(lse0 - lse_all) - g0, 0.0), mask=ok)
+        tl.store(tables_ptr + 6 * M + rows, tl.where(valid1, g_sum * tl.exp2(lse1 - lse_all) - g1, 0.0), mask=ok)
+        c3 = g_sum * tl.exp2(o3 - lse_all) - g0 * tl.exp2(o3 - lse0) - g1 * tl.exp2(o3 - lse1)
+        tl.store(tables_ptr + 7 * M + rows, tl.where(both, c3, 0.0), mask=ok)
+
+
+@triton.jit
+def _load_tables(tables_ptr, idx, ok, M, P: tl.constexpr):
+    o0 = tl.load(tables_ptr + idx, mask=ok, other=_DEAD)
+    o1 = tl.load(tables_ptr + M + idx, mask=ok, other=_DEAD)
+    c0 = tl.load(tables_ptr + (2**P) * M + idx, mask=ok, other=0.0)
+    c1 = tl.load(tables_ptr + (2**P + 1) * M + idx, mask=ok, other=0.0)
+    o2 = o0
+    o3 = o0
+    c2 = c0
+    c3 = c0
+    if P == 2:
+        o2 = tl.load(tables_ptr + 2 * M + idx, mask=ok, other=_DEAD)
+        o3 = tl.load(tables_ptr + 3 * M + idx, mask=ok, other=_DEAD)
+        c2 = tl.load(tables_ptr + 6 * M + idx, mask=ok, other=0.0)
+        c3 = tl.load(tables_ptr + 7 * M + idx, mask=ok, other=0.0)
+    return o0, o1, o2, o3, c0, c1, c2, c3
+
+
+@triton.autotune(configs=_configs(_BACKWARD_TABLE), key=["A_COUNT", "B_COUNT", "D", "P"], prune_configs_by={"early_config_prune": _prune_wide})
+@triton.jit
+def _backward_kernel(
+    a_ptr, b_ptr, out_ptr, tables_ptr,
+    row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
+    A_COUNT, B_COUNT, D, M, self_offset, scale2, inv_tau,
+    P: tl.constexpr, ROW_SIDE: tl.constexpr, COL_SIDE: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """d a = (1/tau) sum_b H_ab b_b. Row side: a are rows of q (keys row_keys, tables), b are
+    columns of k. Column side: a are columns of k, b are rows of q (the transposed term)."""
+    pid = tl.program_id(0)
+    row0 = pid * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < A_COUNT
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    a = tl.load(a_ptr + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+
+    # Row side: this program's rows as rows of q.
+    r_group, r_lo, r_hi = _tile_group_range(row_groups_ptr, rows, row_ok & ROW_SIDE)
+    r_key0 = tl.load(row_keys_ptr + rows * P, mask=row_ok & ROW_SIDE, other=0)
+    r_key1 = r_key0
+    if P == 2:
+        r_key1 = tl.load(row_keys_ptr + rows * P + 1, mask=row_ok & ROW_SIDE, other=0)
+    ro0, ro1, ro2, ro3, rc0, rc1, rc2, rc3 = _load_tables(tables_ptr, rows, row_ok & ROW_SIDE, M, P)
+    # Column side: this program's rows as columns of k.
+    c_group, c_lo, c_hi = _tile_group_range(col_groups_ptr, rows, row_ok & COL_SIDE)
+    c_key0 = tl.load(col_keys_ptr + rows * P, mask=row_ok & COL_SIDE, other=0)
+    c_key1 = c_key0
+    if P == 2:
+        c_key1 = tl.load(col_keys_ptr + rows * P + 1, mask=row_ok & COL_SIDE, other=0)
+
+    if ROW_SIDE:
+        first, last = _column_tile_span(col_groups_ptr, r_lo, r_hi, row_groups_ptr, c_lo, c_hi, B_COUNT, COL_SIDE, BLOCK_N)
+    else:
+        first, last = _column_tile_span(row_groups_ptr, c_lo, c_hi, row_groups_ptr, c_lo, c_hi, B_COUNT, False, BLOCK_N)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for t in range(first, last):
+        col0 = t * BLOCK_N
+        cols = col0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < B_COUNT
+        b = tl.load(b_ptr + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        s2 = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale2
+        h = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if ROW_SIDE:
+            b_group, b_lo, b_hi = _tile_group_range(col_groups_ptr, cols, col_ok)
+            member0 = r_key0[:, None] == tl.load(col_keys_ptr + cols * P, mask=col_ok, other=0)[None, :]
+            member1 = member0
+            if P == 2:
+                member1 = r_key1[:, None] == tl.load(col_keys_ptr + cols * P + 1, mask=col_ok, other=0)[None, :]
+            offset = _select_code(member0, member1, ro0[:, None], ro1[:, None], ro2[:, None], ro3[:, None], P)
+            coef = _select_code(member0, member1, rc0[:, None], rc1[:, None], rc2[:, None], rc3[:, None], P)
+            g = coef * tl.exp2(s2 - offset)
+            uniform = (r_lo == r_hi) & (b_lo == b_hi) & (r_lo == b_lo)
+            diagonal = (row0 + self_offset < col0 + BLOCK_N) & (col0 < row0 + BLOCK_M + self_offset)
+            if (col0 + BLOCK_N > B_COUNT) | (uniform == 0) | diagonal:
+                allowed = (
+                    col_ok[None, :]
+                    & (r_group[:, None] == b_group[None, :])
+                    & (cols[None, :] != rows[:, None] + self_offset)
+                )
+                g = tl.where(allowed, g, 0.0)
+            h += g
+        if COL_SIDE:
+            b_group, b_lo, b_hi = _tile_group_range(row_groups_ptr, cols, col_ok)
+            member0 = c_key0[:, None] == tl.load(row_keys_ptr + cols * P, mask=col_ok, other=0)[None, :]
+            member1 = member0
+            if P == 2:
+                member1 = c_key1[:, None] == tl.load(row_keys_ptr + cols * P + 1, mask=col_ok, other=0)[None, :]
+            co0, co1, co2, co3, cc0, cc1, cc2, cc3 = _load_tables(tables_ptr, cols, col_ok, M, P)
+            offset = _select_code(member0, member1, co0[None, :], co1[None, :], co2[None, :], co3[None, :], P)
+            coef = _select_code(member0, member1, cc0[None, :], cc1[None, :], cc2[None, :], cc3[None, :], P)
+            g = coef * tl.exp2(s2 - offset)
+            uniform = (c_lo == c_hi) & (b_lo == b_hi) & (c_lo == b_lo)
+            diagonal = (col0 + self_offset < row0 + BLOCK_M) & (row0 < col0 + BLOCK_N + self_offset)
+            if (col0 + BLOCK_N > B_COUNT) | (uniform == 0) | diagonal:
+                allowed = (
+                    col_ok[None, :]
+                    & (c_group[:, None] == b_group[None, :])
+                    & (rows[:, None] != cols[None, :] + self_offset)
+                )
+                g = tl.where(allowed, g, 0.0)
+            h += g
+        acc += tl.dot(h.to(b.dtype), b, input_precision=PRECISION)
+    tl.store(
+        out_ptr + rows[:, None] * D + dims[None, :],
+        (acc * inv_tau).to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & dim_ok[None, :],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers.
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return _fp32_precision if dtype == torch.float32 else "tf32"
+
+
+def _forward_splits(m: int, n: int, device: torch.device) -> int:
+    """Column splits that bring the forward grid to about two programs per multiprocessor."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    row_tiles = triton.cdiv(m, 128)
+    return max(1, min(triton.cdiv(2 * sms, row_tiles), n // 1024, 8))
+
+
+def _check(q: torch.Tensor, k: torch.Tensor) -> None:
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"the triton backend takes fp32, bf16 or fp16 inputs, got {q.dtype}")
+    if q.device.type != "cuda" and not INTERPRETING:
+        raise RuntimeError("the triton backend runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1)")
+
+
+def forward(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower, *, splits=None):
+    """(loss [M, P], valid [M, P], lse_all [M], lse_pos [M, P]); statistics in fp32."""
+    _check(q, k)
+    q = q.contiguous()
+    k = q if one_tower else k.contiguous()
+    m, d = q.shape
+    n = k.shape[0]
+    p = row_keys.shape[1]
+    f32 = dict(device=q.device, dtype=torch.float32)
+    loss = torch.empty((m, p), **f32)
+    valid = torch.empty((m, p), device=q.device, dtype=torch.bool)
+    lse_all = torch.empty((m,), **f32)
+    lse_pos = torch.empty((m, p), **f32)
+    splits = splits or _forward_splits(m, n, q.device)
+    partial = torch.empty((splits, 2 + 2 * p, m), **f32) if splits > 1 else lse_all
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), splits)
+
+    _forward_kernel[grid](
+        q, k, row_keys, col_keys, row_groups, col_groups,
+        partial, loss, valid, lse_all, lse_pos,
+        m, n, d, self_offset, _LOG2E / tau,
+        P=p, BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype),
+    )  # fmt: skip
+    if splits > 1:
+        block = 128
+        _combine_kernel[(triton.cdiv(m, block),)](partial, loss, valid, lse_all, lse_pos, m, splits, P=p, BLOCK=block)
+    return loss, valid, lse_all, lse_pos
+
+
+def backward(grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower):
+    """(dq, dk); dk is empty with one_tower, where dq already holds (G + G^T) q / tau."""
+    _check(q, k)
+    q = q.contiguous()
+    k = q if one_tower else k.contiguous()
+    m, d = q.shape
+    n = k.shape[0]
+    p = row_keys.shape[1]
+    tables = torch.empty((2 * 2**p, m), device=q.device, dtype=torch.float32)
+    block = 256
+    _gradient_tables_kernel[(triton.cdiv(m, block),)](
+        grad_loss.float().contiguous(), lse_all, lse_pos, tables, m, P=p, BLOCK=block
+    )
+    common = dict(P=p, BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype))
+    keys = (row_keys, col_keys, row_groups, col_groups)
+    scale2, inv_tau = _LOG2E / tau, 1.0 / tau
+    dq = torch.empty_like(q)
+
+    def grid_for(count):
+        return lambda meta: (triton.cdiv(count, meta["BLOCK_M"]),)
+
+    if one_tower:
+        _backward_kernel[grid_for(m)](
+            q, q, dq, tables, *keys, m, m, d, m, self_offset, scale2, inv_tau, ROW_SIDE=True, COL_SIDE=True, **common
+        )
+        return dq, q.new_empty((0, d))
+    dk = torch.empty_like(k)
+    _backward_kernel[grid_for(m)](
+        q, k, dq, tables, *keys, m, n, d, m, self_offset, scale2, inv_tau, ROW_SIDE=True, COL_SIDE=False, **common
+    )
+    _backward_kernel[grid_for(n)](
+        k, q, dk, tables, *keys, n, m, d, m, self_offset, scale2, inv_tau, ROW_SIDE=False, COL_SIDE=True, **common
+    )
+    return dq, dk

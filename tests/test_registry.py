@@ -1,0 +1,128 @@
+"""The plugin registry: decorators, entry points of installed distributions, and its errors."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from suncet.registry import (
+    METHODS,
+    DuplicatePluginError,
+    PluginImportError,
+    Registry,
+    UnknownPluginError,
+)
+
+
+def install_fake_distribution(root: Path, name: str, group: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
+    """A real installed distribution, as importlib.metadata finds it: a dist-info on sys.path."""
+    info = root / f"{name.replace('-', '_')}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    lines = [f"[{group}]"] + [f"{k} = {v}" for k, v in entry_points.items()]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    for module, source in modules.items():
+        (root / f"{module}.py").write_text(textwrap.dedent(source))
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for module in [m for m in sys.modules if m.startswith("fakeplug_")]:
+        del sys.modules[module]
+
+
+def test_builtin_plugins_come_through_entry_points_with_their_package():
+    for name in ("simclr", "supervised"):
+        info = METHODS.get(name)
+        assert info.source == "suncet"
+        assert info.obj.__module__.startswith("suncet.plugins.methods")
+
+
+def test_entry_point_object_and_module_forms(site):
+    install_fake_distribution(
+        site,
+        "fake-plugins",
+        "test.things",
+        {"alpha": "fakeplug_alpha:Alpha", "bundle": "fakeplug_bundle"},
+        {
+            "fakeplug_alpha": '''
+                class Alpha:
+                    """The alpha thing."""
+            ''',
+            "fakeplug_bundle": '''
+                import fakeplug_registry_holder as holder
+                @holder.REGISTRY.register("beta", description="decorated in a module")
+                class Beta:
+                    pass
+            ''',
+            "fakeplug_registry_holder": "REGISTRY = None\n",
+        },
+    )
+    registry = Registry("thing", "test.things")
+    import fakeplug_registry_holder
+
+    fakeplug_registry_holder.REGISTRY = registry
+    assert registry.names() == ["alpha", "beta"]
+    alpha, beta = registry.get("alpha"), registry.get("beta")
+    assert (alpha.source, alpha.description) == ("fake-plugins", "The alpha thing.")
+    assert (beta.source, beta.description) == ("fake-plugins", "decorated in a module")
+
+
+def test_unknown_name_lists_available(site):
+    registry = Registry("thing", "test.nothing")
+
+    @registry.register("one")
+    class One:
+        pass
+
+    with pytest.raises(UnknownPluginError, match=r"unknown thing 'two'; available: one"):
+        registry.get("two")
+
+
+def test_duplicate_name_names_both_packages(site):
+    install_fake_distribution(
+        site, "fake-dup", "test.dups", {"simclr": "fakeplug_dup:Other"}, {"fakeplug_dup": "class Other:\n    pass\n"}
+    )
+    registry = Registry("method", "test.dups")
+
+    @registry.register("simclr")
+    class Mine:
+        pass
+
+    with pytest.raises(DuplicatePluginError, match=r"'simclr' is registered twice: by package '.*' .* and by package 'fake-dup'"):
+        registry.get("simclr")
+
+
+def test_broken_plugin_is_reported_with_its_package_and_others_still_load(site):
+    install_fake_distribution(
+        site,
+        "fake-broken",
+        "test.broken",
+        {"broken": "fakeplug_broken:Thing", "fine": "fakeplug_fine:Fine"},
+        {"fakeplug_broken": "import a_module_that_does_not_exist\n", "fakeplug_fine": "class Fine:\n    pass\n"},
+    )
+    registry = Registry("method", "test.broken")
+    assert registry.get("fine").source == "fake-broken"
+    with pytest.raises(PluginImportError, match=r"'broken' from package 'fake-broken' failed to import .*a_module_that_does_not_exist"):
+        registry.get("broken")
+    with pytest.raises(UnknownPluginError, match=r"failed to import: 'broken' from package 'fake-broken'"):
+        registry.get("other")
+    [failure] = registry.failures()
+    assert failure.source == "fake-broken"
+
+
+def test_create_rejects_unknown_options():
+    registry = Registry("thing", "test.none")
+
+    @registry.register("maker")
+    def maker(*, size: int = 1, colour: str = "red"):
+        return size, colour
+
+    assert registry.create("maker", options={"size": 3}) == (3, "red")
+    with pytest.raises(Exception, match=r"thing 'maker' has no option 'shape'; its options: size, colour"):
+        registry.create("maker", options={"shape": 2})
