@@ -2,9 +2,126 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
+import sys
+
 import click
+from rich.console import Console
+from rich.table import Table
+
+from suncet.errors import ConfigError
+
+# Wide when written to a log or pipe, so that the figures table is not folded into slivers.
+console = Console() if sys.stdout.isatty() else Console(width=220)
 
 
 @click.group()
 def bench() -> None:
     """Benchmarks that print a table and can write JSON."""
+
+
+def _csv(kind, text: str | None) -> list | None:
+    if text is None:
+        return None
+    try:
+        return [kind(item.strip()) for item in text.split(",") if item.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"cannot read '{text}' as a comma-separated list: {exc}") from exc
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if value < 100 else f"{value:.1f}"
+    return str(value)
+
+
+@bench.command("kernels")
+@click.option("--n", "sizes", help="Rows N, comma-separated [default: 2048,8192 on CPU; 2048,8192,32768 on GPU].")
+@click.option("--d", "dims", help="Embedding widths D, comma-separated [default: 128,256].")
+@click.option("--dtype", "dtypes", help="Input dtypes among fp32, bf16, fp16 [default: fp32,bf16].")
+@click.option(
+    "--backend",
+    "backends",
+    help="Among cpu, triton, cuda, reference (PyTorch eager), compiled (torch.compile of the reference) "
+    "[default: every usable fused backend, reference, compiled].",
+)
+@click.option("--loss", "losses", default="both", show_default=True, help="Among ntxent, suncet, both, both2.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--repeats", default=10, show_default=True, help="Timed runs per figure (the median is reported).")
+@click.option("--warmup", default=2, show_default=True, help="Untimed runs before timing.")
+@click.option("--cuda-graph", is_flag=True, help="Also time the step as a replayed CUDA graph (GPU only).")
+@click.option("--fp32-precision", type=click.Choice(["tf32", "ieee"]), help="How the triton backend runs fp32 dots.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write all figures and the machine here.")
+def kernels_command(sizes, dims, dtypes, backends, losses, device, repeats, warmup, cuda_graph, fp32_precision, json_path):
+    """Time the fused contrastive losses against eager/compiled PyTorch and the GEMM floor."""
+    import torch
+
+    from suncet import kernels
+    from suncet.bench import kernels as kb
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible")
+    dev = torch.device(device)
+    if fp32_precision:
+        kernels.set_fp32_precision(fp32_precision)
+    grid = kb.default_grid(dev)
+    chosen = {
+        "n": _csv(int, sizes) or grid["n"],
+        "d": _csv(int, dims) or grid["d"],
+        "dtype": _csv(str, dtypes) or grid["dtype"],
+        "backend": _csv(str, backends) or grid["backend"],
+        "loss": _csv(str, losses) or grid["loss"],
+    }
+    for name, allowed in (
+        ("dtype", tuple(kb.DTYPES)),
+        ("backend", (*kernels.BACKENDS, "compiled")),
+        ("loss", kb.LOSS_KINDS),
+    ):
+        unknown = [v for v in chosen[name] if v not in allowed]
+        if unknown:
+            raise ConfigError(f"unknown --{name} {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    if any(n % 2 for n in chosen["n"]):
+        raise ConfigError("--n must be even: rows are [view1; view2]")
+
+    info = kb.machine_info(dev)
+    console.print(f"[bold]suncet bench kernels[/bold] on {info['device']} (torch {info['torch']}, triton {info['triton']})")
+
+    def progress(r):
+        status = r.error or f"step {_fmt(r.step_ms)} ms"
+        console.print(f"  N={r.n} D={r.d} {r.dtype} {r.loss} {r.backend}: {status}", highlight=False)
+
+    results = kb.run_grid(**chosen, device=dev, repeats=repeats, warmup=warmup, cuda_graph=cuda_graph, progress=progress)
+
+    table = Table(title=f"fused contrastive losses, tau={kb.TAU}, {kb.CLASSES} classes, median of {repeats}")
+    columns = ["N", "D", "dtype", "loss", "backend", "fwd ms", "bwd ms", "step ms"]
+    if cuda_graph:
+        columns.append("graph ms")
+    columns += ["peak extra MiB", "q k^T ms", "step / q k^T", "vs eager"]
+    for column in columns:
+        table.add_column(column, justify="right" if column not in ("dtype", "loss", "backend") else "left")
+    for r in results:
+        row = [str(r.n), str(r.d), r.dtype, r.loss, r.backend]
+        if r.error:
+            row += ["error (below)"] + ["-"] * (len(columns) - len(row) - 1)
+        else:
+            row += [_fmt(r.fwd_ms), _fmt(r.bwd_ms), _fmt(r.step_ms)]
+            if cuda_graph:
+                row.append(_fmt(r.step_graph_ms))
+            row += [_fmt(r.peak_extra_mib, 1), _fmt(r.gemm_ms), _fmt(r.step_over_gemm, 1)]
+            row.append("-" if r.speedup_vs_eager is None else f"{r.speedup_vs_eager:.1f}x")
+        table.add_row(*row)
+    console.print(table)
+    for r in results:
+        if r.error:
+            console.print(f"N={r.n} D={r.d} {r.dtype} {r.loss} {r.backend}: {r.error}", highlight=False, soft_wrap=True)
+    if json_path:
+        command = shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
+        with open(json_path, "w") as f:
+            json.dump(kb.as_json(results, info, command), f, indent=1)
+        console.print(f"wrote {json_path}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 import suncet
@@ -18,17 +19,25 @@ class SuncetGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except click.ClickException as exc:
+            err_console.print(f"[red]error:[/red] {escape(exc.format_message())}", highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             err_console.print("[red]error:[/red] interrupted")
             sys.exit(130)
         except Exception as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
+            from suncet.trainer import TrainingStopped
+
+            if isinstance(exc, TrainingStopped):
+                err_console.print(escape(str(exc)), highlight=False, soft_wrap=True)
+                sys.exit(exc.exit_code)
             code = exc.exit_code if isinstance(exc, SuncetError) else 1
             detail = str(exc) if isinstance(exc, SuncetError) else f"{type(exc).__name__}: {exc}"
-            err_console.print(f"[red]error:[/red] {detail}", markup=True, highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/red] {escape(detail)}", highlight=False, soft_wrap=True)
             sys.exit(code)
 
 

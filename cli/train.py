@@ -17,6 +17,7 @@ _FLAG_KEYS = (
     "classes_per_step", "images_per_class", "suncet_weight", "suncet_epochs", "tau", "proj_hidden",
     "proj_dim", "optimizer", "lr", "start_lr", "final_lr", "warmup_epochs", "weight_decay", "momentum",
     "kernel", "device", "seed", "monitor_every", "probe_every", "final_eval", "preset",
+    "checkpoint_every", "keep_checkpoints", "skip_nonfinite",
 )
 
 
@@ -32,6 +33,7 @@ _FLAG_KEYS = (
 @click.option("--backbone", help="Backbone plugin (small_resnet, resnet18, resnet50, ...).")
 @click.option("--backbone-opt", multiple=True, metavar="KEY=VALUE", help="Backbone option (repeatable).")
 @click.option("--method-opt", multiple=True, metavar="KEY=VALUE", help="Method option (repeatable).")
+@click.option("--augment", "augment_opt", multiple=True, metavar="KEY=VALUE", help="Augmentation override, e.g. global_crop_scale=[0.3,1] (repeatable).")
 @click.option("--optimizer", help="Optimizer plugin (lars, sgd, adamw).")
 @click.option("--optimizer-opt", multiple=True, metavar="KEY=VALUE", help="Optimizer option (repeatable).")
 @click.option("--epochs", type=int, help="Epochs (passes over the unlabeled images).")
@@ -56,15 +58,19 @@ _FLAG_KEYS = (
 @click.option("--monitor-every", type=int, help="Epochs between kNN monitors (0: off).")
 @click.option("--probe-every", type=int, help="Epochs between linear-probe monitors (0: off).")
 @click.option("--final-eval", help="Evaluation after training: linear, knn, finetune or none.")
+@click.option("--checkpoint-every", help="Checkpoint interval: 1epoch, 500steps, 10min (default 1epoch).")
+@click.option("--keep-checkpoints", type=int, help="Numbered checkpoints kept besides last.pt (default 2).")
+@click.option("--skip-nonfinite", type=int, help="Skip up to N steps with a NaN/inf loss instead of stopping.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Run directory (default: runs/<name>-<time>).")
-@click.option("--resume", "resume_dir", type=click.Path(path_type=Path), help="Continue the run in this directory.")
+@click.option("--resume", "resume", help="RUN_DIR: continue that run. 'auto' (with --out): continue the run there "
+              "from its newest loadable checkpoint if it has one, else start it.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
-def train(config_file, backbone_opt, method_opt, optimizer_opt, out_dir, resume_dir, overwrite, download, deterministic, **flags):
+def train(config_file, backbone_opt, method_opt, optimizer_opt, augment_opt, out_dir, resume, overwrite, download, deterministic, **flags):
     """Pre-train a backbone; ends with a semi-supervised evaluation.
 
     Example: suncet train --method simclr --labels 10%
     """
-    from suncet.trainer import LAST_CHECKPOINT, evaluate_run, load_run_config, prepare_run_dir
+    from suncet.trainer import evaluate_run, find_checkpoint, load_run_config, load_trained, prepare_run_dir, write_json
     from suncet.trainer import train as run_training
 
     overrides = {key: flags[key] for key in _FLAG_KEYS if flags.get(key) is not None}
@@ -76,26 +82,34 @@ def train(config_file, backbone_opt, method_opt, optimizer_opt, out_dir, resume_
         ("--backbone-opt", "backbone_options", backbone_opt),
         ("--method-opt", "method_options", method_opt),
         ("--optimizer-opt", "optimizer_options", optimizer_opt),
+        ("--augment", "augment", augment_opt),
     ):
         if pairs:
             overrides[key] = parse_key_values(pairs, option)
 
-    if resume_dir is not None:
-        if overrides or config_file or out_dir:
-            raise ConfigError("--resume continues a run with its saved config; give no other settings with it")
-        if not (resume_dir / LAST_CHECKPOINT).is_file():
-            raise ConfigError(f"--resume {resume_dir}: no checkpoint at {resume_dir / LAST_CHECKPOINT}")
-        config = load_run_config(resume_dir)
-        run_dir = resume_dir
-    else:
+    state = None
+    if resume is None:
         config = build_config(load_yaml(config_file) if config_file else None, overrides)
         run_dir = prepare_run_dir(config, out_dir, overwrite)
+    elif resume == "auto":
+        if out_dir is None:
+            raise ConfigError("--resume auto needs --out RUN_DIR: the run directory to continue or start")
+        config = build_config(load_yaml(config_file) if config_file else None, overrides)
+        run_dir = out_dir
+        if (run_dir / "config.yaml").exists() and not overwrite:
+            state = find_checkpoint(run_dir, fallback=True, report=console.print)
+    else:
+        if overrides or config_file or out_dir:
+            raise ConfigError("--resume RUN_DIR continues a run with its saved config; give no other settings with it")
+        run_dir = Path(resume)
+        if not run_dir.is_dir():
+            raise ConfigError(f"--resume {resume}: no such run directory")
+        config = load_run_config(run_dir)
+        state = find_checkpoint(run_dir, fallback=False)
 
-    run_training(config, run_dir, resume=resume_dir is not None, console=console)
+    run_training(config, run_dir, state=state, console=console)
     console.print(f"run written to {run_dir}")
     if config.final_eval != "none":
-        from suncet.trainer import load_trained, write_json
-
         run = load_trained(run_dir)
         result = evaluate_run(run, config.final_eval, baseline=True)
         write_json(run_dir / f"eval_{config.final_eval}.json", result)

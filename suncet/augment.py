@@ -3,12 +3,14 @@
 One call transforms a whole uint8 batch [B, C, H, W] where it lies (GPU or CPU) and draws
 every random parameter from the generator it is given, with the distributions of
 torchvision's RandomResizedCrop, RandomHorizontalFlip, ColorJitter (random order of the four
-adjustments per sample), RandomGrayscale, GaussianBlur and RandomSolarize. Crop and flip are
-one bilinear resampling through an affine grid.
+adjustments per sample), RandomGrayscale, GaussianBlur and RandomSolarize. Crop, resize and
+flip are one separable resampling with torchvision's antialiased bilinear weights, so a view
+equals torchvision's ``resized_crop`` of the same box (docs/data.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -41,6 +43,41 @@ class AugmentRecipe:
     flip_p: float = 0.5
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+
+def override_recipe(recipe: AugmentRecipe, overrides: dict) -> AugmentRecipe:
+    """A recipe with some fields replaced: ``global_crop_size``, ``global_crop_scale``,
+    ``local_crop_size``, ``local_crop_scale`` or any scalar/pair field of the recipe."""
+    from suncet.errors import ConfigError
+
+    values = dict(overrides)
+    crops = {}
+    for which in ("global", "local"):
+        crop = getattr(recipe, f"{which}_crop")
+        size = values.pop(f"{which}_crop_size", crop.size)
+        scale = values.pop(f"{which}_crop_scale", crop.scale)
+        if not (isinstance(size, int) and size > 0):
+            raise ConfigError(f"augment option {which}_crop_size must be a positive integer, got {size!r}")
+        if not (isinstance(scale, (list, tuple)) and len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+            raise ConfigError(f"augment option {which}_crop_scale must be [low, high] with 0 < low <= high <= 1, got {scale!r}")
+        crops[f"{which}_crop"] = CropSpec(size, (float(scale[0]), float(scale[1])))
+    fields = {f.name: f for f in dataclasses.fields(AugmentRecipe)}
+    for key, value in values.items():
+        if key not in fields or key in crops:
+            known = ["global_crop_size", "global_crop_scale", "local_crop_size", "local_crop_scale"]
+            known += [n for n in fields if not n.endswith("_crop")]
+            raise ConfigError(f"unknown augment option '{key}'; known: {', '.join(known)}")
+        current = getattr(recipe, key)
+        if isinstance(current, tuple):
+            if not (isinstance(value, (list, tuple)) and len(value) == len(current)):
+                raise ConfigError(f"augment option {key} must be a list of {len(current)} numbers, got {value!r}")
+            value = tuple(float(v) for v in value)
+        elif not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"augment option {key} must be a non-negative number, got {value!r}")
+        if key.endswith("_p") and value > 1:
+            raise ConfigError(f"augment option {key} is a probability, got {value!r}")
+        crops[key] = value
+    return dataclasses.replace(recipe, **crops)
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator, device: torch.device) -> Tensor:
@@ -92,87 +129,126 @@ def sample_crop_boxes(
     return torch.stack([top, left, h, w], dim=1)
 
 
+def resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) -> Tensor:
+    """Per-sample [n, out_size, in_size] matrices resizing the window [start, start + length) to
+    ``out_size`` pixels as torchvision's antialiased bilinear resize of the cropped window does.
+
+    The triangle filter widens with the downscale factor (antialiasing) and only pixels inside
+    the window carry weight: the crop never blends in its neighbours, unlike grid sampling.
+    """
+    dtype = torch.float32
+    start, length = start.to(dtype)[:, None, None], length.to(dtype)[:, None, None]
+    scale = length / out_size
+    centers = start + (torch.arange(out_size, device=start.device, dtype=dtype)[None, :, None] + 0.5) * scale
+    pixels = torch.arange(in_size, device=start.device, dtype=dtype)[None, None, :] + 0.5
+    weights = (1 - (pixels - centers).abs() / scale.clamp(min=1)).clamp(min=0)
+    weights = weights * ((pixels > start) & (pixels < start + length))
+    return weights / weights.sum(dim=2, keepdim=True)
+
+
+# Above this output side a CPU resizes crop by crop (torch's antialiased interpolate applies the
+# same weights): the dense batched product costs side * H * W per channel and loses there.
+CPU_PER_CROP_ABOVE = 64
+
+
 def crop_resize_flip(images: Tensor, boxes: Tensor, flip: Tensor, size: int) -> Tensor:
-    """Bilinear crop of each box to size x size, mirrored where ``flip``; float in, float out."""
-    n, _, height, width = images.shape
+    """Each box (top, left, h, w) resized to size x size, mirrored where ``flip``; float in, float out."""
+    _, _, height, width = images.shape
+    if images.device.type == "cpu" and size > CPU_PER_CROP_ABOVE:
+        views = []
+        for image, (top, left, h, w), mirror in zip(images, boxes.long().tolist(), flip.tolist()):
+            window = image[None, :, top : top + h, left : left + w]
+            view = F.interpolate(window, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            views.append(view.flip(-1) if mirror else view)
+        return torch.cat(views)
     top, left, h, w = boxes.unbind(1)
-    sign = 1.0 - 2.0 * flip.to(images.dtype)
-    theta = torch.zeros(n, 2, 3, device=images.device, dtype=images.dtype)
-    theta[:, 0, 0] = w / width * sign
-    theta[:, 0, 2] = (2 * left + w) / width - 1
-    theta[:, 1, 1] = h / height
-    theta[:, 1, 2] = (2 * top + h) / height - 1
-    grid = F.affine_grid(theta, [n, images.shape[1], size, size], align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    rows = resize_weights(top, h, height, size)
+    cols = resize_weights(left, w, width, size)
+    cols = torch.where(flip.view(-1, 1, 1), cols.flip(1), cols)
+    return rows[:, None] @ images.to(rows.dtype) @ cols.transpose(1, 2)[:, None]
 
 
 def rgb_to_grayscale(x: Tensor) -> Tensor:
+    """Luma with torchvision's weights; a one-channel image is its own grayscale."""
     if x.shape[1] == 1:
         return x
     r, g, b = x.unbind(1)
-    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
-
-
-def _blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
-    return (factor.view(-1, 1, 1, 1) * x + (1 - factor.view(-1, 1, 1, 1)) * other).clamp(0, 1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
 
 
 def _adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
-    """Rotate hue by ``shift`` (fraction of a turn) through HSV, per sample."""
+    """Rotate hue by ``shift`` (fraction of a turn) per sample, as torchvision's adjust_hue.
+
+    Hue (in sixths of a turn), saturation and value come from the channels' max and min; the
+    way back uses the closed form channel = max - (max - min) * clamp(min(k, 4 - k), 0, 1)
+    with k = (n + 6 * hue) mod 6, n = 5, 3, 1 for red, green, blue.
+    """
     r, g, b = x.unbind(1)
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
+    minc, maxc = torch.aminmax(x, dim=1)
     delta = maxc - minc
-    safe_delta = torch.where(delta > 0, delta, torch.ones_like(delta))
-    safe_max = torch.where(maxc > 0, maxc, torch.ones_like(maxc))
-    sat = torch.where(maxc > 0, delta / safe_max, torch.zeros_like(maxc))
-    rc, gc, bc = (maxc - r) / safe_delta, (maxc - g) / safe_delta, (maxc - b) / safe_delta
-    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    hue = torch.where(delta > 0, (hue / 6.0) % 1.0, torch.zeros_like(hue))
-    hue = (hue + shift.view(-1, 1, 1)) % 1.0
-    i = torch.floor(hue * 6.0)
-    f = hue * 6.0 - i
-    p = maxc * (1 - sat)
-    q = maxc * (1 - sat * f)
-    t = maxc * (1 - sat * (1 - f))
-    i = i.long() % 6
-    v = maxc
-    choices_r = torch.stack([v, q, p, p, t, v], dim=1)
-    choices_g = torch.stack([t, v, v, q, p, p], dim=1)
-    choices_b = torch.stack([p, p, t, v, v, q], dim=1)
-    index = i.unsqueeze(1)
-    return torch.cat(
-        [choices_r.gather(1, index), choices_g.gather(1, index), choices_b.gather(1, index)], dim=1
-    )
+    safe_delta = torch.where(delta > 0, delta, 1.0)
+    hue6 = torch.where(maxc == r, (g - b) / safe_delta, torch.where(maxc == g, (b - r) / safe_delta + 2.0, (r - g) / safe_delta + 4.0))
+    hue6 = (hue6 + 6.0 * shift.view(-1, 1, 1)).unsqueeze(1)
+    k = (hue6 + torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)).remainder(6.0)
+    return maxc.unsqueeze(1) - delta.unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp(0, 1)
+
+
+@dataclass
+class JitterParameters:
+    """One sample's ColorJitter draw per row: blend factors, hue shift and order of the four steps."""
+
+    factors: Tensor  # [n, 4]: brightness, contrast, saturation, 1 (the hue step blends nothing)
+    hue: Tensor  # [n] shift, fraction of a turn
+    order: Tensor  # [n, 4]: step index (0 brightness, 1 contrast, 2 saturation, 3 hue) of each slot
+
+
+def sample_jitter(n: int, strength: float, generator: torch.Generator, device: torch.device) -> JitterParameters:
+    """ColorJitter(0.8s, 0.8s, 0.8s, 0.2s)'s distributions: uniform factors, a uniform random order."""
+    low, high = max(0.0, 1 - 0.8 * strength), 1 + 0.8 * strength
+    blends = [_uniform(n, low, high, generator, device) for _ in range(3)]
+    factors = torch.stack([*blends, torch.ones(n, device=device)], dim=1)
+    hue = _uniform(n, -0.2 * strength, 0.2 * strength, generator, device)
+    order = torch.argsort(torch.rand(n, 4, generator=generator, device=device), dim=1)
+    return JitterParameters(factors, hue, order)
+
+
+def apply_jitter(x: Tensor, params: JitterParameters, apply: Tensor) -> Tensor:
+    """The jitter of ``params`` on the samples where ``apply``.
+
+    Brightness, contrast and saturation are blends with black, the mean gray level and the
+    grayscale image: each slot of the order blends every sample with its own factor and
+    target (factor 1 where the slot holds another step). The costly hue rotation runs once
+    per sample: samples are grouped by the slot that holds their hue step, which costs one
+    host synchronisation per call for the group sizes.
+    """
+    colour = x.shape[1] == 3
+    order = params.order
+    # Group by the slot of the hue step (4: no hue), so that each group is a contiguous slice.
+    hue_slot = torch.where(apply & colour, torch.argmax((order == 3).int(), dim=1), torch.full_like(order[:, 0], 4))
+    perm = torch.argsort(hue_slot, stable=True)
+    bounds = [0, *torch.bincount(hue_slot, minlength=5).cumsum(0).tolist()]
+    x, factors, hue, order, apply = x[perm], params.factors[perm], params.hue[perm], order[perm], apply[perm]
+    for slot in range(4):
+        step = torch.where(apply, order[:, slot], torch.full_like(order[:, slot], 3))
+        factor = factors.gather(1, step[:, None]).view(-1, 1, 1, 1)
+        gray = rgb_to_grayscale(x)
+        target = torch.where(
+            (step == 2).view(-1, 1, 1, 1),
+            gray,
+            torch.where((step == 1).view(-1, 1, 1, 1), gray.mean(dim=(1, 2, 3), keepdim=True), 0.0),
+        )
+        x = (factor * x + (1 - factor) * target).clamp(0, 1)
+        first, last = bounds[slot], bounds[slot + 1]
+        if last > first:
+            x[first:last] = _adjust_hue(x[first:last], hue[first:last])
+    out = torch.empty_like(x)
+    out[perm] = x
+    return out
 
 
 def color_jitter(x: Tensor, strength: float, apply: Tensor, generator: torch.Generator) -> Tensor:
     """ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) on the samples where ``apply``, each in its own random order."""
-    n, device = x.shape[0], x.device
-    brightness = _uniform(n, max(0.0, 1 - 0.8 * strength), 1 + 0.8 * strength, generator, device)
-    contrast = _uniform(n, max(0.0, 1 - 0.8 * strength), 1 + 0.8 * strength, generator, device)
-    saturation = _uniform(n, max(0.0, 1 - 0.8 * strength), 1 + 0.8 * strength, generator, device)
-    hue = _uniform(n, -0.2 * strength, 0.2 * strength, generator, device)
-    order = torch.argsort(torch.rand(n, 4, generator=generator, device=device), dim=1)
-    colour = x.shape[1] == 3
-    for slot in range(4):
-        op = torch.where(apply, order[:, slot], torch.full_like(order[:, slot], -1))
-        for which in range(4):
-            idx = torch.nonzero(op == which).squeeze(1)
-            if idx.numel() == 0:
-                continue
-            part = x[idx]
-            if which == 0:
-                part = (part * brightness[idx].view(-1, 1, 1, 1)).clamp(0, 1)
-            elif which == 1:
-                mean = rgb_to_grayscale(part).mean(dim=(1, 2, 3), keepdim=True)
-                part = _blend(part, mean, contrast[idx])
-            elif which == 2 and colour:
-                part = _blend(part, rgb_to_grayscale(part), saturation[idx])
-            elif which == 3 and colour:
-                part = _adjust_hue(part, hue[idx])
-            x = x.index_copy(0, idx, part)
-    return x
+    return apply_jitter(x, sample_jitter(x.shape[0], strength, generator, x.device), apply)
 
 
 def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
@@ -235,10 +311,22 @@ def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Ten
     return (x - m) / s
 
 
+# Evaluation sees the central 87.5% of an image stored larger than the crop (ImageNet's
+# resize-256, center-crop-224 protocol).
+EVAL_CROP_FRACTION = 0.875
+
+
 def eval_transform(images: Tensor, recipe: AugmentRecipe) -> Tensor:
-    """Deterministic view for evaluation: resize to the global crop size, normalise."""
+    """Deterministic view for evaluation, normalised: images stored at or below the global crop
+    size are resized to it; larger ones are resized to crop / 0.875 and center-cropped."""
     x = images.float() / 255.0
     size = recipe.global_crop.size
-    if x.shape[-2:] != (size, size):
+    if min(x.shape[-2:]) > size:
+        resized = round(size / EVAL_CROP_FRACTION)
+        if x.shape[-2:] != (resized, resized):
+            x = F.interpolate(x, size=(resized, resized), mode="bilinear", align_corners=False, antialias=True)
+        top = (resized - size) // 2
+        x = x[..., top : top + size, top : top + size]
+    elif x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return normalize(x, recipe.mean, recipe.std)

@@ -1,16 +1,21 @@
-"""Label subsets: parse ``--labels``, pick a class-stratified seeded subset, save and reload it."""
+"""Label subsets: parse ``--labels``, pick a class-stratified seeded subset, save and reload it,
+or read a subset file (training indices, or file names as SimCLR's ImageNet 1%/10% lists)."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from suncet.errors import ConfigError
+
+if TYPE_CHECKING:
+    from suncet.data import ImageDataset
 
 _PERCENT = re.compile(r"^(\d+(?:\.\d+)?)%$")
 _PER_CLASS = re.compile(r"^(\d+)/class$")
@@ -114,3 +119,60 @@ def read_index_file(path: Path, train_size: int) -> Tensor:
     if len(set(indices)) != len(indices):
         raise ConfigError(f"{path}: an index is listed twice")
     return torch.tensor(sorted(indices), dtype=torch.long)
+
+
+def _entries(path: Path) -> list[tuple[int, str]]:
+    """(line number, entry) of each non-blank line, '#' comments removed."""
+    entries = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        entry = line.split("#", 1)[0].strip()
+        if entry:
+            entries.append((number, entry))
+    return entries
+
+
+def read_subset_file(path: Path, dataset: ImageDataset) -> Tensor:
+    """Sorted training indices of the labeled subset a file lists, one image a line.
+
+    A file of numbers lists training indices (as ``read_index_file``); otherwise each line is an
+    image's file name (SimCLR's ImageNet subsets: ``n01440764_10026.JPEG``), matched against the
+    training split's ``names`` by base name, or by the whole relative name when it holds a '/'.
+    The labels are the dataset's own. An unknown or ambiguous name is an error naming it and the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"label subset file {path} does not exist")
+    entries = _entries(path)
+    if not entries:
+        raise ConfigError(f"label subset file {path} lists no images")
+    numeric = [entry.lstrip("-").isdigit() for _, entry in entries]
+    if all(numeric):
+        return read_index_file(path, len(dataset.train))
+    if any(numeric):
+        number, entry = entries[numeric.index(True)]
+        raise ConfigError(f"{path}:{number}: {entry!r} is an index, but other lines are file names; use one kind per file")
+    names = getattr(dataset.train, "names", None)
+    if names is None:
+        raise ConfigError(
+            f"{path} lists file names, but dataset {dataset.name} has no file names: list training indices instead"
+        )
+    by_name: dict[str, list[int]] = {}
+    for index, name in enumerate(names):
+        by_name.setdefault(name, []).append(index)
+        base = PurePosixPath(name).name
+        if base != name:
+            by_name.setdefault(base, []).append(index)
+    chosen = []
+    for number, entry in entries:
+        matches = by_name.get(entry, [])
+        if not matches:
+            raise ConfigError(f"{path}:{number}: no training image of dataset {dataset.name} is named {entry!r}")
+        if len(matches) > 1:
+            raise ConfigError(
+                f"{path}:{number}: {entry!r} names {len(matches)} training images ({names[matches[0]]}, "
+                f"{names[matches[1]]}, ...); write the class folder too, e.g. {names[matches[0]]}"
+            )
+        chosen.append(matches[0])
+    if len(set(chosen)) != len(chosen):
+        raise ConfigError(f"{path}: an image is listed twice")
+    return torch.tensor(sorted(chosen), dtype=torch.long)

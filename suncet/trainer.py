@@ -21,26 +21,38 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
-from suncet.augment import BatchAugment
-from suncet.checkpoint import load_checkpoint, save_checkpoint
-from suncet.config import TrainConfig, build_config, to_yaml
+from suncet.augment import override_recipe
+from suncet.checkpoint import CheckpointError, load_checkpoint, newest_loadable, save_rotating
+from suncet.config import TrainConfig, build_config, is_label_file, parse_every, to_yaml
 from suncet.data import ImageDataset, ImageSource, InMemoryImages
 from suncet.errors import ConfigError, SuncetError
 from suncet.evaluation import extract_features, finetune, knn_classify, linear_probe, raw_pixel_baseline
+from suncet.kernels import resolve_backend
 from suncet.labels import parse_label_spec, read_index_file, select_labeled, write_labels
-from suncet.methods import Method, MethodConfig, TrainBatch
+from suncet.methods import Method, MethodConfig
 from suncet.optim import parameter_groups, warmup_cosine
+from suncet.pipeline import DevicePipeline, StepPlan, images_in
 from suncet.registry import BACKBONES, DATASETS, METHODS, OPTIMIZERS
 from suncet.samplers import ClassStratifiedSampler, UnlabeledSampler
+from suncet.stopping import StopRequests
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
 LABELS_FILE = "labels.txt"
-LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
+CHECKPOINTS = "checkpoints"
+LAST_CHECKPOINT = Path(CHECKPOINTS) / "last.pt"
 
 
 class NonFiniteLossError(SuncetError):
-    pass
+    exit_code = 3
+
+
+class TrainingStopped(SuncetError):
+    """Training stopped on request after writing a checkpoint; ``exit_code`` tells why."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,13 +112,15 @@ def _on_device(source: ImageSource, device: torch.device) -> ImageSource:
 
 
 def load_dataset(config: TrainConfig) -> ImageDataset:
-    return DATASETS.create(config.dataset, root=config.data, download=config.download)
+    dataset = DATASETS.create(config.dataset, root=config.data, download=config.download)
+    if config.augment:
+        dataset.recipe = override_recipe(dataset.recipe, config.augment)
+    return dataset
 
 
 def choose_labeled(config: TrainConfig, dataset: ImageDataset) -> Tensor:
-    spec_path = Path(config.labels)
-    if spec_path.suffix in (".txt", ".csv") or spec_path.is_file():
-        return read_index_file(spec_path, len(dataset.train))
+    if is_label_file(config.labels):
+        return read_index_file(Path(config.labels), len(dataset.train))
     spec = parse_label_spec(config.labels)
     return select_labeled(dataset.train.labels, spec, dataset.num_classes, config.label_seed)
 
@@ -146,10 +160,14 @@ def assemble(config: TrainConfig, run_dir: Path, labeled: Tensor | None = None) 
     method = build_method(config, dataset, unlabeled_sampler.steps_per_epoch).to(device)
     if device.type == "cuda":
         method = method.to(memory_format=torch.channels_last)
+    resolve_backend(config.kernel, device)
+    if config.classes_per_step > dataset.num_classes:
+        raise ConfigError(f"--classes-per-step {config.classes_per_step} is more than the {dataset.num_classes} classes of {dataset.name}")
     labeled_sampler = None
     if len(labeled) == 0 and not (method.global_views or method.local_views):
         raise ConfigError(f"method '{config.method}' trains on labeled images only, but --labels {config.labels} selects none")
     if method.wants_labeled(0) and len(labeled) > 0:
+        # A tiny subset (0.5% of digits) may cover fewer classes than a step asks for.
         labeled_sampler = ClassStratifiedSampler(
             dataset.train.labels[labeled],
             min(config.classes_per_step, len(torch.unique(dataset.train.labels[labeled]))),
@@ -262,7 +280,7 @@ def _truncate_metrics(path: Path, completed_epochs: int) -> None:
         writer.writerows(rows)
 
 
-def _checkpoint_state(run: Run, generator: torch.Generator, progress: dict, meters: Meters) -> dict:
+def _checkpoint_state(run: Run, pipeline: DevicePipeline, progress: dict, meters: Meters, sampler_state: dict | None) -> dict:
     state = {
         "model": run.method.state_dict(),
         "optimizer": run.optimizer.state_dict(),
@@ -270,31 +288,50 @@ def _checkpoint_state(run: Run, generator: torch.Generator, progress: dict, mete
         "labeled": run.labeled.clone(),
         "progress": dict(progress),
         "meters": meters.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "augment": generator.get_state()},
-        "labeled_sampler": run.labeled_sampler.state_dict() if run.labeled_sampler else None,
+        "rng": {"torch": torch.get_rng_state()},
+        "pipeline": pipeline.state_dict(),
+        # The labeled sampler's position at the start of the checkpoint's epoch: the epoch's
+        # plan is drawn again from there on resume.
+        "labeled_sampler": sampler_state,
     }
     if torch.cuda.is_available():
         state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _restore(run: Run, state: dict, generator: torch.Generator) -> tuple[dict, Meters]:
+def _restore(run: Run, state: dict, pipeline: DevicePipeline) -> tuple[dict, Meters]:
     run.method.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
-    generator.set_state(state["rng"]["augment"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    pipeline.load_state_dict(state["pipeline"])
     if run.labeled_sampler is not None and state["labeled_sampler"] is not None:
         run.labeled_sampler.load_state_dict(state["labeled_sampler"])
     return dict(state["progress"]), Meters(state["meters"])
+
+
+def plan_epoch(run: Run, epoch: int) -> list[StepPlan]:
+    """Which unlabeled and labeled images every step of ``epoch`` uses."""
+    method = run.method
+    unlabeled = run.unlabeled_sampler.epoch_batches(epoch) if (method.global_views or method.local_views) else None
+    with_labels = run.labeled_sampler is not None and method.wants_labeled(epoch)
+    plans = []
+    for step in range(run.unlabeled_sampler.steps_per_epoch):
+        labeled = labels = None
+        if with_labels:
+            positions, labels = run.labeled_sampler.next_batch()
+            labeled = run.labeled[positions]
+        plans.append(StepPlan(None if unlabeled is None else unlabeled[step], labeled, labels))
+    return plans
 
 
 def prepare_run_dir(config: TrainConfig, run_dir: Path | None, overwrite: bool) -> Path:
     run_dir = Path(run_dir or config.run_dir or default_run_dir(config))
     if (run_dir / CONFIG_FILE).exists() and not overwrite:
         raise ConfigError(
-            f"run directory {run_dir} already holds a run; continue it with --resume {run_dir} or replace it with --overwrite"
+            f"run directory {run_dir} already holds a run; continue it with --resume {run_dir} "
+            "(or --resume auto) or replace it with --overwrite"
         )
     return run_dir
 
@@ -303,114 +340,188 @@ def load_run_config(run_dir: Path) -> TrainConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     return build_config(overrides=values)
 
 
-def train(config: TrainConfig, run_dir: Path, *, resume: bool = False, console: Console | None = None) -> dict:
-    """Pre-train as ``config`` says, writing everything into ``run_dir``; returns the final metrics."""
+def find_checkpoint(run_dir: Path, fallback: bool, report=None) -> dict:
+    """The checkpoint to resume ``run_dir`` from: ``last.pt``, or with ``fallback`` the newest
+    one that loads (a truncated or corrupt newest file is skipped and reported)."""
+    directory = Path(run_dir) / CHECKPOINTS
+    if not fallback:
+        return load_checkpoint(directory / "last.pt")
+    found = newest_loadable(directory, report)
+    if found is None:
+        raise CheckpointError(f"no loadable checkpoint in {directory}")
+    path, state = found
+    if report is not None:
+        report(f"resuming from {path}")
+    return state
+
+
+def check_compatible(config: TrainConfig, state: dict, source: Path) -> None:
+    """A checkpoint must come from a run with this very configuration."""
+    saved = state["config"]
+    current = dataclasses.asdict(config)
+    differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if differing:
+        key = differing[0]
+        raise CheckpointError(
+            f"checkpoint in {source} belongs to another configuration: {key} is {saved.get(key)!r} there "
+            f"but {current.get(key)!r} here" + (f" (and {len(differing) - 1} more)" if len(differing) > 1 else "")
+        )
+
+
+class CheckpointPolicy:
+    """When to write a checkpoint: every N epochs, every N steps, or every N minutes."""
+
+    def __init__(self, every: str):
+        self.count, self.unit = parse_every(every)
+        self.last_save = time.monotonic()
+
+    def after_step(self, global_step: int) -> bool:
+        if self.unit == "step":
+            return global_step % self.count == 0
+        return self.unit == "min" and time.monotonic() - self.last_save >= 60 * self.count
+
+    def after_epoch(self, epoch: int) -> bool:
+        return self.unit == "epoch" and epoch % self.count == 0
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+
+def train(
+    config: TrainConfig, run_dir: Path, *, state: dict | None = None, console: Console | None = None
+) -> dict:
+    """Pre-train as ``config`` says, writing everything into ``run_dir``; ``state`` is a
+    checkpoint to continue from. Returns the last metrics row."""
     console = console or Console()
     run_dir = Path(run_dir)
-    state = load_checkpoint(run_dir / LAST_CHECKPOINT) if resume else None
+    if state is not None:
+        check_compatible(config, state, run_dir)
     run = assemble(config, run_dir, labeled=state["labeled"] if state else None)
     cfg, method, optimizer, device = run.config, run.method, run.optimizer, run.device
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    pipeline = DevicePipeline(
+        run.unlabeled, _on_device(run.dataset.train, device), run.dataset.recipe,
+        method.global_views, method.local_views, device, cfg.seed,
+    )
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
     write_labels(run_dir / LABELS_FILE, run.labeled, cfg.labels)
 
-    generator = torch.Generator(device).manual_seed(cfg.seed)
-    progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "images_seen": 0, "train_seconds": 0.0}
+    progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "images_seen": 0, "train_seconds": 0.0,
+                "skipped_steps": 0}
     meters = Meters()
     if state is not None:
-        progress, meters = _restore(run, state, generator)
-        _truncate_metrics(run_dir / METRICS_FILE, progress["epoch"])
+        progress, meters = _restore(run, state, pipeline)
         console.print(f"resuming {run_dir} at epoch {progress['epoch']}, step {progress['step_in_epoch']}")
+    # Rows written after the checkpoint (or by a replaced run) describe epochs that run again.
+    _truncate_metrics(run_dir / METRICS_FILE, progress["epoch"])
 
-    recipe = run.dataset.recipe
-    global_augment = BatchAugment(recipe, recipe.global_crop)
-    local_augment = BatchAugment(recipe, recipe.local_crop)
     steps_per_epoch = run.unlabeled_sampler.steps_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
     autocast = device.type == "cuda"
-    labeled_images = _on_device(run.dataset.train, device)
-
+    policy = CheckpointPolicy(cfg.checkpoint_every)
     console.print(
         f"[bold]{cfg.method}[/bold] on {cfg.dataset}: {len(run.unlabeled)} unlabeled, {len(run.labeled)} labeled "
         f"({cfg.labels}), {cfg.backbone}, {cfg.epochs} epochs x {steps_per_epoch} steps, device {device}, "
         f"kernel {cfg.kernel} -> {run_dir}"
     )
+
+    def checkpoint(sampler_state: dict | None) -> None:
+        state = _checkpoint_state(run, pipeline, progress, meters, sampler_state)
+        save_rotating(run_dir / CHECKPOINTS, progress["global_step"], state, cfg.keep_checkpoints)
+        policy.saved()
+
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=True) as bar:
+    row: dict = {}
+    with StopRequests(announce=console.print) as stop, Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("train", total=total_steps, completed=progress["global_step"], status="")
         method.train()
         for epoch in range(progress["epoch"], cfg.epochs):
-            batches = run.unlabeled_sampler.epoch_batches(epoch)
-            with_labels = method.wants_labeled(epoch) and run.labeled_sampler is not None
-            epoch_start, epoch_start_images = time.perf_counter(), progress["images_seen"]
-            for step_in_epoch in range(progress["step_in_epoch"], steps_per_epoch):
+            epoch_sampler_state = run.labeled_sampler.state_dict() if run.labeled_sampler else None
+            plans = plan_epoch(run, epoch)
+            first = progress["step_in_epoch"]
+            epoch_images, epoch_seconds, mark = progress["images_seen"], 0.0, time.perf_counter()
+
+            def account_time() -> None:
+                nonlocal epoch_seconds, mark
+                now = time.perf_counter()
+                epoch_seconds += now - mark
+                progress["train_seconds"] += now - mark
+                mark = now
+            for plan, batch in zip(plans[first:], pipeline.batches(plans[first:], epoch, progress["global_step"])):
                 lr = warmup_cosine(progress["global_step"], total_steps, warmup_steps, cfg.lr, cfg.start_lr, cfg.final_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-
-                batch = TrainBatch(global_views=[], epoch=epoch, step=progress["global_step"])
-                images_in_step = 0
-                if method.global_views or method.local_views:
-                    images = run.unlabeled.load(batches[step_in_epoch]).to(device, non_blocking=True)
-                    batch.global_views = [global_augment(images, generator) for _ in range(method.global_views)]
-                    batch.local_views = [local_augment(images, generator) for _ in range(method.local_views)]
-                    images_in_step += images.shape[0]
-                if with_labels:
-                    positions, classes = run.labeled_sampler.next_batch()
-                    labeled = labeled_images.load(run.labeled[positions]).to(device, non_blocking=True)
-                    batch.labeled, batch.labels = global_augment(labeled, generator), classes.to(device)
-                    images_in_step += labeled.shape[0]
-
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     terms = method(batch)
                 loss = terms["loss"]
-                if not torch.isfinite(loss):
-                    bad = [k for k, v in terms.items() if k != "loss" and not torch.isfinite(v)] or ["loss"]
-                    raise NonFiniteLossError(
-                        f"non-finite loss at epoch {epoch}, step {progress['global_step']} (term {', '.join(bad)} = "
-                        f"{terms[bad[0]].item()}); the last good checkpoint is {run_dir / LAST_CHECKPOINT}"
-                    )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                method.after_optimizer_step(progress["global_step"])
-
-                meters.add({k: v.item() for k, v in terms.items()})
+                finite = bool(torch.isfinite(loss))
+                if finite:
+                    loss.backward()
+                    optimizer.step()
+                    method.after_optimizer_step(progress["global_step"])
+                    meters.add({k: v.item() for k, v in terms.items()})
+                else:
+                    bad = [k for k, v in terms.items() if k != "loss" and not torch.isfinite(v)] or ["loss"]
+                    where = f"epoch {epoch + 1}, step {progress['global_step']}: {bad[0]} = {terms[bad[0]].item()}"
+                    if progress["skipped_steps"] >= cfg.skip_nonfinite:
+                        raise NonFiniteLossError(
+                            f"non-finite loss at {where}; stopped with the last good checkpoint kept in "
+                            f"{run_dir / CHECKPOINTS} (--skip-nonfinite N skips up to N such steps)"
+                        )
+                    progress["skipped_steps"] += 1
+                    console.print(f"[yellow]skipped[/yellow] a non-finite step at {where} "
+                                  f"({progress['skipped_steps']}/{cfg.skip_nonfinite})")
                 progress["global_step"] += 1
-                progress["step_in_epoch"] = step_in_epoch + 1
-                progress["images_seen"] += images_in_step
+                progress["step_in_epoch"] += 1
+                progress["images_seen"] += images_in(plan)
                 bar.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs}", status=f"loss {loss.item():.3f} lr {lr:.3g}")
+                mid_epoch = progress["step_in_epoch"] < steps_per_epoch
+                if mid_epoch and (stop.requested or policy.after_step(progress["global_step"])):
+                    account_time()
+                    checkpoint(epoch_sampler_state)
+                    if stop.requested:
+                        raise TrainingStopped(
+                            f"stopped ({stop.reason}) at epoch {epoch + 1}, step {progress['global_step']}; "
+                            f"checkpoint written; continue with: suncet train --resume {run_dir}",
+                            stop.exit_code,
+                        )
 
-            epoch_seconds = time.perf_counter() - epoch_start
-            progress["train_seconds"] += epoch_seconds
+            account_time()
             row = {"epoch": epoch + 1, "step": progress["global_step"], **meters.means(), "lr": lr}
             row["images_seen"] = progress["images_seen"]
             row["train_seconds"] = round(progress["train_seconds"], 3)
-            row["images_per_second"] = round((progress["images_seen"] - epoch_start_images) / max(epoch_seconds, 1e-9), 1)
+            row["images_per_second"] = round((progress["images_seen"] - epoch_images) / max(epoch_seconds, 1e-9), 1)
             if cfg.monitor_every and ((epoch + 1) % cfg.monitor_every == 0 or epoch + 1 == cfg.epochs):
                 row["knn_top1"] = evaluate_run(run, "knn")["top1"]
             if cfg.probe_every and ((epoch + 1) % cfg.probe_every == 0 or epoch + 1 == cfg.epochs):
                 row["linear_top1"] = evaluate_run(run, "linear")["top1"]
             _write_metrics_row(run_dir / METRICS_FILE, row)
             bar.console.print(
-                " ".join(
-                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                    for k, v in row.items()
-                    if k not in ("step", "train_seconds", "images_seen")
-                )
+                f"epoch {epoch + 1}/{cfg.epochs}  "
+                + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step", "train_seconds", "images_seen"))
             )
             progress.update(epoch=epoch + 1, step_in_epoch=0)
             meters = Meters()
-            if (epoch + 1) % cfg.checkpoint_every_epochs == 0 or epoch + 1 == cfg.epochs:
-                save_checkpoint(run_dir / LAST_CHECKPOINT, _checkpoint_state(run, generator, progress, meters))
-    return row if cfg.epochs > 0 else {}
+            if policy.after_epoch(epoch + 1) or epoch + 1 == cfg.epochs or stop.requested:
+                checkpoint(run.labeled_sampler.state_dict() if run.labeled_sampler else None)
+            if stop.requested and epoch + 1 < cfg.epochs:
+                raise TrainingStopped(
+                    f"stopped ({stop.reason}) after epoch {epoch + 1}; checkpoint written; "
+                    f"continue with: suncet train --resume {run_dir}",
+                    stop.exit_code,
+                )
+    return row
 
 
 def load_trained(run_dir: Path, device: str | None = None) -> Run:

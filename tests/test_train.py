@@ -27,7 +27,7 @@ def test_two_epoch_run_writes_every_file(cli, tmp_path):
     result = cli("train", "--method", "simclr", "--labels", "10%", "--epochs", "2", *SMALL, "--out", str(run))
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load((run / "config.yaml").read_text())
-    assert config["method"] == "simclr" and config["labels"] == "10%" and config["tau"] == 0.1  # defaults included
+    assert config["method"] == "simclr" and config["labels"] == "10%" and config["tau"] == 0.5 and config["proj_dim"] == 128  # defaults included
     metrics = rows(run)
     assert [r["epoch"] for r in metrics] == ["1", "2"]
     for column in ("loss", "ntxent", "suncet", "lr", "images_per_second", "knn_top1"):

@@ -25,6 +25,7 @@ from suncet.kernels.reference import multi_positive_reference
 
 BACKENDS = ("cpu", "triton", "cuda", "reference")
 MAX_KEY_SETS = 2
+MAX_GPU_DIM = 256  # the GPU kernels hold a [rows, D] tile on chip
 
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 _DTYPES = {
@@ -68,8 +69,8 @@ def backend_status() -> dict[str, tuple[bool, str]]:
     }
 
 
-def _takes(name: str, device: torch.device, dtype: torch.dtype | None) -> str:
-    """Why backend ``name`` cannot take tensors of ``dtype`` on ``device`` ('' when it can)."""
+def _takes(name: str, device: torch.device, dtype: torch.dtype | None, dim: int | None) -> str:
+    """Why backend ``name`` cannot take [*, dim] tensors of ``dtype`` on ``device`` ('' when it can)."""
     if name == "reference":
         return ""
     if name == "cpu" and device.type != "cpu":
@@ -80,17 +81,21 @@ def _takes(name: str, device: torch.device, dtype: torch.dtype | None) -> str:
         return f"it takes CUDA tensors, not {device.type} (unless TRITON_INTERPRET=1)"
     if dtype is not None and dtype not in _DTYPES[name]:
         return f"it does not take {dtype} (takes {', '.join(str(t).removeprefix('torch.') for t in _DTYPES[name])})"
+    if name in ("triton", "cuda") and dim is not None and dim > MAX_GPU_DIM:
+        return f"it takes D <= {MAX_GPU_DIM}, got {dim}"
     return ""
 
 
 @torch.compiler.assume_constant_result
-def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+def resolve_backend(
+    name: str, device: torch.device | str, dtype: torch.dtype | None = None, dim: int | None = None
+) -> str:
     """The backend that ``name`` (a backend or ``auto``) selects for tensors on ``device``.
 
     ``auto`` picks the best usable one: on CPU tensors ``cpu`` when the extension has the
     kernels, else ``reference``; on CUDA tensors ``triton``, else ``cuda``, else ``reference``
-    (skipping any that does not take ``dtype``). An explicit backend that cannot run raises
-    ConfigError with the reason.
+    (skipping any that does not take ``dtype`` or width ``dim``, when given). An explicit
+    backend that cannot run raises ConfigError with the reason.
     """
     if name not in (*BACKENDS, "auto"):
         raise ConfigError(f"unknown kernel backend '{name}'; choose one of auto, {', '.join(BACKENDS)}")
@@ -98,13 +103,13 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | 
     status = backend_status()
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-            if status[candidate][0] and not _takes(candidate, device, dtype):
+            if status[candidate][0] and not _takes(candidate, device, dtype, dim):
                 return candidate
         return "reference"
     usable, reason = status[name]
     if not usable:
         raise ConfigError(f"kernel backend '{name}' cannot run here: {reason}")
-    why_not = _takes(name, device, dtype)
+    why_not = _takes(name, device, dtype, dim)
     if why_not:
         raise ConfigError(f"kernel backend '{name}' cannot run these inputs: {why_not}")
     return name
@@ -143,10 +148,10 @@ def multi_positive(
     row then carries its weight into the backward. When ``k is q`` the fused backends use the
     one-tower backward (one pass, no atomics).
     """
-    name = resolve_backend(backend, q.device, q.dtype)
-    rows, cols = q.shape[0], k.shape[0]
     if q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1]:
         raise ValueError(f"q and k must be [rows, D] with the same D, got {tuple(q.shape)} and {tuple(k.shape)}")
+    name = resolve_backend(backend, q.device, q.dtype, q.shape[1])
+    rows, cols = q.shape[0], k.shape[0]
     if q.dtype != k.dtype:
         raise ValueError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
     single = row_keys.dim() == 1

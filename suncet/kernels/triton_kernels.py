@@ -47,27 +47,37 @@ def fp32_precision() -> str:
     return _fp32_precision
 
 
-def _configs(table: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per D class (D <= 128, D <= 256); the first entry is
+# the one used when autotuning is off. Chosen by compiling every candidate ahead of time for
+# sm_90 (triton.compile with a GPUTarget, no GPU needed) and keeping those that fit shared memory
+# and do not spill for bf16 and fp32 with one or two key sets; their order is a guess until
+# `suncet bench kernels` has run on a card.
+_FORWARD_TABLE = {
+    128: [(128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
+    256: [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
+}
+_BACKWARD_TABLE = {
+    128: [(64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+    256: [(64, 32, 8, 2), (64, 64, 8, 2)],
+}
+
+
+def _configs(table: dict[int, list[tuple[int, int, int, int]]]) -> list[triton.Config]:
     if INTERPRETING:
         # The interpreter runs block operations in NumPy: one small shape, no tuning.
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    chosen = table if AUTOTUNE else table[:1]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in chosen]
+    unique = dict.fromkeys(entry for entries in table.values() for entry in entries)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in unique]
 
 
-def _prune_wide(configs, named_args, **kwargs):
-    # Register budget: a [BLOCK_M, 256] fp32 accumulator or q tile wants a narrower tile.
-    if named_args["D"] <= 128 or len(configs) == 1:
-        return configs
-    narrow = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return narrow or configs[:1]
+def _pruner(table: dict[int, list[tuple[int, int, int, int]]]):
+    def prune(configs, named_args, **kwargs):
+        entries = table[128 if named_args["D"] <= 128 else 256]
+        wanted = entries if AUTOTUNE else entries[:1]
+        keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+        return keep or configs[:1]
 
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); the first entry is used when autotuning is off.
-# Not yet measured on a GPU: starting points taken from flash-attention-style kernels of the
-# same head width, to be narrowed with `suncet bench kernels` on the card.
-_FORWARD_TABLE = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3)]
-_BACKWARD_TABLE = [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)]
+    return {"early_config_prune": prune}
 
 
 @triton.jit
@@ -106,6 +116,16 @@ def _column_tile_span(
 
 
 @triton.jit
+def _load_rows(ptr, idx, ok, dims, D, EVEN_D: tl.constexpr):
+    """Rows ``idx`` of a [*, D] matrix, zero beyond ``ok`` and beyond D. With EVEN_D the mask is
+    constant along D, which keeps the loads vectorised."""
+    if EVEN_D:
+        return tl.load(ptr + idx[:, None] * D + dims[None, :], mask=ok[:, None], other=0.0)
+    else:
+        return tl.load(ptr + idx[:, None] * D + dims[None, :], mask=ok[:, None] & (dims < D)[None, :], other=0.0)
+
+
+@triton.jit
 def _select_code(member0, member1, t0, t1, t2, t3, P: tl.constexpr):
     """Per entry, the table value of its membership code (bit p: positive of key set p)."""
     if P == 1:
@@ -114,13 +134,13 @@ def _select_code(member0, member1, t0, t1, t2, t3, P: tl.constexpr):
         return tl.where(member0, tl.where(member1, t3, t1), tl.where(member1, t2, t0))
 
 
-@triton.autotune(configs=_configs(_FORWARD_TABLE), key=["M", "N", "D", "P"], prune_configs_by={"early_config_prune": _prune_wide})
+@triton.autotune(configs=_configs(_FORWARD_TABLE), key=["M", "N", "D", "P"], prune_configs_by=_pruner(_FORWARD_TABLE))
 @triton.jit
 def _forward_kernel(
     q_ptr, k_ptr, row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
     partial_ptr, loss_ptr, valid_ptr, lse_all_ptr, lse_pos_ptr,
     M, N, D, self_offset, scale2,
-    P: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    P: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -130,8 +150,7 @@ def _forward_kernel(
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-    q = tl.load(q_ptr + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = _load_rows(q_ptr, rows, row_ok, dims, D, EVEN_D)
     row_group, rg_lo, rg_hi = _tile_group_range(row_groups_ptr, rows, row_ok)
     key0 = tl.load(row_keys_ptr + rows * P, mask=row_ok, other=0)
     key1 = key0
@@ -154,7 +173,7 @@ def _forward_kernel(
         cols = col0 + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         col_group, cg_lo, cg_hi = _tile_group_range(col_groups_ptr, cols, col_ok)
-        k = tl.load(k_ptr + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        k = _load_rows(k_ptr, cols, col_ok, dims, D, EVEN_D)
         s2 = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
         uniform = (rg_lo == rg_hi) & (cg_lo == cg_hi) & (rg_lo == cg_lo)
         diagonal = (row0 + self_offset < col0 + BLOCK_N) & (col0 < row0 + BLOCK_M + self_offset)
@@ -311,14 +330,14 @@ def _load_tables(tables_ptr, idx, ok, M, P: tl.constexpr):
     return o0, o1, o2, o3, c0, c1, c2, c3
 
 
-@triton.autotune(configs=_configs(_BACKWARD_TABLE), key=["A_COUNT", "B_COUNT", "D", "P"], prune_configs_by={"early_config_prune": _prune_wide})
+@triton.autotune(configs=_configs(_BACKWARD_TABLE), key=["A_COUNT", "B_COUNT", "D", "P"], prune_configs_by=_pruner(_BACKWARD_TABLE))
 @triton.jit
 def _backward_kernel(
     a_ptr, b_ptr, out_ptr, tables_ptr,
     row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
     A_COUNT, B_COUNT, D, M, self_offset, scale2, inv_tau,
     P: tl.constexpr, ROW_SIDE: tl.constexpr, COL_SIDE: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """d a = (1/tau) sum_b H_ab b_b. Row side: a are rows of q (keys row_keys, tables), b are
@@ -328,8 +347,7 @@ def _backward_kernel(
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < A_COUNT
     dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-    a = tl.load(a_ptr + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    a = _load_rows(a_ptr, rows, row_ok, dims, D, EVEN_D)
 
     # Row side: this program's rows as rows of q.
     r_group, r_lo, r_hi = _tile_group_range(row_groups_ptr, rows, row_ok & ROW_SIDE)
@@ -355,7 +373,7 @@ def _backward_kernel(
         col0 = t * BLOCK_N
         cols = col0 + tl.arange(0, BLOCK_N)
         col_ok = cols < B_COUNT
-        b = tl.load(b_ptr + cols[:, None] * D + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        b = _load_rows(b_ptr, cols, col_ok, dims, D, EVEN_D)
         s2 = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale2
         h = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if ROW_SIDE:
@@ -398,11 +416,11 @@ def _backward_kernel(
                 g = tl.where(allowed, g, 0.0)
             h += g
         acc += tl.dot(h.to(b.dtype), b, input_precision=PRECISION)
-    tl.store(
-        out_ptr + rows[:, None] * D + dims[None, :],
-        (acc * inv_tau).to(out_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & dim_ok[None, :],
-    )
+    out = (acc * inv_tau).to(out_ptr.dtype.element_ty)
+    if EVEN_D:
+        tl.store(out_ptr + rows[:, None] * D + dims[None, :], out, mask=row_ok[:, None])
+    else:
+        tl.store(out_ptr + rows[:, None] * D + dims[None, :], out, mask=row_ok[:, None] & (dims < D)[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,6 +447,8 @@ def _forward_splits(m: int, n: int, device: torch.device) -> int:
 def _check(q: torch.Tensor, k: torch.Tensor) -> None:
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"the triton backend takes fp32, bf16 or fp16 inputs, got {q.dtype}")
+    if q.shape[1] > 256:
+        raise ValueError(f"the triton backend takes D <= 256, got {q.shape[1]}")
     if q.device.type != "cuda" and not INTERPRETING:
         raise RuntimeError("the triton backend runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1)")
 
@@ -456,7 +476,7 @@ def forward(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, 
         q, k, row_keys, col_keys, row_groups, col_groups,
         partial, loss, valid, lse_all, lse_pos,
         m, n, d, self_offset, _LOG2E / tau,
-        P=p, BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype),
+        P=p, BLOCK_D=_block_d(d), EVEN_D=_block_d(d) == d, PRECISION=_precision(q.dtype),
     )  # fmt: skip
     if splits > 1:
         block = 128
@@ -477,7 +497,7 @@ def backward(grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_al
     _gradient_tables_kernel[(triton.cdiv(m, block),)](
         grad_loss.float().contiguous(), lse_all, lse_pos, tables, m, P=p, BLOCK=block
     )
-    common = dict(P=p, BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype))
+    common = dict(P=p, BLOCK_D=_block_d(d), EVEN_D=_block_d(d) == d, PRECISION=_precision(q.dtype))
     keys = (row_keys, col_keys, row_groups, col_groups)
     scale2, inv_tau = _LOG2E / tau, 1.0 / tau
     dq = torch.empty_like(q)

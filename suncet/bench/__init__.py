@@ -1,0 +1,1 @@
+"""Micro-benchmarks shipped with the package (`suncet bench ...`)."""

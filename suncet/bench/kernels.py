@@ -1,0 +1,314 @@
+"""Micro-benchmarks of the fused contrastive losses: every backend against PyTorch eager and
+torch.compile of the reference, and against the GEMM floor (one q @ k^T of the same shape).
+
+Loss kinds, on N L2-normalised rows laid out [view1; view2] with 100 classes:
+  ntxent   NT-Xent (image ids as keys)
+  suncet   SuNCEt (class ids as keys)
+  both     NT-Xent + SuNCEt on the same rows: ONE fused pass with two key sets sharing the
+           denominator; the eager/compiled baselines compute the two losses separately
+  both2    the same two losses as two separate fused launches (to compare with ``both``)
+Times are medians of repeated runs (CUDA events on a GPU, perf_counter on the CPU); "fwd" is
+the loss alone, "bwd" the backward alone (after an untimed forward), "step" forward + backward,
+"graph" the same step captured once in a CUDA graph and replayed (no launch overhead). Peak
+extra memory is the growth over the inputs during one step: the CUDA allocator's peak on a
+GPU, the process's peak resident set on the CPU (large allocations forced to mmap so that
+freed memory is returned and counted again).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from suncet import kernels
+
+LOSS_KINDS = ("ntxent", "suncet", "both", "both2")
+BASELINES = ("reference", "compiled")  # eager and torch.compile of the reference
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CLASSES = 100
+TAU = 0.1
+
+
+@dataclass
+class Result:
+    n: int
+    d: int
+    dtype: str
+    loss: str
+    backend: str
+    fwd_ms: float | None = None
+    bwd_ms: float | None = None
+    step_ms: float | None = None
+    step_graph_ms: float | None = None
+    peak_extra_mib: float | None = None
+    gemm_ms: float | None = None
+    step_over_gemm: float | None = None
+    speedup_vs_eager: float | None = None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and memory.
+
+
+def _median_ms(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device, setup=None) -> float:
+    """Median time of ``fn`` in ms; ``setup`` (untimed) runs before each call and feeds it."""
+    for _ in range(warmup):
+        fn(*(() if setup is None else (setup(),)))
+    times = []
+    if device.type == "cuda":
+        for _ in range(repeats):
+            arg = () if setup is None else (setup(),)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*arg)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            arg = () if setup is None else (setup(),)
+            t0 = time.perf_counter()
+            fn(*arg)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _release_large_allocations() -> None:
+    """Make glibc mmap every large block, so that freed N x N buffers leave the resident set."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD: fixed, which also stops its growth
+        libc.mallopt(-1, 256 * 1024)  # M_TRIM_THRESHOLD
+    except OSError:
+        pass
+
+
+def _status_kib(field_name: str) -> int | None:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def _peak_extra_mib(step: Callable[[], object], device: torch.device) -> float | None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak resident set to the current one
+    except OSError:
+        return None
+    base = _status_kib("VmRSS")
+    step()
+    peak = _status_kib("VmHWM")
+    return None if base is None or peak is None else max(0, peak - base) / 1024
+
+
+def _graph_step_ms(step: Callable[[], object], repeats: int) -> float:
+    """Median replay time of one captured forward + backward (no launch overhead)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return _median_ms(graph.replay, repeats, 3, torch.device("cuda"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems.
+
+
+def _problem(n: int, d: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    z = F.normalize(torch.randn(n, d, generator=gen), dim=1).to(device=device, dtype=dtype)
+    ids = (torch.arange(n) % (n // 2)).to(device)
+    classes = torch.randint(0, CLASSES, (n,), generator=gen).to(device)
+    return z, ids, classes
+
+
+def _loss_fn(kind: str, backend: str, ids: torch.Tensor, classes: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    groups = torch.zeros_like(ids)
+
+    def mean_valid(loss, valid):
+        return (loss * valid).sum(0) / valid.sum(0).clamp(min=1)
+
+    def run(z, keys):
+        return mean_valid(*kernels.multi_positive(z, z, keys, keys, groups, groups, 0, TAU, backend=backend)).sum()
+
+    if kind == "ntxent":
+        return lambda z: run(z, ids)
+    if kind == "suncet":
+        return lambda z: run(z, classes)
+    both_keys = torch.stack([ids, classes], 1).contiguous()
+    if kind == "both":
+        return lambda z: run(z, both_keys)
+    if kind == "both2":
+        return lambda z: run(z, ids) + run(z, classes)
+    raise ValueError(f"unknown loss kind {kind!r}; choose from {', '.join(LOSS_KINDS)}")
+
+
+def _gemm_ms(z: torch.Tensor, repeats: int, warmup: int) -> float:
+    return _median_ms(lambda: z @ z.T, repeats, warmup, z.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid.
+
+
+def default_grid(device: torch.device) -> dict[str, list]:
+    backends = [name for name in ("cpu", "triton", "cuda") if _usable(name, device)] + list(BASELINES)
+    sizes = [2048, 8192, 32768] if device.type == "cuda" else [2048, 8192]
+    return {"n": sizes, "d": [128, 256], "dtype": ["fp32", "bf16"], "backend": backends, "loss": ["both"]}
+
+
+def _usable(name: str, device: torch.device) -> bool:
+    try:
+        return kernels.resolve_backend(name, device) == name
+    except Exception:
+        return False
+
+
+def measure(
+    n: int,
+    d: int,
+    dtype: str,
+    kind: str,
+    backend: str,
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    cuda_graph: bool,
+) -> Result:
+    result = Result(n=n, d=d, dtype=dtype, loss=kind, backend=backend)
+    z0, ids, classes = _problem(n, d, DTYPES[dtype], device)
+    if backend == "compiled":
+        fn = torch.compile(_loss_fn(kind, "reference", ids, classes), dynamic=False)
+    else:
+        fn = _loss_fn(kind, backend, ids, classes)
+    z = z0.detach().requires_grad_(True)
+
+    def forward():
+        with torch.no_grad():
+            return fn(z)
+
+    def step():
+        return torch.autograd.grad(fn(z), z)
+
+    try:
+        result.fwd_ms = _median_ms(forward, repeats, warmup, device)
+        result.bwd_ms = _median_ms(
+            lambda loss: torch.autograd.grad(loss, z), repeats, warmup, device, setup=lambda: fn(z)
+        )
+        result.step_ms = _median_ms(step, repeats, warmup, device)
+        result.peak_extra_mib = _peak_extra_mib(step, device)
+        if cuda_graph and device.type == "cuda":
+            result.step_graph_ms = _graph_step_ms(step, repeats)
+    except Exception as exc:  # one backend failing (out of memory, a compile error) must not stop the grid
+        result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def run_grid(
+    n: list[int],
+    d: list[int],
+    dtype: list[str],
+    backend: list[str],
+    loss: list[str],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    cuda_graph: bool = False,
+    progress: Callable[[Result], None] | None = None,
+) -> list[Result]:
+    if device.type == "cpu":
+        _release_large_allocations()
+    if device.type == "cuda" and "triton" in backend:
+        from suncet.kernels import triton_kernels
+
+        if triton_kernels.fp32_precision() == "tf32":
+            # The floor of a tf32 kernel is a tf32 product.
+            torch.backends.cuda.matmul.allow_tf32 = True
+    results = []
+    for nn in n:
+        for dd in d:
+            for dt in dtype:
+                z, _, _ = _problem(nn, dd, DTYPES[dt], device)
+                gemm = _gemm_ms(z, repeats, warmup)
+                del z
+                for kind in loss:
+                    eager = None
+                    for name in backend:
+                        r = measure(nn, dd, dt, kind, name, device, repeats, warmup, cuda_graph)
+                        r.gemm_ms = gemm
+                        if r.step_ms is not None:
+                            r.step_over_gemm = r.step_ms / gemm
+                            if name == "reference":
+                                eager = r.step_ms
+                        results.append(r)
+                        if progress:
+                            progress(r)
+                    for r in results[-len(backend) :]:
+                        if eager is not None and r.step_ms is not None:
+                            r.speedup_vs_eager = eager / r.step_ms
+    return results
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "tau": TAU,
+        "classes": CLASSES,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda" and kernels.backend_status()["triton"][0]:
+        from suncet.kernels import triton_kernels
+
+        info["triton_fp32_precision"] = triton_kernels.fp32_precision()
+        info["triton_autotune"] = triton_kernels.AUTOTUNE
+    info["backends"] = {name: {"usable": ok, "why": why} for name, (ok, why) in kernels.backend_status().items()}
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def as_json(results: list[Result], info: dict, command: str) -> dict:
+    return {"machine": info, "command": command, "results": [asdict(r) for r in results]}

@@ -1,0 +1,70 @@
+"""Turning a step's image indices into augmented views on the training device.
+
+The trainer plans an epoch as a list of ``StepPlan`` (which unlabeled and labeled images each
+step uses); a pipeline turns each plan into a ``TrainBatch``. ``DevicePipeline`` moves uint8
+batches to the training device and augments them there, batched, with per-sample parameters
+from one seeded generator whose state the checkpoint keeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from suncet.augment import AugmentRecipe, BatchAugment
+from suncet.data import ImageSource
+from suncet.methods import TrainBatch
+
+
+@dataclass
+class StepPlan:
+    unlabeled: Tensor | None  # indices into the unlabeled stream
+    labeled: Tensor | None  # indices into the training split
+    labels: Tensor | None  # their classes
+
+
+class DevicePipeline:
+    """Load uint8 images, move them to ``device``, and augment them there in one call per view."""
+
+    def __init__(
+        self,
+        unlabeled: ImageSource,
+        labeled: ImageSource,
+        recipe: AugmentRecipe,
+        global_views: int,
+        local_views: int,
+        device: torch.device,
+        seed: int,
+    ):
+        self.unlabeled, self.labeled = unlabeled, labeled
+        self.global_views, self.local_views = global_views, local_views
+        self.global_augment = BatchAugment(recipe, recipe.global_crop)
+        self.local_augment = BatchAugment(recipe, recipe.local_crop)
+        self.device = device
+        self.generator = torch.Generator(device).manual_seed(seed)
+
+    def batches(self, plans: list[StepPlan], epoch: int, first_step: int) -> Iterator[TrainBatch]:
+        for offset, plan in enumerate(plans):
+            batch = TrainBatch(global_views=[], epoch=epoch, step=first_step + offset)
+            if plan.unlabeled is not None:
+                images = self.unlabeled.load(plan.unlabeled).to(self.device, non_blocking=True)
+                batch.global_views = [self.global_augment(images, self.generator) for _ in range(self.global_views)]
+                batch.local_views = [self.local_augment(images, self.generator) for _ in range(self.local_views)]
+            if plan.labeled is not None:
+                images = self.labeled.load(plan.labeled).to(self.device, non_blocking=True)
+                batch.labeled = self.global_augment(images, self.generator)
+                batch.labels = plan.labels.to(self.device)
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def images_in(plan: StepPlan) -> int:
+    return sum(len(x) for x in (plan.unlabeled, plan.labeled) if x is not None)

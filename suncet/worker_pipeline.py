@@ -1,0 +1,184 @@
+"""The CPU path: loader worker processes decode and augment each image with torchvision.
+
+``WorkerPipeline`` has ``DevicePipeline``'s interface. A torch DataLoader whose items are whole
+steps runs in ``num_workers`` persistent processes; each worker loads a step's uint8 images
+(decoding files there, for image folders) and applies torchvision.transforms.v2 per image
+(RandomResizedCrop, flip, ColorJitter, grayscale, blur, solarize, ToDtype, Normalize) from the
+same ``AugmentRecipe`` as the device path. Every image's randomness is seeded from (seed, epoch,
+step, stream, position, view), so views depend neither on the number of workers nor on where an
+epoch was resumed, and there is no generator state to checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+
+from suncet.augment import AugmentRecipe, CropSpec, blur_kernel_size
+from suncet.data import ImageSource, InMemoryImages
+from suncet.methods import TrainBatch
+from suncet.pipeline import StepPlan
+
+UNLABELED_STREAM, LABELED_STREAM = 0, 1
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(value: int) -> int:
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def image_seed(*key: int) -> int:
+    """A 63-bit seed that is a well-mixed function of the whole key."""
+    state = 0
+    for part in key:
+        state = _splitmix64(state ^ (part & _MASK64))
+    return state >> 1
+
+
+def image_transform(recipe: AugmentRecipe, crop: CropSpec) -> v2.Compose:
+    """The recipe as a torchvision v2 pipeline on one uint8 [C, H, W] image; float, normalised out."""
+    steps: list = [v2.RandomResizedCrop(crop.size, scale=crop.scale, ratio=recipe.ratio, antialias=True)]
+    if recipe.flip_p > 0:
+        steps.append(v2.RandomHorizontalFlip(recipe.flip_p))
+    strength = recipe.color_strength
+    if strength > 0 and recipe.color_p > 0:
+        jitter = v2.ColorJitter(0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength)
+        steps.append(v2.RandomApply([jitter], p=recipe.color_p))
+    if recipe.grayscale_p > 0:
+        steps.append(v2.RandomGrayscale(recipe.grayscale_p))
+    if recipe.blur_p > 0:
+        blur = v2.GaussianBlur(blur_kernel_size(crop.size), sigma=recipe.blur_sigma)
+        steps.append(v2.RandomApply([blur], p=recipe.blur_p))
+    if recipe.solarize_p > 0:
+        # 128 on uint8 is the device path's 0.5 on [0, 1] floats.
+        steps.append(v2.RandomSolarize(threshold=128, p=recipe.solarize_p))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(recipe.mean), list(recipe.std))]
+    return v2.Compose(steps)
+
+
+class _StepViews(Dataset):
+    """Item (epoch, step, unlabeled indices, labeled indices) -> that step's views, built in a worker."""
+
+    def __init__(self, unlabeled: ImageSource, labeled: ImageSource, recipe: AugmentRecipe,
+                 global_views: int, local_views: int, seed: int):
+        self.unlabeled, self.labeled = unlabeled, labeled
+        self.global_views, self.local_views = global_views, local_views
+        self.global_transform = image_transform(recipe, recipe.global_crop)
+        self.local_transform = image_transform(recipe, recipe.local_crop)
+        self.seed = seed
+
+    def _views(self, images: Tensor, transform: v2.Compose, key: tuple[int, ...], view: int) -> Tensor:
+        views = []
+        for position, image in enumerate(images):
+            # v2 transforms draw from the default CPU generator (and only from it).
+            torch.default_generator.manual_seed(image_seed(self.seed, *key, position, view))
+            views.append(transform(image))
+        return torch.stack(views)
+
+    def __getitem__(self, item: tuple) -> dict:
+        epoch, step, unlabeled, labeled = item
+        out: dict = {"global": [], "local": [], "labeled": None}
+        # The caller's global RNG is left as it was: without workers this runs in the trainer's process.
+        with torch.random.fork_rng(devices=[]):
+            if unlabeled is not None:
+                images = self.unlabeled.load(torch.from_numpy(unlabeled)).cpu()
+                key = (epoch, step, UNLABELED_STREAM)
+                out["global"] = [self._views(images, self.global_transform, key, v) for v in range(self.global_views)]
+                out["local"] = [
+                    self._views(images, self.local_transform, key, self.global_views + v) for v in range(self.local_views)
+                ]
+            if labeled is not None:
+                images = self.labeled.load(torch.from_numpy(labeled)).cpu()
+                out["labeled"] = self._views(images, self.global_transform, (epoch, step, LABELED_STREAM), 0)
+        return out
+
+
+class _PlannedSteps(Sampler):
+    """Hands the loader the items of the epoch being run (set before each pass)."""
+
+    def __init__(self):
+        self.items: list[tuple] = []
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def _on_cpu(source: ImageSource) -> ImageSource:
+    # Workers are CPU processes: a decoded dataset moved to an accelerator comes back to host memory.
+    if isinstance(source, InMemoryImages) and source.images.device.type != "cpu":
+        return source.to(torch.device("cpu"))
+    return source
+
+
+def _indices(x: Tensor | None) -> np.ndarray | None:
+    # numpy arrays travel to the workers by value, not as shared-memory tensors (one file each).
+    return None if x is None else x.cpu().numpy()
+
+
+class WorkerPipeline:
+    """Augment in ``num_workers`` loader processes (0: in this process), deliver on ``device``."""
+
+    def __init__(
+        self,
+        unlabeled: ImageSource,
+        labeled: ImageSource,
+        recipe: AugmentRecipe,
+        global_views: int,
+        local_views: int,
+        device: torch.device,
+        seed: int,
+        num_workers: int = 4,
+        prefetch_factor: int = 2,
+    ):
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.device = torch.device(device)
+        self.steps = _StepViews(_on_cpu(unlabeled), _on_cpu(labeled), recipe, global_views, local_views, seed)
+        self.sampler = _PlannedSteps()
+        self.loader = DataLoader(
+            self.steps,
+            batch_size=None,
+            sampler=self.sampler,
+            num_workers=num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=num_workers > 0,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            # The loader draws its workers' base seed from here rather than from the global RNG.
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def batches(self, plans: list[StepPlan], epoch: int, first_step: int) -> Iterator[TrainBatch]:
+        self.sampler.items = [
+            (epoch, first_step + offset, _indices(plan.unlabeled), _indices(plan.labeled))
+            for offset, plan in enumerate(plans)
+        ]
+        for offset, views in enumerate(self.loader):
+            plan = plans[offset]
+            batch = TrainBatch(
+                global_views=[v.to(self.device, non_blocking=True) for v in views["global"]],
+                local_views=[v.to(self.device, non_blocking=True) for v in views["local"]],
+                epoch=epoch,
+                step=first_step + offset,
+            )
+            if views["labeled"] is not None:
+                batch.labeled = views["labeled"].to(self.device, non_blocking=True)
+                batch.labels = plan.labels.to(self.device)
+            yield batch
+
+    def state_dict(self) -> dict:
+        # Views are a pure function of (seed, epoch, step, position, view): nothing to restore.
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
