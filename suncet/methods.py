@@ -101,6 +101,8 @@ def parse_options(options_cls: type, values: dict[str, Any], owner: str) -> Any:
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError(value)
                 value = value.lower() in ("true", "1", "yes")
+            elif target is str and isinstance(value, (int, float)):
+                value = str(value)
             elif target in (int, float) and not isinstance(value, bool):
                 value = target(value)
                 if target is int and isinstance(values[name], float) and not float(values[name]).is_integer():

@@ -5,5 +5,6 @@ over the columns it may see minus LSE over its positives) that the kernels imple
 """
 
 from suncet.losses.contrastive import contrastive_loss, nt_xent, nt_xent_and_suncet, suncet_loss
+from suncet.losses.swav import sinkhorn, swapped_prediction_loss
 
-__all__ = ["contrastive_loss", "nt_xent", "nt_xent_and_suncet", "suncet_loss"]
+__all__ = ["contrastive_loss", "nt_xent", "nt_xent_and_suncet", "sinkhorn", "suncet_loss", "swapped_prediction_loss"]
