@@ -55,6 +55,10 @@ _FLAG_KEYS = (
 @click.option("--device", help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, help="Seed of initialisation, sampling and augmentation.")
 @click.option("--deterministic/--no-deterministic", default=None, help="Ask torch for deterministic algorithms.")
+@click.option("--nproc-per-node", type=click.IntRange(min=1), help="Launch this many processes (torchrun) on this machine.")
+@click.option("--sync-bn/--no-sync-bn", default=None, help="Synchronise BatchNorm statistics across GPUs.")
+@click.option("--detach-remote-keys/--no-detach-remote-keys", default=None,
+              help="Other ranks' embeddings carry no gradient (the reference code's objective, for parity).")
 @click.option("--monitor-every", type=int, help="Epochs between kNN monitors (0: off).")
 @click.option("--probe-every", type=int, help="Epochs between linear-probe monitors (0: off).")
 @click.option("--final-eval", help="Evaluation after training: linear, knn, finetune or none.")
@@ -65,7 +69,8 @@ _FLAG_KEYS = (
 @click.option("--resume", "resume", help="RUN_DIR: continue that run. 'auto' (with --out): continue the run there "
               "from its newest loadable checkpoint if it has one, else start it.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
-def train(config_file, backbone_opt, method_opt, optimizer_opt, augment_opt, out_dir, resume, overwrite, download, deterministic, **flags):
+def train(config_file, backbone_opt, method_opt, optimizer_opt, augment_opt, out_dir, resume, overwrite, download,
+          deterministic, nproc_per_node, sync_bn, detach_remote_keys, **flags):
     """Pre-train a backbone; ends with a semi-supervised evaluation.
 
     Example: suncet train --method simclr --labels 10%
@@ -73,11 +78,16 @@ def train(config_file, backbone_opt, method_opt, optimizer_opt, augment_opt, out
     from suncet.trainer import evaluate_run, find_checkpoint, load_run_config, load_trained, prepare_run_dir, write_json
     from suncet.trainer import train as run_training
 
+    from suncet import distributed
+
+    if nproc_per_node is not None and not distributed.launched_by_torchrun():
+        launch_torchrun(nproc_per_node)
+
     overrides = {key: flags[key] for key in _FLAG_KEYS if flags.get(key) is not None}
-    if download is not None:
-        overrides["download"] = download
-    if deterministic is not None:
-        overrides["deterministic"] = deterministic
+    for key, value in (("download", download), ("deterministic", deterministic), ("sync_bn", sync_bn),
+                       ("detach_remote_keys", detach_remote_keys)):
+        if value is not None:
+            overrides[key] = value
     for option, key, pairs in (
         ("--backbone-opt", "backbone_options", backbone_opt),
         ("--method-opt", "method_options", method_opt),
@@ -108,9 +118,32 @@ def train(config_file, backbone_opt, method_opt, optimizer_opt, augment_opt, out
         state = find_checkpoint(run_dir, fallback=False)
 
     run_training(config, run_dir, state=state, console=console)
+    if not distributed.is_main_process():
+        return
     console.print(f"run written to {run_dir}")
     if config.final_eval != "none":
         run = load_trained(run_dir)
         result = evaluate_run(run, config.final_eval, baseline=True)
         write_json(run_dir / f"eval_{config.final_eval}.json", result)
         print_scores(result, title=f"{config.final_eval} evaluation of {run_dir}")
+
+
+def launch_torchrun(nproc: int) -> None:
+    """Replace this process with torchrun running the same command in ``nproc`` processes."""
+    import os
+    import sys
+
+    script = sys.argv[0]
+    if not (os.path.isfile(script) and os.path.basename(script) == "suncet"):
+        raise ConfigError("--nproc-per-node needs the installed `suncet` command (or run torchrun yourself)")
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script, *args]
+    sys.stdout.flush()
+    os.execv(sys.executable, command)

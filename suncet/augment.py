@@ -187,8 +187,10 @@ def _adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     minc, maxc = torch.aminmax(x, dim=1)
     delta = maxc - minc
     safe_delta = torch.where(delta > 0, delta, 1.0)
-    hue6 = torch.where(maxc == r, (g - b) / safe_delta, torch.where(maxc == g, (b - r) / safe_delta + 2.0, (r - g) / safe_delta + 4.0))
-    hue6 = (hue6 + 6.0 * shift.view(-1, 1, 1)).unsqueeze(1)
+    red_max, green_max = maxc == r, maxc == g
+    numerator = torch.where(red_max, g - b, torch.where(green_max, b - r, r - g))
+    sector = torch.where(red_max, 0.0, torch.where(green_max, 2.0, 4.0)) + 6.0 * shift.view(-1, 1, 1)
+    hue6 = (numerator / safe_delta + sector).unsqueeze(1)
     k = (hue6 + torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)).remainder(6.0)
     return maxc.unsqueeze(1) - delta.unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp(0, 1)
 
@@ -232,12 +234,12 @@ def apply_jitter(x: Tensor, params: JitterParameters, apply: Tensor) -> Tensor:
         step = torch.where(apply, order[:, slot], torch.full_like(order[:, slot], 3))
         factor = factors.gather(1, step[:, None]).view(-1, 1, 1, 1)
         gray = rgb_to_grayscale(x)
-        target = torch.where(
-            (step == 2).view(-1, 1, 1, 1),
-            gray,
-            torch.where((step == 1).view(-1, 1, 1, 1), gray.mean(dim=(1, 2, 3), keepdim=True), 0.0),
-        )
-        x = (factor * x + (1 - factor) * target).clamp(0, 1)
+        is_contrast = (step == 1).to(x.dtype).view(-1, 1, 1, 1)
+        is_saturation = (step == 2).to(x.dtype).view(-1, 1, 1, 1)
+        # Black for brightness, the mean gray level for contrast, the grayscale image for saturation.
+        target = torch.addcmul(gray.mean(dim=(1, 2, 3), keepdim=True) * is_contrast, gray, is_saturation)
+        # lerp computes x - (x - target) * (1 - factor) for factors >= 0.5: factor 1 leaves x exact.
+        x = torch.lerp(target, x, factor).clamp_(0, 1)
         first, last = bounds[slot], bounds[slot + 1]
         if last > first:
             x[first:last] = _adjust_hue(x[first:last], hue[first:last])

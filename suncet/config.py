@@ -55,6 +55,8 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     deterministic: bool = False
+    sync_bn: bool = False
+    detach_remote_keys: bool = False
     run_dir: str | None = None
     checkpoint_every: str = "1epoch"
     keep_checkpoints: int = 2

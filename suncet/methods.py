@@ -41,6 +41,8 @@ class MethodConfig:
     proj_dim: int = 128
     kernel: str = "auto"
     steps_per_epoch: int = 1
+    # How the contrastive terms see other ranks' rows: None (one process), "grad" or "detached".
+    gather: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -57,6 +59,8 @@ class Method(nn.Module):
     global_views: ClassVar[int] = 2
     local_views: int = 0
     uses_labels: bool = True
+    # True when some steps leave parameters without gradients (DDP must then look for them).
+    may_skip_parameters: ClassVar[bool] = False
 
     @dataclass
     class Options:

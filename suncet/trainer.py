@@ -34,7 +34,8 @@ from suncet.optim import parameter_groups, warmup_cosine
 from suncet.pipeline import DevicePipeline, StepPlan, images_in
 from suncet.registry import BACKBONES, DATASETS, METHODS, OPTIMIZERS
 from suncet.samplers import ClassStratifiedSampler, UnlabeledSampler
-from suncet.stopping import StopRequests
+from suncet.stopping import EXIT_PREEMPTED, StopRequests
+from suncet import distributed
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
@@ -141,6 +142,7 @@ def build_method(config: TrainConfig, dataset: ImageDataset, steps_per_epoch: in
         proj_dim=config.proj_dim,
         kernel=config.kernel,
         steps_per_epoch=steps_per_epoch,
+        gather=None if distributed.world_size() == 1 else ("detached" if config.detach_remote_keys else "grad"),
         options=dict(config.method_options),
     )
     method = METHODS.get(config.method).obj(backbone, method_config)
@@ -150,13 +152,16 @@ def build_method(config: TrainConfig, dataset: ImageDataset, steps_per_epoch: in
 
 
 def assemble(config: TrainConfig, run_dir: Path, labeled: Tensor | None = None) -> Run:
-    device = resolve_device(config.device)
+    device = distributed.init_from_environment(config.device)
+    if config.sync_bn and device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU implementation)")
     torch.manual_seed(config.seed)
     dataset = load_dataset(config)
     if labeled is None:
         labeled = choose_labeled(config, dataset)
     unlabeled = dataset.train if dataset.extra_unlabeled is None else _Concat(dataset.train, dataset.extra_unlabeled)
-    unlabeled_sampler = UnlabeledSampler(len(unlabeled), config.batch_size, config.seed)
+    rank, world = distributed.rank(), distributed.world_size()
+    unlabeled_sampler = UnlabeledSampler(len(unlabeled), config.batch_size, config.seed, rank, world)
     method = build_method(config, dataset, unlabeled_sampler.steps_per_epoch).to(device)
     if device.type == "cuda":
         method = method.to(memory_format=torch.channels_last)
@@ -173,6 +178,8 @@ def assemble(config: TrainConfig, run_dir: Path, labeled: Tensor | None = None) 
             min(config.classes_per_step, len(torch.unique(dataset.train.labels[labeled]))),
             config.images_per_class,
             config.seed,
+            rank,
+            world,
         )
     optimizer = OPTIMIZERS.create(
         config.optimizer,
@@ -246,7 +253,10 @@ class Meters:
         self.steps += 1
 
     def means(self) -> dict[str, float]:
-        return {key: value / max(1, self.steps) for key, value in self.sums.items()}
+        """Means over the epoch's steps, and over ranks."""
+        keys = sorted(self.sums)
+        totals = distributed.all_reduce_sum(torch.tensor([self.sums[k] for k in keys] + [self.steps], dtype=torch.float64))
+        return {key: (totals[i] / max(1.0, totals[-1].item())).item() for i, key in enumerate(keys)}
 
     def state_dict(self) -> dict:
         return {"sums": dict(self.sums), "steps": self.steps}
@@ -281,18 +291,21 @@ def _truncate_metrics(path: Path, completed_epochs: int) -> None:
 
 
 def _checkpoint_state(run: Run, pipeline: DevicePipeline, progress: dict, meters: Meters, sampler_state: dict | None) -> dict:
+    """Everything needed to continue exactly; every rank's own streams are gathered (call on all ranks)."""
+    rank_states = distributed.all_gather_objects(
+        {"pipeline": pipeline.state_dict(), "labeled_sampler": sampler_state, "meters": meters.state_dict()}
+    )
     state = {
         "model": run.method.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "config": dataclasses.asdict(run.config),
         "labeled": run.labeled.clone(),
         "progress": dict(progress),
-        "meters": meters.state_dict(),
         "rng": {"torch": torch.get_rng_state()},
-        "pipeline": pipeline.state_dict(),
-        # The labeled sampler's position at the start of the checkpoint's epoch: the epoch's
-        # plan is drawn again from there on resume.
-        "labeled_sampler": sampler_state,
+        # Per rank: the augmentation generator, the labeled sampler's position at the start of the
+        # checkpoint's epoch (the epoch's plan is drawn again from there on resume), and the
+        # loss sums of the epoch so far.
+        "ranks": rank_states,
     }
     if torch.cuda.is_available():
         state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
@@ -305,10 +318,15 @@ def _restore(run: Run, state: dict, pipeline: DevicePipeline) -> tuple[dict, Met
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    pipeline.load_state_dict(state["pipeline"])
-    if run.labeled_sampler is not None and state["labeled_sampler"] is not None:
-        run.labeled_sampler.load_state_dict(state["labeled_sampler"])
-    return dict(state["progress"]), Meters(state["meters"])
+    if len(state["ranks"]) != distributed.world_size():
+        raise CheckpointError(
+            f"the checkpoint was written by {len(state['ranks'])} process(es); resume it with as many (now {distributed.world_size()})"
+        )
+    mine = state["ranks"][distributed.rank()]
+    pipeline.load_state_dict(mine["pipeline"])
+    if run.labeled_sampler is not None and mine["labeled_sampler"] is not None:
+        run.labeled_sampler.load_state_dict(mine["labeled_sampler"])
+    return dict(state["progress"]), Meters(mine["meters"])
 
 
 def plan_epoch(run: Run, epoch: int) -> list[StepPlan]:
@@ -398,22 +416,35 @@ def train(
     config: TrainConfig, run_dir: Path, *, state: dict | None = None, console: Console | None = None
 ) -> dict:
     """Pre-train as ``config`` says, writing everything into ``run_dir``; ``state`` is a
-    checkpoint to continue from. Returns the last metrics row."""
-    console = console or Console()
+    checkpoint to continue from. Returns the last metrics row.
+
+    Under torchrun every rank runs this; rank 0 alone prints and writes files.
+    """
     run_dir = Path(run_dir)
     if state is not None:
         check_compatible(config, state, run_dir)
     run = assemble(config, run_dir, labeled=state["labeled"] if state else None)
     cfg, method, optimizer, device = run.config, run.method, run.optimizer, run.device
+    main_process, world = distributed.is_main_process(), distributed.world_size()
+    console = (console or Console()) if main_process else Console(quiet=True)
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     pipeline = DevicePipeline(
         run.unlabeled, _on_device(run.dataset.train, device), run.dataset.recipe,
-        method.global_views, method.local_views, device, cfg.seed,
+        method.global_views, method.local_views, device, cfg.seed + 1_000_003 * distributed.rank(),
     )
+    model = method
+    if world > 1:
+        if cfg.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None,
+            find_unused_parameters=method.may_skip_parameters,
+        )
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
-    write_labels(run_dir / LABELS_FILE, run.labeled, cfg.labels)
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+        write_labels(run_dir / LABELS_FILE, run.labeled, cfg.labels)
 
     progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "images_seen": 0, "train_seconds": 0.0,
                 "skipped_steps": 0}
@@ -421,8 +452,9 @@ def train(
     if state is not None:
         progress, meters = _restore(run, state, pipeline)
         console.print(f"resuming {run_dir} at epoch {progress['epoch']}, step {progress['step_in_epoch']}")
-    # Rows written after the checkpoint (or by a replaced run) describe epochs that run again.
-    _truncate_metrics(run_dir / METRICS_FILE, progress["epoch"])
+    if main_process:
+        # Rows written after the checkpoint (or by a replaced run) describe epochs that run again.
+        _truncate_metrics(run_dir / METRICS_FILE, progress["epoch"])
 
     steps_per_epoch = run.unlabeled_sampler.steps_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
@@ -431,20 +463,25 @@ def train(
     policy = CheckpointPolicy(cfg.checkpoint_every)
     console.print(
         f"[bold]{cfg.method}[/bold] on {cfg.dataset}: {len(run.unlabeled)} unlabeled, {len(run.labeled)} labeled "
-        f"({cfg.labels}), {cfg.backbone}, {cfg.epochs} epochs x {steps_per_epoch} steps, device {device}, "
-        f"kernel {cfg.kernel} -> {run_dir}"
+        f"({cfg.labels}), {cfg.backbone}, {cfg.epochs} epochs x {steps_per_epoch} steps, "
+        f"{world} x {device}, kernel {cfg.kernel} -> {run_dir}"
     )
 
     def checkpoint(sampler_state: dict | None) -> None:
         state = _checkpoint_state(run, pipeline, progress, meters, sampler_state)
-        save_rotating(run_dir / CHECKPOINTS, progress["global_step"], state, cfg.keep_checkpoints)
+        if main_process:
+            save_rotating(run_dir / CHECKPOINTS, progress["global_step"], state, cfg.keep_checkpoints)
         policy.saved()
+
+    def agreed(flag: bool) -> bool:
+        """True on every rank when it is true on any (ranks must take the same branch)."""
+        return bool(distributed.all_reduce_max(torch.tensor(float(flag), device=device)) > 0)
 
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
     row: dict = {}
     with StopRequests(announce=console.print) as stop, Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("train", total=total_steps, completed=progress["global_step"], status="")
-        method.train()
+        model.train()
         for epoch in range(progress["epoch"], cfg.epochs):
             epoch_sampler_state = run.labeled_sampler.state_dict() if run.labeled_sampler else None
             plans = plan_epoch(run, epoch)
@@ -457,16 +494,16 @@ def train(
                 epoch_seconds += now - mark
                 progress["train_seconds"] += now - mark
                 mark = now
+
             for plan, batch in zip(plans[first:], pipeline.batches(plans[first:], epoch, progress["global_step"])):
                 lr = warmup_cosine(progress["global_step"], total_steps, warmup_steps, cfg.lr, cfg.start_lr, cfg.final_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    terms = method(batch)
+                    terms = model(batch)
                 loss = terms["loss"]
                 optimizer.zero_grad(set_to_none=True)
-                finite = bool(torch.isfinite(loss))
-                if finite:
+                if not agreed(not torch.isfinite(loss)):
                     loss.backward()
                     optimizer.step()
                     method.after_optimizer_step(progress["global_step"])
@@ -484,17 +521,18 @@ def train(
                                   f"({progress['skipped_steps']}/{cfg.skip_nonfinite})")
                 progress["global_step"] += 1
                 progress["step_in_epoch"] += 1
-                progress["images_seen"] += images_in(plan)
+                progress["images_seen"] += images_in(plan) * world
                 bar.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs}", status=f"loss {loss.item():.3f} lr {lr:.3g}")
+                stopping = agreed(stop.requested)
                 mid_epoch = progress["step_in_epoch"] < steps_per_epoch
-                if mid_epoch and (stop.requested or policy.after_step(progress["global_step"])):
+                if mid_epoch and (stopping or agreed(policy.after_step(progress["global_step"]))):
                     account_time()
                     checkpoint(epoch_sampler_state)
-                    if stop.requested:
+                    if stopping:
                         raise TrainingStopped(
-                            f"stopped ({stop.reason}) at epoch {epoch + 1}, step {progress['global_step']}; "
-                            f"checkpoint written; continue with: suncet train --resume {run_dir}",
-                            stop.exit_code,
+                            f"stopped ({stop.reason or 'another rank was stopped'}) at epoch {epoch + 1}, "
+                            f"step {progress['global_step']}; checkpoint written; continue with: suncet train --resume {run_dir}",
+                            stop.exit_code or EXIT_PREEMPTED,
                         )
 
             account_time()
@@ -502,25 +540,28 @@ def train(
             row["images_seen"] = progress["images_seen"]
             row["train_seconds"] = round(progress["train_seconds"], 3)
             row["images_per_second"] = round((progress["images_seen"] - epoch_images) / max(epoch_seconds, 1e-9), 1)
-            if cfg.monitor_every and ((epoch + 1) % cfg.monitor_every == 0 or epoch + 1 == cfg.epochs):
-                row["knn_top1"] = evaluate_run(run, "knn")["top1"]
-            if cfg.probe_every and ((epoch + 1) % cfg.probe_every == 0 or epoch + 1 == cfg.epochs):
-                row["linear_top1"] = evaluate_run(run, "linear")["top1"]
-            _write_metrics_row(run_dir / METRICS_FILE, row)
-            bar.console.print(
+            if main_process:
+                if cfg.monitor_every and ((epoch + 1) % cfg.monitor_every == 0 or epoch + 1 == cfg.epochs):
+                    row["knn_top1"] = evaluate_run(run, "knn")["top1"]
+                if cfg.probe_every and ((epoch + 1) % cfg.probe_every == 0 or epoch + 1 == cfg.epochs):
+                    row["linear_top1"] = evaluate_run(run, "linear")["top1"]
+                _write_metrics_row(run_dir / METRICS_FILE, row)
+            console.print(
                 f"epoch {epoch + 1}/{cfg.epochs}  "
                 + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step", "train_seconds", "images_seen"))
             )
             progress.update(epoch=epoch + 1, step_in_epoch=0)
             meters = Meters()
-            if policy.after_epoch(epoch + 1) or epoch + 1 == cfg.epochs or stop.requested:
+            stopping = agreed(stop.requested)
+            if policy.after_epoch(epoch + 1) or epoch + 1 == cfg.epochs or stopping:
                 checkpoint(run.labeled_sampler.state_dict() if run.labeled_sampler else None)
-            if stop.requested and epoch + 1 < cfg.epochs:
+            if stopping and epoch + 1 < cfg.epochs:
                 raise TrainingStopped(
-                    f"stopped ({stop.reason}) after epoch {epoch + 1}; checkpoint written; "
+                    f"stopped ({stop.reason or 'another rank was stopped'}) after epoch {epoch + 1}; checkpoint written; "
                     f"continue with: suncet train --resume {run_dir}",
-                    stop.exit_code,
+                    stop.exit_code or EXIT_PREEMPTED,
                 )
+    distributed.barrier()
     return row
 
 

@@ -86,18 +86,26 @@ class _StepViews(Dataset):
     def __getitem__(self, item: tuple) -> dict:
         epoch, step, unlabeled, labeled = item
         out: dict = {"global": [], "local": [], "labeled": None}
-        # The caller's global RNG is left as it was: without workers this runs in the trainer's process.
-        with torch.random.fork_rng(devices=[]):
-            if unlabeled is not None:
-                images = self.unlabeled.load(torch.from_numpy(unlabeled)).cpu()
-                key = (epoch, step, UNLABELED_STREAM)
-                out["global"] = [self._views(images, self.global_transform, key, v) for v in range(self.global_views)]
-                out["local"] = [
-                    self._views(images, self.local_transform, key, self.global_views + v) for v in range(self.local_views)
-                ]
-            if labeled is not None:
-                images = self.labeled.load(torch.from_numpy(labeled)).cpu()
-                out["labeled"] = self._views(images, self.global_transform, (epoch, step, LABELED_STREAM), 0)
+        # Without workers this runs in the trainer's process: its global RNG is left as it was,
+        # and the per-image operations, too small to share between threads, get one thread
+        # there as they do in a loader worker.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                if unlabeled is not None:
+                    images = self.unlabeled.load(torch.from_numpy(unlabeled)).cpu()
+                    key = (epoch, step, UNLABELED_STREAM)
+                    out["global"] = [self._views(images, self.global_transform, key, v) for v in range(self.global_views)]
+                    out["local"] = [
+                        self._views(images, self.local_transform, key, self.global_views + v)
+                        for v in range(self.local_views)
+                    ]
+                if labeled is not None:
+                    images = self.labeled.load(torch.from_numpy(labeled)).cpu()
+                    out["labeled"] = self._views(images, self.global_transform, (epoch, step, LABELED_STREAM), 0)
+        finally:
+            torch.set_num_threads(threads)
         return out
 
 

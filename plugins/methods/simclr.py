@@ -24,9 +24,11 @@ class SimCLR(Method):
         cfg = self.config
         if batch.labeled is None:
             z1, z2 = forward_in_one_pass(self.backbone, self.head, [view1, view2])
-            ntxent = nt_xent(torch.cat([z1, z2]), cfg.tau, backend=cfg.kernel)
+            ntxent = nt_xent(torch.cat([z1, z2]), cfg.tau, backend=cfg.kernel, gather=cfg.gather)
             return {"loss": ntxent, "ntxent": ntxent}
         z1, z2, z_labeled = forward_in_one_pass(self.backbone, self.head, [view1, view2, batch.labeled])
-        ntxent, suncet = nt_xent_and_suncet(torch.cat([z1, z2]), z_labeled, batch.labels, cfg.tau, backend=cfg.kernel)
+        ntxent, suncet = nt_xent_and_suncet(
+            torch.cat([z1, z2]), z_labeled, batch.labels, cfg.tau, backend=cfg.kernel, gather=cfg.gather
+        )
         return {"loss": ntxent + cfg.suncet_weight * suncet, "ntxent": ntxent, "suncet": suncet}
 

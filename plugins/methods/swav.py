@@ -20,6 +20,8 @@ class SwAV(Method):
     """Codes of the two large crops (Sinkhorn-Knopp, no gradient) are predicted from every other
     crop through K prototypes; SuNCEt acts on the labeled images' normalised embeddings."""
 
+    may_skip_parameters = True  # the prototypes while frozen
+
     @dataclass
     class Options:
         prototypes: int = 0  # 0: three per class (3000 for ImageNet, as SwAV)
@@ -80,7 +82,7 @@ class SwAV(Method):
         terms = {"swav": swav}
         loss = swav
         if z_labeled is not None:
-            suncet = suncet_loss(z_labeled, batch.labels, self.config.tau, backend=self.config.kernel)
+            suncet = suncet_loss(z_labeled, batch.labels, self.config.tau, backend=self.config.kernel, gather=self.config.gather)
             terms["suncet"] = suncet
             loss = loss + self.config.suncet_weight * suncet
         return {"loss": loss, **terms}

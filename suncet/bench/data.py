@@ -91,12 +91,15 @@ def augment_figures(resolution: int, batch: int, device: torch.device, seconds: 
         for image in host:
             transform(image)
 
+    # The baseline is one core's worth, as a loader worker runs it.
     threads = torch.get_num_threads()
-    figures = [
-        Figure("augment", "torchvision v2 per image", resolution, batch,
-               measure(per_image, batch, torch.device("cpu"), seconds), "views/s",
-               notes=[f"this process, {threads} torch threads"]),
-    ]
+    torch.set_num_threads(1)
+    try:
+        baseline = measure(per_image, batch, torch.device("cpu"), seconds)
+    finally:
+        torch.set_num_threads(threads)
+    figures = [Figure("augment", "torchvision v2 per image", resolution, batch, baseline, "views/s",
+                      notes=["this process, 1 thread"])]
     on_device = host.to(device)
     augment = BatchAugment(recipe, recipe.global_crop)
     generator = torch.Generator(device).manual_seed(0)
@@ -272,6 +275,7 @@ def machine(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
         "device": str(device),
     }
     if device.type == "cuda":
@@ -300,10 +304,15 @@ def _ints(text: str, option: str) -> list[int]:
 @click.option("--decode-files", default=32, show_default=True, help="JPEG files in the decoding figure (0: skip it).")
 @click.option("--kornia/--no-kornia", "with_kornia", default=False, show_default=True,
               help="Also time kornia.augmentation with the same recipe (needs kornia installed).")
+@click.option("--threads", type=int, help="torch intra-op threads of this process [default: torch's choice].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write all figures and the machine here.")
 def data(device, resolutions, batch_text, workers_text, steps, seconds, with_train, train_batch, backbone, decode_files,
-         with_kornia, json_path):
+         with_kornia, threads, json_path):
     """Augmentation, loader, decoding and training-step throughput of the data pipeline."""
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():

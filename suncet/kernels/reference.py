@@ -32,10 +32,11 @@ def multi_positive_reference(
 ) -> tuple[Tensor, Tensor]:
     """Per-row ``LSE(allowed columns) - LSE(positive columns)`` of ``q k^T / tau``.
 
-    q [M, D] and k [N, D] are already L2-normalised. Returns the per-row losses (fp32, 0 on
-    rows without a positive) and the boolean valid flag of each row.
+    q [M, D] and k [N, D] are already L2-normalised. Returns the per-row losses (fp32, or fp64
+    for fp64 inputs; 0 on rows without a positive) and the boolean valid flag of each row.
     """
-    s = (q.float() @ k.float().T) / tau
+    accumulate = torch.promote_types(q.dtype, torch.float32)  # fp32 for bf16/fp16, fp64 stays fp64
+    s = (q.to(accumulate) @ k.to(accumulate).T) / tau
     allowed, positive = allowed_and_positive(row_keys, col_keys, row_groups, col_groups, self_offset)
     valid = positive.any(dim=1)
     # Rows with no positive are zeroed before the LSEs so that their (unused) branch stays

@@ -7,11 +7,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from suncet import kernels
+from suncet.distributed import all_gather_plain, all_gather_rows, all_reduce_sum, is_distributed, rank, world_size
 
 
 def _normalize(x: Tensor) -> Tensor:
-    # Normalised in fp32 and handed to the kernels in the input's dtype (bf16 stays bf16).
-    return F.normalize(x.float(), dim=1).to(x.dtype)
+    # Normalised in fp32 (fp64 for fp64) and handed to the kernels in the input's dtype (bf16 stays bf16).
+    return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=1).to(x.dtype)
 
 
 def _check_rows(name: str, x: Tensor) -> None:
@@ -24,9 +25,17 @@ def _check_keys(name: str, keys: Tensor, rows: int) -> None:
         raise ValueError(f"{name} must be 1-D with {rows} entries, got shape {tuple(keys.shape)}")
 
 
-def masked_mean(loss: Tensor, valid: Tensor) -> Tensor:
-    """Mean of the valid rows' losses; 0 (with zero gradient) when no row is valid."""
-    return (loss * valid).sum() / valid.sum().clamp(min=1)
+def masked_mean(loss: Tensor, valid: Tensor, across_ranks: bool = False) -> Tensor:
+    """Mean of the valid rows' losses; 0 (with zero gradient) when no row is valid.
+
+    ``across_ranks``: divide by the valid rows of ALL ranks over the world size, so that the
+    ranks' values average (as DDP averages gradients) to the mean over the global batch even
+    when ranks hold different numbers of valid rows.
+    """
+    count = valid.sum()
+    if across_ranks:
+        count = all_reduce_sum(count.float()) / world_size()
+    return (loss * valid).sum() / count.clamp(min=1)
 
 
 def contrastive_loss(
@@ -86,77 +95,81 @@ def _view_ids(rows: int, device: torch.device) -> Tensor:
 
 def _gathered_view_ids(local_rows: int, total_rows: int, device: torch.device) -> Tensor:
     """Image ids of columns gathered from ranks that each hold a [view1; view2] block."""
-    if total_rows % local_rows:
-        raise ValueError(f"gathered rows ({total_rows}) are not a multiple of the local rows ({local_rows})")
     j = torch.arange(total_rows, device=device)
     half = local_rows // 2
     return (j // local_rows) * half + (j % local_rows) % half
 
 
-def nt_xent(
-    z: Tensor, tau: float = 0.1, *, backend: str = "auto", gathered: Tensor | None = None, rank: int = 0
-) -> Tensor:
+def _across_ranks(gather: str | None) -> bool:
+    return gather is not None and is_distributed()
+
+
+def nt_xent(z: Tensor, tau: float = 0.1, *, backend: str = "auto", gather: str | None = None) -> Tensor:
     """SimCLR's NT-Xent: mean over the 2B rows of ``z = [view1; view2]`` (raw projections).
 
-    For a multi-GPU batch pass ``gathered`` (every rank's ``z``, concatenated in rank order,
-    with gradient) and this process's ``rank``; the denominator then runs over all ranks.
+    ``gather`` ('grad' or 'detached') makes the denominators run over every rank's rows under
+    torch.distributed (see ``suncet.distributed.all_gather_rows``).
     """
     rows = z.shape[0]
     ids = _view_ids(rows, z.device)
-    if gathered is None:
-        loss, valid = contrastive_loss(z, ids, tau=tau, backend=backend)
-    else:
-        loss, valid = contrastive_loss(
-            z,
-            ids + rank * (rows // 2),
-            k=gathered,
-            col_keys=_gathered_view_ids(rows, gathered.shape[0], z.device),
-            self_offset=rank * rows,
-            tau=tau,
-            backend=backend,
-        )
-    return masked_mean(loss, valid)
+    if not _across_ranks(gather):
+        return masked_mean(*contrastive_loss(z, ids, tau=tau, backend=backend))
+    columns = all_gather_rows(z, gather)
+    loss, valid = contrastive_loss(
+        z, ids + rank() * (rows // 2), k=columns, col_keys=_gathered_view_ids(rows, columns.shape[0], z.device),
+        self_offset=rank() * rows, tau=tau, backend=backend,
+    )
+    return masked_mean(loss, valid, across_ranks=True)
 
 
 def suncet_loss(
-    z: Tensor,
-    labels: Tensor,
-    tau: float = 0.1,
-    *,
-    backend: str = "auto",
-    gathered: Tensor | None = None,
-    gathered_labels: Tensor | None = None,
-    rank: int = 0,
+    z: Tensor, labels: Tensor, tau: float = 0.1, *, backend: str = "auto", gather: str | None = None
 ) -> Tensor:
     """SuNCEt on labeled projections ``z`` [N, D]: positives (same class) summed inside the log.
 
     Rows whose class appears nowhere else are left out of the mean; with no such row at all
-    the loss is 0 with zero gradient.
+    the loss is 0 with zero gradient. ``gather`` as for ``nt_xent``.
     """
-    if gathered is None:
-        loss, valid = contrastive_loss(z, labels, tau=tau, backend=backend)
-    else:
-        if gathered_labels is None:
-            raise ValueError("gathered_labels is required with gathered")
-        loss, valid = contrastive_loss(
-            z, labels, k=gathered, col_keys=gathered_labels, self_offset=rank * z.shape[0], tau=tau, backend=backend
-        )
-    return masked_mean(loss, valid)
+    if not _across_ranks(gather):
+        return masked_mean(*contrastive_loss(z, labels, tau=tau, backend=backend))
+    labels = labels.to(device=z.device, dtype=torch.long)
+    loss, valid = contrastive_loss(
+        z, labels, k=all_gather_rows(z, gather), col_keys=all_gather_plain(labels),
+        self_offset=rank() * z.shape[0], tau=tau, backend=backend,
+    )
+    return masked_mean(loss, valid, across_ranks=True)
 
 
 def nt_xent_and_suncet(
-    z_unlabeled: Tensor, z_labeled: Tensor, labels: Tensor, tau: float = 0.1, *, backend: str = "auto"
+    z_unlabeled: Tensor, z_labeled: Tensor, labels: Tensor, tau: float = 0.1, *, backend: str = "auto",
+    gather: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Both terms from ONE launch over ``[z_unlabeled; z_labeled]``.
 
-    The unlabeled rows ([view1; view2]) only see each other and the labeled rows only see each
-    other, so the result equals ``nt_xent(z_unlabeled)`` and ``suncet_loss(z_labeled, labels)``.
+    The unlabeled rows ([view1; view2]) only see unlabeled columns and the labeled rows only
+    labeled columns, so the result equals ``nt_xent(z_unlabeled)`` and
+    ``suncet_loss(z_labeled, labels)``; ``gather`` as for ``nt_xent``.
     """
     rows_u, rows_l = z_unlabeled.shape[0], z_labeled.shape[0]
     device = z_unlabeled.device
-    keys = torch.cat([_view_ids(rows_u, device), labels.to(device=device, dtype=torch.long)])
-    groups = torch.cat(
-        [torch.zeros(rows_u, dtype=torch.long, device=device), torch.ones(rows_l, dtype=torch.long, device=device)]
+    labels = labels.to(device=device, dtype=torch.long)
+    z = torch.cat([z_unlabeled, z_labeled])
+    groups = torch.cat([torch.zeros(rows_u, dtype=torch.long, device=device), torch.ones(rows_l, dtype=torch.long, device=device)])
+    ids = _view_ids(rows_u, device)
+    if not _across_ranks(gather):
+        loss, valid = contrastive_loss(z, torch.cat([ids, labels]), row_groups=groups, tau=tau, backend=backend)
+    else:
+        local = rows_u + rows_l
+        columns = all_gather_rows(z, gather)
+        world = columns.shape[0] // local
+        col_ids = _gathered_view_ids(rows_u, world * rows_u, device).view(world, rows_u)
+        col_keys = torch.cat([col_ids, all_gather_plain(labels).view(world, rows_l)], dim=1).flatten()
+        loss, valid = contrastive_loss(
+            z, torch.cat([ids + rank() * (rows_u // 2), labels]), k=columns, col_keys=col_keys,
+            row_groups=groups, col_groups=groups.repeat(world), self_offset=rank() * local, tau=tau, backend=backend,
+        )
+    across = _across_ranks(gather)
+    return (
+        masked_mean(loss[:rows_u], valid[:rows_u], across_ranks=across),
+        masked_mean(loss[rows_u:], valid[rows_u:], across_ranks=across),
     )
-    loss, valid = contrastive_loss(torch.cat([z_unlabeled, z_labeled]), keys, row_groups=groups, tau=tau, backend=backend)
-    return masked_mean(loss[:rows_u], valid[:rows_u]), masked_mean(loss[rows_u:], valid[rows_u:])

@@ -40,13 +40,14 @@ def sinkhorn(scores: Tensor, eps: float = 0.05, n_iters: int = 3) -> Tensor:
 def swapped_prediction_loss(scores: list[Tensor], codes: list[Tensor], tau: float) -> Tensor:
     """Each assigned crop's code predicted from every other crop: mean of
     ``-sum_k q_ik log softmax(s_v / tau)_ik`` over samples, over (assigned, other) pairs."""
-    log_probs = [F.log_softmax(s.float() / tau, dim=1) for s in scores]
-    total = scores[0].new_zeros((), dtype=torch.float32)
+    accumulate = torch.promote_types(scores[0].dtype, torch.float32)
+    log_probs = [F.log_softmax(s.to(accumulate) / tau, dim=1) for s in scores]
+    total = scores[0].new_zeros((), dtype=accumulate)
     pairs = 0
     for assigned, q in enumerate(codes):
         for view, log_p in enumerate(log_probs):
             if view == assigned:
                 continue
-            total = total - (q.float() * log_p).sum(dim=1).mean()
+            total = total - (q.to(accumulate) * log_p).sum(dim=1).mean()
             pairs += 1
     return total / max(pairs, 1)

@@ -50,7 +50,7 @@ class BarlowTwins(Method):
         terms = {"barlow": barlow}
         loss = barlow
         if batch.labeled is not None:
-            suncet = suncet_loss(z[2], batch.labels, self.config.tau, backend=self.config.kernel)
+            suncet = suncet_loss(z[2], batch.labels, self.config.tau, backend=self.config.kernel, gather=self.config.gather)
             terms["suncet"] = suncet
             loss = loss + self.config.suncet_weight * suncet
         return {"loss": loss, **terms}
