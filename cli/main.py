@@ -118,6 +118,7 @@ def doctor() -> None:
 
 
 def _register_subcommands() -> None:
+    from suncet.cli.analysis import compare, sweep
     from suncet.cli.bench import bench
     from suncet.cli.evaluate import eval_command
     from suncet.cli.train import train
@@ -125,6 +126,8 @@ def _register_subcommands() -> None:
     main.add_command(train)
     main.add_command(eval_command)
     main.add_command(bench)
+    main.add_command(compare)
+    main.add_command(sweep)
 
 
 _register_subcommands()

@@ -1,0 +1,100 @@
+"""`suncet compare` and `suncet sweep`: learning curves, crossing points, and grids of runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from suncet.cli.main_console import console
+from suncet.compare import METRICS, X_AXES
+
+
+def _fmt(mean: float, std: float, digits: int) -> str:
+    if math.isnan(mean):
+        return "not reached"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std else f"{mean:.{digits}f}"
+
+
+def report(run_dirs: list[Path], metric: str, x: str, target: float | None, plot: Path | None,
+           json_path: Path | None, title: str | None = None) -> dict:
+    from suncet.compare import compare_table, group_runs, load_curve, plot_groups, slowest_best
+
+    groups = group_runs([load_curve(d, metric) for d in run_dirs])
+    if target is None:
+        target = slowest_best(groups)
+    rows = compare_table(groups, target)
+    table = Table(title=title or f"{metric}: reaching {target:.4f}")
+    for column in ("group", "runs", "best", "epochs", "images", "seconds", "speed-up ep/img/s"):
+        table.add_column(column, justify="left" if column == "group" else "right")
+    for row in rows:
+        speedups = "/".join("-" if math.isnan(row[f"{a}_speedup"]) else f"{row[f'{a}_speedup']:.2f}x" for a in X_AXES)
+        table.add_row(
+            row["group"], str(row["runs"]), _fmt(row["best"], row["best_std"], 4),
+            _fmt(row["epochs"], row["epochs_std"], 1), _fmt(row["images"], row["images_std"], 0),
+            _fmt(row["seconds"], row["seconds_std"], 1), speedups,
+        )
+    console.print(table)
+    if plot is not None:
+        plot_groups(groups, metric, x, target, plot, title)
+        console.print(f"figure written to {plot}")
+    result = {"metric": metric, "x": x, "target": target, "groups": rows,
+              "runs": {g.label: [str(c.run_dir) for c in g.curves] for g in groups}}
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(result, indent=2, default=lambda v: None) + "\n")
+    return result
+
+
+@click.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--metric", type=click.Choice(METRICS), default="knn_top1", show_default=True)
+@click.option("--x", "x_axis", type=click.Choice(list(X_AXES)), default="epochs", show_default=True)
+@click.option("--target", type=click.FloatRange(0, 1), help="Accuracy to reach (default: the best of the slowest run).")
+@click.option("--plot", type=click.Path(path_type=Path), help="Write the learning curves to this PNG file.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the table as JSON.")
+def compare(run_dirs, metric, x_axis, target, plot, json_path):
+    """Learning curves of runs, and the epochs, images and seconds each needs to reach an accuracy.
+
+    Runs that differ only in their seed are grouped (mean ± standard deviation).
+    """
+    report(list(run_dirs), metric, x_axis, target, plot, json_path)
+
+
+@click.command()
+@click.argument("sweep_file", type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="List the runs and whether each is done, then stop.")
+def sweep(sweep_file, dry_run):
+    """Run a grid of trainings from a YAML file (skipping finished runs), then compare them."""
+    from suncet.config import build_config
+    from suncet.sweep import expand, is_finished, load_sweep, panel_of
+    from suncet.trainer import find_checkpoint
+    from suncet.trainer import train as run_training
+
+    spec = load_sweep(sweep_file)
+    runs = expand(spec)
+    console.print(f"sweep {spec.name}: {len(runs)} runs in {spec.out}")
+    for index, (name, values) in enumerate(runs, start=1):
+        run_dir = spec.out / name
+        config = build_config(overrides={**values, "final_eval": "none"})
+        done = is_finished(run_dir, config.epochs)
+        console.print(f"[{index}/{len(runs)}] {name}: {'done' if done else 'to run'}")
+        if done or dry_run:
+            continue
+        state = find_checkpoint(run_dir, fallback=True, report=console.print) if (run_dir / "checkpoints").is_dir() else None
+        run_training(config, run_dir, state=state, console=console)
+    if dry_run:
+        return
+    panels: dict[tuple, list[Path]] = {}
+    for name, values in runs:
+        panels.setdefault(panel_of(values, spec.panels), []).append(spec.out / name)
+    summary = []
+    for panel, dirs in panels.items():
+        label = " ".join(f"{k}={v}" for k, v in panel) or spec.name
+        stem = "-".join(f"{k}{v}".replace("%", "pct").replace("/", "") for k, v in panel) or "all"
+        result = report(dirs, spec.metric, spec.x, None, spec.out / f"compare-{stem}.png", None, title=label)
+        summary.append({"panel": dict(panel), **result})
+    (spec.out / "summary.json").write_text(json.dumps(summary, indent=2, default=lambda v: None) + "\n")
+    console.print(f"summary written to {spec.out / 'summary.json'}")

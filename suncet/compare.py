@@ -1,0 +1,159 @@
+"""Learning curves of several runs: when each reaches an accuracy, and how much sooner.
+
+A run is a directory with ``metrics.csv`` and ``config.yaml``. Runs whose configurations
+differ only in their seed form a group; a group's figures are the mean and spread over seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from suncet.errors import ConfigError
+
+METRICS = ("linear_top1", "knn_top1")
+X_AXES = {"epochs": "epoch", "images": "images_seen", "seconds": "train_seconds"}
+# Settings that name a group in tables and legends, in this order, when they differ between runs.
+DESCRIBING = ("method", "suncet_weight", "labels", "epochs", "dataset", "backbone", "tau", "batch_size")
+
+
+@dataclass
+class Curve:
+    run_dir: Path
+    config: dict
+    points: list[tuple[float, float, float, float]]  # (epoch, images, seconds, metric)
+
+    def series(self, x: str) -> tuple[list[float], list[float]]:
+        column = list(X_AXES).index(x)
+        return [p[column] for p in self.points], [p[3] for p in self.points]
+
+    @property
+    def best(self) -> float:
+        return max(p[3] for p in self.points)
+
+
+@dataclass
+class Group:
+    label: str
+    curves: list[Curve] = field(default_factory=list)
+
+
+def load_curve(run_dir: Path, metric: str) -> Curve:
+    run_dir = Path(run_dir)
+    metrics, config = run_dir / "metrics.csv", run_dir / "config.yaml"
+    if not metrics.is_file() or not config.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (needs metrics.csv and config.yaml)")
+    points = []
+    with open(metrics, newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row.get(metric):
+                points.append((float(row["epoch"]), float(row["images_seen"]), float(row["train_seconds"]), float(row[metric])))
+    if not points:
+        hint = " (train with --probe-every N to log it)" if metric == "linear_top1" else ""
+        raise ConfigError(f"{metrics} has no {metric} values{hint}")
+    return Curve(run_dir, yaml.safe_load(config.read_text()) or {}, points)
+
+
+def crossing(xs: list[float], ys: list[float], target: float) -> float | None:
+    """The first x at which the curve reaches ``target``, interpolated linearly between the
+    logged points around it (None if it never does). The curve starts from its first point."""
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        if y >= target:
+            if i == 0 or ys[i - 1] == y:
+                return x
+            x0, y0 = xs[i - 1], ys[i - 1]
+            return x0 + (target - y0) * (x - x0) / (y - y0)
+    return None
+
+
+def group_runs(curves: list[Curve]) -> list[Group]:
+    """Runs whose settings differ only in the seed (and run directory) share a group."""
+    groups: dict[str, Group] = {}
+    ignored = {"seed", "run_dir"}
+    varying = [k for k in DESCRIBING if len({str(c.config.get(k)) for c in curves}) > 1] or ["method"]
+    for curve in curves:
+        key = yaml.safe_dump({k: v for k, v in curve.config.items() if k not in ignored}, sort_keys=True)
+        if key not in groups:
+            groups[key] = Group(_describe(curve.config, varying))
+        groups[key].curves.append(curve)
+    return list(groups.values())
+
+
+def _describe(config: dict, keys: list[str]) -> str:
+    parts = []
+    for key in keys:
+        value = config.get(key)
+        if key == "suncet_weight":
+            parts.append("+ SuNCEt" if value else "no SuNCEt")
+        elif key == "epochs":
+            parts.append(f"{value} ep")
+        elif key == "labels":
+            parts.append(f"{value} labels")
+        else:
+            parts.append(str(value))
+    return " ".join(parts)
+
+
+def slowest_best(groups: list[Group]) -> float:
+    """The default target: the best accuracy of the slowest group, the one whose best (mean
+    over seeds) is lowest, so that every group reaches it and the others' speed-up shows."""
+    return min(statistics.mean(c.best for c in g.curves) for g in groups)
+
+
+def _spread(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def compare_table(groups: list[Group], target: float) -> list[dict]:
+    """Per group: best accuracy, and the epochs, images and seconds to reach ``target``
+    (mean and spread over seeds), with the speed-up against the slowest group."""
+    rows = []
+    for group in groups:
+        row = {"group": group.label, "runs": len(group.curves)}
+        row["best"], row["best_std"] = _spread([c.best for c in group.curves])
+        for x in X_AXES:
+            hits = [crossing(*c.series(x), target) for c in group.curves]
+            reached = [h for h in hits if h is not None]
+            row[f"{x}_reached"] = f"{len(reached)}/{len(hits)}"
+            row[x], row[f"{x}_std"] = _spread(reached) if len(reached) == len(hits) else (math.nan, math.nan)
+        rows.append(row)
+    for x in X_AXES:
+        finite = [r[x] for r in rows if not math.isnan(r[x])]
+        slowest = max(finite) if finite else math.nan
+        for row in rows:
+            row[f"{x}_speedup"] = slowest / row[x] if not math.isnan(row[x]) and row[x] > 0 else math.nan
+    return rows
+
+
+def plot_groups(groups: list[Group], metric: str, x: str, target: float, path: Path, title: str | None = None) -> None:
+    """Mean curve per group with the min-max band over seeds, and the target as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for group in groups:
+        series = [c.series(x) for c in group.curves]
+        length = min(len(s[0]) for s in series)
+        xs = [statistics.mean(s[0][i] for s in series) for i in range(length)]
+        ys = [[s[1][i] for s in series] for i in range(length)]
+        (line,) = axes.plot(xs, [statistics.mean(v) for v in ys], label=f"{group.label} (n={len(series)})")
+        if len(series) > 1:
+            axes.fill_between(xs, [min(v) for v in ys], [max(v) for v in ys], color=line.get_color(), alpha=0.2)
+    axes.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.3f}")
+    axes.set_xlabel({"epochs": "epochs", "images": "images processed", "seconds": "training seconds"}[x])
+    axes.set_ylabel({"linear_top1": "linear-probe top-1", "knn_top1": "kNN top-1"}[metric])
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="lower right")
+    if title:
+        axes.set_title(title, fontsize=10)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)

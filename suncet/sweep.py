@@ -1,0 +1,100 @@
+"""A grid of training runs from a small YAML file, one run directory each, resumable.
+
+    name: digits-suncet
+    out: runs/sweep-digits            # run directories go here
+    base: {dataset: digits, probe_every: 5}
+    grid:                             # every combination of these config keys
+      method: [simclr, swav]
+      suncet_weight: [0.0, 1.0]
+      labels: ["1%", "10%"]
+      epochs: [50, 100]
+      seed: [0, 1, 2]
+    compare:
+      metric: linear_top1
+      x: epochs
+      panels: [method, labels]        # one figure and table per combination of these keys
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from suncet.compare import METRICS, X_AXES
+from suncet.config import build_config, config_fields, load_yaml
+from suncet.errors import ConfigError
+
+
+@dataclass
+class Sweep:
+    name: str
+    out: Path
+    base: dict[str, Any]
+    grid: dict[str, list]
+    metric: str = "linear_top1"
+    x: str = "epochs"
+    panels: list[str] = field(default_factory=list)
+
+
+def load_sweep(path: Path) -> Sweep:
+    data = load_yaml(path)
+    unknown = sorted(set(data) - {"name", "out", "base", "grid", "compare"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep key '{unknown[0]}'; known: name, out, base, grid, compare")
+    grid = data.get("grid") or {}
+    if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError(f"{path}: 'grid' must map config keys to non-empty lists of values")
+    base = data.get("base") or {}
+    known = config_fields()
+    for key in [*grid, *base]:
+        if key not in known:
+            raise ConfigError(f"{path}: '{key}' is not a config key")
+    compare = data.get("compare") or {}
+    sweep = Sweep(
+        name=str(data.get("name") or Path(path).stem),
+        out=Path(data.get("out") or Path("runs") / Path(path).stem),
+        base=dict(base),
+        grid=dict(grid),
+        metric=compare.get("metric", "linear_top1"),
+        x=compare.get("x", "epochs"),
+        panels=list(compare.get("panels", [])),
+    )
+    if sweep.metric not in METRICS or sweep.x not in X_AXES:
+        raise ConfigError(f"{path}: compare.metric must be one of {METRICS} and compare.x one of {tuple(X_AXES)}")
+    for key in sweep.panels:
+        if key not in grid:
+            raise ConfigError(f"{path}: compare.panels names '{key}', which is not a grid key")
+    # Every combination must be a valid configuration before anything runs.
+    for _, values in expand(sweep):
+        build_config(overrides=values)
+    return sweep
+
+
+def _slug(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "", str(value).replace("%", "pct").replace("/", "per")) or "x"
+
+
+def expand(sweep: Sweep) -> list[tuple[str, dict[str, Any]]]:
+    """(run name, settings) for every combination of the grid, in a stable order."""
+    keys = list(sweep.grid)
+    runs = []
+    for combination in itertools.product(*(sweep.grid[k] for k in keys)):
+        values = {**sweep.base, **dict(zip(keys, combination))}
+        name = "-".join(f"{k.replace('_', '')}{_slug(v)}" for k, v in zip(keys, combination))
+        runs.append((name, values))
+    return runs
+
+
+def is_finished(run_dir: Path, epochs: int) -> bool:
+    metrics = run_dir / "metrics.csv"
+    if not metrics.is_file() or not (run_dir / "checkpoints" / "last.pt").is_file():
+        return False
+    lines = [line for line in metrics.read_text().splitlines()[1:] if line.strip()]
+    return bool(lines) and int(lines[-1].split(",")[0]) >= epochs
+
+
+def panel_of(values: dict[str, Any], panels: list[str]) -> tuple:
+    return tuple((k, values[k]) for k in panels)
