@@ -84,6 +84,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr": 1.0,
         "warmup_epochs": 2,
         "weight_decay": 1e-5,
+        # A preset's options for one method only (other methods would reject them).
+        "method_defaults": {"swav": {"local_crops": 2}},
     },
     "cifar10": {
         "dataset": "cifar10",
@@ -185,11 +187,14 @@ def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str,
     preset = overrides.get("preset", file_values.get("preset"))
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}'; available: {', '.join(PRESETS)}")
-    values: dict[str, Any] = {}
-    values.update(PRESETS.get(preset if preset is not None else dataset, {}))
+    values: dict[str, Any] = dict(PRESETS.get(preset if preset is not None else dataset, {}))
+    method_defaults = values.pop("method_defaults", {})
     values.update(file_values)
     values.update(overrides)
     values = {k: _check_type(k, v, known[k].type) for k, v in values.items()}
+    method = values.get("method", TrainConfig.method)
+    if method in method_defaults:
+        values["method_options"] = {**method_defaults[method], **values.get("method_options", {})}
     config = TrainConfig(**values)
     validate(config)
     return config

@@ -46,16 +46,21 @@ class DevicePipeline:
         self.device = device
         self.generator = torch.Generator(device).manual_seed(seed)
 
+    def _view(self, augment: BatchAugment, images: Tensor) -> Tensor:
+        view = augment(images, self.generator)
+        # On GPUs the model runs channels_last (NHWC convolutions), so the inputs match it.
+        return view.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else view
+
     def batches(self, plans: list[StepPlan], epoch: int, first_step: int) -> Iterator[TrainBatch]:
         for offset, plan in enumerate(plans):
             batch = TrainBatch(global_views=[], epoch=epoch, step=first_step + offset)
             if plan.unlabeled is not None:
                 images = self.unlabeled.load(plan.unlabeled).to(self.device, non_blocking=True)
-                batch.global_views = [self.global_augment(images, self.generator) for _ in range(self.global_views)]
-                batch.local_views = [self.local_augment(images, self.generator) for _ in range(self.local_views)]
+                batch.global_views = [self._view(self.global_augment, images) for _ in range(self.global_views)]
+                batch.local_views = [self._view(self.local_augment, images) for _ in range(self.local_views)]
             if plan.labeled is not None:
                 images = self.labeled.load(plan.labeled).to(self.device, non_blocking=True)
-                batch.labeled = self.global_augment(images, self.generator)
+                batch.labeled = self._view(self.global_augment, images)
                 batch.labels = plan.labels.to(self.device)
             yield batch
 
