@@ -17,7 +17,7 @@ _FLAG_KEYS = (
     "classes_per_step", "images_per_class", "suncet_weight", "suncet_epochs", "tau", "proj_hidden",
     "proj_dim", "optimizer", "lr", "start_lr", "final_lr", "warmup_epochs", "weight_decay", "momentum",
     "kernel", "device", "seed", "monitor_every", "probe_every", "final_eval", "preset",
-    "checkpoint_every", "keep_checkpoints", "skip_nonfinite",
+    "checkpoint_every", "keep_checkpoints", "skip_nonfinite", "data_pipeline", "num_workers",
 )
 
 
@@ -27,6 +27,9 @@ _FLAG_KEYS = (
 @click.option("--method", help="Method plugin (simclr, swav, supervised, ...).")
 @click.option("--dataset", help="Dataset plugin (digits, ...).")
 @click.option("--data", help="Dataset root directory, for datasets read from disk.")
+@click.option("--dataset-opt", multiple=True, metavar="KEY=VALUE", help="Dataset option, e.g. size=256 (repeatable).")
+@click.option("--data-pipeline", help="device (batched augmentation on the training device) or workers (torchvision per image in loader processes).")
+@click.option("--num-workers", type=int, help="Loader processes for --data-pipeline workers.")
 @click.option("--download/--no-download", default=None, help="Download the dataset if it is missing (where a network exists).")
 @click.option("--labels", help="Labeled subset: 10%, 1%, 0.5%, 0%, 100%, 4/class, or a file of training indices.")
 @click.option("--label-seed", type=int, help="Seed of the labeled-subset draw.")
@@ -69,7 +72,7 @@ _FLAG_KEYS = (
 @click.option("--resume", "resume", help="RUN_DIR: continue that run. 'auto' (with --out): continue the run there "
               "from its newest loadable checkpoint if it has one, else start it.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
-def train(config_file, backbone_opt, method_opt, optimizer_opt, augment_opt, out_dir, resume, overwrite, download,
+def train(config_file, backbone_opt, method_opt, optimizer_opt, augment_opt, dataset_opt, out_dir, resume, overwrite, download,
           deterministic, nproc_per_node, sync_bn, detach_remote_keys, **flags):
     """Pre-train a backbone; ends with a semi-supervised evaluation.
 
@@ -93,6 +96,7 @@ def train(config_file, backbone_opt, method_opt, optimizer_opt, augment_opt, out
         ("--method-opt", "method_options", method_opt),
         ("--optimizer-opt", "optimizer_options", optimizer_opt),
         ("--augment", "augment", augment_opt),
+        ("--dataset-opt", "dataset_options", dataset_opt),
     ):
         if pairs:
             overrides[key] = parse_key_values(pairs, option)

@@ -25,6 +25,7 @@ class TrainConfig:
     dataset: str = "digits"
     data: str | None = None
     download: bool = False
+    dataset_options: dict[str, Any] = field(default_factory=dict)
     labels: str = "10%"
     label_seed: int = 0
     backbone: str = "small_resnet"
@@ -52,6 +53,8 @@ class TrainConfig:
     momentum: float = 0.9
     # machinery
     kernel: str = "auto"
+    data_pipeline: str = "device"
+    num_workers: int = 4
     device: str = "auto"
     seed: int = 0
     deterministic: bool = False
@@ -127,6 +130,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 FINAL_EVALS = ("linear", "knn", "finetune", "none")
+# device: uint8 batches augmented on the training device; workers: torchvision per image in loader processes
+DATA_PIPELINES = ("device", "workers")
 
 
 def config_fields() -> dict[str, dataclasses.Field]:
@@ -213,7 +218,7 @@ def validate(config: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "proj_hidden", "proj_dim", "lr", "tau", "knn_k", "keep_checkpoints"):
         positive(name)
     for name in ("suncet_weight", "weight_decay", "warmup_epochs", "start_lr", "final_lr", "monitor_every", "probe_every",
-                 "skip_nonfinite", "label_seed", "seed"):
+                 "skip_nonfinite", "label_seed", "seed", "num_workers"):
         positive(name, allow_zero=True)
     if not 0 <= config.momentum < 1:
         raise ConfigError(f"momentum must be in [0, 1), got {config.momentum}")
@@ -222,6 +227,8 @@ def validate(config: TrainConfig) -> None:
     parse_every(config.checkpoint_every)
     if config.kernel not in ("auto", *BACKENDS):
         raise ConfigError(f"unknown kernel backend '{config.kernel}'; choose one of auto, {', '.join(BACKENDS)}")
+    if config.data_pipeline not in DATA_PIPELINES:
+        raise ConfigError(f"data-pipeline must be one of {', '.join(DATA_PIPELINES)}, got '{config.data_pipeline}'")
     if config.final_eval not in FINAL_EVALS:
         raise ConfigError(f"final-eval must be one of {', '.join(FINAL_EVALS)}, got '{config.final_eval}'")
     if config.device not in ("auto", "cpu", "cuda") and not config.device.startswith("cuda:"):

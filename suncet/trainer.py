@@ -28,10 +28,11 @@ from suncet.data import ImageDataset, ImageSource, InMemoryImages
 from suncet.errors import ConfigError, SuncetError
 from suncet.evaluation import extract_features, finetune, knn_classify, linear_probe, raw_pixel_baseline
 from suncet.kernels import resolve_backend
-from suncet.labels import parse_label_spec, read_index_file, select_labeled, write_labels
+from suncet.labels import parse_label_spec, read_subset_file, select_labeled, write_labels
 from suncet.methods import Method, MethodConfig
 from suncet.optim import parameter_groups, warmup_cosine
 from suncet.pipeline import DevicePipeline, StepPlan, images_in
+from suncet.worker_pipeline import WorkerPipeline
 from suncet.registry import BACKBONES, DATASETS, METHODS, OPTIMIZERS
 from suncet.samplers import ClassStratifiedSampler, UnlabeledSampler
 from suncet.stopping import EXIT_PREEMPTED, StopRequests
@@ -113,7 +114,7 @@ def _on_device(source: ImageSource, device: torch.device) -> ImageSource:
 
 
 def load_dataset(config: TrainConfig) -> ImageDataset:
-    dataset = DATASETS.create(config.dataset, root=config.data, download=config.download)
+    dataset = DATASETS.create(config.dataset, root=config.data, download=config.download, options=config.dataset_options)
     if config.augment:
         dataset.recipe = override_recipe(dataset.recipe, config.augment)
     return dataset
@@ -121,7 +122,7 @@ def load_dataset(config: TrainConfig) -> ImageDataset:
 
 def choose_labeled(config: TrainConfig, dataset: ImageDataset) -> Tensor:
     if is_label_file(config.labels):
-        return read_index_file(Path(config.labels), len(dataset.train))
+        return read_subset_file(Path(config.labels), dataset)
     spec = parse_label_spec(config.labels)
     return select_labeled(dataset.train.labels, spec, dataset.num_classes, config.label_seed)
 
@@ -197,7 +198,7 @@ def assemble(config: TrainConfig, run_dir: Path, labeled: Tensor | None = None) 
         labeled=labeled,
         method=method,
         optimizer=optimizer,
-        unlabeled=_on_device(unlabeled, device),
+        unlabeled=_on_device(unlabeled, device) if config.data_pipeline == "device" else unlabeled,
         unlabeled_sampler=unlabeled_sampler,
         labeled_sampler=labeled_sampler,
     )
@@ -290,7 +291,16 @@ def _truncate_metrics(path: Path, completed_epochs: int) -> None:
         writer.writerows(rows)
 
 
-def _checkpoint_state(run: Run, pipeline: DevicePipeline, progress: dict, meters: Meters, sampler_state: dict | None) -> dict:
+def make_pipeline(run: Run, seed: int) -> DevicePipeline | WorkerPipeline:
+    method, recipe, device = run.method, run.dataset.recipe, run.device
+    if run.config.data_pipeline == "workers":
+        return WorkerPipeline(run.unlabeled, run.dataset.train, recipe, method.global_views, method.local_views,
+                              device, seed, num_workers=run.config.num_workers)
+    return DevicePipeline(run.unlabeled, _on_device(run.dataset.train, device), recipe,
+                          method.global_views, method.local_views, device, seed)
+
+
+def _checkpoint_state(run: Run, pipeline: DevicePipeline | WorkerPipeline, progress: dict, meters: Meters, sampler_state: dict | None) -> dict:
     """Everything needed to continue exactly; every rank's own streams are gathered (call on all ranks)."""
     rank_states = distributed.all_gather_objects(
         {"pipeline": pipeline.state_dict(), "labeled_sampler": sampler_state, "meters": meters.state_dict()}
@@ -312,7 +322,7 @@ def _checkpoint_state(run: Run, pipeline: DevicePipeline, progress: dict, meters
     return state
 
 
-def _restore(run: Run, state: dict, pipeline: DevicePipeline) -> tuple[dict, Meters]:
+def _restore(run: Run, state: dict, pipeline: DevicePipeline | WorkerPipeline) -> tuple[dict, Meters]:
     run.method.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -428,10 +438,7 @@ def train(
     main_process, world = distributed.is_main_process(), distributed.world_size()
     console = (console or Console()) if main_process else Console(quiet=True)
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
-    pipeline = DevicePipeline(
-        run.unlabeled, _on_device(run.dataset.train, device), run.dataset.recipe,
-        method.global_views, method.local_views, device, cfg.seed + 1_000_003 * distributed.rank(),
-    )
+    pipeline = make_pipeline(run, cfg.seed + 1_000_003 * distributed.rank())
     model = method
     if world > 1:
         if cfg.sync_bn:
@@ -522,7 +529,9 @@ def train(
                 progress["global_step"] += 1
                 progress["step_in_epoch"] += 1
                 progress["images_seen"] += images_in(plan) * world
-                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs}", status=f"loss {loss.item():.3f} lr {lr:.3g}")
+                rate = (progress["images_seen"] - epoch_images) / max(epoch_seconds + time.perf_counter() - mark, 1e-9)
+                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs}",
+                           status=f"loss {loss.item():.3f} lr {lr:.3g} {rate:,.0f} img/s")
                 stopping = agreed(stop.requested)
                 mid_epoch = progress["step_in_epoch"] < steps_per_epoch
                 if mid_epoch and (stopping or agreed(policy.after_step(progress["global_step"]))):

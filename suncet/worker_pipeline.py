@@ -21,6 +21,7 @@ from torchvision.transforms import v2
 
 from suncet.augment import AugmentRecipe, CropSpec, blur_kernel_size
 from suncet.data import ImageSource, InMemoryImages
+from suncet.errors import ConfigError
 from suncet.methods import TrainBatch
 from suncet.pipeline import StepPlan
 
@@ -150,7 +151,13 @@ class WorkerPipeline:
         prefetch_factor: int = 2,
     ):
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise ConfigError(f"num_workers must be at least 0, got {num_workers}")
+        for source in (unlabeled, labeled):
+            if getattr(source, "decode_device", "cpu") != "cpu":
+                raise ConfigError(
+                    "the dataset decodes images on the GPU (decode_device=cuda), but loader workers run on the CPU: "
+                    "use the device pipeline, or decode_device=cpu"
+                )
         self.device = torch.device(device)
         self.steps = _StepViews(_on_cpu(unlabeled), _on_cpu(labeled), recipe, global_views, local_views, seed)
         self.sampler = _PlannedSteps()

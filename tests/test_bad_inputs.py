@@ -68,6 +68,12 @@ CASES = [
     (["--resume", "{tmp}", "--epochs", "3"], "--resume RUN_DIR continues a run with its saved config"),
     (["--resume", "auto"], "--resume auto needs --out RUN_DIR"),
     (["--method", "supervised", "--labels", "0%"], "trains on labeled images only"),
+    (["--dataset", "cifar10", "--data", "{tmp}/nothing"], "no cifar10 data in {tmp}/nothing: expected"),
+    (["--dataset", "stl10", "--data", "{tmp}"], "no STL-10 data in {tmp}: expected"),
+    (["--dataset", "imagefolder"], "dataset imagefolder needs --data DIR"),
+    (["--dataset-opt", "size=3"], "dataset 'digits' has no option 'size'"),
+    (["--data-pipeline", "gpu"], "data-pipeline must be one of device, workers"),
+    (["--num-workers", "-1"], "num-workers must be >= 0"),
 ]
 
 

@@ -4,4 +4,4 @@ A dataset plugin is a callable ``(*, root: str | None, download: bool)`` returni
 ``suncet.data.ImageDataset``.
 """
 
-from suncet.plugins.datasets import digits  # noqa: F401  (registers the plugins)
+from suncet.plugins.datasets import cifar, digits, imagefolder, stl10  # noqa: F401  (registers the plugins)

@@ -21,9 +21,10 @@ import pickle
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import click
 import numpy as np
@@ -161,9 +162,9 @@ def pipeline_figures(resolution: int, batch: int, steps: int, device: torch.devi
     for count in workers:
         worker_pipeline = WorkerPipeline(host, host, recipe, 2, 0, device, seed=0, num_workers=count)
         figures.append(Figure("pipeline", "workers", resolution, batch,
-                              measure(lambda: drain(worker_pipeline), views, device, seconds), "views/s", workers=count,
+                              measure(partial(drain, worker_pipeline), views, device, seconds), "views/s", workers=count,
                               notes=["pinned copies" if device.type == "cuda" else "views stay on the host"]))
-        del worker_pipeline
+        del worker_pipeline  # its workers exit before the next figure
     return figures
 
 
@@ -187,7 +188,7 @@ def decode_figures(files: int, device: torch.device, seconds: float) -> list[Fig
         decoders = ["cpu"] + (["cuda"] if device.type == "cuda" else [])
         for where in decoders:
             source = FolderImages(Path(tmp), names, labels, 256, decode_device=where)
-            rate = measure(lambda: source.load(everything), files, torch.device(where), seconds)
+            rate = measure(partial(source.load, everything), files, torch.device(where), seconds)
             note = "one process, torchvision.io.decode_image" if where == "cpu" else "batched nvJPEG (decode_jpeg on cuda)"
             figures.append(Figure("decode", f"jpeg -> 256 px ({where})", 256, files, rate, "images/s", notes=[note]))
     return figures

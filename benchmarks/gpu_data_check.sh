@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# One-call device check of the data pipeline on an H100/H200, under 3 minutes, nothing
+# downloaded (the CIFAR-format and JPEG files it times are written by the benchmark itself):
+#   1. the device path on CUDA equals torchvision's resized_crop and stays in range;
+#   2. `suncet bench data` at 32/96/224 px: torchvision per image, BatchAugment on the GPU
+#      (and kornia when it is importable), both pipelines, JPEG decoding on CPU and with
+#      nvJPEG, SimCLR ResNet-18 steps on CIFAR-format files against synthetic views;
+#   3. the targets: GPU augmentation >= 1,000,000 views/s at 32 px and >= 50,000 at 224 px,
+#      the real-data SimCLR step >= 85% of the synthetic-data step rate.
+# Writes $OUT/data_gpu_check.log, $OUT/bench_data.json, $OUT/crop_check.json, $OUT/targets.json.
+#
+#   OUT=/some/dir bash benchmarks/gpu_data_check.sh     # on the GPU machine, repository root
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT="${OUT:?set OUT to a folder for the log and the JSON files}"
+mkdir -p "$OUT"
+LOG="$OUT/data_gpu_check.log"
+PY="${PYTHON:-python3}"
+status=0
+
+# The data pipeline is pure Python: without an installed suncet, import the checkout through a
+# view that puts plugins/ and cli/ inside suncet/ as the wheel does (no build needed).
+if ! "$PY" -c "import suncet.plugins.datasets" 2>/dev/null; then
+  VIEW="$(mktemp -d)"
+  mkdir "$VIEW/suncet"
+  for entry in "$PWD"/suncet/*; do ln -s "$entry" "$VIEW/suncet/"; done
+  ln -s "$PWD/plugins" "$VIEW/suncet/plugins"
+  ln -s "$PWD/cli" "$VIEW/suncet/cli"
+  export PYTHONPATH="$VIEW${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# Without the package's entry points the built-in plugins register when imported.
+PLUGINS="import suncet.plugins.datasets, suncet.plugins.backbones, suncet.plugins.methods, suncet.plugins.optimizers"
+
+{ nvidia-smi -L; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } 2>&1 | tee "$LOG"
+
+echo "=== crop check on CUDA" | tee -a "$LOG"
+timeout 60 "$PY" - "$OUT/crop_check.json" <<'EOF' 2>&1 | tee -a "$LOG" || status=1
+import json, sys, torch
+from torchvision.transforms.v2 import functional as TF
+from suncet.augment import BatchAugment, crop_resize_flip, sample_crop_boxes
+from suncet.plugins.datasets import imagefolder
+
+cuda = torch.device("cuda")
+g = torch.Generator(cuda).manual_seed(0)
+images = torch.rand(64, 3, 256, 256, device=cuda, generator=g)
+boxes = sample_crop_boxes(64, 256, 256, (0.08, 1.0), (3 / 4, 4 / 3), g, cuda)
+flip = torch.arange(64, device=cuda) % 2 == 0
+result = {}
+for size in (32, 96, 224):
+    views = crop_resize_flip(images, boxes, flip, size).cpu()
+    worst = 0.0
+    for i, (top, left, h, w) in enumerate(boxes.long().tolist()):
+        expected = TF.resized_crop(images[i].cpu(), top, left, h, w, [size, size], antialias=True)
+        expected = expected.flip(-1) if flip[i] else expected
+        worst = max(worst, (views[i] - expected).abs().max().item())
+    result[f"crop_max_abs_error_{size}px"] = worst
+recipe = imagefolder.RECIPE
+uint8 = torch.randint(0, 256, (256, 3, 256, 256), dtype=torch.uint8, device=cuda)
+views = BatchAugment(recipe, recipe.global_crop)(uint8, g)
+low = min((0 - m) / s for m, s in zip(recipe.mean, recipe.std))
+high = max((1 - m) / s for m, s in zip(recipe.mean, recipe.std))
+result["views_finite"] = bool(torch.isfinite(views).all())
+result["views_in_range"] = bool(views.min() >= low - 1e-4 and views.max() <= high + 1e-4)
+print(json.dumps(result, indent=2))
+json.dump(result, open(sys.argv[1], "w"), indent=2)
+sys.exit(0 if result["views_finite"] and result["views_in_range"] and max(v for k, v in result.items() if k.startswith("crop")) < 1e-3 else 1)
+EOF
+
+echo "=== suncet bench data" | tee -a "$LOG"
+KORNIA=--no-kornia
+if "$PY" -c "import kornia" 2>/dev/null; then KORNIA=--kornia; fi
+timeout 150 "$PY" -c "$PLUGINS; import sys; from suncet.bench.data import data; data.main(args=sys.argv[1:], prog_name='bench data')" \
+  --device cuda --resolution 32,96,224 --workers 12 --steps 4 --seconds 1 --decode-files 64 $KORNIA \
+  --json "$OUT/bench_data.json" 2>&1 | tee -a "$LOG" || status=1
+
+echo "=== targets" | tee -a "$LOG"
+timeout 20 "$PY" - "$OUT/bench_data.json" "$OUT/targets.json" <<'EOF' 2>&1 | tee -a "$LOG" || status=1
+import json, sys
+
+figures = json.load(open(sys.argv[1]))["figures"]
+
+def rate(measurement, path, resolution=None):
+    for f in figures:
+        if f["measurement"] == measurement and f["path"] == path and (resolution is None or f["resolution"] == resolution):
+            return f["rate"]
+    raise SystemExit(f"no figure {measurement} / {path} / {resolution}")
+
+synthetic = rate("train", "synthetic views on the device")
+real = rate("train", "device pipeline, CIFAR-format files")
+targets = {
+    "gpu_augment_32px_views_per_s": [rate("augment", "device (cuda)", 32), 1_000_000],
+    "gpu_augment_224px_views_per_s": [rate("augment", "device (cuda)", 224), 50_000],
+    "simclr_real_over_synthetic": [real / synthetic, 0.85],
+}
+report = {name: {"measured": value, "target": target, "met": value >= target} for name, (value, target) in targets.items()}
+print(json.dumps(report, indent=2))
+json.dump(report, open(sys.argv[2], "w"), indent=2)
+sys.exit(0 if all(r["met"] for r in report.values()) else 1)
+EOF
+echo "exit status $status" | tee -a "$LOG"
+exit $status

@@ -1,0 +1,290 @@
+"""Dataset plugins read small files written here in the real release formats, and fail clearly."""
+
+from __future__ import annotations
+
+import pickle
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets
+from torchvision.io import encode_jpeg, encode_png, write_file
+
+from suncet.data import ImageDataset
+from suncet.errors import ConfigError
+from suncet.registry import DATASETS
+
+
+def create(name: str, **kwargs) -> ImageDataset:
+    return DATASETS.create(name, root=kwargs.pop("root", None), download=kwargs.pop("download", False), options=kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR: python pickles of {'data': uint8 [N, 3072] (R, G, B planes), 'labels': [...]}.
+
+
+def cifar_images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+
+
+def dump(path: Path, content: dict) -> None:
+    with open(path, "wb") as handle:
+        pickle.dump(content, handle, protocol=2)
+
+
+def write_cifar10(root: Path, per_batch: int = 3) -> dict[str, np.ndarray]:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    images, labels = [], []
+    for i in range(1, 6):
+        x, y = cifar_images(per_batch, i), [(i + j) % 10 for j in range(per_batch)]
+        dump(folder / f"data_batch_{i}", {"batch_label": f"training batch {i} of 5", "labels": y,
+                                          "data": x.reshape(per_batch, -1), "filenames": [f"{i}_{j}.png" for j in range(per_batch)]})
+        images.append(x)
+        labels += y
+    test = cifar_images(4, 99)
+    dump(folder / "test_batch", {"labels": [0, 1, 2, 3], "data": test.reshape(4, -1)})
+    dump(folder / "batches.meta", {"label_names": [f"class{c}" for c in range(10)], "num_vis": 3072})
+    return {"train": np.concatenate(images), "labels": np.array(labels), "test": test}
+
+
+def write_cifar100(root: Path) -> dict[str, np.ndarray]:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    train, test = cifar_images(6, 1), cifar_images(2, 2)
+    dump(folder / "train", {"fine_labels": [0, 5, 10, 50, 98, 99], "coarse_labels": [0] * 6, "data": train.reshape(6, -1)})
+    dump(folder / "test", {"fine_labels": [7, 8], "coarse_labels": [0, 0], "data": test.reshape(2, -1)})
+    dump(folder / "meta", {"fine_label_names": [f"f{c}" for c in range(100)], "coarse_label_names": ["c"] * 20})
+    return {"train": train, "test": test}
+
+
+@pytest.mark.parametrize("point_at", ["parent", "folder"])
+def test_cifar10_reads_the_python_release(tmp_path, point_at):
+    written = write_cifar10(tmp_path)
+    root = tmp_path if point_at == "parent" else tmp_path / "cifar-10-batches-py"
+    dataset = create("cifar10", root=str(root))
+    assert (dataset.num_classes, dataset.channels, dataset.image_size) == (10, 3, 32)
+    assert len(dataset.train) == 15 and len(dataset.test) == 4
+    assert dataset.class_names[3] == "class3"
+    assert torch.equal(dataset.train.images, torch.from_numpy(written["train"]))
+    assert torch.equal(dataset.train.labels, torch.from_numpy(written["labels"]))
+    assert torch.equal(dataset.test.load(torch.tensor([2, 0])), torch.from_numpy(written["test"][[2, 0]]))
+    recipe = dataset.recipe
+    assert recipe.global_crop.size == 32 and recipe.global_crop.scale == (0.08, 1.0)
+    assert recipe.color_strength == 0.5 and recipe.blur_p == 0 and recipe.local_crop.size == 16
+
+
+def test_cifar_pixel_layout_is_planes_of_rows(tmp_path):
+    write_cifar10(tmp_path, per_batch=1)
+    folder = tmp_path / "cifar-10-batches-py"
+    data = np.zeros((1, 3072), np.uint8)
+    data[0, 0] = 200  # red, row 0, column 0
+    data[0, 1024 + 32 * 2 + 5] = 100  # green, row 2, column 5
+    dump(folder / "data_batch_1", {"labels": [4], "data": data})
+    image = create("cifar10", root=str(tmp_path)).train.images[0]
+    assert image[0, 0, 0] == 200 and image[1, 2, 5] == 100 and image.sum() == 300
+
+
+def test_cifar100_reads_fine_labels(tmp_path):
+    written = write_cifar100(tmp_path)
+    dataset = create("cifar100", root=str(tmp_path))
+    assert dataset.num_classes == 100 and dataset.class_names[99] == "f99"
+    assert dataset.train.labels.tolist() == [0, 5, 10, 50, 98, 99]
+    assert torch.equal(dataset.test.images, torch.from_numpy(written["test"]))
+    assert dataset.recipe.mean != create("cifar10", root=str(write_cifar10_root(tmp_path))).recipe.mean
+
+
+def write_cifar10_root(tmp_path: Path) -> Path:
+    write_cifar10(tmp_path / "ten")
+    return tmp_path / "ten"
+
+
+def test_cifar_missing_directory_names_the_path(tmp_path):
+    with pytest.raises(ConfigError, match=f"no cifar10 data in {tmp_path / 'nowhere'}.*cifar-10-batches-py"):
+        create("cifar10", root=str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="needs --data"):
+        create("cifar100")
+
+
+def test_cifar_bad_and_truncated_pickles_name_the_file(tmp_path):
+    write_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(b"this is not a pickle")
+    with pytest.raises(ConfigError, match=f"{batch} is not a CIFAR python pickle"):
+        create("cifar10", root=str(tmp_path))
+    dump(batch, {"labels": [1, 2], "data": np.zeros((2, 3072), np.uint8)})
+    batch.write_bytes(batch.read_bytes()[:-200])
+    with pytest.raises(ConfigError, match=f"{batch} is not a CIFAR python pickle"):
+        create("cifar10", root=str(tmp_path))
+
+
+def test_cifar_wrong_shapes_and_missing_files_are_errors(tmp_path):
+    write_cifar10(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    dump(folder / "data_batch_2", {"labels": [1], "data": np.zeros((1, 1024), np.uint8)})
+    with pytest.raises(ConfigError, match=r"data_batch_2: 'data' is uint8 of shape \(1, 1024\), expected uint8 \[N, 3072\]"):
+        create("cifar10", root=str(tmp_path))
+    dump(folder / "data_batch_2", {"labels": [1, 2], "data": np.zeros((1, 3072), np.uint8)})
+    with pytest.raises(ConfigError, match="data_batch_2: 1 images but 2 labels"):
+        create("cifar10", root=str(tmp_path))
+    (folder / "data_batch_2").unlink()
+    with pytest.raises(ConfigError, match="data_batch_2 is missing"):
+        create("cifar10", root=str(tmp_path))
+
+
+def test_download_without_network_is_a_clear_error(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(ConfigError, match=f"could not download cifar10 into {tmp_path}.*no network"):
+        create("cifar10", root=str(tmp_path), download=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# STL-10: raw uint8, each image 3 x 96 x 96 stored column-major; labels 1..10 as uint8.
+
+
+def write_stl10(root: Path, train: int = 4, test: int = 3, unlabeled: int = 5) -> dict[str, np.ndarray]:
+    folder = root / "stl10_binary"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    written = {}
+    for split, count in (("train", train), ("test", test), ("unlabeled", unlabeled)):
+        images = rng.integers(0, 256, (count, 3, 96, 96), dtype=np.uint8)
+        images.transpose(0, 1, 3, 2).tofile(folder / f"{split}_X.bin")
+        written[split] = images
+        if split != "unlabeled":
+            labels = (np.arange(count) % 10 + 1).astype(np.uint8)
+            labels.tofile(folder / f"{split}_y.bin")
+            written[f"{split}_y"] = labels
+    (folder / "class_names.txt").write_text("\n".join(f"name{c}" for c in range(10)) + "\n")
+    return written
+
+
+def test_stl10_reads_the_binary_release_with_unlabeled_split(tmp_path):
+    written = write_stl10(tmp_path)
+    dataset = create("stl10", root=str(tmp_path))
+    assert dataset.image_size == 96 and dataset.class_names[9] == "name9"
+    assert torch.equal(dataset.train.images, torch.from_numpy(written["train"]))
+    assert dataset.train.labels.tolist() == (written["train_y"].astype(np.int64) - 1).tolist()
+    assert torch.equal(dataset.test.images, torch.from_numpy(written["test"]))
+    extra = dataset.extra_unlabeled
+    assert len(extra) == 5 and (extra.labels == -1).all()
+    wanted = torch.tensor([4, 0, 4, 2])
+    assert torch.equal(extra.load(wanted), torch.from_numpy(written["unlabeled"][wanted.numpy()]))
+    # Pickled for a worker process: the copy maps the file itself and reads the same images.
+    copy = pickle.loads(pickle.dumps(extra))
+    assert copy._images is None and torch.equal(copy.load(wanted), extra.load(wanted))
+
+
+def test_stl10_from_its_folder_and_recipe(tmp_path):
+    write_stl10(tmp_path)
+    dataset = create("stl10", root=str(tmp_path / "stl10_binary"))
+    assert dataset.recipe.global_crop.size == 96 and dataset.recipe.blur_p == 0.5
+
+
+def test_stl10_truncated_binary_and_label_mismatch(tmp_path):
+    write_stl10(tmp_path)
+    folder = tmp_path / "stl10_binary"
+    unlabeled = folder / "unlabeled_X.bin"
+    unlabeled.write_bytes(unlabeled.read_bytes()[:-10])
+    with pytest.raises(ConfigError, match=f"{unlabeled} has {5 * 27648 - 10} bytes, not a multiple of 27648"):
+        create("stl10", root=str(tmp_path))
+    write_stl10(tmp_path / "again")
+    labels = tmp_path / "again" / "stl10_binary" / "train_y.bin"
+    labels.write_bytes(b"\x01\x02")
+    with pytest.raises(ConfigError, match=f"{labels} holds 2 labels for 4 images"):
+        create("stl10", root=str(tmp_path / "again"))
+
+
+def test_stl10_missing_data(tmp_path):
+    with pytest.raises(ConfigError, match="no STL-10 data in .*train_X.bin"):
+        create("stl10", root=str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders: PNG and JPEG files of different sizes, decoded and fitted on load.
+
+
+def write_image(path: Path, image: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = encode_png(image) if path.suffix.lower() == ".png" else encode_jpeg(image, quality=95)
+    write_file(str(path), data)
+
+
+def solid(colour: tuple[int, int, int], height: int, width: int) -> torch.Tensor:
+    return torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1).expand(3, height, width).contiguous()
+
+
+def write_folder(root: Path) -> None:
+    write_image(root / "train" / "cat" / "n01_1.png", solid((250, 10, 10), 40, 60))
+    write_image(root / "train" / "cat" / "n01_2.JPEG", solid((10, 250, 10), 70, 30))
+    write_image(root / "train" / "dog" / "n02_1.jpg", solid((10, 10, 250), 50, 50))
+    write_image(root / "train" / "dog" / "n02_2.png", solid((128, 128, 128), 20, 90)[:1])  # grayscale PNG
+    (root / "train" / "dog" / "notes.txt").write_text("not an image")
+    write_image(root / "val" / "dog" / "n02_9.jpg", solid((10, 10, 250), 33, 41))
+
+
+def test_imagefolder_decodes_fits_and_names(tmp_path):
+    write_folder(tmp_path)
+    dataset = create("imagefolder", root=str(tmp_path), size=24)
+    assert dataset.class_names == ["cat", "dog"] and dataset.num_classes == 2 and dataset.image_size == 24
+    assert dataset.train.names == ["cat/n01_1.png", "cat/n01_2.JPEG", "dog/n02_1.jpg", "dog/n02_2.png"]
+    assert dataset.train.labels.tolist() == [0, 0, 1, 1]
+    assert dataset.test.labels.tolist() == [1] and len(dataset.test) == 1
+    images = dataset.train.load(torch.tensor([3, 0, 2, 1]))
+    assert images.shape == (4, 3, 24, 24) and images.dtype == torch.uint8
+    colours = images.float().mean(dim=(2, 3))
+    expected = torch.tensor([(128, 128, 128), (250, 10, 10), (10, 10, 250), (10, 250, 10)], dtype=torch.float)
+    assert (colours - expected).abs().max() < 4  # JPEG is lossy
+    assert dataset.recipe.global_crop.size == 224 and dataset.recipe.local_crop.size == 96
+
+
+def test_imagefolder_default_size_and_short_side_resize(tmp_path):
+    write_folder(tmp_path)
+    dataset = create("imagefolder", root=str(tmp_path))
+    assert dataset.image_size == 256 and dataset.train.load(torch.tensor([0])).shape == (1, 3, 256, 256)
+
+
+def test_imagefolder_errors(tmp_path):
+    with pytest.raises(ConfigError, match="needs --data"):
+        create("imagefolder")
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'train'} is not a directory"):
+        create("imagefolder", root=str(tmp_path))
+    write_folder(tmp_path)
+    (tmp_path / "train" / "empty").mkdir()
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'train'}: .*empty"):
+        create("imagefolder", root=str(tmp_path))
+    (tmp_path / "train" / "empty").rmdir()
+    (tmp_path / "val" / "bird").mkdir()
+    with pytest.raises(ConfigError, match="class 'bird' has no folder in"):
+        create("imagefolder", root=str(tmp_path))
+    (tmp_path / "val" / "bird").rmdir()
+    with pytest.raises(ConfigError, match="option size must be a positive integer"):
+        create("imagefolder", root=str(tmp_path), size=0)
+
+
+def test_imagefolder_without_images(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "readme.txt").write_text("no images here")
+    (tmp_path / "val").mkdir()
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'val'} holds no class folders"):
+        create("imagefolder", root=str(tmp_path))
+    (tmp_path / "val" / "cat").mkdir()
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'train'}: Found no valid file for the classes cat"):
+        create("imagefolder", root=str(tmp_path))
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    write_folder(tmp_path)
+    broken = tmp_path / "train" / "cat" / "n01_1.png"
+    broken.write_bytes(b"\x89PNG broken")
+    dataset = create("imagefolder", root=str(tmp_path), size=16)
+    with pytest.raises(ConfigError, match=f"cannot decode image {broken}"):
+        dataset.train.load(torch.tensor([1, 0]))
+    broken.unlink()
+    with pytest.raises(ConfigError, match=f"cannot read image {broken}"):
+        dataset.train.load(torch.tensor([0]))
