@@ -66,8 +66,13 @@ def compare(run_dirs, metric, x_axis, target, plot, json_path):
 @click.command()
 @click.argument("sweep_file", type=click.Path(path_type=Path))
 @click.option("--dry-run", is_flag=True, help="List the runs and whether each is done, then stop.")
-def sweep(sweep_file, dry_run):
-    """Run a grid of trainings from a YAML file (skipping finished runs), then compare them."""
+@click.option("--shard", help="I/N: run only every N-th run starting at the I-th (for N sweep processes in parallel).")
+def sweep(sweep_file, dry_run, shard):
+    """Run a grid of trainings from a YAML file (skipping finished runs), then compare them.
+
+    The comparison (figures, tables, summary.json in the sweep's out directory) is made once
+    every run of the grid is finished.
+    """
     from suncet.config import build_config
     from suncet.sweep import expand, is_finished, load_sweep, panel_of
     from suncet.trainer import find_checkpoint
@@ -75,17 +80,23 @@ def sweep(sweep_file, dry_run):
 
     spec = load_sweep(sweep_file)
     runs = expand(spec)
+    part, parts = _parse_shard(shard)
     console.print(f"sweep {spec.name}: {len(runs)} runs in {spec.out}")
+    unfinished = 0
     for index, (name, values) in enumerate(runs, start=1):
         run_dir = spec.out / name
         config = build_config(overrides={**values, "final_eval": "none"})
         done = is_finished(run_dir, config.epochs)
-        console.print(f"[{index}/{len(runs)}] {name}: {'done' if done else 'to run'}")
-        if done or dry_run:
+        mine = (index - 1) % parts == part
+        console.print(f"[{index}/{len(runs)}] {name}: {'done' if done else 'to run' if mine else 'another shard'}")
+        if done or dry_run or not mine:
+            unfinished += not done
             continue
         state = find_checkpoint(run_dir, fallback=True, report=console.print) if (run_dir / "checkpoints").is_dir() else None
         run_training(config, run_dir, state=state, console=console)
-    if dry_run:
+    if dry_run or unfinished:
+        if unfinished and not dry_run:
+            console.print(f"{unfinished} run(s) of other shards are not finished: compare when they are")
         return
     panels: dict[tuple, list[Path]] = {}
     for name, values in runs:
@@ -98,3 +109,15 @@ def sweep(sweep_file, dry_run):
         summary.append({"panel": dict(panel), **result})
     (spec.out / "summary.json").write_text(json.dumps(summary, indent=2, default=lambda v: None) + "\n")
     console.print(f"summary written to {spec.out / 'summary.json'}")
+
+
+def _parse_shard(shard: str | None) -> tuple[int, int]:
+    if shard is None:
+        return 0, 1
+    try:
+        index, count = (int(v) for v in shard.split("/"))
+    except ValueError:
+        index = count = 0
+    if not 1 <= index <= count:
+        raise click.BadParameter(f"expected I/N with 1 <= I <= N, got {shard!r}", param_hint="--shard")
+    return index - 1, count

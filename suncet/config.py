@@ -76,7 +76,7 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "digits": {
         "backbone": "small_resnet",
-        "epochs": 100,
+        "epochs": 200,
         "batch_size": 128,
         "classes_per_step": 10,
         "images_per_class": 4,

@@ -100,3 +100,13 @@ def test_bad_sweep_file(cli, tmp_path):
     sweep.write_text("grid: {epochz: [1]}\n")
     result = cli("sweep", str(sweep))
     assert result.returncode == 2 and "'epochz' is not a config key" in result.stderr
+
+
+def test_sweep_shards_split_the_grid(cli, tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"out": str(tmp_path / "runs"), "grid": {"seed": [0, 1, 2]}}))
+    result = cli("sweep", str(sweep), "--dry-run", "--shard", "2/2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("another shard") == 2 and result.stdout.count("to run") == 1
+    result = cli("sweep", str(sweep), "--shard", "0/2")
+    assert result.returncode == 2 and "--shard" in result.stderr
