@@ -21,7 +21,7 @@ def _fmt(mean: float, std: float, digits: int) -> str:
 
 def report(run_dirs: list[Path], metric: str, x: str, target: float | None, plot: Path | None,
            json_path: Path | None, title: str | None = None) -> dict:
-    from suncet.compare import compare_table, group_runs, load_curve, plot_groups, slowest_best
+    from suncet.compare import compare_table, group_runs, load_curve, per_seed_table, plot_groups, slowest_best
 
     groups = group_runs([load_curve(d, metric) for d in run_dirs])
     if target is None:
@@ -38,10 +38,20 @@ def report(run_dirs: list[Path], metric: str, x: str, target: float | None, plot
             _fmt(row["seconds"], row["seconds_std"], 1), speedups,
         )
     console.print(table)
+    seeds = per_seed_table(groups)
+    if len({r["seed"] for r in seeds}) > 1:
+        paired = Table(title="seed by seed: reaching the slowest group's best of that seed")
+        for column in ("seed", "group", "target", "best", "epochs", "images", "seconds", "speed-up ep/img/s"):
+            paired.add_column(column, justify="left" if column == "group" else "right")
+        for row in seeds:
+            speedups = "/".join("-" if math.isnan(row[f"{a}_speedup"]) else f"{row[f'{a}_speedup']:.2f}x" for a in X_AXES)
+            paired.add_row(str(row["seed"]), row["group"], f"{row['target']:.4f}", f"{row['best']:.4f}",
+                           _fmt(row["epochs"], 0, 1), _fmt(row["images"], 0, 0), _fmt(row["seconds"], 0, 1), speedups)
+        console.print(paired)
     if plot is not None:
         plot_groups(groups, metric, x, target, plot, title)
         console.print(f"figure written to {plot}")
-    result = {"metric": metric, "x": x, "target": target, "groups": rows,
+    result = {"metric": metric, "x": x, "target": target, "groups": rows, "per_seed": seeds,
               "runs": {g.label: [str(c.run_dir) for c in g.curves] for g in groups}}
     if json_path is not None:
         Path(json_path).write_text(json.dumps(result, indent=2, default=lambda v: None) + "\n")

@@ -132,6 +132,26 @@ def compare_table(groups: list[Group], target: float) -> list[dict]:
     return rows
 
 
+def per_seed_table(groups: list[Group]) -> list[dict]:
+    """Seed by seed: the target is the slowest group's best in that seed; every group's epochs,
+    images and seconds to reach it, and the speed-up against the slowest group."""
+    slowest = min(groups, key=lambda g: statistics.mean(c.best for c in g.curves))
+    by_seed = [{c.config.get("seed"): c for c in g.curves} for g in groups]
+    seeds = sorted(set.intersection(*(set(b) for b in by_seed)), key=str)
+    rows = []
+    for seed in seeds:
+        target = by_seed[groups.index(slowest)][seed].best
+        reference = {x: crossing(*by_seed[groups.index(slowest)][seed].series(x), target) for x in X_AXES}
+        for group, curves in zip(groups, by_seed):
+            row = {"seed": seed, "group": group.label, "target": target, "best": curves[seed].best}
+            for x in X_AXES:
+                hit = crossing(*curves[seed].series(x), target)
+                row[x] = math.nan if hit is None else hit
+                row[f"{x}_speedup"] = reference[x] / hit if hit else math.nan
+            rows.append(row)
+    return rows
+
+
 def plot_groups(groups: list[Group], metric: str, x: str, target: float, path: Path, title: str | None = None) -> None:
     """Mean curve per group with the min-max band over seeds, and the target as a line."""
     import matplotlib
