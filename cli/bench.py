@@ -1,4 +1,4 @@
-"""`suncet bench`: micro-benchmarks (kernels; data in a later issue)."""
+"""`suncet bench`: micro-benchmarks of the fused kernels and of the data pipelines."""
 
 from __future__ import annotations
 
@@ -56,7 +56,9 @@ def _fmt(value, digits: int = 3) -> str:
 @click.option("--cuda-graph", is_flag=True, help="Also time the step as a replayed CUDA graph (GPU only).")
 @click.option("--fp32-precision", type=click.Choice(["tf32", "ieee"]), help="How the triton backend runs fp32 dots.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write all figures and the machine here.")
-def kernels_command(sizes, dims, dtypes, backends, losses, device, repeats, warmup, cuda_graph, fp32_precision, json_path):
+def kernels_command(
+    sizes, dims, dtypes, backends, losses, device, repeats, warmup, cuda_graph, fp32_precision, json_path
+):
     """Time the fused contrastive losses against eager/compiled PyTorch and the GEMM floor."""
     import torch
 
@@ -90,13 +92,17 @@ def kernels_command(sizes, dims, dtypes, backends, losses, device, repeats, warm
         raise ConfigError("--n must be even: rows are [view1; view2]")
 
     info = kb.machine_info(dev)
-    console.print(f"[bold]suncet bench kernels[/bold] on {info['device']} (torch {info['torch']}, triton {info['triton']})")
+    console.print(
+        f"[bold]suncet bench kernels[/bold] on {info['device']} (torch {info['torch']}, triton {info['triton']})"
+    )
 
     def progress(r):
         status = r.error or f"step {_fmt(r.step_ms)} ms"
         console.print(f"  N={r.n} D={r.d} {r.dtype} {r.loss} {r.backend}: {status}", highlight=False)
 
-    results = kb.run_grid(**chosen, device=dev, repeats=repeats, warmup=warmup, cuda_graph=cuda_graph, progress=progress)
+    results = kb.run_grid(
+        **chosen, device=dev, repeats=repeats, warmup=warmup, cuda_graph=cuda_graph, progress=progress
+    )
 
     table = Table(title=f"fused contrastive losses, tau={kb.TAU}, {kb.CLASSES} classes, median of {repeats}")
     columns = ["N", "D", "dtype", "loss", "backend", "fwd ms", "bwd ms", "step ms"]
@@ -125,3 +131,12 @@ def kernels_command(sizes, dims, dtypes, backends, losses, device, repeats, warm
         with open(json_path, "w") as f:
             json.dump(kb.as_json(results, info, command), f, indent=1)
         console.print(f"wrote {json_path}")
+
+
+def _register_data_command() -> None:
+    from suncet.bench.data import data
+
+    bench.add_command(data)
+
+
+_register_data_command()

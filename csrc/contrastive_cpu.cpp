@@ -3,7 +3,7 @@
 // (fp64 for fp64 inputs, through the same tiling code so that gradcheck exercises it).
 //
 // Work is organised in row tiles of kRowTile rows against column tiles of up to 8 panels of
-// kPanel columns. A similarity tile is computed into a thread-local buffer (micro-kernel of
+// kPanel columns; a task takes a few consecutive row tiles through each column tile in turn. A similarity tile is computed into a thread-local buffer (micro-kernel of
 // kMicroRows rows x one panel, D innermost, the panel transposed in memory so that columns are
 // the vector lanes), then transformed in place (forward: online log-sum-exp; backward: the
 // gradient coefficient of every entry), and in the backward multiplied back onto the columns'
@@ -332,6 +332,13 @@ void accumulate_tile(const T* h, const T* b, int64_t dp, int64_t ncols, T* acc) 
   }
 }
 
+// Row tiles per task: several, so that a column tile read from memory is reused from cache by
+// each of them (it matters once q and k outgrow the caches), while leaving about eight tasks per
+// thread for the dynamic schedule to balance.
+int64_t tiles_per_task(int64_t row_tiles) {
+  return std::clamp<int64_t>(row_tiles / (8 * static_cast<int64_t>(at::get_num_threads())), 1, 4);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
@@ -465,29 +472,34 @@ void forward_impl(const S* q_data, const S* k_data, int64_t d, const Attributes<
   const int64_t col_tiles = (n + kColTile<T> - 1) / kColTile<T>;
   const int64_t cols_pad = round_up(n, kPanel<T>);
 
+  const int64_t per_task = tiles_per_task(row_tiles);
+  const int64_t tasks = (row_tiles + per_task - 1) / per_task;
+
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<T> tile(static_cast<size_t>(kRowTile * kColTile<T>));
-    std::vector<RowStats<T, P>> stats(kRowTile);
+    std::vector<RowStats<T, P>> stats(kRowTile * per_task);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t rt = 0; rt < row_tiles; ++rt) {
-      const int64_t r0 = rt * kRowTile;
-      const int64_t rows_here = std::min(kRowTile, m - r0);
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t first_tile = task * per_task, end_tile = std::min(first_tile + per_task, row_tiles);
+      const int64_t r_first = first_tile * kRowTile, r_end = std::min(end_tile * kRowTile, m);
       for (auto& st : stats) st.reset();
       for (int64_t ct = 0; ct < col_tiles; ++ct) {
-        if (!row_ranges.meets(rt, col_ranges, ct)) continue;
         const int64_t j0 = ct * kColTile<T>;
         const int64_t width = std::min(kColTile<T>, cols_pad - j0);
-        similarity_tile(rows.data() + r0 * dp, dp, panels.data() + j0 * d, d, width / kPanel<T>, tile.data());
-        for (int64_t r = 0; r < rows_here; ++r) {
-          const int64_t i = r0 + r;
-          const int64_t self_col = (i + self_offset >= 0 && i + self_offset < n) ? i + self_offset : -1;
-          forward_row<T, P>(tile.data() + r * kColTile<T>, width, j0, at, i, self_col, scale2, stats[r]);
+        for (int64_t rt = first_tile; rt < end_tile; ++rt) {
+          if (!row_ranges.meets(rt, col_ranges, ct)) continue;
+          const int64_t r0 = rt * kRowTile;
+          similarity_tile(rows.data() + r0 * dp, dp, panels.data() + j0 * d, d, width / kPanel<T>, tile.data());
+          for (int64_t i = r0; i < std::min(r0 + kRowTile, m); ++i) {
+            const int64_t self_col = (i + self_offset >= 0 && i + self_offset < n) ? i + self_offset : -1;
+            forward_row<T, P>(tile.data() + (i - r0) * kColTile<T>, width, j0, at, i, self_col, scale2,
+                              stats[i - r_first]);
+          }
         }
       }
-      for (int64_t r = 0; r < rows_here; ++r) {
-        const int64_t i = r0 + r;
-        const RowStats<T, P>& st = stats[r];
+      for (int64_t i = r_first; i < r_end; ++i) {
+        const RowStats<T, P>& st = stats[i - r_first];
         const double all2 = st.sum_all > 0 ? st.max_all + std::log2(st.sum_all) : -INFINITY;
         lse_all[i] = static_cast<T>(all2 * kLn2);
         for (int p = 0; p < P; ++p) {
@@ -647,37 +659,44 @@ void gradient_pass(const S* a_data, int64_t a_count, const S* b_data, int64_t b_
   const int64_t col_tiles = (b_count + kColTile<T> - 1) / kColTile<T>;
   const int64_t cols_pad = round_up(b_count, kPanel<T>);
 
+  const int64_t per_task = tiles_per_task(row_tiles);
+  const int64_t tasks = (row_tiles + per_task - 1) / per_task;
+
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<T> tile(static_cast<size_t>(kRowTile * kColTile<T>));
-    std::vector<T> acc(static_cast<size_t>(kRowTile * dp));
+    std::vector<T> acc(static_cast<size_t>(kRowTile * per_task * dp));
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t rt = 0; rt < row_tiles; ++rt) {
-      const int64_t r0 = rt * kRowTile;
-      const int64_t rows_here = std::min(kRowTile, a_count - r0);
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t first_tile = task * per_task, end_tile = std::min(first_tile + per_task, row_tiles);
+      const int64_t r_first = first_tile * kRowTile, r_end = std::min(end_tile * kRowTile, a_count);
       std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t ct = 0; ct < col_tiles; ++ct) {
-        bool meets = false;
-        if constexpr (ROW_SIDE && COL_SIDE) {
-          meets = a_row.meets(rt, b_col, ct) || a_col.meets(rt, b_row, ct);
-        } else {
-          meets = a_row.meets(rt, b_col, ct);
-        }
-        if (!meets) continue;
         const int64_t j0 = ct * kColTile<T>;
         const int64_t width = std::min(kColTile<T>, cols_pad - j0);
-        similarity_tile(a_rows.data() + r0 * dp, dp, panels.data() + j0 * d, d, width / kPanel<T>, tile.data());
-        for (int64_t r = 0; r < kRowTile; ++r) {
-          T* row = tile.data() + r * kColTile<T>;
-          if (r < rows_here)
-            gradient_row<T, P, ROW_SIDE, COL_SIDE>(row, width, j0, b_count, r0 + r, ps, scale2);
-          else
-            std::fill(row, row + width, T(0));
+        for (int64_t rt = first_tile; rt < end_tile; ++rt) {
+          bool meets = false;
+          if constexpr (ROW_SIDE && COL_SIDE) {
+            meets = a_row.meets(rt, b_col, ct) || a_col.meets(rt, b_row, ct);
+          } else {
+            meets = a_row.meets(rt, b_col, ct);
+          }
+          if (!meets) continue;
+          const int64_t r0 = rt * kRowTile;
+          const int64_t rows_here = std::min(kRowTile, a_count - r0);
+          similarity_tile(a_rows.data() + r0 * dp, dp, panels.data() + j0 * d, d, width / kPanel<T>, tile.data());
+          for (int64_t r = 0; r < kRowTile; ++r) {
+            T* row = tile.data() + r * kColTile<T>;
+            if (r < rows_here)
+              gradient_row<T, P, ROW_SIDE, COL_SIDE>(row, width, j0, b_count, r0 + r, ps, scale2);
+            else
+              std::fill(row, row + width, T(0));
+          }
+          accumulate_tile(tile.data(), b_rows.data() + j0 * dp, dp, width, acc.data() + (r0 - r_first) * dp);
         }
-        accumulate_tile(tile.data(), b_rows.data() + j0 * dp, dp, width, acc.data());
       }
-      for (int64_t r = 0; r < rows_here; ++r)
-        for (int64_t x = 0; x < d; ++x) out[(r0 + r) * d + x] = static_cast<S>(acc[r * dp + x] * out_scale);
+      for (int64_t i = r_first; i < r_end; ++i)
+        for (int64_t x = 0; x < d; ++x) out[i * d + x] = static_cast<S>(acc[(i - r_first) * dp + x] * out_scale);
     }
   }
 }

@@ -486,10 +486,12 @@ cudaError_t launch_forward(const ForwardArgs& args, cudaStream_t stream) {
   const int64_t col_tiles = cdiv(at.cols, kTile);
   int64_t* tile_lo = args.col_tile_range;
   int64_t* tile_hi = args.col_tile_range + col_tiles;
-  tile_ranges_kernel<<<static_cast<unsigned>(cdiv(col_tiles, 256)), 256, 0, stream>>>(at.col_groups, at.cols, tile_lo,
-                                                                                     tile_hi);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
+  if (col_tiles > 0) {
+    tile_ranges_kernel<<<static_cast<unsigned>(cdiv(col_tiles, 256)), 256, 0, stream>>>(at.col_groups, at.cols,
+                                                                                       tile_lo, tile_hi);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
   const ForwardParams prm{static_cast<const bf16*>(args.q), static_cast<const bf16*>(args.k), args.dim, at,
                           kLog2e / args.tau, args.partial, tile_lo, tile_hi};
   return with_dims(args.dim, at.sets, [&](auto dp, auto pc) -> cudaError_t {

@@ -56,14 +56,12 @@ def test_killed_run_resumes_to_the_same_metrics(cli, tmp_path):
 
     part = tmp_path / "part"
     process = subprocess.Popen(
-        [SUNCET, *args, "--out", str(part)],
+        [SUNCET, *args, "--checkpoint-every", "30steps", "--out", str(part)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
     )
     deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if (part / "metrics.csv").exists() and len(rows(part)) >= 2:
-            break
-        time.sleep(0.05)
+    while time.time() < deadline and process.poll() is None and not list(part.glob("checkpoints/step-*.pt")):
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert len(rows(part)) < 4, "the run finished before it could be interrupted"

@@ -9,7 +9,8 @@ Loss kinds, on N L2-normalised rows laid out [view1; view2] with 100 classes:
   both2    the same two losses as two separate fused launches (to compare with ``both``)
 Times are medians of repeated runs (CUDA events on a GPU, perf_counter on the CPU); "fwd" is
 the loss alone, "bwd" the backward alone (after an untimed forward), "step" forward + backward,
-"graph" the same step captured once in a CUDA graph and replayed (no launch overhead). Peak
+"graph" the same step of a fused GPU backend captured once in a CUDA graph and replayed (no
+launch overhead). Peak
 extra memory is the growth over the inputs during one step: the CUDA allocator's peak on a
 GPU, the process's peak resident set on the CPU (large allocations forced to mmap so that
 freed memory is returned and counted again).
@@ -32,6 +33,7 @@ from suncet import kernels
 
 LOSS_KINDS = ("ntxent", "suncet", "both", "both2")
 BASELINES = ("reference", "compiled")  # eager and torch.compile of the reference
+FUSED = ("cpu", "triton", "cuda")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CLASSES = 100
 TAU = 0.1
@@ -146,7 +148,9 @@ def _problem(n: int, d: int, dtype: torch.dtype, device: torch.device, seed: int
     return z, ids, classes
 
 
-def _loss_fn(kind: str, backend: str, ids: torch.Tensor, classes: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def _loss_fn(
+    kind: str, backend: str, ids: torch.Tensor, classes: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
     groups = torch.zeros_like(ids)
 
     def mean_valid(loss, valid):
@@ -176,7 +180,7 @@ def _gemm_ms(z: torch.Tensor, repeats: int, warmup: int) -> float:
 
 
 def default_grid(device: torch.device) -> dict[str, list]:
-    backends = [name for name in ("cpu", "triton", "cuda") if _usable(name, device)] + list(BASELINES)
+    backends = [name for name in FUSED if _usable(name, device)] + list(BASELINES)
     sizes = [2048, 8192, 32768] if device.type == "cuda" else [2048, 8192]
     return {"n": sizes, "d": [128, 256], "dtype": ["fp32", "bf16"], "backend": backends, "loss": ["both"]}
 
@@ -221,7 +225,7 @@ def measure(
         )
         result.step_ms = _median_ms(step, repeats, warmup, device)
         result.peak_extra_mib = _peak_extra_mib(step, device)
-        if cuda_graph and device.type == "cuda":
+        if cuda_graph and device.type == "cuda" and backend in FUSED:
             result.step_graph_ms = _graph_step_ms(step, repeats)
     except Exception as exc:  # one backend failing (out of memory, a compile error) must not stop the grid
         result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"

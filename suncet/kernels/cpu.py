@@ -34,7 +34,9 @@ def forward(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, 
     )
 
 
-def backward(grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower):
+def backward(
+    grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower
+):
     return tuple(
         _C.multi_positive_backward_cpu(
             grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower

@@ -27,11 +27,15 @@ def status() -> tuple[bool, str]:
 
 def forward(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower):
     return tuple(
-        cpu._C.multi_positive_forward_cuda(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower)
+        cpu._C.multi_positive_forward_cuda(
+            q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower
+        )
     )
 
 
-def backward(grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower):
+def backward(
+    grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower
+):
     return tuple(
         cpu._C.multi_positive_backward_cuda(
             grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower

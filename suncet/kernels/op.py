@@ -77,7 +77,18 @@ def multi_positive_backward_op(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     return _backend(backend).backward(
-        grad_loss.contiguous(), q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower
+        grad_loss.contiguous(),
+        q,
+        k,
+        row_keys,
+        col_keys,
+        row_groups,
+        col_groups,
+        lse_all,
+        lse_pos,
+        self_offset,
+        tau,
+        one_tower,
     )
 
 
@@ -101,7 +112,19 @@ def _backward(ctx, grad_loss, _grad_valid, _grad_lse_all, _grad_lse_pos):
     q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos = ctx.saved_tensors
     self_offset, tau, one_tower, backend = ctx.config
     dq, dk = multi_positive_backward_op(
-        grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower, backend
+        grad_loss,
+        q,
+        k,
+        row_keys,
+        col_keys,
+        row_groups,
+        col_groups,
+        lse_all,
+        lse_pos,
+        self_offset,
+        tau,
+        one_tower,
+        backend,
     )
     return dq, (None if one_tower else dk), None, None, None, None, None, None, None, None
 

@@ -89,9 +89,7 @@ def _tile_group_range(groups_ptr, idx, ok):
 
 
 @triton.jit
-def _column_tile_span(
-    groups_a_ptr, lo_a, hi_a, groups_b_ptr, lo_b, hi_b, N, BOTH: tl.constexpr, BLOCK_N: tl.constexpr
-):
+def _column_tile_span(groups_a_ptr, lo_a, hi_a, groups_b_ptr, lo_b, hi_b, N, BOTH: tl.constexpr, BLOCK_N: tl.constexpr):
     """First and one-past-last column tile whose groups meet [lo_a, hi_a] (and, with BOTH,
     whose second group array meets [lo_b, hi_b])."""
     n_tiles = tl.cdiv(N, BLOCK_N)
@@ -135,7 +133,7 @@ def _select_code(member0, member1, t0, t1, t2, t3, P: tl.constexpr):
 
 
 @triton.autotune(configs=_configs(_FORWARD_TABLE), key=["M", "N", "D", "P"], prune_configs_by=_pruner(_FORWARD_TABLE))
-@triton.jit
+@triton.jit(do_not_specialize=["self_offset"])  # one compilation for every rank's offset
 def _forward_kernel(
     q_ptr, k_ptr, row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
     partial_ptr, loss_ptr, valid_ptr, lse_all_ptr, lse_pos_ptr,
@@ -216,7 +214,9 @@ def _forward_kernel(
             sum1 += tl.sum(tl.where(member1, e * tl.where(member0, tl.exp2(both - max1)[:, None], 1.0), 0.0), 1)
 
     if splits == 1:
-        _finalize_rows(rows, row_ok, max_all, sum_all, max0, sum0, max1, sum1, loss_ptr, valid_ptr, lse_all_ptr, lse_pos_ptr, P)
+        _finalize_rows(
+            rows, row_ok, max_all, sum_all, max0, sum0, max1, sum1, loss_ptr, valid_ptr, lse_all_ptr, lse_pos_ptr, P
+        )
     else:
         base = partial_ptr + split * (2 + 2 * P) * M + rows
         tl.store(base, max_all, mask=row_ok)
@@ -229,7 +229,21 @@ def _forward_kernel(
 
 
 @triton.jit
-def _finalize_rows(rows, row_ok, max_all, sum_all, max0, sum0, max1, sum1, loss_ptr, valid_ptr, lse_all_ptr, lse_pos_ptr, P: tl.constexpr):
+def _finalize_rows(
+    rows,
+    row_ok,
+    max_all,
+    sum_all,
+    max0,
+    sum0,
+    max1,
+    sum1,
+    loss_ptr,
+    valid_ptr,
+    lse_all_ptr,
+    lse_pos_ptr,
+    P: tl.constexpr,
+):
     ln2 = 0.6931471805599453
     # log2 of a positive stand-in where a sum is 0, so that no -inf - -inf is ever formed.
     lse_all2 = tl.where(sum_all > 0, max_all + tl.log2(tl.where(sum_all > 0, sum_all, 1.0)), float("-inf"))
@@ -244,7 +258,9 @@ def _finalize_rows(rows, row_ok, max_all, sum_all, max0, sum0, max1, sum1, loss_
         lse12 = tl.where(valid1, max1 + tl.log2(tl.where(valid1, sum1, 1.0)), float("-inf"))
         tl.store(lse_pos_ptr + rows * P + 1, lse12 * ln2, mask=row_ok)
         tl.store(valid_ptr + rows * P + 1, valid1, mask=row_ok)
-        tl.store(loss_ptr + rows * P + 1, tl.where(valid1, (lse_all2 - tl.where(valid1, lse12, 0.0)) * ln2, 0.0), mask=row_ok)
+        tl.store(
+            loss_ptr + rows * P + 1, tl.where(valid1, (lse_all2 - tl.where(valid1, lse12, 0.0)) * ln2, 0.0), mask=row_ok
+        )
 
 
 @triton.jit
@@ -261,7 +277,9 @@ def _merge(partial_ptr, stat, splits, rows, row_ok, M, STATS: tl.constexpr, BLOC
 
 
 @triton.jit
-def _combine_kernel(partial_ptr, loss_ptr, valid_ptr, lse_all_ptr, lse_pos_ptr, M, splits, P: tl.constexpr, BLOCK: tl.constexpr):
+def _combine_kernel(
+    partial_ptr, loss_ptr, valid_ptr, lse_all_ptr, lse_pos_ptr, M, splits, P: tl.constexpr, BLOCK: tl.constexpr
+):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < M
     max_all, sum_all = _merge(partial_ptr, 0, splits, rows, row_ok, M, 2 + 2 * P, BLOCK)
@@ -270,7 +288,9 @@ def _combine_kernel(partial_ptr, loss_ptr, valid_ptr, lse_all_ptr, lse_pos_ptr, 
     sum1 = sum0
     if P == 2:
         max1, sum1 = _merge(partial_ptr, 4, splits, rows, row_ok, M, 2 + 2 * P, BLOCK)
-    _finalize_rows(rows, row_ok, max_all, sum_all, max0, sum0, max1, sum1, loss_ptr, valid_ptr, lse_all_ptr, lse_pos_ptr, P)
+    _finalize_rows(
+        rows, row_ok, max_all, sum_all, max0, sum0, max1, sum1, loss_ptr, valid_ptr, lse_all_ptr, lse_pos_ptr, P
+    )
 
 
 @triton.jit
@@ -330,8 +350,10 @@ def _load_tables(tables_ptr, idx, ok, M, P: tl.constexpr):
     return o0, o1, o2, o3, c0, c1, c2, c3
 
 
-@triton.autotune(configs=_configs(_BACKWARD_TABLE), key=["A_COUNT", "B_COUNT", "D", "P"], prune_configs_by=_pruner(_BACKWARD_TABLE))
-@triton.jit
+@triton.autotune(
+    configs=_configs(_BACKWARD_TABLE), key=["A_COUNT", "B_COUNT", "D", "P"], prune_configs_by=_pruner(_BACKWARD_TABLE)
+)
+@triton.jit(do_not_specialize=["self_offset"])
 def _backward_kernel(
     a_ptr, b_ptr, out_ptr, tables_ptr,
     row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
@@ -364,7 +386,9 @@ def _backward_kernel(
         c_key1 = tl.load(col_keys_ptr + rows * P + 1, mask=row_ok & COL_SIDE, other=0)
 
     if ROW_SIDE:
-        first, last = _column_tile_span(col_groups_ptr, r_lo, r_hi, row_groups_ptr, c_lo, c_hi, B_COUNT, COL_SIDE, BLOCK_N)
+        first, last = _column_tile_span(
+            col_groups_ptr, r_lo, r_hi, row_groups_ptr, c_lo, c_hi, B_COUNT, COL_SIDE, BLOCK_N
+        )
     else:
         first, last = _column_tile_span(row_groups_ptr, c_lo, c_hi, row_groups_ptr, c_lo, c_hi, B_COUNT, False, BLOCK_N)
 
@@ -484,7 +508,9 @@ def forward(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, 
     return loss, valid, lse_all, lse_pos
 
 
-def backward(grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower):
+def backward(
+    grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower
+):
     """(dq, dk); dk is empty with one_tower, where dq already holds (G + G^T) q / tau."""
     _check(q, k)
     q = q.contiguous()

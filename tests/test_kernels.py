@@ -1,0 +1,497 @@
+"""The fused multi-positive contrastive kernels against float64 loops written here.
+
+The oracle below loops over rows and columns in plain Python/NumPy float64; it shares no
+code with suncet.kernels.reference. CPU runs cover the cpu backend and, when no GPU is
+present, the triton backend in the Triton interpreter (fp32, ieee dots, small sizes).
+GPU-only checks are marked ``gpu`` and run on the device machine (benchmarks/gpu_check.sh).
+
+Triton picks the interpreter when ``triton.language`` is first imported, so unless this process
+already interprets (TRITON_INTERPRET=1 set before it started), the interpreter tests rerun
+themselves in a subprocess that sets it; the session's environment is left alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from suncet import kernels
+from suncet.errors import ConfigError
+
+CPU_STATUS = kernels.backend_status()["cpu"]
+needs_cpu_kernels = pytest.mark.skipif(not CPU_STATUS[0], reason=CPU_STATUS[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The oracle.
+
+
+def _lse(values: list[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def oracle(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, grad):
+    """float64 (loss [M, P], valid [M, P], dq [M, D], dk [N, D]) for upstream gradient ``grad``."""
+    q, k = np.asarray(q, dtype=np.float64), np.asarray(k, dtype=np.float64)
+    row_keys, col_keys = np.asarray(row_keys).reshape(len(q), -1), np.asarray(col_keys).reshape(len(k), -1)
+    row_groups, col_groups = np.asarray(row_groups), np.asarray(col_groups)
+    grad = np.asarray(grad, dtype=np.float64).reshape(len(q), -1)
+    rows, cols, sets = len(q), len(k), row_keys.shape[1]
+    loss = np.zeros((rows, sets))
+    valid = np.zeros((rows, sets), dtype=bool)
+    g_s = np.zeros((rows, cols))  # d(sum_ip grad_ip loss_ip) / d s_ij
+    for i in range(rows):
+        s = {}
+        for j in range(cols):
+            if row_groups[i] == col_groups[j] and j != i + self_offset:
+                s[j] = float(np.dot(q[i], k[j])) / tau
+        for p in range(sets):
+            positives = {j for j in s if row_keys[i, p] == col_keys[j, p]}
+            if not positives:
+                continue
+            lse_all = _lse(list(s.values()))
+            lse_pos = _lse([s[j] for j in positives])
+            loss[i, p] = lse_all - lse_pos
+            valid[i, p] = True
+            for j, sij in s.items():
+                g_s[i, j] += grad[i, p] * (
+                    math.exp(sij - lse_all) - (math.exp(sij - lse_pos) if j in positives else 0.0)
+                )
+    return loss, valid, g_s @ k / tau, g_s.T @ q / tau
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems.
+
+
+def _unit(rows: int, dim: int, gen: torch.Generator) -> torch.Tensor:
+    return F.normalize(torch.randn(rows, dim, generator=gen, dtype=torch.float64), dim=1)
+
+
+def make_problem(layout: str, rows: int, dim: int, sets: int, gen: torch.Generator, classes: int = 4):
+    """(q, k or None for one tower, row_keys, col_keys, row_groups, col_groups, self_offset)."""
+    keys = lambda n: torch.randint(0, classes, (n, sets), generator=gen)  # noqa: E731
+    if layout == "one_tower":
+        q = _unit(rows, dim, gen)
+        rk = keys(rows)
+        groups = torch.zeros(rows, dtype=torch.long)
+        return q, None, rk, rk, groups, groups, 0
+    if layout == "two_block":
+        # [unlabeled views; labeled]: NT-Xent ids in group 0, classes in group 1.
+        q = _unit(rows, dim, gen)
+        half = rows // 2 - (rows // 2) % 2
+        ids = torch.arange(half) % (half // 2)
+        rk = torch.cat([ids[:, None].expand(half, sets), keys(rows - half)])
+        groups = torch.cat([torch.zeros(half, dtype=torch.long), torch.ones(rows - half, dtype=torch.long)])
+        return q, None, rk.contiguous(), rk.contiguous(), groups, groups, 0
+    if layout == "cross":
+        # Local rows against columns gathered from 3 ranks; this rank is rank 1.
+        q = _unit(rows, dim, gen)
+        others = _unit(2 * rows, dim, gen)
+        k = torch.cat([others[:rows], q, others[rows:]])
+        rk = keys(rows)
+        ck = torch.cat([keys(rows), rk, keys(rows)])
+        return q, k, rk, ck, torch.zeros(rows, dtype=torch.long), torch.zeros(3 * rows, dtype=torch.long), rows
+    raise ValueError(layout)
+
+
+def run_backend(backend, q, k, rk, ck, rg, cg, offset, tau, grad):
+    """Loss, valid, dq, dk through kernels.multi_positive (custom op and autograd glue)."""
+    q = q.detach().clone().requires_grad_(True)
+    k_in = q if k is None else k.detach().clone().requires_grad_(True)
+    loss, valid = kernels.multi_positive(q, k_in, rk, ck, rg, cg, offset, tau, backend=backend)
+    inputs = (q,) if k is None else (q, k_in)
+    grads = torch.autograd.grad(loss, inputs, grad_outputs=grad.to(loss.device, loss.dtype).reshape(loss.shape))
+    return loss.detach(), valid, grads[0], (None if k is None else grads[1])
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+def check_against_oracle(backend, layout, rows, dim, sets, tau, seed, dtype=torch.float32, tol=1e-4):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, rk, ck, rg, cg, offset = make_problem(layout, rows, dim, sets, gen)
+    q, k = q.to(dtype), (None if k is None else k.to(dtype))
+    grad = torch.randn(rows, sets, generator=gen, dtype=torch.float64)
+    keys_in = (rk[:, 0], ck[:, 0]) if sets == 1 else (rk, ck)
+    loss, valid, dq, dk = run_backend(backend, q, k, *keys_in, rg, cg, offset, tau, grad)
+    want = oracle(q.double(), q.double() if k is None else k.double(), rk, ck, rg, cg, offset, tau, grad)
+    want_dq = want[2] + want[3] if k is None else want[2]
+    loss, valid = loss.reshape(rows, sets), valid.reshape(rows, sets)
+    assert torch.isfinite(loss).all() and torch.isfinite(dq).all()
+    np.testing.assert_array_equal(valid.numpy(), want[1])
+    assert np.abs(loss.double().numpy() - want[0]).max() <= tol * max(1.0, np.abs(want[0]).max())
+    assert rel(dq.double().numpy(), want_dq) <= tol
+    if k is not None:
+        assert torch.isfinite(dk).all()
+        assert rel(dk.double().numpy(), want[3]) <= tol
+
+
+# ---------------------------------------------------------------------------------------------
+# cpu backend.
+
+CPU_CASES = [
+    # layout, rows, dim, sets, tau
+    ("one_tower", 53, 3, 1, 0.1),
+    ("one_tower", 300, 64, 2, 0.05),
+    ("one_tower", 97, 130, 1, 0.5),
+    ("two_block", 122, 128, 1, 0.1),
+    ("two_block", 60, 64, 2, 0.05),
+    ("cross", 45, 128, 1, 0.1),
+    ("cross", 37, 130, 2, 0.5),
+]
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("layout,rows,dim,sets,tau", CPU_CASES)
+def test_cpu_matches_float64_loops(layout, rows, dim, sets, tau):
+    check_against_oracle("cpu", layout, rows, dim, sets, tau, seed=rows * 7 + dim)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("layout", ["one_tower", "cross"])
+def test_cpu_bf16_inputs_accumulate_in_fp32(layout):
+    # bf16 inputs are exact in fp32: results are fp32-accurate on the rounded inputs, and the
+    # gradient comes back in bf16 (one rounding).
+    check_against_oracle("cpu", layout, 70, 128, 2, 0.1, seed=3, dtype=torch.bfloat16, tol=1e-2)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("layout", ["one_tower", "cross"])
+def test_cpu_float64_gradcheck(layout):
+    # fp64 inputs run the same tiled C++ code in fp64, so finite differences are meaningful.
+    gen = torch.Generator().manual_seed(11)
+    q, k, rk, ck, rg, cg, offset = make_problem(layout, 9, 5, 2, gen, classes=3)
+    q.requires_grad_(True)
+    if k is None:
+        fn = lambda q: kernels.multi_positive(q, q, rk, ck, rg, cg, offset, 0.3, backend="cpu")[0]  # noqa: E731
+        torch.autograd.gradcheck(fn, (q,))
+    else:
+        k.requires_grad_(True)
+        fn = lambda q, k: kernels.multi_positive(q, k, rk, ck, rg, cg, offset, 0.3, backend="cpu")[0]  # noqa: E731
+        torch.autograd.gradcheck(fn, (q, k))
+
+
+def _special_rows():
+    # Row 0: a singleton class (no positive). Rows 1-3: one class, all-positive among them
+    # (with group 1 they see only each other). Row 4: alone in its group (sees nothing).
+    gen = torch.Generator().manual_seed(5)
+    q = _unit(12, 16, gen)
+    keys = torch.tensor([[100], [7], [7], [7], [8], [1], [1], [2], [2], [3], [3], [1]])
+    groups = torch.tensor([0, 1, 1, 1, 2, 0, 0, 0, 0, 0, 0, 0])
+    return q, keys, groups
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu_kernels), "reference"])
+def test_rows_without_positives_all_positive_and_isolated(backend):
+    q, keys, groups = _special_rows()
+    q = q.float().requires_grad_(True)
+    loss, valid = kernels.multi_positive(q, q, keys[:, 0], keys[:, 0], groups, groups, 0, 0.1, backend=backend)
+    assert valid[0].item() is False and loss[0].item() == 0.0
+    assert valid[1:4].all() and torch.allclose(loss[1:4], torch.zeros(3), atol=1e-6)
+    assert valid[4].item() is False and loss[4].item() == 0.0
+    (loss * torch.arange(1.0, 13.0)).sum().backward()
+    assert torch.isfinite(q.grad).all()
+    # Rows 0 and 4 neither receive gradient through their own loss nor appear in anyone's
+    # denominator except group 0 (row 0): row 4 is isolated entirely.
+    assert torch.count_nonzero(q.grad[4]) == 0
+    assert torch.allclose(q.grad[1:4], torch.zeros(3, 16), atol=1e-6)
+
+
+@needs_cpu_kernels
+def test_cpu_extreme_temperature_is_finite():
+    # Each row's positive is antipodal to it while every negative is the row itself: the loss is
+    # about 2/tau + log(n), far beyond exp's range in fp32 at tau = 0.01, yet finite and exact.
+    base = F.normalize(torch.randn(6, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2)), dim=1)
+    q = torch.cat([base, -base, base, base])
+    keys = torch.cat([torch.arange(6), torch.arange(6), 100 + torch.arange(12)])
+    groups = torch.zeros(24, dtype=torch.long)
+    for tau in (0.05, 0.01):
+        grad = torch.ones(24, 1, dtype=torch.float64)
+        loss, valid, dq, _ = run_backend("cpu", q.float(), None, keys, keys, groups, groups, 0, tau, grad)
+        want = oracle(q, q, keys, keys, groups, groups, 0, tau, grad)
+        assert torch.isfinite(loss).all() and torch.isfinite(dq).all()
+        assert np.abs(loss.double().numpy() - want[0][:, 0]).max() <= 1e-4 * np.abs(want[0]).max()
+        assert rel(dq.double().numpy(), want[2] + want[3]) <= 1e-4
+
+
+@needs_cpu_kernels
+def test_cpu_weights_ride_on_the_upstream_gradient():
+    gen = torch.Generator().manual_seed(9)
+    q, _, rk, ck, rg, cg, _ = make_problem("one_tower", 40, 32, 1, gen)
+    q = q.float().requires_grad_(True)
+    weights = torch.rand(40, generator=gen)
+    loss, valid = kernels.multi_positive(q, q, rk[:, 0], ck[:, 0], rg, cg, 0, 0.1, backend="cpu")
+    (weights * loss).sum().backward()
+    want = oracle(q.detach().double(), q.detach().double(), rk, ck, rg, cg, 0, 0.1, weights.double()[:, None])
+    assert rel(q.grad.double().numpy(), want[2] + want[3]) <= 1e-4
+
+
+@needs_cpu_kernels
+def test_cpu_is_deterministic():
+    gen = torch.Generator().manual_seed(4)
+    q, _, rk, ck, rg, cg, _ = make_problem("one_tower", 200, 64, 2, gen)
+    q = q.float()
+    grad = torch.randn(200, 2, generator=gen, dtype=torch.float64)
+    first = run_backend("cpu", q, None, rk, ck, rg, cg, 0, 0.1, grad)
+    second = run_backend("cpu", q, None, rk, ck, rg, cg, 0, 0.1, grad)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[2], second[2])
+
+
+@needs_cpu_kernels
+def test_cpu_tasks_of_several_row_tiles():
+    # With one thread, 800 rows (17 row tiles) are cut into tasks of two row tiles; with eight,
+    # into tasks of one. The arithmetic per row is the same either way, hence bitwise equality.
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        check_against_oracle("cpu", "cross", 800, 16, 1, 0.1, seed=13)
+        gen = torch.Generator().manual_seed(14)
+        q, _, rk, ck, rg, cg, _ = make_problem("one_tower", 800, 32, 2, gen)
+        grad = torch.randn(800, 2, generator=gen, dtype=torch.float64)
+        one = run_backend("cpu", q.float(), None, rk, ck, rg, cg, 0, 0.1, grad)
+        torch.set_num_threads(8)
+        many = run_backend("cpu", q.float(), None, rk, ck, rg, cg, 0, 0.1, grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[2], many[2])
+
+
+@needs_cpu_kernels
+def test_two_key_sets_equal_two_single_passes():
+    gen = torch.Generator().manual_seed(6)
+    q, _, rk, ck, rg, cg, _ = make_problem("one_tower", 64, 32, 2, gen)
+    q = q.float()
+    both, valid = kernels.multi_positive(q, q, rk, ck, rg, cg, 0, 0.1, backend="cpu")
+    for p in range(2):
+        single, single_valid = kernels.multi_positive(q, q, rk[:, p], ck[:, p], rg, cg, 0, 0.1, backend="cpu")
+        assert torch.allclose(both[:, p], single, atol=1e-6) and torch.equal(valid[:, p], single_valid)
+
+
+@needs_cpu_kernels
+def test_compiled_step_has_no_graph_break():
+    from suncet.losses.contrastive import nt_xent_and_suncet
+
+    gen = torch.Generator().manual_seed(8)
+    z_u = torch.randn(32, 16, generator=gen, requires_grad=True)
+    z_l = torch.randn(20, 16, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 4, (20,), generator=gen)
+
+    def step(z_u, z_l, labels):
+        a, b = nt_xent_and_suncet(z_u, z_l, labels, backend="cpu")
+        return a + b
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # fullgraph raises on any break
+    got = compiled(z_u, z_l, labels)
+    got.backward()
+    got_grads = (z_u.grad.clone(), z_l.grad.clone())
+    z_u.grad = z_l.grad = None
+    want = step(z_u, z_l, labels)
+    want.backward()
+    assert (
+        torch.allclose(got, want) and torch.allclose(got_grads[0], z_u.grad) and torch.allclose(got_grads[1], z_l.grad)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# triton backend in the interpreter (CPU-only machines).
+
+
+def _triton_interpreting() -> bool:
+    import triton.language.standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(triton.language.standard.min, InterpretedFunction)
+
+
+@pytest.fixture
+def triton_interpreter():
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the triton backend is checked compiled, by the gpu tests")
+    pytest.importorskip("triton")
+    if not _triton_interpreting():
+        pytest.skip(
+            "triton runs compiled here (TRITON_INTERPRET unset): test_triton_interpreter_in_subprocess runs these"
+        )
+    kernels.backend_status.cache_clear()
+    from suncet.kernels import triton_kernels
+
+    triton_kernels.set_fp32_precision("ieee")
+    yield triton_kernels
+    triton_kernels.set_fp32_precision("tf32")
+
+
+TRITON_CASES = [
+    ("one_tower", 40, 3, 1, 0.1),
+    ("one_tower", 37, 64, 2, 0.05),
+    ("one_tower", 23, 130, 1, 0.5),
+    ("two_block", 38, 128, 2, 0.1),
+    ("cross", 13, 64, 1, 0.05),
+    ("cross", 11, 128, 2, 0.5),
+]
+
+
+@pytest.mark.parametrize("layout,rows,dim,sets,tau", TRITON_CASES)
+def test_triton_interpreter_matches_float64_loops(triton_interpreter, layout, rows, dim, sets, tau):
+    check_against_oracle("triton", layout, rows, dim, sets, tau, seed=rows * 5 + dim)
+
+
+def test_triton_interpreter_split_columns_merge_exactly(triton_interpreter):
+    gen = torch.Generator().manual_seed(12)
+    q, k, rk, ck, rg, cg, offset = make_problem("cross", 12, 32, 2, gen)
+    q, k = q.float(), k.float()
+    whole = triton_interpreter.forward(q, k, rk, ck, rg, cg, offset, 0.1, False, splits=1)
+    for splits in (2, 3):
+        parts = triton_interpreter.forward(q, k, rk, ck, rg, cg, offset, 0.1, False, splits=splits)
+        for a, b in zip(whole, parts):
+            assert torch.allclose(a.float(), b.float(), atol=1e-5, equal_nan=True)
+
+
+def test_triton_interpreter_in_subprocess():
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the triton backend is checked compiled, by the gpu tests")
+    pytest.importorskip("triton")
+    if _triton_interpreting():
+        pytest.skip("this process interprets triton: the interpreter tests ran here")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        __file__,
+        "-k",
+        "interpreter_matches or interpreter_split",
+    ]
+    # From tests/, so that `python -m` does not put the repository's unbuilt suncet/ first on the path.
+    proc = subprocess.run(command, env=env, cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend choice.
+
+
+def test_resolve_backend_explains_what_cannot_run():
+    with pytest.raises(ConfigError, match="unknown kernel backend"):
+        kernels.resolve_backend("fast", "cpu")
+    assert kernels.resolve_backend("reference", "cpu") == "reference"
+    assert kernels.resolve_backend("auto", "cpu") == ("cpu" if CPU_STATUS[0] else "reference")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="cuda"):
+            kernels.resolve_backend("cuda", "cpu")
+    if CPU_STATUS[0]:
+        with pytest.raises(ConfigError, match="CPU tensors"):
+            kernels.resolve_backend("cpu", "cuda")
+
+
+@needs_cpu_kernels
+def test_losses_module_runs_on_the_cpu_backend():
+    from suncet.losses.contrastive import nt_xent, suncet_loss
+
+    gen = torch.Generator().manual_seed(10)
+    z = torch.randn(48, 24, generator=gen)
+    labels = torch.randint(0, 6, (48,), generator=gen)
+    for fn in (lambda b: nt_xent(z, backend=b), lambda b: suncet_loss(z, labels, backend=b)):
+        assert torch.allclose(fn("cpu"), fn("reference"), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (benchmarks/gpu_check.sh).
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _gpu_problem(rows, dim, sets, seed, layout="one_tower"):
+    gen = torch.Generator().manual_seed(seed)
+    return make_problem(layout, rows, dim, sets, gen, classes=max(4, rows // 40))
+
+
+def _check_gpu(backend, layout, rows, dim, sets, dtype, tol, seed=1, tau=0.1):
+    q, k, rk, ck, rg, cg, offset = _gpu_problem(rows, dim, sets, seed, layout)
+    grad = torch.randn(rows, sets, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    dev = torch.device("cuda")
+    to = lambda t: None if t is None else t.to(dev)  # noqa: E731
+    qd, kd = q.to(dev, dtype), (None if k is None else k.to(dev, dtype))
+    loss, valid, dq, dk = run_backend(backend, qd, kd, to(rk), to(ck), to(rg), to(cg), offset, tau, grad.to(dev))
+    # The float64 oracle of the same (rounded) inputs, through the cpu backend's fp64 path for speed.
+    q64, k64 = qd.double().cpu(), (None if kd is None else kd.double().cpu())
+    want = run_backend("cpu", q64, k64, rk, ck, rg, cg, offset, tau, grad)
+    assert torch.isfinite(loss).all() and torch.isfinite(dq).all()
+    assert torch.equal(valid.cpu(), want[1])
+    assert rel(loss.double().cpu(), want[0]) <= tol
+    assert rel(dq.double().cpu(), want[2]) <= tol
+    if k is not None:
+        assert rel(dk.double().cpu(), want[3]) <= tol
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("layout", ["one_tower", "two_block", "cross"])
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 3e-3)])
+def test_gpu_triton_matches_float64(layout, dtype, tol):
+    _check_gpu("triton", layout, 1000, 128, 2, dtype, tol)
+
+
+@gpu
+@needs_cuda
+def test_gpu_triton_ieee_fp32_matches_float64():
+    kernels.set_fp32_precision("ieee")
+    try:
+        _check_gpu("triton", "one_tower", 777, 130, 1, torch.float32, 1e-4)
+    finally:
+        kernels.set_fp32_precision("tf32")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("layout", ["one_tower", "cross"])
+def test_gpu_cuda_backend_matches_float64(layout):
+    if not kernels.backend_status()["cuda"][0]:
+        pytest.skip(kernels.backend_status()["cuda"][1])
+    _check_gpu("cuda", layout, 1000, 128, 2, torch.bfloat16, 1e-2)
+    _check_gpu("cuda", layout, 300, 70, 1, torch.bfloat16, 1e-2, tau=0.05)  # D % 8 != 0: unvectorised loads
+
+
+@gpu
+@needs_cuda
+def test_gpu_large_n_is_finite_deterministic_and_small():
+    rows, dim = 32768, 128
+    z = F.normalize(torch.randn(rows, dim, device="cuda"), dim=1).to(torch.bfloat16)
+    keys = torch.stack(
+        [torch.arange(rows, device="cuda") % (rows // 2), torch.randint(0, 100, (rows,), device="cuda")], 1
+    )
+    groups = torch.zeros(rows, dtype=torch.long, device="cuda")
+
+    def step():
+        zz = z.detach().requires_grad_(True)
+        loss, valid = kernels.multi_positive(zz, zz, keys, keys, groups, groups, 0, 0.05, backend="triton")
+        loss.sum().backward()
+        return loss, zz.grad
+
+    step()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    first = step()
+    extra = torch.cuda.max_memory_allocated() - base
+    second = step()
+    assert torch.isfinite(first[0]).all() and torch.isfinite(first[1]).all()
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    # O(N D): the bf16 gradient (8 MiB here) plus O(N) statistics, never an N x N matrix (2 GiB).
+    assert extra < 32 * 2**20

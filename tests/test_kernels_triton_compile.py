@@ -1,0 +1,93 @@
+"""The Triton kernels compile for Hopper (sm_90) ahead of time, on a machine without a GPU.
+
+The interpreter checks what the kernels compute; this checks that the compiled path accepts
+them (types, layouts, shared memory) and lowers the dots to Hopper's wgmma, for the first
+configuration of each width's table, as the JIT would specialise them (16-byte aligned
+pointers, sizes divisible by 16). It runs in a subprocess because the kernel tests may have put
+this process's triton into interpreter mode.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = r"""
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from suncet.kernels import triton_kernels as tk
+
+ATTRIBUTES = ("q_ptr k_ptr row_keys_ptr col_keys_ptr row_groups_ptr col_groups_ptr partial_ptr loss_ptr valid_ptr "
+              "lse_all_ptr lse_pos_ptr a_ptr b_ptr out_ptr tables_ptr").split()
+
+
+def compile_one(kernel, table, types, constants):
+    fn = kernel.fn
+    block_m, block_n, warps, stages = table[128 if constants["BLOCK_D"] <= 128 else 256][0]
+    constants = {**constants, "BLOCK_M": block_m, "BLOCK_N": block_n}
+    aligned = [n for n in types if n in ATTRIBUTES or (n == "D" and constants["EVEN_D"])]
+    source = ASTSource(
+        fn=fn,
+        signature={**types, **{name: "constexpr" for name in constants}},
+        constexprs=constants,
+        attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned},
+    )
+    options = {"num_warps": warps, "num_stages": stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return "wgmma" in compiled.asm["ptx"]
+
+
+def forward_types(dt):
+    return dict(q_ptr=dt, k_ptr=dt, row_keys_ptr="*i64", col_keys_ptr="*i64", row_groups_ptr="*i64",
+                col_groups_ptr="*i64", partial_ptr="*fp32", loss_ptr="*fp32", valid_ptr="*i1", lse_all_ptr="*fp32",
+                lse_pos_ptr="*fp32", M="i32", N="i32", D="i32", self_offset="i32", scale2="fp32")
+
+
+def backward_types(dt):
+    return dict(a_ptr=dt, b_ptr=dt, out_ptr=dt, tables_ptr="*fp32", row_keys_ptr="*i64", col_keys_ptr="*i64",
+                row_groups_ptr="*i64", col_groups_ptr="*i64", A_COUNT="i32", B_COUNT="i32", D="i32", M="i32",
+                self_offset="i32", scale2="fp32", inv_tau="fp32")
+
+
+results = {}
+for dt, sets, block_d, even in (("*bf16", 2, 128, True), ("*bf16", 1, 128, True), ("*fp32", 2, 256, False)):
+    name = f"forward {dt[1:]} P={sets} BLOCK_D={block_d}"
+    results[name] = compile_one(tk._forward_kernel, tk._FORWARD_TABLE, forward_types(dt),
+                                dict(P=sets, BLOCK_D=block_d, EVEN_D=even, PRECISION="tf32"))
+for dt, sets, block_d, even, row_side, col_side in (
+    ("*bf16", 2, 128, True, True, True),
+    ("*fp32", 1, 64, True, True, False),
+    ("*bf16", 2, 256, False, False, True),
+):
+    name = f"backward {dt[1:]} P={sets} BLOCK_D={block_d} row={row_side} col={col_side}"
+    results[name] = compile_one(tk._backward_kernel, tk._BACKWARD_TABLE, backward_types(dt),
+                                dict(P=sets, ROW_SIDE=row_side, COL_SIDE=col_side, BLOCK_D=block_d, EVEN_D=even,
+                                     PRECISION="tf32"))
+print(json.dumps(results))
+"""
+
+
+def test_triton_kernels_compile_for_sm90():
+    if importlib.util.find_spec("triton") is None or importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("triton with its NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # From tests/, so that `python -c` does not put the repository's unbuilt suncet/ first on the path.
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        env=env,
+        cwd=os.path.dirname(__file__),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results and all(results.values()), f"dots not lowered to wgmma: {results}"
