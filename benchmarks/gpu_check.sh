@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One-call device check of the fused contrastive kernels on an H100/H200: build the extension
-# with CUDA, run the gpu-marked tests, time every backend against PyTorch eager and
-# torch.compile of the reference. Every step tees into $OUT/gpu_check.log; the JSON figures and
-# the pytest report land in $OUT too. Each step has a time cap and a failing step does not stop
-# the ones after it, so a run always returns its log; the whole stays under ~7.5 minutes.
+# The one-call device check on an H100/H200, in order of importance: build the extension with
+# CUDA, run the gpu-marked tests, time the fused kernels against PyTorch eager, check and time
+# the data pipeline (benchmarks/gpu_data_check.sh), check that a torchrun run on one GPU equals
+# a plain run, then the torch.compile and variant kernel benchmarks. Every step tees into
+# $OUT/gpu_check.log; the JSON figures land in $OUT too (7 files: the device returns at most 8).
+# Each step has a time cap and a failing step does not stop the ones after it, so a run always
+# returns its log; no step starts after 520 s, so the whole ends within about 9.5 minutes.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh           # on the GPU machine, repository root
 #   OUT=/tmp/dry bash benchmarks/gpu_check.sh --no-gpu   # dry run of the same steps on a CPU box
@@ -18,7 +20,7 @@ if [[ "${1:-}" == "--no-gpu" ]]; then NO_GPU=1; fi
 PY="${PYTHON:-python3}"
 SUNCET=("$PY" -c "import sys; from suncet.cli.main import main; sys.exit(main())")
 START=$SECONDS
-DEADLINE=450  # seconds after which the remaining steps are skipped
+DEADLINE=520  # seconds after which the remaining steps are skipped
 failures=()
 
 step() { printf '\n=== %s (%s, %ds in)\n' "$1" "$(date +%T)" $((SECONDS - START)) | tee -a "$LOG"; }
@@ -67,8 +69,8 @@ step "kernel tests (gpu-marked; one configuration per kernel, no autotuning)"
 # pytest's exit code 5 (nothing selected) is not a failure here.
 PYTEST=(bash -c '"$@"; rc=$?; ((rc == 5)) && exit 0; exit $rc' pytest "$PY" -m pytest -m gpu -q -rs)
 run "kernel gpu tests" 120 env SUNCET_TRITON_AUTOTUNE=0 "${PYTEST[@]}" \
-  --junitxml="$OUT/pytest_kernels_gpu.xml" tests/test_kernels.py
-run "other gpu tests" 60 "${PYTEST[@]}" --junitxml="$OUT/pytest_other_gpu.xml" --ignore=tests/test_kernels.py tests
+  tests/test_kernels.py
+run "other gpu tests" 60 "${PYTEST[@]}" --ignore=tests/test_kernels.py tests
 
 step "benchmark: fused backends against eager, N = 2048 / 8192 / 32768, D = 128"
 if ((NO_GPU)); then
@@ -78,6 +80,37 @@ else
   run "bench main" 110 "${SUNCET[@]}" bench kernels --n 2048,8192,32768 --d 128 --dtype bf16,fp32 \
     --backend triton,cuda,reference --loss both --repeats 20 --cuda-graph --json "$OUT/bench_main.json"
 fi
+
+step "data pipeline: crop check, suncet bench data, targets"
+if ((NO_GPU)); then
+  echo "--- skipped on a CPU box (the data benchmark has its own CPU figures: docs/data.md)" | tee -a "$LOG"
+else
+  run "data check" 200 env LOG="$LOG" bash benchmarks/gpu_data_check.sh
+fi
+
+step "training: torchrun --nproc-per-node 1 equals a plain run; throughput of both paths"
+TRAIN_ARGS=(train --dataset digits --backbone resnet18 --batch-size 512 --epochs 4 --labels 10%
+            --monitor-every 0 --final-eval none --seed 0)
+if ((NO_GPU)); then TRAIN_ARGS=(train --epochs 2 --monitor-every 0 --final-eval none --seed 0); fi
+RUNS="$(mktemp -d)"
+run "train plain" 90 "${SUNCET[@]}" "${TRAIN_ARGS[@]}" --out "$RUNS/plain"
+SCRIPT=$("$PY" -c "import os, sys; print(os.path.join(os.path.dirname(sys.executable), 'suncet'))")
+run "train torchrun" 90 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 "$SCRIPT" \
+  "${TRAIN_ARGS[@]}" --out "$RUNS/torchrun"
+run "train compare" 20 "$PY" - "$RUNS/plain/metrics.csv" "$RUNS/torchrun/metrics.csv" "$OUT/train_check.json" <<'PYEOF'
+import csv, json, sys
+plain, launched = ([r for r in csv.DictReader(open(p))] for p in sys.argv[1:3])
+timing = {"images_per_second", "train_seconds"}
+same = [{k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+        for a, b in zip(plain, launched)]
+steady = slice(1, None)  # the first epoch holds cuDNN autotuning and allocator warm-up
+rate = [sum(float(r["images_per_second"]) for r in rows[steady]) / len(rows[steady]) for rows in (plain, launched)]
+report = {"epochs": len(plain), "metrics_equal": all(same) and len(plain) == len(launched),
+          "plain_images_per_s": rate[0], "torchrun_images_per_s": rate[1], "torchrun_over_plain": rate[1] / rate[0]}
+print(json.dumps(report, indent=2))
+json.dump(report, open(sys.argv[3], "w"), indent=2)
+sys.exit(0 if report["metrics_equal"] and report["torchrun_over_plain"] >= 0.97 else 1)
+PYEOF
 
 step "benchmark: torch.compile of the reference, N = 8192, D = 128"
 if ((NO_GPU)); then

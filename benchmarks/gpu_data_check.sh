@@ -7,34 +7,24 @@
 #      nvJPEG, SimCLR ResNet-18 steps on CIFAR-format files against synthetic views;
 #   3. the targets: GPU augmentation >= 1,000,000 views/s at 32 px and >= 50,000 at 224 px,
 #      the real-data SimCLR step >= 85% of the synthetic-data step rate.
-# Writes $OUT/data_gpu_check.log, $OUT/bench_data.json, $OUT/crop_check.json, $OUT/targets.json.
+# Needs the package installed (benchmarks/gpu_check.sh builds it first, then calls this).
+# Writes $OUT/bench_data.json and $OUT/data_checks.json (the crop check and the targets), and
+# appends its output to $LOG (default $OUT/data_gpu_check.log).
 #
 #   OUT=/some/dir bash benchmarks/gpu_data_check.sh     # on the GPU machine, repository root
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:?set OUT to a folder for the log and the JSON files}"
 mkdir -p "$OUT"
-LOG="$OUT/data_gpu_check.log"
+LOG="${LOG:-$OUT/data_gpu_check.log}"
 PY="${PYTHON:-python3}"
 status=0
+CHECKS="$(mktemp -d)"
 
-# The data pipeline is pure Python: without an installed suncet, import the checkout through a
-# view that puts plugins/ and cli/ inside suncet/ as the wheel does (no build needed).
-if ! "$PY" -c "import suncet.plugins.datasets" 2>/dev/null; then
-  VIEW="$(mktemp -d)"
-  mkdir "$VIEW/suncet"
-  for entry in "$PWD"/suncet/*; do ln -s "$entry" "$VIEW/suncet/"; done
-  ln -s "$PWD/plugins" "$VIEW/suncet/plugins"
-  ln -s "$PWD/cli" "$VIEW/suncet/cli"
-  export PYTHONPATH="$VIEW${PYTHONPATH:+:$PYTHONPATH}"
-fi
-# Without the package's entry points the built-in plugins register when imported.
-PLUGINS="import suncet.plugins.datasets, suncet.plugins.backbones, suncet.plugins.methods, suncet.plugins.optimizers"
-
-{ nvidia-smi -L; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } 2>&1 | tee "$LOG"
+{ nvidia-smi -L; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } 2>&1 | tee -a "$LOG"
 
 echo "=== crop check on CUDA" | tee -a "$LOG"
-timeout 60 "$PY" - "$OUT/crop_check.json" <<'EOF' 2>&1 | tee -a "$LOG" || status=1
+timeout 60 "$PY" - "$CHECKS/crop.json" <<'EOF' 2>&1 | tee -a "$LOG" || status=1
 import json, sys, torch
 from torchvision.transforms.v2 import functional as TF
 from suncet.augment import BatchAugment, crop_resize_flip, sample_crop_boxes
@@ -69,12 +59,12 @@ EOF
 echo "=== suncet bench data" | tee -a "$LOG"
 KORNIA=--no-kornia
 if "$PY" -c "import kornia" 2>/dev/null; then KORNIA=--kornia; fi
-timeout 150 "$PY" -c "$PLUGINS; import sys; from suncet.bench.data import data; data.main(args=sys.argv[1:], prog_name='bench data')" \
+timeout 150 "$PY" -c "import sys; from suncet.cli.main import main; sys.exit(main())" bench data \
   --device cuda --resolution 32,96,224 --workers 12 --steps 4 --seconds 1 --decode-files 64 $KORNIA \
   --json "$OUT/bench_data.json" 2>&1 | tee -a "$LOG" || status=1
 
 echo "=== targets" | tee -a "$LOG"
-timeout 20 "$PY" - "$OUT/bench_data.json" "$OUT/targets.json" <<'EOF' 2>&1 | tee -a "$LOG" || status=1
+timeout 20 "$PY" - "$OUT/bench_data.json" "$CHECKS/targets.json" <<'EOF' 2>&1 | tee -a "$LOG" || status=1
 import json, sys
 
 figures = json.load(open(sys.argv[1]))["figures"]
@@ -97,5 +87,6 @@ print(json.dumps(report, indent=2))
 json.dump(report, open(sys.argv[2], "w"), indent=2)
 sys.exit(0 if all(r["met"] for r in report.values()) else 1)
 EOF
+"$PY" -c "import json, sys; json.dump({k: json.load(open(f'$CHECKS/{k}.json')) for k in ('crop', 'targets') if __import__('os').path.exists(f'$CHECKS/{k}.json')}, open('$OUT/data_checks.json', 'w'), indent=2)"
 echo "exit status $status" | tee -a "$LOG"
 exit $status
