@@ -51,11 +51,27 @@ def report(run_dirs: list[Path], metric: str, x: str, target: float | None, plot
     if plot is not None:
         plot_groups(groups, metric, x, target, plot, title)
         console.print(f"figure written to {plot}")
-    result = {"metric": metric, "x": x, "target": target, "groups": rows, "per_seed": seeds,
-              "runs": {g.label: [str(c.run_dir) for c in g.curves] for g in groups}}
+    for row, group in zip(rows, groups):
+        row["run_dirs"] = [str(c.run_dir) for c in group.curves]
+    result = {"metric": metric, "x": x, "target": target, "groups": rows, "per_seed": seeds}
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(result, indent=2, default=lambda v: None) + "\n")
+        write_json(json_path, result)
     return result
+
+
+def _without_nan(value):
+    """JSON has no NaN: 'not reached' is written as null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nan(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data) -> None:
+    Path(path).write_text(json.dumps(_without_nan(data), indent=2, allow_nan=False) + "\n")
 
 
 @click.command()
@@ -84,7 +100,7 @@ def sweep(sweep_file, dry_run, shard):
     every run of the grid is finished.
     """
     from suncet.config import build_config
-    from suncet.sweep import expand, is_finished, load_sweep, panel_of
+    from suncet.sweep import expand, is_finished, load_sweep, panel_of, slug_of
     from suncet.trainer import find_checkpoint
     from suncet.trainer import train as run_training
 
@@ -102,7 +118,7 @@ def sweep(sweep_file, dry_run, shard):
         if done or dry_run or not mine:
             unfinished += not done
             continue
-        state = find_checkpoint(run_dir, fallback=True, report=console.print) if (run_dir / "checkpoints").is_dir() else None
+        state = find_checkpoint(run_dir, fallback=True, report=console.print)
         run_training(config, run_dir, state=state, console=console)
     if dry_run or unfinished:
         if unfinished and not dry_run:
@@ -114,10 +130,10 @@ def sweep(sweep_file, dry_run, shard):
     summary = []
     for panel, dirs in panels.items():
         label = " ".join(f"{k}={v}" for k, v in panel) or spec.name
-        stem = "-".join(f"{k}{v}".replace("%", "pct").replace("/", "") for k, v in panel) or "all"
+        stem = slug_of(panel) or "all"
         result = report(dirs, spec.metric, spec.x, None, spec.out / f"compare-{stem}.png", None, title=label)
         summary.append({"panel": dict(panel), **result})
-    (spec.out / "summary.json").write_text(json.dumps(summary, indent=2, default=lambda v: None) + "\n")
+    write_json(spec.out / "summary.json", summary)
     console.print(f"summary written to {spec.out / 'summary.json'}")
 
 

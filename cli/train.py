@@ -110,7 +110,7 @@ def train(config_file, backbone_opt, method_opt, optimizer_opt, augment_opt, dat
             raise ConfigError("--resume auto needs --out RUN_DIR: the run directory to continue or start")
         config = build_config(load_yaml(config_file) if config_file else None, overrides)
         run_dir = out_dir
-        if (run_dir / "config.yaml").exists() and not overwrite:
+        if not overwrite:
             state = find_checkpoint(run_dir, fallback=True, report=console.print)
     else:
         if overrides or config_file or out_dir:
@@ -119,7 +119,9 @@ def train(config_file, backbone_opt, method_opt, optimizer_opt, augment_opt, dat
         if not run_dir.is_dir():
             raise ConfigError(f"--resume {resume}: no such run directory")
         config = load_run_config(run_dir)
-        state = find_checkpoint(run_dir, fallback=False)
+        state = find_checkpoint(run_dir, fallback=False, report=console.print)
+        if state is None:
+            console.print(f"no checkpoint in {run_dir}: the run starts from the beginning")
 
     run_training(config, run_dir, state=state, console=console)
     if not distributed.is_main_process():

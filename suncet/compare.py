@@ -18,8 +18,12 @@ from suncet.errors import ConfigError
 
 METRICS = ("linear_top1", "knn_top1")
 X_AXES = {"epochs": "epoch", "images": "images_seen", "seconds": "train_seconds"}
-# Settings that name a group in tables and legends, in this order, when they differ between runs.
+# Settings that name a group in tables and legends first, in this order, when they differ.
 DESCRIBING = ("method", "suncet_weight", "labels", "epochs", "dataset", "backbone", "tau", "batch_size")
+# Settings that change where or how a run executes, not what it learns: runs differing only in
+# these (and the seed) are seeds of one group.
+NOT_RECIPE = {"seed", "run_dir", "device", "data", "download", "num_workers", "data_pipeline", "kernel",
+              "checkpoint_every", "keep_checkpoints", "monitor_every", "probe_every", "final_eval", "deterministic"}
 
 
 @dataclass
@@ -72,14 +76,18 @@ def crossing(xs: list[float], ys: list[float], target: float) -> float | None:
 
 
 def group_runs(curves: list[Curve]) -> list[Group]:
-    """Runs whose settings differ only in the seed (and run directory) share a group."""
+    """Runs whose settings differ only in the seed (and how they were executed) share a group."""
+    def recipe(curve: Curve) -> dict:
+        return {k: v for k, v in curve.config.items() if k not in NOT_RECIPE}
+
+    keys = sorted({k for c in curves for k in recipe(c)})
+    differing = [k for k in keys if len({yaml.safe_dump(recipe(c).get(k)) for c in curves}) > 1]
+    varying = [k for k in DESCRIBING if k in differing] + [k for k in differing if k not in DESCRIBING]
     groups: dict[str, Group] = {}
-    ignored = {"seed", "run_dir"}
-    varying = [k for k in DESCRIBING if len({str(c.config.get(k)) for c in curves}) > 1] or ["method"]
     for curve in curves:
-        key = yaml.safe_dump({k: v for k, v in curve.config.items() if k not in ignored}, sort_keys=True)
+        key = yaml.safe_dump(recipe(curve), sort_keys=True)
         if key not in groups:
-            groups[key] = Group(_describe(curve.config, varying))
+            groups[key] = Group(_describe(curve.config, varying or ["method"]))
         groups[key].curves.append(curve)
     return list(groups.values())
 
@@ -94,8 +102,10 @@ def _describe(config: dict, keys: list[str]) -> str:
             parts.append(f"{value} ep")
         elif key == "labels":
             parts.append(f"{value} labels")
-        else:
+        elif key in ("method", "dataset", "backbone"):
             parts.append(str(value))
+        else:
+            parts.append(f"{key}={value}")
     return " ".join(parts)
 
 

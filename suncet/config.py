@@ -138,10 +138,22 @@ def config_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def _check_type(key: str, value: Any, annotation: Any) -> Any:
+_FIELD_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _float_text(value: Any) -> float | None:
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string; such text is still a number to a user."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _check_type(key: str, value: Any) -> Any:
     """Coerce ``value`` to the field's type where it is unambiguous; else a ConfigError."""
-    hints = typing.get_type_hints(TrainConfig)
-    expected = hints[key]
+    expected = _FIELD_TYPES[key]
     origin = typing.get_origin(expected)
     allowed = typing.get_args(expected) if origin in (typing.Union, types.UnionType) else (expected,)
     if value is None and type(None) in allowed:
@@ -156,6 +168,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
             return value
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if base is float and _float_text(value) is not None:
+            return _float_text(value)
         if base is str and isinstance(value, str):
             return value
         if base is dict and isinstance(value, dict):
@@ -196,11 +210,22 @@ def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str,
     method_defaults = values.pop("method_defaults", {})
     values.update(file_values)
     values.update(overrides)
-    values = {k: _check_type(k, v, known[k].type) for k, v in values.items()}
+    values = {k: _check_type(k, v) for k, v in values.items()}
     method = values.get("method", TrainConfig.method)
     if method in method_defaults:
         values["method_options"] = {**method_defaults[method], **values.get("method_options", {})}
     config = TrainConfig(**values)
+    validate(config)
+    return config
+
+
+def config_from_saved(values: dict[str, Any], source: Path) -> TrainConfig:
+    """A run's saved configuration, read back as it was written: no preset is applied again."""
+    known = config_fields()
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key '{unknown[0]}' (written by another version of suncet?)")
+    config = TrainConfig(**{k: _check_type(k, v) for k, v in values.items()})
     validate(config)
     return config
 
@@ -267,7 +292,9 @@ def parse_key_values(pairs: tuple[str, ...] | list[str], option: str) -> dict[st
             raise ConfigError(f"{option} expects KEY=VALUE, got {pair!r}")
         key, raw = pair.split("=", 1)
         try:
-            out[key.strip()] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError:
-            out[key.strip()] = raw
+            value = raw
+        number = _float_text(value)
+        out[key.strip()] = number if number is not None and not str(value).isidentifier() else value
     return out

@@ -22,11 +22,19 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available here")
+    return device
+
+
 def init_from_environment(device_name: str) -> torch.device:
     """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs) and return this
     rank's device; without torchrun, the device ``device_name`` asks for."""
-    from suncet.trainer import resolve_device
-
     device = resolve_device(device_name)
     if not launched_by_torchrun() or dist.is_initialized():
         if dist.is_initialized() and device.type == "cuda":

@@ -29,10 +29,6 @@ class LabelSpec:
     fraction: float | None = None
     per_class: int | None = None
 
-    @property
-    def is_empty(self) -> bool:
-        return self.fraction == 0.0
-
 
 def parse_label_spec(text: str) -> LabelSpec:
     """``10%``, ``0.5%``, ``0%``, ``100%`` or ``4/class``; anything else is a ConfigError."""
@@ -100,27 +96,6 @@ def write_labels(path: Path, indices: Tensor, spec_text: str) -> None:
     Path(path).write_text("\n".join(lines) + "\n")
 
 
-def read_index_file(path: Path, train_size: int) -> Tensor:
-    """Training indices, one per line ('#' comments allowed); an unknown index is an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"label file {path} does not exist")
-    indices = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        if not line.lstrip("-").isdigit():
-            raise ConfigError(f"{path}:{number}: expected a training index, got {line!r}")
-        index = int(line)
-        if not 0 <= index < train_size:
-            raise ConfigError(f"{path}:{number}: index {index} is outside the training set (0..{train_size - 1})")
-        indices.append(index)
-    if len(set(indices)) != len(indices):
-        raise ConfigError(f"{path}: an index is listed twice")
-    return torch.tensor(sorted(indices), dtype=torch.long)
-
-
 def _entries(path: Path) -> list[tuple[int, str]]:
     """(line number, entry) of each non-blank line, '#' comments removed."""
     entries = []
@@ -129,6 +104,28 @@ def _entries(path: Path) -> list[tuple[int, str]]:
         if entry:
             entries.append((number, entry))
     return entries
+
+
+def _indices(path: Path, entries: list[tuple[int, str]], train_size: int) -> Tensor:
+    indices = []
+    for number, entry in entries:
+        if not entry.lstrip("-").isdigit():
+            raise ConfigError(f"{path}:{number}: expected a training index, got {entry!r}")
+        index = int(entry)
+        if not 0 <= index < train_size:
+            raise ConfigError(f"{path}:{number}: index {index} is outside the training set (0..{train_size - 1})")
+        indices.append(index)
+    if len(set(indices)) != len(indices):
+        raise ConfigError(f"{path}: an index is listed twice")
+    return torch.tensor(sorted(indices), dtype=torch.long)
+
+
+def read_index_file(path: Path, train_size: int) -> Tensor:
+    """Training indices, one per line ('#' comments allowed); an unknown index is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"label file {path} does not exist")
+    return _indices(path, _entries(path), train_size)
 
 
 def read_subset_file(path: Path, dataset: ImageDataset) -> Tensor:
@@ -147,7 +144,7 @@ def read_subset_file(path: Path, dataset: ImageDataset) -> Tensor:
         raise ConfigError(f"label subset file {path} lists no images")
     numeric = [entry.lstrip("-").isdigit() for _, entry in entries]
     if all(numeric):
-        return read_index_file(path, len(dataset.train))
+        return _indices(path, entries, len(dataset.train))
     if any(numeric):
         number, entry = entries[numeric.index(True)]
         raise ConfigError(f"{path}:{number}: {entry!r} is an index, but other lines are file names; use one kind per file")

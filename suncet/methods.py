@@ -83,9 +83,12 @@ class Method(nn.Module):
     def after_optimizer_step(self, step: int) -> None:
         """Called after each optimizer step (SwAV re-normalises its prototypes here)."""
 
-    def features(self, images: Tensor) -> Tensor:
-        """Representation used by evaluation: the backbone's output, heads dropped."""
-        return self.backbone(images)
+    def rank_state(self) -> dict[str, Tensor]:
+        """State that differs between ranks under DDP (SwAV's queue): saved for every rank."""
+        return {}
+
+    def load_rank_state(self, state: dict[str, Tensor]) -> None:
+        """Restore what ``rank_state`` returned on this rank."""
 
 
 def parse_options(options_cls: type, values: dict[str, Any], owner: str) -> Any:
@@ -101,17 +104,18 @@ def parse_options(options_cls: type, values: dict[str, Any], owner: str) -> Any:
         default = getattr(options_cls, name, None)
         target = type(default) if default is not None else None
         try:
-            if target is bool and isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            if target is bool:
+                if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                    value = value.lower() in ("true", "yes", "1")
+                elif not isinstance(value, bool):
                     raise ValueError(value)
-                value = value.lower() in ("true", "1", "yes")
             elif target is str and isinstance(value, (int, float)):
                 value = str(value)
-            elif target in (int, float) and not isinstance(value, bool):
+            elif target in (int, float):
+                if isinstance(value, bool) or (target is int and isinstance(value, float) and not value.is_integer()):
+                    raise ValueError(value)
                 value = target(value)
-                if target is int and isinstance(values[name], float) and not float(values[name]).is_integer():
-                    raise ValueError(values[name])
-        except ValueError:
+        except (TypeError, ValueError):
             raise ConfigError(f"option '{name}' of method {owner} must be {target.__name__}, got {values[name]!r}") from None
         converted[name] = value
     return options_cls(**converted)

@@ -184,7 +184,8 @@ class Registry:
             except (TypeError, ValueError):
                 parameters = {}
             takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-            accepted = [n for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in kwargs]
+            named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            accepted = [n for n, p in list(parameters.items())[len(args):] if p.kind in named and n not in kwargs]
             unknown = sorted(set(options) - set(accepted))
             if unknown and not takes_any:
                 raise ConfigError(

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from suncet.checkpoint import newest_loadable
 from suncet.compare import METRICS, X_AXES
 from suncet.config import build_config, config_fields, load_yaml
 from suncet.errors import ConfigError
@@ -67,9 +68,11 @@ def load_sweep(path: Path) -> Sweep:
     for key in sweep.panels:
         if key not in grid:
             raise ConfigError(f"{path}: compare.panels names '{key}', which is not a grid key")
-    # Every combination must be a valid configuration before anything runs.
-    for _, values in expand(sweep):
-        build_config(overrides=values)
+    # Every combination must be a valid configuration, logging the compared metric, before anything runs.
+    logging_key = {"linear_top1": "probe_every", "knn_top1": "monitor_every"}[sweep.metric]
+    for name, values in expand(sweep):
+        if getattr(build_config(overrides=values), logging_key) == 0:
+            raise ConfigError(f"{path}: run {name} does not log {sweep.metric}; set {logging_key} above 0 in base")
     return sweep
 
 
@@ -83,17 +86,21 @@ def expand(sweep: Sweep) -> list[tuple[str, dict[str, Any]]]:
     runs = []
     for combination in itertools.product(*(sweep.grid[k] for k in keys)):
         values = {**sweep.base, **dict(zip(keys, combination))}
-        name = "-".join(f"{k.replace('_', '')}{_slug(v)}" for k, v in zip(keys, combination))
-        runs.append((name, values))
+        runs.append((slug_of(zip(keys, combination)), values))
+    names = [name for name, _ in runs]
+    if len(set(names)) != len(names):
+        raise ConfigError("two grid combinations map to one run directory name; make the grid values distinct")
     return runs
 
 
+def slug_of(items) -> str:
+    return "-".join(f"{k.replace('_', '')}{_slug(v)}" for k, v in items)
+
+
 def is_finished(run_dir: Path, epochs: int) -> bool:
-    metrics = run_dir / "metrics.csv"
-    if not metrics.is_file() or not (run_dir / "checkpoints" / "last.pt").is_file():
-        return False
-    lines = [line for line in metrics.read_text().splitlines()[1:] if line.strip()]
-    return bool(lines) and int(lines[-1].split(",")[0]) >= epochs
+    """Finished when the newest checkpoint that loads says all epochs ran."""
+    found = newest_loadable(run_dir / "checkpoints")
+    return found is not None and found[1]["progress"]["epoch"] >= epochs
 
 
 def panel_of(values: dict[str, Any], panels: list[str]) -> tuple:

@@ -10,20 +10,21 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import torch
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
 from suncet.augment import override_recipe
 from suncet.checkpoint import CheckpointError, load_checkpoint, newest_loadable, save_rotating
-from suncet.config import TrainConfig, build_config, is_label_file, parse_every, to_yaml
+from suncet.config import TrainConfig, config_from_saved, is_label_file, load_yaml, parse_every, to_yaml
 from suncet.data import ImageDataset, ImageSource, InMemoryImages
 from suncet.errors import ConfigError, SuncetError
 from suncet.evaluation import extract_features, finetune, knn_classify, linear_probe, raw_pixel_baseline
@@ -57,15 +58,6 @@ class TrainingStopped(SuncetError):
         self.exit_code = exit_code
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA device is available here")
-    return device
-
-
 def default_run_dir(config: TrainConfig) -> Path:
     labels = config.labels.replace("%", "pct").replace("/", "per")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -84,6 +76,7 @@ class Run:
     method: Method
     optimizer: torch.optim.Optimizer
     unlabeled: ImageSource
+    train_images: ImageSource  # the training split where the pipeline reads it (labeled images)
     unlabeled_sampler: UnlabeledSampler
     labeled_sampler: ClassStratifiedSampler | None
 
@@ -190,6 +183,12 @@ def assemble(config: TrainConfig, run_dir: Path, labeled: Tensor | None = None) 
         momentum=config.momentum,
         options=config.optimizer_options,
     )
+    on_device = config.data_pipeline == "device"
+    train_images = _on_device(dataset.train, device) if on_device else dataset.train
+    if dataset.extra_unlabeled is None:
+        unlabeled = train_images
+    elif on_device:
+        unlabeled = _on_device(unlabeled, device)
     return Run(
         config=config,
         run_dir=run_dir,
@@ -198,7 +197,8 @@ def assemble(config: TrainConfig, run_dir: Path, labeled: Tensor | None = None) 
         labeled=labeled,
         method=method,
         optimizer=optimizer,
-        unlabeled=_on_device(unlabeled, device) if config.data_pipeline == "device" else unlabeled,
+        unlabeled=unlabeled,
+        train_images=train_images,
         unlabeled_sampler=unlabeled_sampler,
         labeled_sampler=labeled_sampler,
     )
@@ -253,23 +253,20 @@ class Meters:
             self.sums[key] = self.sums.get(key, 0.0) + value
         self.steps += 1
 
-    def means(self) -> dict[str, float]:
-        """Means over the epoch's steps, and over ranks."""
+    def means(self, device: torch.device) -> dict[str, float]:
+        """Means over the epoch's steps, and over ranks (the reduction runs where NCCL can)."""
         keys = sorted(self.sums)
-        totals = distributed.all_reduce_sum(torch.tensor([self.sums[k] for k in keys] + [self.steps], dtype=torch.float64))
-        return {key: (totals[i] / max(1.0, totals[-1].item())).item() for i, key in enumerate(keys)}
+        values = torch.tensor([self.sums[k] for k in keys] + [self.steps], dtype=torch.float64, device=device)
+        totals = distributed.all_reduce_sum(values).tolist()
+        return {key: totals[i] / max(1.0, totals[-1]) for i, key in enumerate(keys)}
 
     def state_dict(self) -> dict:
         return {"sums": dict(self.sums), "steps": self.steps}
 
 
-def _write_metrics_row(path: Path, row: dict) -> None:
-    rows = []
-    if path.exists():
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    rows.append({k: ("" if v is None else v) for k, v in row.items()})
-    fields = list(dict.fromkeys(key for r in rows for key in r))
+def _rewrite_metrics(path: Path, rows: list[dict]) -> None:
+    """Write ``rows`` to ``path`` through a temporary file, so a crash leaves the old file whole."""
+    fields = list(dict.fromkeys(key for r in rows for key in r)) or ["epoch"]
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, restval="")
@@ -278,32 +275,36 @@ def _write_metrics_row(path: Path, row: dict) -> None:
     tmp.replace(path)
 
 
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _write_metrics_row(path: Path, row: dict) -> None:
+    _rewrite_metrics(path, [*_read_metrics(path), {k: ("" if v is None else v) for k, v in row.items()}])
+
+
 def _truncate_metrics(path: Path, completed_epochs: int) -> None:
     """Drop rows of epochs the checkpoint does not cover (written after it, then lost)."""
-    if not path.exists():
-        return
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        fields, rows = reader.fieldnames or [], [r for r in reader if int(r["epoch"]) <= completed_epochs]
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    if path.exists():
+        _rewrite_metrics(path, [r for r in _read_metrics(path) if int(r["epoch"]) <= completed_epochs])
 
 
 def make_pipeline(run: Run, seed: int) -> DevicePipeline | WorkerPipeline:
     method, recipe, device = run.method, run.dataset.recipe, run.device
     if run.config.data_pipeline == "workers":
-        return WorkerPipeline(run.unlabeled, run.dataset.train, recipe, method.global_views, method.local_views,
+        return WorkerPipeline(run.unlabeled, run.train_images, recipe, method.global_views, method.local_views,
                               device, seed, num_workers=run.config.num_workers)
-    return DevicePipeline(run.unlabeled, _on_device(run.dataset.train, device), recipe,
-                          method.global_views, method.local_views, device, seed)
+    return DevicePipeline(run.unlabeled, run.train_images, recipe, method.global_views, method.local_views, device, seed)
 
 
 def _checkpoint_state(run: Run, pipeline: DevicePipeline | WorkerPipeline, progress: dict, meters: Meters, sampler_state: dict | None) -> dict:
     """Everything needed to continue exactly; every rank's own streams are gathered (call on all ranks)."""
     rank_states = distributed.all_gather_objects(
-        {"pipeline": pipeline.state_dict(), "labeled_sampler": sampler_state, "meters": meters.state_dict()}
+        {"pipeline": pipeline.state_dict(), "labeled_sampler": sampler_state, "meters": meters.state_dict(),
+         "method": run.method.rank_state()}
     )
     state = {
         "model": run.method.state_dict(),
@@ -317,8 +318,8 @@ def _checkpoint_state(run: Run, pipeline: DevicePipeline | WorkerPipeline, progr
         # loss sums of the epoch so far.
         "ranks": rank_states,
     }
-    if torch.cuda.is_available():
-        state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    if run.device.type == "cuda":
+        state["rng"]["cuda"] = torch.cuda.get_rng_state(run.device)
     return state
 
 
@@ -326,13 +327,14 @@ def _restore(run: Run, state: dict, pipeline: DevicePipeline | WorkerPipeline) -
     run.method.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if "cuda" in state["rng"] and run.device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"]["cuda"], run.device)
     if len(state["ranks"]) != distributed.world_size():
         raise CheckpointError(
             f"the checkpoint was written by {len(state['ranks'])} process(es); resume it with as many (now {distributed.world_size()})"
         )
     mine = state["ranks"][distributed.rank()]
+    run.method.load_rank_state(mine["method"])
     pipeline.load_state_dict(mine["pipeline"])
     if run.labeled_sampler is not None and mine["labeled_sampler"] is not None:
         run.labeled_sampler.load_state_dict(mine["labeled_sampler"])
@@ -365,25 +367,24 @@ def prepare_run_dir(config: TrainConfig, run_dir: Path | None, overwrite: bool) 
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:
+    """The configuration a run was started with, exactly as saved (no preset applied again)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return build_config(overrides=values)
+    return config_from_saved(load_yaml(path), path)
 
 
-def find_checkpoint(run_dir: Path, fallback: bool, report=None) -> dict:
-    """The checkpoint to resume ``run_dir`` from: ``last.pt``, or with ``fallback`` the newest
-    one that loads (a truncated or corrupt newest file is skipped and reported)."""
+def find_checkpoint(run_dir: Path, fallback: bool, report=None) -> dict | None:
+    """The checkpoint to resume ``run_dir`` from: ``last.pt`` (an error if it cannot be read);
+    with ``fallback``, or when there is no ``last.pt``, the newest one that loads (broken ones
+    are skipped and reported), or None when there is none (the run then starts afresh)."""
     directory = Path(run_dir) / CHECKPOINTS
-    if not fallback:
+    if not fallback and (directory / "last.pt").exists():
         return load_checkpoint(directory / "last.pt")
+    # No last.pt yet: a crash between writing the first numbered checkpoint and linking it.
     found = newest_loadable(directory, report)
     if found is None:
-        raise CheckpointError(f"no loadable checkpoint in {directory}")
+        return None
     path, state = found
     if report is not None:
         report(f"resuming from {path}")
@@ -443,12 +444,17 @@ def train(
     if world > 1:
         if cfg.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # Buffers stay per rank (SwAV's queue holds this rank's embeddings); BatchNorm statistics
+        # are then rank 0's in checkpoints, or shared by all with --sync-bn.
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None,
-            find_unused_parameters=method.may_skip_parameters,
+            find_unused_parameters=method.may_skip_parameters, broadcast_buffers=False,
         )
 
     if main_process:
+        if state is None:
+            # A replaced run's numbered checkpoints would outrank this run's in the rotation.
+            shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
         write_labels(run_dir / LABELS_FILE, run.labeled, cfg.labels)
@@ -494,6 +500,7 @@ def train(
             plans = plan_epoch(run, epoch)
             first = progress["step_in_epoch"]
             epoch_images, epoch_seconds, mark = progress["images_seen"], 0.0, time.perf_counter()
+            checkpoint_at_epoch_end = False
 
             def account_time() -> None:
                 nonlocal epoch_seconds, mark
@@ -510,14 +517,25 @@ def train(
                     terms = model(batch)
                 loss = terms["loss"]
                 optimizer.zero_grad(set_to_none=True)
-                if not agreed(not torch.isfinite(loss)):
+                # One host sync per step for the loss terms and three flags that every rank must
+                # agree on (they decide branches around collectives): a non-finite loss, a stop
+                # request, a checkpoint due (minutes elapse differently on each rank).
+                names = list(terms)
+                flags = torch.tensor(
+                    [0.0, float(stop.requested), float(policy.after_step(progress["global_step"] + 1))], device=device
+                )
+                flags[0] = (~torch.isfinite(loss)).float()
+                flags = distributed.all_reduce_max(flags)
+                host = torch.cat([torch.stack([terms[k].detach().float() for k in names]), flags]).tolist()
+                values, (nonfinite, stopping, due) = dict(zip(names, host)), host[len(names):]
+                if not nonfinite:
                     loss.backward()
                     optimizer.step()
                     method.after_optimizer_step(progress["global_step"])
-                    meters.add({k: v.item() for k, v in terms.items()})
+                    meters.add(values)
                 else:
-                    bad = [k for k, v in terms.items() if k != "loss" and not torch.isfinite(v)] or ["loss"]
-                    where = f"epoch {epoch + 1}, step {progress['global_step']}: {bad[0]} = {terms[bad[0]].item()}"
+                    bad = [k for k, v in values.items() if k != "loss" and not math.isfinite(v)] or ["loss"]
+                    where = f"epoch {epoch + 1}, step {progress['global_step']}: {bad[0]} = {values[bad[0]]}"
                     if progress["skipped_steps"] >= cfg.skip_nonfinite:
                         raise NonFiniteLossError(
                             f"non-finite loss at {where}; stopped with the last good checkpoint kept in "
@@ -531,10 +549,10 @@ def train(
                 progress["images_seen"] += images_in(plan) * world
                 rate = (progress["images_seen"] - epoch_images) / max(epoch_seconds + time.perf_counter() - mark, 1e-9)
                 bar.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs}",
-                           status=f"loss {loss.item():.3f} lr {lr:.3g} {rate:,.0f} img/s")
-                stopping = agreed(stop.requested)
-                mid_epoch = progress["step_in_epoch"] < steps_per_epoch
-                if mid_epoch and (stopping or agreed(policy.after_step(progress["global_step"]))):
+                           status=f"loss {values['loss']:.3f} lr {lr:.3g} {rate:,.0f} img/s")
+                if progress["step_in_epoch"] == steps_per_epoch:
+                    checkpoint_at_epoch_end = bool(due)  # the epoch's end writes it, with the metrics
+                elif stopping or due:
                     account_time()
                     checkpoint(epoch_sampler_state)
                     if stopping:
@@ -545,7 +563,7 @@ def train(
                         )
 
             account_time()
-            row = {"epoch": epoch + 1, "step": progress["global_step"], **meters.means(), "lr": lr}
+            row = {"epoch": epoch + 1, "step": progress["global_step"], **meters.means(device), "lr": lr}
             row["images_seen"] = progress["images_seen"]
             row["train_seconds"] = round(progress["train_seconds"], 3)
             row["images_per_second"] = round((progress["images_seen"] - epoch_images) / max(epoch_seconds, 1e-9), 1)
@@ -562,7 +580,7 @@ def train(
             progress.update(epoch=epoch + 1, step_in_epoch=0)
             meters = Meters()
             stopping = agreed(stop.requested)
-            if policy.after_epoch(epoch + 1) or epoch + 1 == cfg.epochs or stopping:
+            if policy.after_epoch(epoch + 1) or checkpoint_at_epoch_end or epoch + 1 == cfg.epochs or stopping:
                 checkpoint(run.labeled_sampler.state_dict() if run.labeled_sampler else None)
             if stopping and epoch + 1 < cfg.epochs:
                 raise TrainingStopped(

@@ -105,7 +105,7 @@ def test_bad_sweep_file(cli, tmp_path):
 
 def test_sweep_shards_split_the_grid(cli, tmp_path):
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({"out": str(tmp_path / "runs"), "grid": {"seed": [0, 1, 2]}}))
+    sweep.write_text(yaml.safe_dump({"out": str(tmp_path / "runs"), "base": {"probe_every": 1}, "grid": {"seed": [0, 1, 2]}}))
     result = cli("sweep", str(sweep), "--dry-run", "--shard", "2/2")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("another shard") == 2 and result.stdout.count("to run") == 1

@@ -23,7 +23,8 @@ def plugin_env(tmp_path_factory):
          "--target", str(target), str(EXAMPLE)],
         check=True, capture_output=True, text=True,
     )
-    return {"PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
+    # No empty entry: it would put the working directory (the checkout's unbuilt suncet/) first.
+    return {"PYTHONPATH": os.pathsep.join(p for p in [str(target), os.environ.get("PYTHONPATH")] if p)}
 
 
 def test_example_plugin_is_listed_with_its_package(cli, plugin_env):

@@ -59,6 +59,14 @@ class SwAV(Method):
     def after_optimizer_step(self, step: int) -> None:
         self.normalize_prototypes()
 
+    def rank_state(self) -> dict[str, Tensor]:
+        # Each rank queues its own embeddings; the checkpoint keeps every rank's queue.
+        return {"queue": self.queue.clone(), "queue_filled": self.queue_filled.clone()}
+
+    def load_rank_state(self, state: dict[str, Tensor]) -> None:
+        self.queue.copy_(state["queue"])
+        self.queue_filled.copy_(state["queue_filled"])
+
     def embed(self, images: Tensor) -> Tensor:
         return F.normalize(self.head(self.backbone(images)).float(), dim=1)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
+from suncet.errors import ConfigError
 from suncet.registry import register_optimizer
 
 
@@ -17,7 +18,7 @@ class LARS(Optimizer):
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 1e-6, trust_coefficient: float = 0.001):
         if trust_coefficient <= 0:
-            raise ValueError(f"trust_coefficient must be positive, got {trust_coefficient}")
+            raise ConfigError(f"optimizer lars: trust_coefficient must be positive, got {trust_coefficient}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, lars_exclude=False)
         super().__init__(params, defaults)
 
