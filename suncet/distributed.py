@@ -71,21 +71,22 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(x: Tensor) -> Tensor:
-    """Sum over ranks, on a copy; no gradient."""
+def _all_reduce(x: Tensor, op: dist.ReduceOp) -> Tensor:
     if not is_distributed():
         return x
     x = x.clone()
-    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    dist.all_reduce(x, op=op)
     return x
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """Sum over ranks, on a copy; no gradient."""
+    return _all_reduce(x, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(x: Tensor) -> Tensor:
-    if not is_distributed():
-        return x
-    x = x.clone()
-    dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return x
+    """Maximum over ranks, on a copy; no gradient."""
+    return _all_reduce(x, dist.ReduceOp.MAX)
 
 
 def all_gather_plain(x: Tensor) -> Tensor:
