@@ -3,8 +3,9 @@
 ``WorkerPipeline`` has ``DevicePipeline``'s interface. A torch DataLoader whose items are whole
 steps runs in ``num_workers`` persistent processes; each worker loads a step's uint8 images
 (decoding files there, for image folders) and applies torchvision.transforms.v2 per image
-(RandomResizedCrop, flip, ColorJitter, grayscale, blur, solarize, ToDtype, Normalize) from the
-same ``AugmentRecipe`` as the device path. Every image's randomness is seeded from (seed, epoch,
+(RandomResizedCrop, flip, ColorJitter, grayscale, blur, solarize) from the same ``AugmentRecipe``
+as the device path. Views cross the process boundary as uint8, a quarter of the bytes of float
+pixels; torchvision's ToDtype and Normalize then run once per batch where the views arrive. Every image's randomness is seeded from (seed, epoch,
 step, stream, position, view), so views depend neither on the number of workers nor on where an
 epoch was resumed, and there is no generator state to checkpoint.
 """
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from suncet.augment import AugmentRecipe, CropSpec, blur_kernel_size
 from suncet.data import ImageSource, InMemoryImages
@@ -44,8 +46,9 @@ def image_seed(*key: int) -> int:
     return state >> 1
 
 
-def image_transform(recipe: AugmentRecipe, crop: CropSpec) -> v2.Compose:
-    """The recipe as a torchvision v2 pipeline on one uint8 [C, H, W] image; float, normalised out."""
+def image_transform(recipe: AugmentRecipe, crop: CropSpec, normalize: bool = True) -> v2.Compose:
+    """The recipe as a torchvision v2 pipeline on one uint8 [C, H, W] image: float and normalised
+    out, or still uint8 without ``normalize`` (then ``normalize_views`` finishes a whole batch)."""
     steps: list = [v2.RandomResizedCrop(crop.size, scale=crop.scale, ratio=recipe.ratio, antialias=True)]
     if recipe.flip_p > 0:
         steps.append(v2.RandomHorizontalFlip(recipe.flip_p))
@@ -61,8 +64,14 @@ def image_transform(recipe: AugmentRecipe, crop: CropSpec) -> v2.Compose:
     if recipe.solarize_p > 0:
         # 128 on uint8 is the device path's 0.5 on [0, 1] floats.
         steps.append(v2.RandomSolarize(threshold=128, p=recipe.solarize_p))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(recipe.mean), list(recipe.std))]
+    if normalize:
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(recipe.mean), list(recipe.std))]
     return v2.Compose(steps)
+
+
+def normalize_views(views: Tensor, recipe: AugmentRecipe) -> Tensor:
+    """torchvision's ToDtype(float32, scale=True) and Normalize on a uint8 [B, C, H, W] batch."""
+    return TF.normalize(TF.to_dtype(views, torch.float32, scale=True), list(recipe.mean), list(recipe.std))
 
 
 class _StepViews(Dataset):
@@ -72,8 +81,8 @@ class _StepViews(Dataset):
                  global_views: int, local_views: int, seed: int):
         self.unlabeled, self.labeled = unlabeled, labeled
         self.global_views, self.local_views = global_views, local_views
-        self.global_transform = image_transform(recipe, recipe.global_crop)
-        self.local_transform = image_transform(recipe, recipe.local_crop)
+        self.global_transform = image_transform(recipe, recipe.global_crop, normalize=False)
+        self.local_transform = image_transform(recipe, recipe.local_crop, normalize=False)
         self.seed = seed
 
     def _views(self, images: Tensor, transform: v2.Compose, key: tuple[int, ...], view: int) -> Tensor:
@@ -159,6 +168,7 @@ class WorkerPipeline:
                     "use the device pipeline, or decode_device=cpu"
                 )
         self.device = torch.device(device)
+        self.recipe = recipe
         self.steps = _StepViews(_on_cpu(unlabeled), _on_cpu(labeled), recipe, global_views, local_views, seed)
         self.sampler = _PlannedSteps()
         self.loader = DataLoader(
@@ -178,16 +188,19 @@ class WorkerPipeline:
             (epoch, first_step + offset, _indices(plan.unlabeled), _indices(plan.labeled))
             for offset, plan in enumerate(plans)
         ]
+        def arrived(views: Tensor) -> Tensor:
+            return normalize_views(views.to(self.device, non_blocking=True), self.recipe)
+
         for offset, views in enumerate(self.loader):
             plan = plans[offset]
             batch = TrainBatch(
-                global_views=[v.to(self.device, non_blocking=True) for v in views["global"]],
-                local_views=[v.to(self.device, non_blocking=True) for v in views["local"]],
+                global_views=[arrived(v) for v in views["global"]],
+                local_views=[arrived(v) for v in views["local"]],
                 epoch=epoch,
                 step=first_step + offset,
             )
             if views["labeled"] is not None:
-                batch.labeled = views["labeled"].to(self.device, non_blocking=True)
+                batch.labeled = arrived(views["labeled"])
                 batch.labels = plan.labels.to(self.device)
             yield batch
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import suncet
 
 
@@ -47,3 +49,25 @@ def test_bad_label_spec_is_one_line(cli, tmp_path):
     result = cli("train", "--labels", "150%", "--out", str(tmp_path / "run"))
     assert result.returncode == 2
     assert "--labels 150%" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_kernels_writes_figures_for_the_cpu_backends(cli, tmp_path):
+    report = tmp_path / "kernels.json"
+    result = cli("bench", "kernels", "--device", "cpu", "--n", "64", "--d", "16", "--dtype", "fp32",
+                 "--backend", "cpu,reference", "--repeats", "2", "--warmup", "1", "--json", str(report))
+    assert result.returncode == 0, result.stderr
+    results = json.loads(report.read_text())["results"]
+    assert {r["backend"] for r in results} == {"cpu", "reference"}
+    assert all(r["n"] == 64 and r["d"] == 16 and r["error"] is None and r["step_ms"] > 0 for r in results)
+
+
+def test_bench_data_times_every_path_against_the_torchvision_loader(cli, tmp_path):
+    report = tmp_path / "data.json"
+    result = cli("bench", "data", "--device", "cpu", "--resolution", "32", "--batch", "8", "--steps", "1",
+                 "--workers", "0", "--seconds", "0.01", "--decode-files", "2", "--no-train", "--json", str(report))
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(report.read_text())["figures"]
+    paths = {(f["measurement"], f["path"]) for f in figures}
+    assert ("pipeline", "torchvision DataLoader (baseline)") in paths and ("pipeline", "workers") in paths
+    assert ("augment", "torchvision v2 per image") in paths and ("decode", "jpeg -> 256 px (cpu)") in paths
+    assert all(f["rate"] > 0 for f in figures)

@@ -26,7 +26,7 @@ from suncet.augment import (
 from suncet.data import InMemoryImages
 from suncet.errors import ConfigError
 from suncet.pipeline import DevicePipeline, StepPlan
-from suncet.worker_pipeline import WorkerPipeline, image_seed
+from suncet.worker_pipeline import LABELED_STREAM, UNLABELED_STREAM, WorkerPipeline, image_seed, image_transform
 
 CPU = torch.device("cpu")
 
@@ -121,6 +121,27 @@ def test_worker_path_refuses_gpu_decoding_and_negative_workers():
         WorkerPipeline(data, data, recipe(), 2, 0, CPU, 0, num_workers=1)
     with pytest.raises(ConfigError, match="num_workers must be at least 0"):
         WorkerPipeline(source(), source(), recipe(), 2, 0, CPU, 0, num_workers=-1)
+
+
+def test_worker_views_are_torchvisions_full_per_image_pipeline():
+    # Workers stop at uint8 and the batch is normalised where it arrives: the views must be exactly
+    # those of the whole torchvision pipeline (ToDtype and Normalize included) run per image.
+    data, r, seed, epoch, step = source(), recipe(), 3, 2, 5
+    (batch,) = run(num_workers=1, seed=seed, steps=plans(steps=1), epoch=epoch, first_step=step)
+    full_global, full_local = image_transform(r, r.global_crop), image_transform(r, r.local_crop)
+
+    def expected(indices, transform, stream, view):
+        views = []
+        for position, index in enumerate(indices):
+            torch.manual_seed(image_seed(seed, epoch, step, stream, position, view))
+            views.append(transform(data.images[index]))
+        return torch.stack(views)
+
+    plan = plans(steps=1)[0]
+    for view in range(2):
+        assert torch.equal(batch.global_views[view], expected(plan.unlabeled, full_global, UNLABELED_STREAM, view))
+        assert torch.equal(batch.local_views[view], expected(plan.unlabeled, full_local, UNLABELED_STREAM, 2 + view))
+    assert torch.equal(batch.labeled, expected(plan.labeled, full_global, LABELED_STREAM, 0))
 
 
 def test_image_seed_mixes_every_part():

@@ -4,7 +4,9 @@ Figures (views/s: augmented views delivered per second; images/s for decoding an
   augment      one view per image of a uint8 batch: torchvision v2 per image in this process
                (the baseline), BatchAugment on the device, and kornia.augmentation when installed
   pipeline     whole steps (2 global views per image) through ``DevicePipeline`` (load, copy,
-               augment on the device) and ``WorkerPipeline`` (N loader processes, pinned copies)
+               augment on the device), ``WorkerPipeline`` (N loader processes, pinned copies) and,
+               as the baseline, the usual torchvision loader: a per-image Dataset applying the
+               full v2 pipeline twice, in a DataLoader with N workers and default collation
   decode       JPEG files of an image folder decoded and fitted to 256 px (CPU; GPU with CUDA)
   train        one SimCLR step (forward, backward, optimizer) fed by each pipeline from CIFAR-format
                files, against the same step on synthetic views already on the device
@@ -133,6 +135,20 @@ def kornia_figure(recipe: AugmentRecipe, images: torch.Tensor, resolution: int, 
     return Figure("augment", f"kornia ({device.type})", resolution, len(images), rate, "views/s")
 
 
+class _TorchvisionViews(torch.utils.data.Dataset):
+    """The textbook torchvision loader item: two augmented, normalised views of one image."""
+
+    def __init__(self, images: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor]):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index]
+        return self.transform(image), self.transform(image)
+
+
 def _plans(n_images: int, batch: int, steps: int, seed: int) -> list[StepPlan]:
     order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed))
     return [StepPlan(order[s * batch : (s + 1) * batch], None, None) for s in range(steps)]
@@ -140,7 +156,7 @@ def _plans(n_images: int, batch: int, steps: int, seed: int) -> list[StepPlan]:
 
 def pipeline_figures(resolution: int, batch: int, steps: int, device: torch.device, workers: list[int],
                      seconds: float) -> list[Figure]:
-    from suncet.worker_pipeline import WorkerPipeline
+    from suncet.worker_pipeline import WorkerPipeline, image_transform
 
     recipe = recipe_for(resolution)
     n_images = batch * steps
@@ -159,12 +175,26 @@ def pipeline_figures(resolution: int, batch: int, steps: int, device: torch.devi
     figures.append(Figure("pipeline", f"device ({device.type})", resolution, batch,
                           measure(lambda: drain(device_pipeline), views, device, seconds), "views/s",
                           notes=["decoded images resident on the device"]))
+    copies = "pinned copies" if device.type == "cuda" else "views stay on the host"
     for count in workers:
+        loader = torch.utils.data.DataLoader(
+            _TorchvisionViews(host.images, image_transform(recipe, recipe.global_crop)), batch_size=batch, shuffle=True,
+            num_workers=count, persistent_workers=count > 0, pin_memory=device.type == "cuda",
+        )
+
+        def drain_loader() -> None:
+            for first, second in loader:
+                first.to(device, non_blocking=True), second.to(device, non_blocking=True)
+
+        figures.append(Figure("pipeline", "torchvision DataLoader (baseline)", resolution, batch,
+                              measure(drain_loader, views, device, seconds), "views/s", workers=count,
+                              notes=["per-image Dataset, default collate", copies]))
+        del loader  # its workers exit before the next figure
         worker_pipeline = WorkerPipeline(host, host, recipe, 2, 0, device, seed=0, num_workers=count)
         figures.append(Figure("pipeline", "workers", resolution, batch,
                               measure(partial(drain, worker_pipeline), views, device, seconds), "views/s", workers=count,
-                              notes=["pinned copies" if device.type == "cuda" else "views stay on the host"]))
-        del worker_pipeline  # its workers exit before the next figure
+                              notes=[copies]))
+        del worker_pipeline
     return figures
 
 
