@@ -38,7 +38,7 @@ def init_from_environment(device_name: str) -> torch.device:
     device = resolve_device(device_name)
     if not launched_by_torchrun() or dist.is_initialized():
         if dist.is_initialized() and device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return device
     if device.type == "cuda":
         local_rank = int(os.environ["LOCAL_RANK"])

@@ -4,8 +4,11 @@
 steps runs in ``num_workers`` persistent processes; each worker loads a step's uint8 images
 (decoding files there, for image folders) and applies torchvision.transforms.v2 per image
 (RandomResizedCrop, flip, ColorJitter, grayscale, blur, solarize) from the same ``AugmentRecipe``
-as the device path. Views cross the process boundary as uint8, a quarter of the bytes of float
-pixels; torchvision's ToDtype and Normalize then run once per batch where the views arrive. Every image's randomness is seeded from (seed, epoch,
+as the device path. Views are stacked straight into shared memory (torch's default_collate),
+so they reach the training process without another copy. On a CPU run ToDtype and Normalize
+end each image's pipeline in the worker, where the image is still in cache; a CUDA run ships
+uint8 views (a quarter of the bytes, over shared memory and PCIe) and normalises the batch on the
+GPU. Every image's randomness is seeded from (seed, epoch,
 step, stream, position, view), so views depend neither on the number of workers nor on where an
 epoch was resumed, and there is no generator state to checkpoint.
 """
@@ -17,7 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -48,7 +51,7 @@ def image_seed(*key: int) -> int:
 
 def image_transform(recipe: AugmentRecipe, crop: CropSpec, normalize: bool = True) -> v2.Compose:
     """The recipe as a torchvision v2 pipeline on one uint8 [C, H, W] image: float and normalised
-    out, or still uint8 without ``normalize`` (then ``normalize_views`` finishes a whole batch)."""
+    out, or still uint8 without ``normalize`` (``normalize_views`` then finishes the batch)."""
     steps: list = [v2.RandomResizedCrop(crop.size, scale=crop.scale, ratio=recipe.ratio, antialias=True)]
     if recipe.flip_p > 0:
         steps.append(v2.RandomHorizontalFlip(recipe.flip_p))
@@ -78,20 +81,22 @@ class _StepViews(Dataset):
     """Item (epoch, step, unlabeled indices, labeled indices) -> that step's views, built in a worker."""
 
     def __init__(self, unlabeled: ImageSource, labeled: ImageSource, recipe: AugmentRecipe,
-                 global_views: int, local_views: int, seed: int):
+                 global_views: int, local_views: int, seed: int, normalize: bool):
         self.unlabeled, self.labeled = unlabeled, labeled
         self.global_views, self.local_views = global_views, local_views
-        self.global_transform = image_transform(recipe, recipe.global_crop, normalize=False)
-        self.local_transform = image_transform(recipe, recipe.local_crop, normalize=False)
+        self.global_transform = image_transform(recipe, recipe.global_crop, normalize)
+        self.local_transform = image_transform(recipe, recipe.local_crop, normalize)
         self.seed = seed
 
-    def _views(self, images: Tensor, transform: v2.Compose, key: tuple[int, ...], view: int) -> Tensor:
-        views = []
+    def _views(self, images: Tensor, transforms: list[v2.Compose], key: tuple[int, ...]) -> list[Tensor]:
+        """Every view of one image before the next image (it stays in cache); one batch per view."""
+        views: list[list[Tensor]] = [[] for _ in transforms]
         for position, image in enumerate(images):
-            # v2 transforms draw from the default CPU generator (and only from it).
-            torch.default_generator.manual_seed(image_seed(self.seed, *key, position, view))
-            views.append(transform(image))
-        return torch.stack(views)
+            for view, transform in enumerate(transforms):
+                # v2 transforms draw from the default CPU generator (and only from it).
+                torch.default_generator.manual_seed(image_seed(self.seed, *key, position, view))
+                views[view].append(transform(image))
+        return [default_collate(batch) for batch in views]
 
     def __getitem__(self, item: tuple) -> dict:
         epoch, step, unlabeled, labeled = item
@@ -105,15 +110,12 @@ class _StepViews(Dataset):
             with torch.random.fork_rng(devices=[]):
                 if unlabeled is not None:
                     images = self.unlabeled.load(torch.from_numpy(unlabeled)).cpu()
-                    key = (epoch, step, UNLABELED_STREAM)
-                    out["global"] = [self._views(images, self.global_transform, key, v) for v in range(self.global_views)]
-                    out["local"] = [
-                        self._views(images, self.local_transform, key, self.global_views + v)
-                        for v in range(self.local_views)
-                    ]
+                    transforms = [self.global_transform] * self.global_views + [self.local_transform] * self.local_views
+                    views = self._views(images, transforms, (epoch, step, UNLABELED_STREAM))
+                    out["global"], out["local"] = views[: self.global_views], views[self.global_views :]
                 if labeled is not None:
                     images = self.labeled.load(torch.from_numpy(labeled)).cpu()
-                    out["labeled"] = self._views(images, self.global_transform, (epoch, step, LABELED_STREAM), 0)
+                    (out["labeled"],) = self._views(images, [self.global_transform], (epoch, step, LABELED_STREAM))
         finally:
             torch.set_num_threads(threads)
         return out
@@ -169,7 +171,9 @@ class WorkerPipeline:
                 )
         self.device = torch.device(device)
         self.recipe = recipe
-        self.steps = _StepViews(_on_cpu(unlabeled), _on_cpu(labeled), recipe, global_views, local_views, seed)
+        self.normalize_on_arrival = self.device.type != "cpu"
+        self.steps = _StepViews(_on_cpu(unlabeled), _on_cpu(labeled), recipe, global_views, local_views, seed,
+                                normalize=not self.normalize_on_arrival)
         self.sampler = _PlannedSteps()
         self.loader = DataLoader(
             self.steps,
@@ -189,7 +193,8 @@ class WorkerPipeline:
             for offset, plan in enumerate(plans)
         ]
         def arrived(views: Tensor) -> Tensor:
-            return normalize_views(views.to(self.device, non_blocking=True), self.recipe)
+            views = views.to(self.device, non_blocking=True)
+            return normalize_views(views, self.recipe) if self.normalize_on_arrival else views
 
         for offset, views in enumerate(self.loader):
             plan = plans[offset]

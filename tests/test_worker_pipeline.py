@@ -26,7 +26,15 @@ from suncet.augment import (
 from suncet.data import InMemoryImages
 from suncet.errors import ConfigError
 from suncet.pipeline import DevicePipeline, StepPlan
-from suncet.worker_pipeline import LABELED_STREAM, UNLABELED_STREAM, WorkerPipeline, image_seed, image_transform
+from suncet.worker_pipeline import (
+    LABELED_STREAM,
+    UNLABELED_STREAM,
+    WorkerPipeline,
+    _StepViews,
+    image_seed,
+    image_transform,
+    normalize_views,
+)
 
 CPU = torch.device("cpu")
 
@@ -123,25 +131,38 @@ def test_worker_path_refuses_gpu_decoding_and_negative_workers():
         WorkerPipeline(source(), source(), recipe(), 2, 0, CPU, 0, num_workers=-1)
 
 
+def full_pipeline_views(data, r, seed, epoch, step, indices, crop, stream, view):
+    """Independent reference: torchvision's whole v2 pipeline, image by image, seeded as documented."""
+    transform = image_transform(r, crop)
+    views = []
+    for position, index in enumerate(indices):
+        torch.manual_seed(image_seed(seed, epoch, step, stream, position, view))
+        views.append(transform(data.images[index]))
+    return torch.stack(views)
+
+
 def test_worker_views_are_torchvisions_full_per_image_pipeline():
-    # Workers stop at uint8 and the batch is normalised where it arrives: the views must be exactly
-    # those of the whole torchvision pipeline (ToDtype and Normalize included) run per image.
     data, r, seed, epoch, step = source(), recipe(), 3, 2, 5
-    (batch,) = run(num_workers=1, seed=seed, steps=plans(steps=1), epoch=epoch, first_step=step)
-    full_global, full_local = image_transform(r, r.global_crop), image_transform(r, r.local_crop)
-
-    def expected(indices, transform, stream, view):
-        views = []
-        for position, index in enumerate(indices):
-            torch.manual_seed(image_seed(seed, epoch, step, stream, position, view))
-            views.append(transform(data.images[index]))
-        return torch.stack(views)
-
-    plan = plans(steps=1)[0]
+    (plan,) = plans(steps=1)
+    (batch,) = WorkerPipeline(data, data, r, 2, 2, CPU, seed, num_workers=1).batches([plan], epoch, step)
     for view in range(2):
-        assert torch.equal(batch.global_views[view], expected(plan.unlabeled, full_global, UNLABELED_STREAM, view))
-        assert torch.equal(batch.local_views[view], expected(plan.unlabeled, full_local, UNLABELED_STREAM, 2 + view))
-    assert torch.equal(batch.labeled, expected(plan.labeled, full_global, LABELED_STREAM, 0))
+        expected = full_pipeline_views(data, r, seed, epoch, step, plan.unlabeled, r.global_crop, UNLABELED_STREAM, view)
+        assert torch.equal(batch.global_views[view], expected)
+        expected = full_pipeline_views(data, r, seed, epoch, step, plan.unlabeled, r.local_crop, UNLABELED_STREAM, 2 + view)
+        assert torch.equal(batch.local_views[view], expected)
+    expected = full_pipeline_views(data, r, seed, epoch, step, plan.labeled, r.global_crop, LABELED_STREAM, 0)
+    assert torch.equal(batch.labeled, expected)
+
+
+def test_uint8_views_normalised_on_arrival_equal_the_full_pipeline():
+    # What a CUDA run does: workers stop at uint8, the batch is normalised once on the GPU.
+    data, r, seed, epoch, step = source(), recipe(), 3, 2, 5
+    (plan,) = plans(steps=1)
+    views = _StepViews(data, data, r, 2, 0, seed, normalize=False)[(epoch, step, plan.unlabeled.numpy(), None)]
+    for view, uint8_views in enumerate(views["global"]):
+        assert uint8_views.dtype == torch.uint8
+        expected = full_pipeline_views(data, r, seed, epoch, step, plan.unlabeled, r.global_crop, UNLABELED_STREAM, view)
+        assert torch.equal(normalize_views(uint8_views, r), expected)
 
 
 def test_image_seed_mixes_every_part():

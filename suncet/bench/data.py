@@ -149,6 +149,11 @@ class _TorchvisionViews(torch.utils.data.Dataset):
         return self.transform(image), self.transform(image)
 
 
+def _drain_loader(loader: torch.utils.data.DataLoader, device: torch.device) -> None:
+    for first, second in loader:
+        first.to(device, non_blocking=True), second.to(device, non_blocking=True)
+
+
 def _plans(n_images: int, batch: int, steps: int, seed: int) -> list[StepPlan]:
     order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed))
     return [StepPlan(order[s * batch : (s + 1) * batch], None, None) for s in range(steps)]
@@ -181,13 +186,8 @@ def pipeline_figures(resolution: int, batch: int, steps: int, device: torch.devi
             _TorchvisionViews(host.images, image_transform(recipe, recipe.global_crop)), batch_size=batch, shuffle=True,
             num_workers=count, persistent_workers=count > 0, pin_memory=device.type == "cuda",
         )
-
-        def drain_loader() -> None:
-            for first, second in loader:
-                first.to(device, non_blocking=True), second.to(device, non_blocking=True)
-
         figures.append(Figure("pipeline", "torchvision DataLoader (baseline)", resolution, batch,
-                              measure(drain_loader, views, device, seconds), "views/s", workers=count,
+                              measure(partial(_drain_loader, loader, device), views, device, seconds), "views/s", workers=count,
                               notes=["per-image Dataset, default collate", copies]))
         del loader  # its workers exit before the next figure
         worker_pipeline = WorkerPipeline(host, host, recipe, 2, 0, device, seed=0, num_workers=count)
