@@ -78,7 +78,15 @@ def train(config_file, backbone_opt, method_opt, optimizer_opt, augment_opt, dat
 
     Example: suncet train --method simclr --labels 10%
     """
-    from suncet.trainer import evaluate_run, find_checkpoint, load_run_config, load_trained, prepare_run_dir, write_json
+    from suncet.trainer import (
+        TrainingStopped,
+        evaluate_run,
+        find_checkpoint,
+        load_run_config,
+        load_trained,
+        prepare_run_dir,
+        write_json,
+    )
     from suncet.trainer import train as run_training
 
     from suncet import distributed
@@ -123,15 +131,19 @@ def train(config_file, backbone_opt, method_opt, optimizer_opt, augment_opt, dat
         if state is None:
             console.print(f"no checkpoint in {run_dir}: the run starts from the beginning")
 
-    run_training(config, run_dir, state=state, console=console)
-    if not distributed.is_main_process():
-        return
-    console.print(f"run written to {run_dir}")
-    if config.final_eval != "none":
-        run = load_trained(run_dir)
-        result = evaluate_run(run, config.final_eval, baseline=True)
-        write_json(run_dir / f"eval_{config.final_eval}.json", result)
-        print_scores(result, title=f"{config.final_eval} evaluation of {run_dir}")
+    try:
+        run_training(config, run_dir, state=state, console=console)
+    except TrainingStopped:
+        distributed.shutdown()  # every rank agreed to stop: no collective is pending
+        raise
+    if distributed.is_main_process():
+        console.print(f"run written to {run_dir}")
+        if config.final_eval != "none":
+            run = load_trained(run_dir)
+            result = evaluate_run(run, config.final_eval, baseline=True)
+            write_json(run_dir / f"eval_{config.final_eval}.json", result)
+            print_scores(result, title=f"{config.final_eval} evaluation of {run_dir}")
+    distributed.shutdown()
 
 
 def launch_torchrun(nproc: int) -> None:

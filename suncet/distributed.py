@@ -6,6 +6,7 @@ CPU, one GPU or many.
 
 from __future__ import annotations
 
+import gc
 import os
 from datetime import timedelta
 
@@ -48,6 +49,19 @@ def init_from_environment(device_name: str) -> torch.device:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
     return device
+
+
+def shutdown() -> None:
+    """Leave the process group while the interpreter is still whole, once no collective is pending.
+
+    Exiting without it can abort a finished run: gloo's worker thread may still hold the last
+    collective's tensors when the interpreter finalises, and freeing them there raises SIGABRT
+    ("terminate called without an active exception"; pytorch/pytorch#190489). DDP wrappers in
+    reference cycles keep the group alive, hence the collection first.
+    """
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from conftest import SUNCET
+from suncet.distributed import shutdown
 from suncet.kernels import backend_status
 from suncet.losses import nt_xent, nt_xent_and_suncet, sinkhorn, suncet_loss, swapped_prediction_loss
 
@@ -70,7 +71,8 @@ def rank_worker(r, init_file, backend, results):
         # Plain lists: tensors in a queue would need this process alive until they are read.
         out[name] = (values.item() / WORLD, [p.grad.tolist() for p in model.parameters()])
     results.put((r, out))
-    dist.destroy_process_group()
+    del model
+    shutdown()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
