@@ -85,7 +85,7 @@ step "data pipeline: crop check, suncet bench data, targets"
 if ((NO_GPU)); then
   echo "--- skipped on a CPU box (the data benchmark has its own CPU figures: docs/data.md)" | tee -a "$LOG"
 else
-  run "data check" 200 env LOG="$LOG" bash benchmarks/gpu_data_check.sh
+  run "data check" 230 env LOG="$LOG" bash benchmarks/gpu_data_check.sh
 fi
 
 step "training: torchrun --nproc-per-node 1 equals a plain run; throughput of both paths"

@@ -59,7 +59,7 @@ EOF
 echo "=== suncet bench data" | tee -a "$LOG"
 KORNIA=--no-kornia
 if "$PY" -c "import kornia" 2>/dev/null; then KORNIA=--kornia; fi
-timeout 150 "$PY" -c "import sys; from suncet.cli.main import main; sys.exit(main())" bench data \
+timeout 180 "$PY" -c "import sys; from suncet.cli.main import main; sys.exit(main())" bench data \
   --device cuda --resolution 32,96,224 --workers 12 --steps 4 --seconds 1 --decode-files 64 $KORNIA \
   --json "$OUT/bench_data.json" 2>&1 | tee -a "$LOG" || status=1
 
