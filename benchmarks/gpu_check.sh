@@ -89,7 +89,7 @@ else
 fi
 
 step "training: torchrun --nproc-per-node 1 equals a plain run; throughput of both paths"
-TRAIN_ARGS=(train --dataset digits --backbone resnet18 --batch-size 512 --epochs 4 --labels 10%
+TRAIN_ARGS=(train --dataset digits --backbone resnet18 --batch-size 128 --epochs 8 --labels 10%
             --monitor-every 0 --final-eval none --seed 0)
 if ((NO_GPU)); then TRAIN_ARGS=(train --epochs 2 --monitor-every 0 --final-eval none --seed 0); fi
 RUNS="$(mktemp -d)"
