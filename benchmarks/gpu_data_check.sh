@@ -59,8 +59,10 @@ EOF
 echo "=== suncet bench data" | tee -a "$LOG"
 KORNIA=--no-kornia
 if "$PY" -c "import kornia" 2>/dev/null; then KORNIA=--kornia; fi
+# The H200 run of 2026-11-28 overran 180 s at 32,96,224 px with 12 workers and 4 steps; these
+# settings finished there (after which the process hung at exit: the JSON is written first).
 timeout 180 "$PY" -c "import sys; from suncet.cli.main import main; sys.exit(main())" bench data \
-  --device cuda --resolution 32,96,224 --workers 12 --steps 4 --seconds 1 --decode-files 64 $KORNIA \
+  --device cuda --resolution 32,224 --workers 8 --steps 2 --seconds 0.5 --decode-files 16 $KORNIA \
   --json "$OUT/bench_data.json" 2>&1 | tee -a "$LOG" || status=1
 
 echo "=== targets" | tee -a "$LOG"
