@@ -8,9 +8,9 @@ as the device path. Views are stacked straight into shared memory (torch's defau
 so they reach the training process without another copy. On a CPU run ToDtype and Normalize
 end each image's pipeline in the worker, where the image is still in cache; a CUDA run ships
 uint8 views (a quarter of the bytes, over shared memory and PCIe) and normalises the batch on the
-GPU. Every image's randomness is seeded from (seed, epoch,
-step, stream, position, view), so views depend neither on the number of workers nor on where an
-epoch was resumed, and there is no generator state to checkpoint.
+GPU. Every image's randomness is seeded from (seed, epoch, step, stream, position, view), so views
+depend neither on the number of workers nor on where an epoch was resumed, and there is no
+generator state to checkpoint.
 """
 
 from __future__ import annotations
@@ -192,6 +192,7 @@ class WorkerPipeline:
             (epoch, first_step + offset, _indices(plan.unlabeled), _indices(plan.labeled))
             for offset, plan in enumerate(plans)
         ]
+
         def arrived(views: Tensor) -> Tensor:
             views = views.to(self.device, non_blocking=True)
             return normalize_views(views, self.recipe) if self.normalize_on_arrival else views

@@ -151,7 +151,8 @@ class _TorchvisionViews(torch.utils.data.Dataset):
 
 def _drain_loader(loader: torch.utils.data.DataLoader, device: torch.device) -> None:
     for first, second in loader:
-        first.to(device, non_blocking=True), second.to(device, non_blocking=True)
+        first.to(device, non_blocking=True)
+        second.to(device, non_blocking=True)
 
 
 def _plans(n_images: int, batch: int, steps: int, seed: int) -> list[StepPlan]:
