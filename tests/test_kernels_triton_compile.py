@@ -1,7 +1,8 @@
 """The Triton kernels compile for Hopper (sm_90) ahead of time, on a machine without a GPU.
 
 The interpreter checks what the kernels compute; this checks that the compiled path accepts
-them (types, layouts, shared memory) and lowers the dots to Hopper's wgmma, for the first
+them (types, layouts, shared memory): BatchAugment's colour and blur kernels in each variant, and
+the loss kernels, whose dots must lower to Hopper's wgmma, for the first
 configuration of each width's table, as the JIT would specialise them (16-byte aligned
 pointers, sizes divisible by 16). It runs in a subprocess because the kernel tests may have put
 this process's triton into interpreter mode.
@@ -23,6 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from suncet import augment_triton as ct
 from suncet.kernels import triton_kernels as tk
 
 ATTRIBUTES = ("q_ptr k_ptr row_keys_ptr col_keys_ptr row_groups_ptr col_groups_ptr partial_ptr loss_ptr valid_ptr "
@@ -57,7 +59,31 @@ def backward_types(dt):
                 self_offset="i32", scale2="fp32", inv_tau="fp32")
 
 
+def compile_colour(fn, types, constants):
+    source = ASTSource(fn=fn, signature={**types, **{name: "constexpr" for name in constants}}, constexprs=constants,
+                       attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in ("x_ptr", "out_ptr") if n in types})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 1})
+    return "ld.global" in compiled.asm["ptx"]
+
+
+COLOUR_PARAMETERS = dict(factors_ptr="*fp32", hue_ptr="*fp32", order_ptr="*i64", apply_ptr="*i1", HW="i32", chunks="i32")
 results = {}
+for channels in (1, 3):
+    results[f"colour contrast sums C={channels}"] = compile_colour(
+        ct._contrast_sums_kernel, dict(x_ptr="*fp32", partial_ptr="*fp32", **COLOUR_PARAMETERS),
+        dict(C=channels, BLOCK=ct._PIXELS))
+    for jitter, gray, solarize, normalise in ((True, True, True, True), (True, True, False, False), (False, False, False, True)):
+        results[f"colour steps C={channels} jitter={jitter} gray={gray} solarize={solarize} normalise={normalise}"] = (
+            compile_colour(ct._color_kernel, dict(x_ptr="*fp32", out_ptr="*fp32", partial_ptr="*fp32", gray_ptr="*i1",
+                                                  solarize_ptr="*i1", m0="fp32", m1="fp32", m2="fp32", s0="fp32",
+                                                  s1="fp32", s2="fp32", **COLOUR_PARAMETERS),
+                           dict(C=channels, JITTER=jitter, GRAY=gray and channels == 3, SOLARIZE=solarize,
+                                NORMALIZE=normalise, BLOCK=ct._PIXELS, CHUNKS=64)))
+for along_h, finish in ((False, False), (True, True)):
+    results[f"blur along_h={along_h} solarize/normalise={finish}"] = compile_colour(
+        ct._blur_kernel, dict(x_ptr="*fp32", out_ptr="*fp32", blur_ptr="*i1", sigma_ptr="*fp32", solarize_ptr="*i1",
+                              H="i32", W="i32", m0="fp32", m1="fp32", m2="fp32", s0="fp32", s1="fp32", s2="fp32"),
+        dict(C=3, TAPS=23, ALONG_H=along_h, SOLARIZE=finish, NORMALIZE=finish, BLOCK=ct._PIXELS))
 for dt, sets, block_d, even in (("*bf16", 2, 128, True), ("*bf16", 1, 128, True), ("*fp32", 2, 256, False)):
     name = f"forward {dt[1:]} P={sets} BLOCK_D={block_d}"
     results[name] = compile_one(tk._forward_kernel, tk._FORWARD_TABLE, forward_types(dt),
@@ -90,4 +116,4 @@ def test_triton_kernels_compile_for_sm90():
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert results and all(results.values()), f"dots not lowered to wgmma: {results}"
+    assert results and all(results.values()), f"not compiled as expected (loss dots to wgmma): {results}"

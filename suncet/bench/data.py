@@ -2,7 +2,8 @@
 
 Figures (views/s: augmented views delivered per second; images/s for decoding and training):
   augment      one view per image of a uint8 batch: torchvision v2 per image in this process
-               (the baseline), BatchAugment on the device, and kornia.augmentation when installed
+               (the baseline), BatchAugment on the device (on CUDA with its Triton kernels, and
+               with PyTorch operations only), and kornia.augmentation when installed
   pipeline     whole steps (2 global views per image) through ``DevicePipeline`` (load, copy,
                augment on the device), ``WorkerPipeline`` (N loader processes, pinned copies) and,
                as the baseline, the usual torchvision loader: a per-image Dataset applying the
@@ -34,7 +35,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from suncet.augment import AugmentRecipe, BatchAugment
+from suncet.augment import AugmentRecipe, BatchAugment, triton_augment_usable
 from suncet.data import InMemoryImages
 from suncet.errors import ConfigError
 from suncet.pipeline import DevicePipeline, StepPlan
@@ -104,10 +105,13 @@ def augment_figures(resolution: int, batch: int, device: torch.device, seconds: 
     figures = [Figure("augment", "torchvision v2 per image", resolution, batch, baseline, "views/s",
                       notes=["this process, 1 thread"])]
     on_device = host.to(device)
-    augment = BatchAugment(recipe, recipe.global_crop)
     generator = torch.Generator(device).manual_seed(0)
-    figures.append(Figure("augment", f"device ({device.type})", resolution, batch,
-                          measure(lambda: augment(on_device, generator), batch, device, seconds), "views/s"))
+    paths = {f"device ({device.type})": BatchAugment(recipe, recipe.global_crop)}
+    if triton_augment_usable(device):  # the default there; the PyTorch operations are the comparison
+        paths[f"device ({device.type}, PyTorch ops)"] = BatchAugment(recipe, recipe.global_crop, triton_kernels=False)
+    for path, augment in paths.items():
+        figures.append(Figure("augment", path, resolution, batch,
+                              measure(lambda: augment(on_device, generator), batch, device, seconds), "views/s"))
     if kornia:
         figures.append(kornia_figure(recipe, on_device, resolution, device, seconds))
     return figures
