@@ -11,6 +11,7 @@ equals torchvision's ``resized_crop`` of the same box (docs/data.md).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from dataclasses import dataclass
 
@@ -271,7 +272,7 @@ def blur_kernel_size(size: int) -> int:
 
 
 def triton_augment_usable(device: torch.device) -> bool:
-    """Whether BatchAugment's steps after the crop run as Triton kernels on ``device`` (CUDA with triton)."""
+    """Whether BatchAugment runs as the Triton kernels on ``device`` (CUDA, with triton)."""
     if device.type != "cuda":
         return False
     try:
@@ -281,27 +282,35 @@ def triton_augment_usable(device: torch.device) -> bool:
     return True
 
 
-@dataclass
-class ViewParameters:
-    """Every random draw of one batch of views (None: the recipe leaves the step out)."""
+class ViewColumn(enum.IntEnum):
+    """Columns of a view parameter table: one float32 row of random draws per sample."""
 
-    boxes: Tensor
-    flip: Tensor
-    apply_jitter: Tensor | None = None
-    jitter: JitterParameters | None = None
-    gray: Tensor | None = None
-    blur: Tensor | None = None
-    sigma: Tensor | None = None
-    solarize: Tensor | None = None
+    TOP = 0  # the crop box, in pixels
+    LEFT = 1
+    HEIGHT = 2
+    WIDTH = 3
+    FLIP = 4  # flags: 1 where the step applies to the sample, 0 where not (or not in the recipe)
+    APPLY_JITTER = 5
+    FACTORS = 6  # four columns: brightness, contrast, saturation blend factors, 1 (hue blends nothing)
+    HUE = 10  # hue shift, fraction of a turn
+    ORDER = 11  # four columns: the jitter step (0 brightness ... 3 hue) of each slot
+    GRAY = 15
+    BLUR = 16
+    SIGMA = 17
+    SOLARIZE = 18
+
+
+VIEW_COLUMNS = 19
 
 
 class BatchAugment:
     """Random views of a uint8 batch: crop, flip, colour, grayscale, blur, solarize, normalise.
 
-    ``triton_kernels`` (default: on CUDA when triton imports) runs everything after the crop
-    (ColorJitter, grayscale, blur, solarize, normalise) as the Triton kernels of
-    suncet/augment_triton.py instead of PyTorch operations: the same parameters and formulas,
-    three to five passes over the batch instead of some seventy, no host synchronisation.
+    Every random parameter is drawn from ``generator`` where it lives (the CPU, for the device
+    pipeline) into one table (``ViewColumn``) that reaches the images' device in one copy.
+    ``triton_kernels`` (default: on CUDA when triton imports) runs the steps as the Triton
+    kernels of suncet/augment_triton.py instead of PyTorch operations: the same parameters and
+    formulas, four to six kernels, no host synchronisation.
     """
 
     def __init__(self, recipe: AugmentRecipe, crop: CropSpec, triton_kernels: bool | None = None):
@@ -310,43 +319,71 @@ class BatchAugment:
         self.triton_kernels = triton_kernels
         self._normalisers: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
-    def sample(
-        self, n: int, height: int, width: int, channels: int, generator: torch.Generator, device: torch.device
-    ) -> ViewParameters:
+    def _steps(self, channels: int) -> dict[str, bool]:
         r = self.recipe
-        draw = ViewParameters(
-            sample_crop_boxes(n, height, width, self.crop.scale, r.ratio, generator, device),
-            torch.rand(n, generator=generator, device=device) < r.flip_p,
+        return {
+            "jitter": r.color_strength > 0 and r.color_p > 0,
+            "gray": r.grayscale_p > 0 and channels == 3,
+            "blur": r.blur_p > 0,
+            "solarize": r.solarize_p > 0,
+        }
+
+    def sample(self, n: int, height: int, width: int, channels: int, generator: torch.Generator) -> Tensor:
+        """The [n, VIEW_COLUMNS] parameter table of n views of H x W images, on the generator's device."""
+        r, steps, device = self.recipe, self._steps(channels), generator.device
+        table = torch.zeros(n, VIEW_COLUMNS, device=device)
+
+        def draw_flag(column: ViewColumn, p: float) -> None:
+            table[:, column] = torch.rand(n, generator=generator, device=device) < p
+
+        table[:, ViewColumn.TOP : ViewColumn.WIDTH + 1] = sample_crop_boxes(
+            n, height, width, self.crop.scale, r.ratio, generator, device
         )
-        if r.color_strength > 0 and r.color_p > 0:
-            draw.apply_jitter = torch.rand(n, generator=generator, device=device) < r.color_p
-            draw.jitter = sample_jitter(n, r.color_strength, generator, device)
-        if r.grayscale_p > 0 and channels == 3:
-            draw.gray = torch.rand(n, generator=generator, device=device) < r.grayscale_p
-        if r.blur_p > 0:
-            draw.blur = torch.rand(n, generator=generator, device=device) < r.blur_p
-            draw.sigma = _uniform(n, r.blur_sigma[0], r.blur_sigma[1], generator, device)
-        if r.solarize_p > 0:
-            draw.solarize = torch.rand(n, generator=generator, device=device) < r.solarize_p
-        return draw
+        draw_flag(ViewColumn.FLIP, r.flip_p)
+        if steps["jitter"]:
+            draw_flag(ViewColumn.APPLY_JITTER, r.color_p)
+            jitter = sample_jitter(n, r.color_strength, generator, device)
+            table[:, ViewColumn.FACTORS : ViewColumn.FACTORS + 4] = jitter.factors
+            table[:, ViewColumn.HUE] = jitter.hue
+            table[:, ViewColumn.ORDER : ViewColumn.ORDER + 4] = jitter.order
+        if steps["gray"]:
+            draw_flag(ViewColumn.GRAY, r.grayscale_p)
+        if steps["blur"]:
+            draw_flag(ViewColumn.BLUR, r.blur_p)
+            table[:, ViewColumn.SIGMA] = _uniform(n, r.blur_sigma[0], r.blur_sigma[1], generator, device)
+        if steps["solarize"]:
+            draw_flag(ViewColumn.SOLARIZE, r.solarize_p)
+        return table
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
         n, channels, height, width = images.shape
-        draw = self.sample(n, height, width, channels, generator, images.device)
-        x = crop_resize_flip(images.float() / 255.0, draw.boxes, draw.flip, self.crop.size)
-        use_triton = self.triton_kernels if self.triton_kernels is not None else triton_augment_usable(x.device)
-        if use_triton:
-            return self._triton_steps(x, draw)
-        x = x.clamp(0, 1)
-        if draw.jitter is not None:
-            x = apply_jitter(x, draw.jitter, draw.apply_jitter)
-        if draw.gray is not None:
-            x = torch.where(draw.gray.view(-1, 1, 1, 1), rgb_to_grayscale(x).expand_as(x), x)
-        if draw.blur is not None:
-            blurred = gaussian_blur(x, draw.sigma, blur_kernel_size(self.crop.size))
-            x = torch.where(draw.blur.view(-1, 1, 1, 1), blurred, x)
-        if draw.solarize is not None:
-            x = torch.where(draw.solarize.view(-1, 1, 1, 1) & (x >= 0.5), 1.0 - x, x)
+        params = self.sample(n, height, width, channels, generator)
+        if params.device != images.device:
+            if params.device.type == "cpu" and images.device.type == "cuda":
+                params = params.pin_memory()  # so that the copy does not wait for the GPU
+            params = params.to(images.device, non_blocking=True)
+        use_triton = self.triton_kernels if self.triton_kernels is not None else triton_augment_usable(images.device)
+        return self._triton_views(images, params) if use_triton else self._torch_views(images, params)
+
+    def _torch_views(self, images: Tensor, params: Tensor) -> Tensor:
+        steps = self._steps(images.shape[1])
+        flag = lambda column: params[:, column] > 0.5  # noqa: E731
+        boxes = params[:, ViewColumn.TOP : ViewColumn.WIDTH + 1]
+        x = crop_resize_flip(images.float() / 255.0, boxes, flag(ViewColumn.FLIP), self.crop.size).clamp(0, 1)
+        if steps["jitter"]:
+            jitter = JitterParameters(
+                params[:, ViewColumn.FACTORS : ViewColumn.FACTORS + 4],
+                params[:, ViewColumn.HUE],
+                params[:, ViewColumn.ORDER : ViewColumn.ORDER + 4].long(),
+            )
+            x = apply_jitter(x, jitter, flag(ViewColumn.APPLY_JITTER))
+        if steps["gray"]:
+            x = torch.where(flag(ViewColumn.GRAY).view(-1, 1, 1, 1), rgb_to_grayscale(x).expand_as(x), x)
+        if steps["blur"]:
+            blurred = gaussian_blur(x, params[:, ViewColumn.SIGMA], blur_kernel_size(self.crop.size))
+            x = torch.where(flag(ViewColumn.BLUR).view(-1, 1, 1, 1), blurred, x)
+        if steps["solarize"]:
+            x = torch.where(flag(ViewColumn.SOLARIZE).view(-1, 1, 1, 1) & (x >= 0.5), 1.0 - x, x)
         if x.device not in self._normalisers:
             # Made once per device: a tensor built from Python numbers on a GPU synchronises.
             self._normalisers[x.device] = tuple(
@@ -356,23 +393,24 @@ class BatchAugment:
         mean, std = self._normalisers[x.device]
         return (x - mean) / std
 
-    def _triton_steps(self, x: Tensor, draw: ViewParameters) -> Tensor:
-        from suncet.augment_triton import blur_steps, color_steps
+    def _triton_views(self, images: Tensor, params: Tensor) -> Tensor:
+        from suncet.augment_triton import blur_steps, color_steps, crop_views
 
-        r, jitter = self.recipe, draw.jitter
-        last = draw.blur is None  # the colour kernel finishes the view unless a blur follows it
+        r, steps = self.recipe, self._steps(images.shape[1])
+        x = crop_views(images, params, self.crop.size)
+        last = not steps["blur"]  # the colour kernel finishes the view unless a blur follows it
         x = color_steps(
             x,
-            *((jitter.factors, jitter.hue, jitter.order) if jitter is not None else (None,) * 3),
-            draw.apply_jitter,
-            draw.gray,
-            draw.solarize if last else None,
+            params,
+            steps["jitter"],
+            steps["gray"],
+            steps["solarize"] and last,
             r.mean if last else None,
             r.std if last else None,
         )
         if last:
             return x
-        return blur_steps(x, draw.blur, draw.sigma, blur_kernel_size(self.crop.size), draw.solarize, r.mean, r.std)
+        return blur_steps(x, params, blur_kernel_size(self.crop.size), steps["solarize"], r.mean, r.std)
 
 
 def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:

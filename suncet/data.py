@@ -40,7 +40,8 @@ class InMemoryImages:
         return self.images.shape[0]
 
     def load(self, indices: Tensor) -> Tensor:
-        return self.images[indices.to(self.images.device)]
+        # Host indices reach a GPU without waiting for it (a blocking copy would synchronise).
+        return self.images[indices.to(self.images.device, non_blocking=True)]
 
     def to(self, device: torch.device) -> InMemoryImages:
         return InMemoryImages(self.images.to(device), self.labels.to(device), self.names)

@@ -117,7 +117,7 @@ def finetune(
     nn.init.zeros_(model[1].weight)
     nn.init.zeros_(model[1].bias)
     augment = BatchAugment(dataset.recipe, dataset.recipe.global_crop)
-    generator = torch.Generator(device).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # views are drawn on the host, as in training
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     labels = dataset.train.labels[labeled].to(device)
     batch_size = min(batch_size, len(labeled))

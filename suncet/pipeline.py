@@ -44,7 +44,8 @@ class DevicePipeline:
         self.global_augment = BatchAugment(recipe, recipe.global_crop)
         self.local_augment = BatchAugment(recipe, recipe.local_crop)
         self.device = device
-        self.generator = torch.Generator(device).manual_seed(seed)
+        # Parameters are drawn on the host and reach the device in one copy per view.
+        self.generator = torch.Generator().manual_seed(seed)
 
     def _view(self, augment: BatchAugment, images: Tensor) -> Tensor:
         view = augment(images, self.generator)
@@ -61,7 +62,7 @@ class DevicePipeline:
             if plan.labeled is not None:
                 images = self.labeled.load(plan.labeled).to(self.device, non_blocking=True)
                 batch.labeled = self._view(self.global_augment, images)
-                batch.labels = plan.labels.to(self.device)
+                batch.labels = plan.labels.to(self.device, non_blocking=True)
             yield batch
 
     def state_dict(self) -> dict:

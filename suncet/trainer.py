@@ -96,8 +96,9 @@ class _Concat:
         in_first = indices < n
         images_first = self.first.load(indices[in_first])
         out = images_first.new_empty((len(indices), *images_first.shape[1:]))
-        out[in_first.to(out.device)] = images_first
-        out[~in_first.to(out.device)] = self.second.load(indices[~in_first] - n).to(out.device)
+        # Positions found on the host: a boolean mask on a GPU would synchronise to count them.
+        for where, images in ((in_first, images_first), (~in_first, self.second.load(indices[~in_first] - n))):
+            out.index_copy_(0, where.nonzero().squeeze(1).to(out.device, non_blocking=True), images.to(out.device))
         return out
 
 

@@ -40,7 +40,7 @@ RECIPES = {
 
 def both_paths(r: AugmentRecipe, images: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     views = [
-        BatchAugment(r, r.global_crop, triton_kernels=fused)(images, torch.Generator(images.device).manual_seed(seed))
+        BatchAugment(r, r.global_crop, triton_kernels=fused)(images, torch.Generator().manual_seed(seed))
         for fused in (False, True)
     ]
     return views[0], views[1]
@@ -77,16 +77,32 @@ def test_interpreted_colour_kernels_equal_the_pytorch_path(interpreter, name):
 
 
 def test_interpreted_wide_blur_equals_gaussian_blur(interpreter):
-    from suncet.augment import gaussian_blur
+    from suncet.augment import VIEW_COLUMNS, ViewColumn, gaussian_blur
     from suncet.augment_triton import blur_steps
 
     gen = torch.Generator().manual_seed(5)
     x = torch.rand(4, 3, 26, 31, generator=gen)
-    sigma = torch.tensor([0.1, 0.9, 1.6, 2.0])
-    blur = torch.tensor([True, True, False, True])
-    ours = blur_steps(x, blur, sigma, 23, None, None, None)  # ImageNet's 224 px views use 23 taps
-    expected = torch.where(blur.view(-1, 1, 1, 1), gaussian_blur(x, sigma, 23), x)
+    params = torch.zeros(4, VIEW_COLUMNS)
+    params[:, ViewColumn.SIGMA] = sigma = torch.tensor([0.1, 0.9, 1.6, 2.0])
+    params[:, ViewColumn.BLUR] = blur = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    ours = blur_steps(x, params, 23, False, None, None)  # ImageNet's 224 px views use 23 taps
+    expected = torch.where(blur.bool().view(-1, 1, 1, 1), gaussian_blur(x, sigma, 23), x)
     torch.testing.assert_close(ours, expected, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("stored,size", [(44, 16), (20, 36), (37, 37)])
+def test_interpreted_crop_equals_crop_resize_flip(interpreter, stored, size):
+    from suncet.augment import VIEW_COLUMNS, ViewColumn, crop_resize_flip, sample_crop_boxes
+    from suncet.augment_triton import crop_views
+
+    gen = torch.Generator().manual_seed(stored + size)
+    images = torch.randint(0, 256, (10, 3, stored, stored + 3), dtype=torch.uint8, generator=gen)
+    params = torch.zeros(10, VIEW_COLUMNS)
+    boxes = sample_crop_boxes(10, stored, stored + 3, (0.05, 1.0), (3 / 4, 4 / 3), gen, torch.device("cpu"))
+    params[:, ViewColumn.TOP : ViewColumn.WIDTH + 1] = boxes
+    params[:, ViewColumn.FLIP] = flip = (torch.arange(10) % 2).float()
+    expected = crop_resize_flip(images.float() / 255, boxes, flip.bool(), size)
+    torch.testing.assert_close(crop_views(images, params, size), expected, atol=2e-6, rtol=0)
 
 
 def test_interpreter_in_subprocess():
@@ -100,7 +116,7 @@ def test_interpreter_in_subprocess():
     # From tests/, so that `python -m` does not put the repository's unbuilt suncet/ first on the path.
     proc = subprocess.run(command, env=env, cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert f"{len(RECIPES) + 1} passed" in proc.stdout, proc.stdout[-2000:]
+    assert f"{len(RECIPES) + 4} passed" in proc.stdout, proc.stdout[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,15 +140,20 @@ def test_colour_kernels_equal_the_pytorch_path_on_cuda(name):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("name", ["imagenet-like (jitter, grayscale, blur)", "no blur: solarize and normalise in the kernel"])
-def test_batch_augment_on_cuda_never_synchronises_the_host(name):
+def test_device_pipeline_on_cuda_never_synchronises_the_host(name):
+    from suncet.data import InMemoryImages
+    from suncet.pipeline import DevicePipeline, StepPlan
+
     r = RECIPES[name]
-    augment = BatchAugment(r, CropSpec(96, (0.08, 1.0)))
-    images = torch.randint(0, 256, (32, 3, 128, 128), dtype=torch.uint8, device="cuda")
-    generator = torch.Generator("cuda").manual_seed(0)
-    augment(images, generator)  # the first call makes the normalisation constants
+    images = torch.randint(0, 256, (256, 3, 128, 128), dtype=torch.uint8)
+    data = InMemoryImages(images, torch.arange(256) % 10).to(torch.device("cuda"))
+    pipeline = DevicePipeline(data, data, r, 2, 1, torch.device("cuda"), seed=0)
+    plans = [StepPlan(torch.randperm(256)[:64], torch.arange(16), torch.arange(16) % 10) for _ in range(3)]
+    list(pipeline.batches(plans[:1], 0, 0))  # the first step makes the normalisation constants
     torch.cuda.set_sync_debug_mode("error")
     try:
-        views = augment(images, generator)
+        batches = list(pipeline.batches(plans[1:], 0, 1))
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert torch.isfinite(views).all()
+    for batch in batches:
+        assert all(torch.isfinite(view).all() for view in batch.global_views + batch.local_views + [batch.labeled])

@@ -1,7 +1,7 @@
 """The Triton kernels compile for Hopper (sm_90) ahead of time, on a machine without a GPU.
 
 The interpreter checks what the kernels compute; this checks that the compiled path accepts
-them (types, layouts, shared memory): BatchAugment's colour and blur kernels in each variant, and
+them (types, layouts, shared memory): BatchAugment's crop, colour and blur kernels in each variant, and
 the loss kernels, whose dots must lower to Hopper's wgmma, for the first
 configuration of each width's table, as the JIT would specialise them (16-byte aligned
 pointers, sizes divisible by 16). It runs in a subprocess because the kernel tests may have put
@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from suncet import augment_triton as ct
+from suncet import augment_triton as at
 from suncet.kernels import triton_kernels as tk
 
 ATTRIBUTES = ("q_ptr k_ptr row_keys_ptr col_keys_ptr row_groups_ptr col_groups_ptr partial_ptr loss_ptr valid_ptr "
@@ -59,31 +59,35 @@ def backward_types(dt):
                 self_offset="i32", scale2="fp32", inv_tau="fp32")
 
 
-def compile_colour(fn, types, constants):
+def compile_augment(fn, types, constants):
     source = ASTSource(fn=fn, signature={**types, **{name: "constexpr" for name in constants}}, constexprs=constants,
-                       attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in ("x_ptr", "out_ptr") if n in types})
+                       attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in types if n.endswith("_ptr")})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 1})
     return "ld.global" in compiled.asm["ptx"]
 
 
-COLOUR_PARAMETERS = dict(factors_ptr="*fp32", hue_ptr="*fp32", order_ptr="*i64", apply_ptr="*i1", HW="i32", chunks="i32")
 results = {}
+CHANNEL_CONSTANTS = dict(m0="fp32", m1="fp32", m2="fp32", s0="fp32", s1="fp32", s2="fp32")
+results["crop rows"] = compile_augment(
+    at._crop_rows_kernel, dict(images_ptr="*u8", params_ptr="*fp32", rows_ptr="*fp32", C="i32", H="i32", W="i32", S="i32"),
+    dict(TAPS=at._taps(256, 224), BLOCK=at._PIXELS))
+results["crop columns"] = compile_augment(
+    at._crop_columns_kernel, dict(rows_ptr="*fp32", params_ptr="*fp32", out_ptr="*fp32", C="i32", W="i32", S="i32"),
+    dict(TAPS=at._taps(256, 224), BLOCK=at._PIXELS))
 for channels in (1, 3):
-    results[f"colour contrast sums C={channels}"] = compile_colour(
-        ct._contrast_sums_kernel, dict(x_ptr="*fp32", partial_ptr="*fp32", **COLOUR_PARAMETERS),
-        dict(C=channels, BLOCK=ct._PIXELS))
+    results[f"contrast sums C={channels}"] = compile_augment(
+        at._contrast_sums_kernel, dict(x_ptr="*fp32", params_ptr="*fp32", partial_ptr="*fp32", HW="i32", chunks="i32"),
+        dict(C=channels, BLOCK=at._PIXELS))
     for jitter, gray, solarize, normalise in ((True, True, True, True), (True, True, False, False), (False, False, False, True)):
-        results[f"colour steps C={channels} jitter={jitter} gray={gray} solarize={solarize} normalise={normalise}"] = (
-            compile_colour(ct._color_kernel, dict(x_ptr="*fp32", out_ptr="*fp32", partial_ptr="*fp32", gray_ptr="*i1",
-                                                  solarize_ptr="*i1", m0="fp32", m1="fp32", m2="fp32", s0="fp32",
-                                                  s1="fp32", s2="fp32", **COLOUR_PARAMETERS),
-                           dict(C=channels, JITTER=jitter, GRAY=gray and channels == 3, SOLARIZE=solarize,
-                                NORMALIZE=normalise, BLOCK=ct._PIXELS, CHUNKS=64)))
+        results[f"colour C={channels} jitter={jitter} gray={gray} solarize={solarize} normalise={normalise}"] = (
+            compile_augment(at._color_kernel, dict(x_ptr="*fp32", params_ptr="*fp32", partial_ptr="*fp32",
+                                                   out_ptr="*fp32", HW="i32", chunks="i32", **CHANNEL_CONSTANTS),
+                            dict(C=channels, JITTER=jitter, GRAY=gray and channels == 3, SOLARIZE=solarize,
+                                 NORMALIZE=normalise, BLOCK=at._PIXELS, CHUNKS=64)))
 for along_h, finish in ((False, False), (True, True)):
-    results[f"blur along_h={along_h} solarize/normalise={finish}"] = compile_colour(
-        ct._blur_kernel, dict(x_ptr="*fp32", out_ptr="*fp32", blur_ptr="*i1", sigma_ptr="*fp32", solarize_ptr="*i1",
-                              H="i32", W="i32", m0="fp32", m1="fp32", m2="fp32", s0="fp32", s1="fp32", s2="fp32"),
-        dict(C=3, TAPS=23, ALONG_H=along_h, SOLARIZE=finish, NORMALIZE=finish, BLOCK=ct._PIXELS))
+    results[f"blur along_h={along_h} solarize/normalise={finish}"] = compile_augment(
+        at._blur_kernel, dict(x_ptr="*fp32", params_ptr="*fp32", out_ptr="*fp32", H="i32", W="i32", **CHANNEL_CONSTANTS),
+        dict(C=3, TAPS=23, ALONG_H=along_h, SOLARIZE=finish, NORMALIZE=finish, BLOCK=at._PIXELS))
 for dt, sets, block_d, even in (("*bf16", 2, 128, True), ("*bf16", 1, 128, True), ("*fp32", 2, 256, False)):
     name = f"forward {dt[1:]} P={sets} BLOCK_D={block_d}"
     results[name] = compile_one(tk._forward_kernel, tk._FORWARD_TABLE, forward_types(dt),

@@ -105,7 +105,7 @@ def augment_figures(resolution: int, batch: int, device: torch.device, seconds: 
     figures = [Figure("augment", "torchvision v2 per image", resolution, batch, baseline, "views/s",
                       notes=["this process, 1 thread"])]
     on_device = host.to(device)
-    generator = torch.Generator(device).manual_seed(0)
+    generator = torch.Generator().manual_seed(0)  # parameters drawn on the host, as DevicePipeline does
     paths = {f"device ({device.type})": BatchAugment(recipe, recipe.global_crop)}
     if triton_augment_usable(device):  # the default there; the PyTorch operations are the comparison
         paths[f"device ({device.type}, PyTorch ops)"] = BatchAugment(recipe, recipe.global_crop, triton_kernels=False)
