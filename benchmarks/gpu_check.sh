@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The one-call device check on an H100/H200, in order of importance: build the extension with
-# CUDA, run the gpu-marked tests, time the fused kernels against PyTorch eager, check and time
-# the data pipeline (benchmarks/gpu_data_check.sh), check that a torchrun run on one GPU equals
-# a plain run, then the torch.compile and variant kernel benchmarks. Every step tees into
-# $OUT/gpu_check.log; the JSON figures land in $OUT too (7 files: the device returns at most 8).
-# Each step has a time cap and a failing step does not stop the ones after it, so a run always
-# returns its log; no step starts after 520 s, so the whole ends within about 9.5 minutes.
+# CUDA, run the gpu-marked tests (kernels, augmentation kernels, no host sync in the device
+# pipeline), check and time the data pipeline (benchmarks/gpu_data_check.sh), check that a
+# torchrun run on one GPU equals a plain run, profile the host time of a fused-loss step
+# (benchmarks/profile_host.py), then time the fused kernels against PyTorch eager; with --all
+# also the torch.compile and per-loss variant benchmarks (measured once already, in
+# benchmarks/results). Every step tees into $OUT/gpu_check.log; the JSON figures land in $OUT
+# too (the device returns at most 8 files). Each step has a time cap and a failing step does
+# not stop the ones after it, so a run always returns its log; no step starts after 520 s, so
+# the whole ends within about 9.5 minutes.
 #
-#   OUT=/some/dir bash benchmarks/gpu_check.sh           # on the GPU machine, repository root
+#   OUT=/some/dir bash benchmarks/gpu_check.sh [--all]   # on the GPU machine, repository root
 #   OUT=/tmp/dry bash benchmarks/gpu_check.sh --no-gpu   # dry run of the same steps on a CPU box
 set -euo pipefail
 export PYTHONUNBUFFERED=1
@@ -16,7 +19,14 @@ mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 : >"$LOG"
 NO_GPU=0
-if [[ "${1:-}" == "--no-gpu" ]]; then NO_GPU=1; fi
+ALL=0
+for arg in "$@"; do
+  case "$arg" in
+    --no-gpu) NO_GPU=1 ;;
+    --all) ALL=1 ;;
+    *) echo "unknown option $arg (use --no-gpu, --all)" >&2; exit 2 ;;
+  esac
+done
 PY="${PYTHON:-python3}"
 SUNCET=("$PY" -c "import sys; from suncet.cli.main import main; sys.exit(main())")
 START=$SECONDS
@@ -72,15 +82,6 @@ run "kernel gpu tests" 120 env SUNCET_TRITON_AUTOTUNE=0 "${PYTEST[@]}" \
   tests/test_kernels.py
 run "other gpu tests" 60 "${PYTEST[@]}" --ignore=tests/test_kernels.py tests
 
-step "benchmark: fused backends against eager, N = 2048 / 8192 / 32768, D = 128"
-if ((NO_GPU)); then
-  run "bench main" 200 "${SUNCET[@]}" bench kernels --device cpu --n 512 --d 64 --dtype fp32,bf16 \
-    --backend cpu,triton,cuda,reference --loss both --repeats 3 --json "$OUT/bench_main.json"
-else
-  run "bench main" 110 "${SUNCET[@]}" bench kernels --n 2048,8192,32768 --d 128 --dtype bf16,fp32 \
-    --backend triton,cuda,reference --loss both --repeats 20 --cuda-graph --json "$OUT/bench_main.json"
-fi
-
 step "data pipeline: crop check, suncet bench data, targets"
 if ((NO_GPU)); then
   echo "--- skipped on a CPU box (the data benchmark has its own CPU figures: docs/data.md)" | tee -a "$LOG"
@@ -112,23 +113,41 @@ json.dump(report, open(sys.argv[3], "w"), indent=2)
 sys.exit(0 if report["metrics_equal"] and report["torchrun_over_plain"] >= 0.97 else 1)
 PYEOF
 
-step "benchmark: torch.compile of the reference, N = 8192, D = 128"
+step "host time of a fused-loss step (the Triton step at N = 2048 was host-bound)"
 if ((NO_GPU)); then
-  run "bench compiled" 200 "${SUNCET[@]}" bench kernels --device cpu --n 256 --d 64 --dtype fp32 \
-    --backend compiled,cpu --loss both --repeats 3 --json "$OUT/bench_compiled.json"
+  echo "--- skipped on a CPU box (needs CUDA)" | tee -a "$LOG"
 else
-  run "bench compiled" 70 "${SUNCET[@]}" bench kernels --n 8192 --d 128 --dtype bf16,fp32 \
-    --backend compiled --loss both --repeats 20 --json "$OUT/bench_compiled.json"
+  run "profile host" 90 "$PY" benchmarks/profile_host.py --out "$OUT"
 fi
 
-step "benchmark: one pass with two key sets against two launches, D = 256, per-loss figures"
+step "benchmark: fused backends against eager, N = 2048 / 8192 / 32768, D = 128"
 if ((NO_GPU)); then
-  run "bench variants" 120 "${SUNCET[@]}" bench kernels --device cpu --n 512 --d 128 --dtype fp32 \
-    --backend cpu --loss ntxent,suncet,both,both2 --repeats 3 --json "$OUT/bench_variants.json"
+  run "bench main" 200 "${SUNCET[@]}" bench kernels --device cpu --n 512 --d 64 --dtype fp32,bf16 \
+    --backend cpu,triton,cuda,reference --loss both --repeats 3 --json "$OUT/bench_main.json"
 else
-  run "bench variants" 60 "${SUNCET[@]}" bench kernels --n 8192 --d 128,256 --dtype bf16 \
-    --backend triton,cuda --loss ntxent,suncet,both,both2 --repeats 20 --cuda-graph \
-    --json "$OUT/bench_variants.json"
+  run "bench main" 110 "${SUNCET[@]}" bench kernels --n 2048,8192,32768 --d 128 --dtype bf16,fp32 \
+    --backend triton,cuda,reference --loss both --repeats 20 --cuda-graph --json "$OUT/bench_main.json"
+fi
+
+if ((ALL)); then
+  step "benchmark: torch.compile of the reference, N = 8192, D = 128"
+  if ((NO_GPU)); then
+    run "bench compiled" 200 "${SUNCET[@]}" bench kernels --device cpu --n 256 --d 64 --dtype fp32 \
+      --backend compiled,cpu --loss both --repeats 3 --json "$OUT/bench_compiled.json"
+  else
+    run "bench compiled" 70 "${SUNCET[@]}" bench kernels --n 8192 --d 128 --dtype bf16,fp32 \
+      --backend compiled --loss both --repeats 20 --json "$OUT/bench_compiled.json"
+  fi
+
+  step "benchmark: one pass with two key sets against two launches, D = 256, per-loss figures"
+  if ((NO_GPU)); then
+    run "bench variants" 120 "${SUNCET[@]}" bench kernels --device cpu --n 512 --d 128 --dtype fp32 \
+      --backend cpu --loss ntxent,suncet,both,both2 --repeats 3 --json "$OUT/bench_variants.json"
+  else
+    run "bench variants" 60 "${SUNCET[@]}" bench kernels --n 8192 --d 128,256 --dtype bf16 \
+      --backend triton,cuda --loss ntxent,suncet,both,both2 --repeats 20 --cuda-graph \
+      --json "$OUT/bench_variants.json"
+  fi
 fi
 
 step "summary"

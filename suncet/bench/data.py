@@ -269,9 +269,9 @@ def train_figures(backbone_name: str, batch: int, steps: int, device: torch.devi
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = method(batch_views)["loss"]
         optimizer.zero_grad(set_to_none=True)
+        loss.item()  # as the trainer: it reads every step's loss after the forward, before the backward
         loss.backward()
         optimizer.step()
-        loss.item()  # the trainer reads every step's loss
 
     images_per_epoch = 2 * batch * sampler.steps_per_epoch
     epochs = iter(range(1_000_000))
