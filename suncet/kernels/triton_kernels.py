@@ -48,16 +48,18 @@ def fp32_precision() -> str:
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per D class (D <= 128, D <= 256); the first entry is
-# the one used when autotuning is off. Chosen by compiling every candidate ahead of time for
-# sm_90 (triton.compile with a GPUTarget, no GPU needed) and keeping those that fit shared memory
-# and do not spill for bf16 and fp32 with one or two key sets; their order is a guess until
-# `suncet bench kernels` has run on a card.
+# the one used when autotuning is off. Chosen by compiling candidates ahead of time for sm_90
+# (triton.compile with a GPUTarget and ptxas -v, no GPU needed) and keeping those that fit
+# Hopper's 227 KiB of shared memory and do not spill registers for bf16 and fp32 with one or two
+# key sets (a sweep of BLOCK_M 64/128, BLOCK_N 32/64/128, 4/8 warps, 2-4 stages at D = 128 left
+# these); which is fastest is for the autotuner to find on the card.
 _FORWARD_TABLE = {
-    128: [(128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (128, 32, 8, 4),
+          (64, 128, 8, 3)],
     256: [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
 }
 _BACKWARD_TABLE = {
-    128: [(64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+    128: [(64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3)],
     256: [(64, 32, 8, 2), (64, 64, 8, 2)],
 }
 
