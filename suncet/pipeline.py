@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from suncet.augment import AugmentRecipe, BatchAugment
+from suncet.checkpoint import CheckpointError
 from suncet.data import ImageSource
 from suncet.methods import TrainBatch
 
@@ -69,7 +70,14 @@ class DevicePipeline:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        try:
+            self.generator.set_state(state["generator"])
+        except RuntimeError as exc:
+            # Checkpoints of CUDA runs before 2026-11-28 hold a CUDA generator's state.
+            raise CheckpointError(
+                "the checkpoint's augmentation generator state does not fit this version's host generator "
+                f"({exc}); start the run again, or resume it with the suncet version that wrote it"
+            ) from exc
 
 
 def images_in(plan: StepPlan) -> int:

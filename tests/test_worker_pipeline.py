@@ -295,3 +295,17 @@ def test_device_pipeline_runs_on_cpu_tensors():
     pipeline = DevicePipeline(data, data, recipe(), 2, 2, CPU, seed=0)
     (batch,) = pipeline.batches(plans(steps=1), 0, 0)
     assert batch.global_views[0].shape == (8, 3, 16, 16) and batch.local_views[1].shape == (8, 3, 8, 8)
+
+
+def test_device_pipeline_refuses_a_generator_state_it_cannot_use():
+    from suncet.checkpoint import CheckpointError
+
+    data = source()
+    pipeline = DevicePipeline(data, data, recipe(), 2, 0, CPU, seed=0)
+    cuda_generator_state = torch.zeros(16, dtype=torch.uint8)  # what CUDA runs wrote before 2026-11-28
+    with pytest.raises(CheckpointError, match="generator state does not fit"):
+        pipeline.load_state_dict({"generator": cuda_generator_state})
+    other = DevicePipeline(data, data, recipe(), 2, 0, CPU, seed=5)
+    other.load_state_dict(pipeline.state_dict())
+    first, second = (next(p.batches(plans(steps=1), 0, 0)).global_views[0] for p in (pipeline, other))
+    assert torch.equal(first, second)
