@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-call device check of the data pipeline on an H100/H200, under 3 minutes, nothing
 # downloaded (the CIFAR-format and JPEG files it times are written by the benchmark itself):
-#   1. the device path on CUDA equals torchvision's resized_crop and stays in range;
+#   1. the device path's crops on CUDA (PyTorch and Triton) equal torchvision's resized_crop, and
+#      its views stay in range;
 #   2. `suncet bench data` at 32/224 px: torchvision per image, BatchAugment on the GPU (its
 #      Triton kernels and its PyTorch operations; kornia when importable), the pipelines, JPEG
 #      decoding on CPU and with
@@ -28,7 +29,7 @@ echo "=== crop check on CUDA" | tee -a "$LOG"
 timeout 60 "$PY" - "$CHECKS/crop.json" <<'EOF' 2>&1 | tee -a "$LOG" || status=1
 import json, sys, torch
 from torchvision.transforms.v2 import functional as TF
-from suncet.augment import BatchAugment, crop_resize_flip, sample_crop_boxes
+from suncet.augment import VIEW_COLUMNS, BatchAugment, ViewColumn, crop_resize_flip, sample_crop_boxes, triton_augment_usable
 from suncet.plugins.datasets import imagefolder
 
 cuda = torch.device("cuda")
@@ -45,6 +46,21 @@ for size in (32, 96, 224):
         expected = expected.flip(-1) if flip[i] else expected
         worst = max(worst, (views[i] - expected).abs().max().item())
     result[f"crop_max_abs_error_{size}px"] = worst
+if triton_augment_usable(cuda):  # the Triton crop of the default CUDA path, from uint8 images
+    from suncet.augment_triton import crop_views
+
+    uint8_images = (images * 255).round().to(torch.uint8)
+    params = torch.zeros(64, VIEW_COLUMNS, device=cuda)
+    params[:, ViewColumn.TOP : ViewColumn.WIDTH + 1] = boxes
+    params[:, ViewColumn.FLIP] = flip.float()
+    for size in (32, 96, 224):
+        views = crop_views(uint8_images, params, size).cpu()
+        worst = 0.0
+        for i, (top, left, h, w) in enumerate(boxes.long().tolist()):
+            expected = TF.resized_crop(uint8_images[i].cpu().float() / 255, top, left, h, w, [size, size], antialias=True)
+            expected = expected.flip(-1) if flip[i] else expected
+            worst = max(worst, (views[i] - expected).abs().max().item())
+        result[f"triton_crop_max_abs_error_{size}px"] = worst
 recipe = imagefolder.RECIPE
 uint8 = torch.randint(0, 256, (256, 3, 256, 256), dtype=torch.uint8, device=cuda)
 views = BatchAugment(recipe, recipe.global_crop)(uint8, g)
@@ -54,7 +70,7 @@ result["views_finite"] = bool(torch.isfinite(views).all())
 result["views_in_range"] = bool(views.min() >= low - 1e-4 and views.max() <= high + 1e-4)
 print(json.dumps(result, indent=2))
 json.dump(result, open(sys.argv[1], "w"), indent=2)
-sys.exit(0 if result["views_finite"] and result["views_in_range"] and max(v for k, v in result.items() if k.startswith("crop")) < 1e-3 else 1)
+sys.exit(0 if result["views_finite"] and result["views_in_range"] and max(v for k, v in result.items() if "crop" in k) < 1e-3 else 1)
 EOF
 
 echo "=== suncet bench data" | tee -a "$LOG"
