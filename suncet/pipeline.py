@@ -66,6 +66,9 @@ class DevicePipeline:
                 batch.labels = plan.labels.to(self.device, non_blocking=True)
             yield batch
 
+    def close(self) -> None:
+        """Nothing to release (the same interface as WorkerPipeline.close)."""
+
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
 

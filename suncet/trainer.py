@@ -7,6 +7,7 @@ Read top to bottom: ``train`` builds everything from the config, then loops over
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -493,7 +494,8 @@ def train(
 
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
     row: dict = {}
-    with StopRequests(announce=console.print) as stop, Progress(*columns, console=console, transient=True) as bar:
+    with StopRequests(announce=console.print) as stop, Progress(*columns, console=console, transient=True) as bar, \
+            contextlib.closing(pipeline):
         task = bar.add_task("train", total=total_steps, completed=progress["global_step"], status="")
         model.train()
         for epoch in range(progress["epoch"], cfg.epochs):

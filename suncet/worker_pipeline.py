@@ -207,8 +207,16 @@ class WorkerPipeline:
             )
             if views["labeled"] is not None:
                 batch.labeled = arrived(views["labeled"])
-                batch.labels = plan.labels.to(self.device)
+                batch.labels = plan.labels.to(self.device, non_blocking=True)
             yield batch
+
+    def close(self) -> None:
+        """Stop the loader processes now, not whenever the pipeline is collected (at interpreter
+        exit, a CUDA process tearing down persistent workers and their pinning thread can hang)."""
+        iterator = self.loader._iterator  # DataLoader keeps its persistent workers' iterator here
+        if iterator is not None:
+            iterator._shutdown_workers()
+            self.loader._iterator = None
 
     def state_dict(self) -> dict:
         # Views are a pure function of (seed, epoch, step, position, view): nothing to restore.

@@ -28,7 +28,7 @@ from suncet import augment_triton as at
 from suncet.kernels import triton_kernels as tk
 
 ATTRIBUTES = ("q_ptr k_ptr row_keys_ptr col_keys_ptr row_groups_ptr col_groups_ptr partial_ptr loss_ptr valid_ptr "
-              "lse_all_ptr lse_pos_ptr a_ptr b_ptr out_ptr tables_ptr").split()
+              "lse_all_ptr lse_pos_ptr a_ptr b_ptr out_ptr grad_ptr").split()
 
 
 def compile_one(kernel, table, types, constants):
@@ -54,9 +54,9 @@ def forward_types(dt):
 
 
 def backward_types(dt):
-    return dict(a_ptr=dt, b_ptr=dt, out_ptr=dt, tables_ptr="*fp32", row_keys_ptr="*i64", col_keys_ptr="*i64",
-                row_groups_ptr="*i64", col_groups_ptr="*i64", A_COUNT="i32", B_COUNT="i32", D="i32", M="i32",
-                self_offset="i32", scale2="fp32", inv_tau="fp32")
+    return dict(a_ptr=dt, b_ptr=dt, out_ptr=dt, grad_ptr="*fp32", lse_all_ptr="*fp32", lse_pos_ptr="*fp32",
+                row_keys_ptr="*i64", col_keys_ptr="*i64", row_groups_ptr="*i64", col_groups_ptr="*i64",
+                A_COUNT="i32", B_COUNT="i32", D="i32", self_offset="i32", scale2="fp32", inv_tau="fp32")
 
 
 def compile_augment(fn, types, constants):

@@ -309,3 +309,16 @@ def test_device_pipeline_refuses_a_generator_state_it_cannot_use():
     other.load_state_dict(pipeline.state_dict())
     first, second = (next(p.batches(plans(steps=1), 0, 0)).global_views[0] for p in (pipeline, other))
     assert torch.equal(first, second)
+
+
+def test_closing_the_worker_pipeline_stops_its_processes():
+    import multiprocessing
+
+    data = source()
+    pipeline = WorkerPipeline(data, data, recipe(), 2, 0, CPU, seed=0, num_workers=2)
+    list(pipeline.batches(plans(steps=2), 0, 0))
+    assert len(multiprocessing.active_children()) >= 2  # persistent workers outlive the epoch
+    pipeline.close()
+    assert multiprocessing.active_children() == []
+    assert len(list(pipeline.batches(plans(steps=1), 1, 2))) == 1  # and start again when needed
+    pipeline.close()

@@ -199,7 +199,7 @@ def pipeline_figures(resolution: int, batch: int, steps: int, device: torch.devi
         figures.append(Figure("pipeline", "workers", resolution, batch,
                               measure(partial(drain, worker_pipeline), views, device, seconds), "views/s", workers=count,
                               notes=[copies]))
-        del worker_pipeline
+        worker_pipeline.close()
     return figures
 
 
@@ -299,6 +299,7 @@ def train_figures(backbone_name: str, batch: int, steps: int, device: torch.devi
               for n in workers]
     for name, pipeline, count in feeds:
         rate = measure(epoch_through(pipeline), images_per_epoch, device, seconds)
+        pipeline.close()
         figures.append(Figure("train", f"{name}, CIFAR-format files", 32, batch, rate, "images/s", workers=count,
                               notes=[backbone_name, f"{100 * rate / base:.0f}% of synthetic"]))
     return figures

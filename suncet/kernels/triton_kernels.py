@@ -2,9 +2,10 @@
 
 Forward: one program per (row tile, column split) walks its column tiles with an online
 log-sum-exp (running maxima in log2 units, ``exp2`` with ``log2(e) / tau`` folded into the
-scale); with more than one split, a small kernel merges the partial statistics. Backward: a
-prologue turns (g, lse_all, lse_pos) into per-row exponent offsets and coefficients, then one
-program per row tile of ``a`` recomputes ``s = a b^T`` tile by tile and accumulates
+scale); with more than one split, a small kernel merges the partial statistics. Backward: one
+program per row tile of ``a`` turns (g, lse_all, lse_pos) of its rows, and of each column
+tile it visits, into per-row exponent offsets and coefficients, recomputes ``s = a b^T`` tile
+by tile and accumulates
 ``H b`` in fp32, where ``H`` is the gradient of the losses with respect to ``s`` as seen from
 the rows (row side), from the columns (column side, the transposed term), or both (one tower:
 ``dz = (G + G^T) z / tau`` in one pass). Every output element is written by exactly one
@@ -296,60 +297,41 @@ def _combine_kernel(
 
 
 @triton.jit
-def _gradient_tables_kernel(grad_ptr, lse_all_ptr, lse_pos_ptr, tables_ptr, M, P: tl.constexpr, BLOCK: tl.constexpr):
-    """Per row of q and membership code c: the exponent offset (log2 units) and coefficient with
-    dL/ds_ij = coef_c(i) * exp2(s2_ij - offset_c(i)). Table rows: offsets of codes 0..2^P-1, then
-    coefficients of codes 0..2^P-1."""
+def _gradient_tables(grad_ptr, lse_all_ptr, lse_pos_ptr, idx, ok, P: tl.constexpr):
+    """Per row ``idx`` of q and membership code c: the exponent offset (log2 units) and
+    coefficient with dL/ds_ij = coef_c(i) * exp2(s2_ij - offset_c(i)); returns the offsets of
+    codes 0..3, then their coefficients (codes 2 and 3 repeat 0 when P == 1). Rows that are not
+    ``ok`` or receive no gradient get offset _DEAD and coefficient 0."""
     log2e = 1.4426950408889634
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = rows < M
-    lse_all = tl.load(lse_all_ptr + rows, mask=ok, other=0.0) * log2e
-    lse0 = tl.load(lse_pos_ptr + rows * P, mask=ok, other=float("-inf"))
+    lse_all = tl.load(lse_all_ptr + idx, mask=ok, other=0.0) * log2e
+    lse0 = tl.load(lse_pos_ptr + idx * P, mask=ok, other=float("-inf"))
     valid0 = lse0 > float("-inf")
     lse0 = tl.where(valid0, lse0 * log2e, 0.0)
-    g0 = tl.where(valid0, tl.load(grad_ptr + rows * P, mask=ok, other=0.0), 0.0)
+    g0 = tl.where(valid0, tl.load(grad_ptr + idx * P, mask=ok, other=0.0), 0.0)
     if P == 1:
-        alive = valid0
-        tl.store(tables_ptr + rows, tl.where(alive, lse_all, _DEAD), mask=ok)
-        tl.store(tables_ptr + M + rows, tl.where(valid0, lse0, _DEAD), mask=ok)
-        tl.store(tables_ptr + 2 * M + rows, g0, mask=ok)
-        tl.store(tables_ptr + 3 * M + rows, tl.where(valid0, g0 * (tl.exp2(lse0 - lse_all) - 1.0), 0.0), mask=ok)
+        o0 = tl.where(valid0, lse_all, _DEAD)
+        o1 = tl.where(valid0, lse0, _DEAD)
+        c1 = tl.where(valid0, g0 * (tl.exp2(lse0 - lse_all) - 1.0), 0.0)
+        return o0, o1, o0, o0, g0, c1, g0, g0
     else:
-        lse1 = tl.load(lse_pos_ptr + rows * P + 1, mask=ok, other=float("-inf"))
+        lse1 = tl.load(lse_pos_ptr + idx * P + 1, mask=ok, other=float("-inf"))
         valid1 = lse1 > float("-inf")
         lse1 = tl.where(valid1, lse1 * log2e, 0.0)
-        g1 = tl.where(valid1, tl.load(grad_ptr + rows * P + 1, mask=ok, other=0.0), 0.0)
+        g1 = tl.where(valid1, tl.load(grad_ptr + idx * P + 1, mask=ok, other=0.0), 0.0)
         g_sum = g0 + g1
-        alive = valid0 | valid1
         both = valid0 & valid1
         o3 = tl.minimum(lse0, lse1)
-        tl.store(tables_ptr + rows, tl.where(alive, lse_all, _DEAD), mask=ok)
-        tl.store(tables_ptr + M + rows, tl.where(valid0, lse0, _DEAD), mask=ok)
-        tl.store(tables_ptr + 2 * M + rows, tl.where(valid1, lse1, _DEAD), mask=ok)
-        tl.store(tables_ptr + 3 * M + rows, tl.where(both, o3, _DEAD), mask=ok)
-        tl.store(tables_ptr + 4 * M + rows, g_sum, mask=ok)
-        tl.store(tables_ptr + 5 * M + rows, tl.where(valid0, g_sum * tl.exp2(lse0 - lse_all) - g0, 0.0), mask=ok)
-        tl.store(tables_ptr + 6 * M + rows, tl.where(valid1, g_sum * tl.exp2(lse1 - lse_all) - g1, 0.0), mask=ok)
         c3 = g_sum * tl.exp2(o3 - lse_all) - g0 * tl.exp2(o3 - lse0) - g1 * tl.exp2(o3 - lse1)
-        tl.store(tables_ptr + 7 * M + rows, tl.where(both, c3, 0.0), mask=ok)
-
-
-@triton.jit
-def _load_tables(tables_ptr, idx, ok, M, P: tl.constexpr):
-    o0 = tl.load(tables_ptr + idx, mask=ok, other=_DEAD)
-    o1 = tl.load(tables_ptr + M + idx, mask=ok, other=_DEAD)
-    c0 = tl.load(tables_ptr + (2**P) * M + idx, mask=ok, other=0.0)
-    c1 = tl.load(tables_ptr + (2**P + 1) * M + idx, mask=ok, other=0.0)
-    o2 = o0
-    o3 = o0
-    c2 = c0
-    c3 = c0
-    if P == 2:
-        o2 = tl.load(tables_ptr + 2 * M + idx, mask=ok, other=_DEAD)
-        o3 = tl.load(tables_ptr + 3 * M + idx, mask=ok, other=_DEAD)
-        c2 = tl.load(tables_ptr + 6 * M + idx, mask=ok, other=0.0)
-        c3 = tl.load(tables_ptr + 7 * M + idx, mask=ok, other=0.0)
-    return o0, o1, o2, o3, c0, c1, c2, c3
+        return (
+            tl.where(valid0 | valid1, lse_all, _DEAD),
+            tl.where(valid0, lse0, _DEAD),
+            tl.where(valid1, lse1, _DEAD),
+            tl.where(both, o3, _DEAD),
+            g_sum,
+            tl.where(valid0, g_sum * tl.exp2(lse0 - lse_all) - g0, 0.0),
+            tl.where(valid1, g_sum * tl.exp2(lse1 - lse_all) - g1, 0.0),
+            tl.where(both, c3, 0.0),
+        )
 
 
 @triton.autotune(
@@ -357,14 +339,14 @@ def _load_tables(tables_ptr, idx, ok, M, P: tl.constexpr):
 )
 @triton.jit(do_not_specialize=["self_offset"])
 def _backward_kernel(
-    a_ptr, b_ptr, out_ptr, tables_ptr,
+    a_ptr, b_ptr, out_ptr, grad_ptr, lse_all_ptr, lse_pos_ptr,
     row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
-    A_COUNT, B_COUNT, D, M, self_offset, scale2, inv_tau,
+    A_COUNT, B_COUNT, D, self_offset, scale2, inv_tau,
     P: tl.constexpr, ROW_SIDE: tl.constexpr, COL_SIDE: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """d a = (1/tau) sum_b H_ab b_b. Row side: a are rows of q (keys row_keys, tables), b are
+    """d a = (1/tau) sum_b H_ab b_b. Row side: a are rows of q (keys row_keys), b are
     columns of k. Column side: a are columns of k, b are rows of q (the transposed term)."""
     pid = tl.program_id(0)
     row0 = pid * BLOCK_M
@@ -379,7 +361,9 @@ def _backward_kernel(
     r_key1 = r_key0
     if P == 2:
         r_key1 = tl.load(row_keys_ptr + rows * P + 1, mask=row_ok & ROW_SIDE, other=0)
-    ro0, ro1, ro2, ro3, rc0, rc1, rc2, rc3 = _load_tables(tables_ptr, rows, row_ok & ROW_SIDE, M, P)
+    ro0, ro1, ro2, ro3, rc0, rc1, rc2, rc3 = _gradient_tables(
+        grad_ptr, lse_all_ptr, lse_pos_ptr, rows, row_ok & ROW_SIDE, P
+    )
     # Column side: this program's rows as columns of k.
     c_group, c_lo, c_hi = _tile_group_range(col_groups_ptr, rows, row_ok & COL_SIDE)
     c_key0 = tl.load(col_keys_ptr + rows * P, mask=row_ok & COL_SIDE, other=0)
@@ -427,7 +411,9 @@ def _backward_kernel(
             member1 = member0
             if P == 2:
                 member1 = c_key1[:, None] == tl.load(row_keys_ptr + cols * P + 1, mask=col_ok, other=0)[None, :]
-            co0, co1, co2, co3, cc0, cc1, cc2, cc3 = _load_tables(tables_ptr, cols, col_ok, M, P)
+            co0, co1, co2, co3, cc0, cc1, cc2, cc3 = _gradient_tables(
+                grad_ptr, lse_all_ptr, lse_pos_ptr, cols, col_ok, P
+            )
             offset = _select_code(member0, member1, co0[None, :], co1[None, :], co2[None, :], co3[None, :], P)
             coef = _select_code(member0, member1, cc0[None, :], cc1[None, :], cc2[None, :], cc3[None, :], P)
             g = coef * tl.exp2(s2 - offset)
@@ -520,11 +506,8 @@ def backward(
     m, d = q.shape
     n = k.shape[0]
     p = row_keys.shape[1]
-    tables = torch.empty((2 * 2**p, m), device=q.device, dtype=torch.float32)
-    block = 256
-    _gradient_tables_kernel[(triton.cdiv(m, block),)](
-        grad_loss.float().contiguous(), lse_all, lse_pos, tables, m, P=p, BLOCK=block
-    )
+    # Each program derives the per-row coefficients it needs from these (no separate launch).
+    stats = (grad_loss.float().contiguous(), lse_all, lse_pos)
     common = dict(P=p, BLOCK_D=_block_d(d), EVEN_D=_block_d(d) == d, PRECISION=_precision(q.dtype))
     keys = (row_keys, col_keys, row_groups, col_groups)
     scale2, inv_tau = _LOG2E / tau, 1.0 / tau
@@ -535,14 +518,14 @@ def backward(
 
     if one_tower:
         _backward_kernel[grid_for(m)](
-            q, q, dq, tables, *keys, m, m, d, m, self_offset, scale2, inv_tau, ROW_SIDE=True, COL_SIDE=True, **common
+            q, q, dq, *stats, *keys, m, m, d, self_offset, scale2, inv_tau, ROW_SIDE=True, COL_SIDE=True, **common
         )
         return dq, q.new_empty((0, d))
     dk = torch.empty_like(k)
     _backward_kernel[grid_for(m)](
-        q, k, dq, tables, *keys, m, n, d, m, self_offset, scale2, inv_tau, ROW_SIDE=True, COL_SIDE=False, **common
+        q, k, dq, *stats, *keys, m, n, d, self_offset, scale2, inv_tau, ROW_SIDE=True, COL_SIDE=False, **common
     )
     _backward_kernel[grid_for(n)](
-        k, q, dk, tables, *keys, n, m, d, m, self_offset, scale2, inv_tau, ROW_SIDE=False, COL_SIDE=True, **common
+        k, q, dk, *stats, *keys, n, m, d, self_offset, scale2, inv_tau, ROW_SIDE=False, COL_SIDE=True, **common
     )
     return dq, dk
