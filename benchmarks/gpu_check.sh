@@ -80,7 +80,7 @@ step "kernel tests (gpu-marked; one configuration per kernel, no autotuning)"
 PYTEST=(bash -c '"$@"; rc=$?; ((rc == 5)) && exit 0; exit $rc' pytest "$PY" -m pytest -m gpu -q -rs)
 run "kernel gpu tests" 120 env SUNCET_TRITON_AUTOTUNE=0 "${PYTEST[@]}" \
   tests/test_kernels.py
-run "other gpu tests" 60 "${PYTEST[@]}" --ignore=tests/test_kernels.py tests
+run "other gpu tests" 120 "${PYTEST[@]}" --ignore=tests/test_kernels.py tests
 
 step "data pipeline: crop check, suncet bench data, targets"
 if ((NO_GPU)); then
