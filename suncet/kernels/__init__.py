@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from suncet.errors import ConfigError
-from suncet.kernels.op import multi_positive_op
+from suncet.kernels.op import MultiPositive
 from suncet.kernels.reference import multi_positive_reference
 
 BACKENDS = ("cpu", "triton", "cuda", "reference")
@@ -171,7 +171,11 @@ def multi_positive(
         ]
         loss, valid = torch.stack([o[0] for o in outs], 1), torch.stack([o[1] for o in outs], 1)
     else:
-        loss, valid, _, _ = multi_positive_op(q, k, rk, ck, rg, cg, int(self_offset), float(tau), k is q, name)
+        one_tower = k is q
+        loss, valid = MultiPositive.apply(
+            q, None if one_tower else k, rk, None if col_keys is row_keys else ck, rg,
+            None if col_groups is row_groups else cg, int(self_offset), float(tau), one_tower, name,
+        )  # fmt: skip
     if single:
         return loss[:, 0], valid[:, 0]
     return loss, valid
