@@ -3,10 +3,11 @@
 # CUDA, run the gpu-marked tests (kernels, augmentation kernels, no host sync in the device
 # pipeline), check and time the data pipeline (benchmarks/gpu_data_check.sh), check that a
 # torchrun run on one GPU equals a plain run, profile the host time of a fused-loss step
-# (benchmarks/profile_host.py), then time the fused kernels against PyTorch eager; with --all
+# (benchmarks/profile_host.py), time each Triton tile configuration as kernel time
+# (benchmarks/kernel_anatomy.py), then time the fused kernels against PyTorch eager; with --all
 # also the torch.compile and per-loss variant benchmarks (measured once already, in
 # benchmarks/results). Every step tees into $OUT/gpu_check.log; the JSON figures land in $OUT
-# too (the device returns at most 8 files). Each step has a time cap and a failing step does
+# too (6 files, 8 with --all: the device returns at most 8). Each step has a time cap and a failing step does
 # not stop the ones after it, so a run always returns its log; no step starts after 520 s, so
 # the whole ends within about 9.5 minutes.
 #
@@ -117,7 +118,14 @@ step "host time of a fused-loss step (the Triton step at N = 2048 was host-bound
 if ((NO_GPU)); then
   echo "--- skipped on a CPU box (needs CUDA)" | tee -a "$LOG"
 else
-  run "profile host" 90 "$PY" benchmarks/profile_host.py --out "$OUT"
+  run "profile host" 90 "$PY" benchmarks/profile_host.py
+fi
+
+step "kernel time of each Triton tile configuration against cuBLAS and flash attention, N = 8192"
+if ((NO_GPU)); then
+  echo "--- skipped on a CPU box (needs CUDA)" | tee -a "$LOG"
+else
+  run "kernel anatomy" 120 "$PY" benchmarks/kernel_anatomy.py --json "$OUT/kernel_anatomy.json"
 fi
 
 step "benchmark: fused backends against eager, N = 2048 / 8192 / 32768, D = 128"

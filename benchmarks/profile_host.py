@@ -6,7 +6,7 @@ times, on the current CUDA device: an empty Triton launch (the floor), the bare 
 the forward and backward, the custom-op step, and the step as `suncet bench kernels` times it;
 then profiles the step with cProfile (Python functions) and torch.profiler (operators).
 
-    python benchmarks/profile_host.py --out DIR    # writes DIR/profile_host.txt
+    python benchmarks/profile_host.py    # prints the report (benchmarks/gpu_check.sh keeps it in its log)
 """
 
 from __future__ import annotations
@@ -16,12 +16,10 @@ import cProfile
 import io
 import pstats
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 from suncet import kernels
 from suncet.kernels import triton_kernels
@@ -47,12 +45,9 @@ def host_us(fn, repeats: int = 300) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--n", type=int, default=2048)
     parser.add_argument("--d", type=int, default=128)
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-
     device = torch.device("cuda")
     n, d = args.n, args.d
     gen = torch.Generator().manual_seed(0)
@@ -114,8 +109,7 @@ def main() -> None:
     report.write("\ntorch.profiler of 50 bench steps, by self CPU time:\n")
     report.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
 
-    (args.out / "profile_host.txt").write_text(report.getvalue())
-    print(report.getvalue()[:3000])
+    print(report.getvalue())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,107 @@
+"""Kernel time of each Triton tile configuration of the fused loss, against tuned references.
+
+`suncet bench kernels` times whole steps with the autotuner's choice. To tune the tables in
+suncet/kernels/triton_kernels.py this script replays, as CUDA graphs (kernel time only, no
+launch overhead), the forward and the backward launchers with each candidate configuration
+forced in turn, beside two references on the same card and shape: cuBLAS's ``z @ z.T`` (the
+GEMM floor) and PyTorch's flash attention on ``q = k = v = z`` (a tuned fused kernel doing
+similar work: two N^2 D products around a row softmax). TFLOP/s count 2 N^2 D per product:
+one in our forward, two in our one-tower backward, two in attention's forward, five in its
+backward.
+
+    python benchmarks/kernel_anatomy.py --json FILE [--n 8192] [--d 128]   # on a CUDA machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from suncet.kernels import triton_kernels as tk
+
+
+def graph_ms(fn, replays: int = 10, repeats: int = 15) -> float:
+    """Median kernel time of ``fn`` in ms, replayed from a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # compiles and autotunes outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    return statistics.median(times)
+
+
+def forced(kernel, table: list, entry: tuple) -> None:
+    """Make ``kernel`` run ``entry`` of ``table`` (autotuning off, entry first, cache cleared)."""
+    tk.AUTOTUNE = False
+    table.remove(entry)
+    table.insert(0, entry)
+    kernel.cache.clear()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, required=True, help="where to write the rows")
+    parser.add_argument("--n", type=int, default=8192)
+    parser.add_argument("--d", type=int, default=128)
+    args = parser.parse_args()
+    n, d = args.n, args.d
+    product_tflop = 2 * n * n * d / 1e12
+
+    gen = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(n, d, generator=gen), dim=1).to("cuda", torch.bfloat16)
+    keys = torch.stack([torch.arange(n) % (n // 2), torch.randint(0, 100, (n,), generator=gen)], 1).cuda()
+    groups = torch.zeros(n, dtype=torch.long, device="cuda")
+    stats = tk.forward(z, z, keys, keys, groups, groups, 0, 0.1, True)
+    grad = torch.ones_like(stats[0])
+
+    rows = []
+
+    def record(name: str, ms: float, products: int) -> None:
+        rows.append({"kernel": name, "ms": ms, "tflops": products * product_tflop / (ms / 1e3)})
+
+    record("cuBLAS z @ z.T", graph_ms(lambda: z @ z.T), 1)
+    attention = z.view(1, 1, n, d)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        record("flash attention forward (q = k = v = z)", graph_ms(lambda: F.scaled_dot_product_attention(attention, attention, attention)), 2)
+        leaf = attention.detach().requires_grad_(True)
+        out = F.scaled_dot_product_attention(leaf, leaf, leaf)
+        upstream = torch.ones_like(out)
+        record("flash attention backward", graph_ms(lambda: torch.autograd.grad(out, leaf, upstream, retain_graph=True)), 5)
+
+    width = 128 if d <= 128 else 256
+    for entry in list(tk._FORWARD_TABLE[width]):
+        forced(tk._forward_kernel, tk._FORWARD_TABLE[width], entry)
+        ms = graph_ms(lambda: tk.forward(z, z, keys, keys, groups, groups, 0, 0.1, True))
+        record(f"suncet forward, tile {entry}", ms, 1)
+    for entry in list(tk._BACKWARD_TABLE[width]):
+        forced(tk._backward_kernel, tk._BACKWARD_TABLE[width], entry)
+        ms = graph_ms(lambda: tk.backward(grad, z, z, keys, keys, groups, groups, stats[2], stats[3], 0, 0.1, True))
+        record(f"suncet backward, tile {entry}", ms, 2)
+
+    header = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, N = {n}, D = {d}, bf16, both key sets, "
+              "kernel time (CUDA graphs); tile = (BLOCK_M, BLOCK_N, warps, stages)")
+    lines = [header, ""] + [f"{r['ms']:8.3f} ms {r['tflops']:7.1f} TFLOP/s  {r['kernel']}" for r in rows]
+    print("\n".join(lines))
+    args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
