@@ -10,6 +10,7 @@ equals torchvision's ``resized_crop`` of the same box (docs/data.md).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import math
@@ -397,20 +398,22 @@ class BatchAugment:
         from suncet.augment_triton import blur_steps, color_steps, crop_views
 
         r, steps = self.recipe, self._steps(images.shape[1])
-        x = crop_views(images, params, self.crop.size)
         last = not steps["blur"]  # the colour kernel finishes the view unless a blur follows it
-        x = color_steps(
-            x,
-            params,
-            steps["jitter"],
-            steps["gray"],
-            steps["solarize"] and last,
-            r.mean if last else None,
-            r.std if last else None,
-        )
-        if last:
-            return x
-        return blur_steps(x, params, blur_kernel_size(self.crop.size), steps["solarize"], r.mean, r.std)
+        # Triton launches on the current device: make it the images' one.
+        with torch.cuda.device(images.device) if images.is_cuda else contextlib.nullcontext():
+            x = crop_views(images, params, self.crop.size)
+            x = color_steps(
+                x,
+                params,
+                steps["jitter"],
+                steps["gray"],
+                steps["solarize"] and last,
+                r.mean if last else None,
+                r.std if last else None,
+            )
+            if last:
+                return x
+            return blur_steps(x, params, blur_kernel_size(self.crop.size), steps["solarize"], r.mean, r.std)
 
 
 def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:

@@ -30,6 +30,12 @@ from torch import Tensor
 from suncet.augment import VIEW_COLUMNS, ViewColumn
 
 _PIXELS = 1024  # output elements per program
+_MAX_ELEMENTS = 2**31  # offsets are int32
+
+
+def _check_size(name: str, *sizes: int) -> None:
+    if math.prod(sizes) >= _MAX_ELEMENTS:
+        raise ValueError(f"{name}: a batch of {' x '.join(map(str, sizes))} elements is over 2^31; split the batch")
 
 _COLUMNS = tl.constexpr(VIEW_COLUMNS)
 _TOP = tl.constexpr(int(ViewColumn.TOP))
@@ -125,6 +131,7 @@ def crop_views(images: Tensor, params: Tensor, size: int) -> Tensor:
     n, channels, height, width = images.shape
     if images.dtype != torch.uint8:
         raise ValueError(f"crop_views takes uint8 images, got {images.dtype}")
+    _check_size("crop_views", n, channels, max(height, size), max(width, size))
     images = images.contiguous()
     rows = torch.empty((n, channels, size, width), device=images.device, dtype=torch.float32)
     _crop_rows_kernel[(n * channels, triton.cdiv(size * width, _PIXELS))](
@@ -301,6 +308,7 @@ def color_steps(
     n, channels, height, width = x.shape
     if x.dtype != torch.float32 or channels not in (1, 3):
         raise ValueError(f"color_steps takes float32 [n, 1 or 3, H, W] batches, got {x.dtype} {tuple(x.shape)}")
+    _check_size("color_steps", n, channels, height, width)
     x = x.contiguous()
     hw = height * width
     chunks = triton.cdiv(hw, _PIXELS)
@@ -383,6 +391,7 @@ def blur_steps(
     n, channels, height, width = x.shape
     if kernel_size % 2 == 0 or kernel_size // 2 >= min(height, width):
         raise ValueError(f"blur kernel of {kernel_size} taps does not fit {height} x {width} views")
+    _check_size("blur_steps", n, channels, height, width)
     x = x.contiguous()
     grid = (n * channels, triton.cdiv(height * width, _PIXELS))
     common = dict(C=channels, TAPS=kernel_size, BLOCK=_PIXELS)

@@ -105,6 +105,15 @@ def test_interpreted_crop_equals_crop_resize_flip(interpreter, stored, size):
     torch.testing.assert_close(crop_views(images, params, size), expected, atol=2e-6, rtol=0)
 
 
+def test_batches_over_int32_offsets_are_refused_with_a_clear_error():
+    pytest.importorskip("triton")
+    from suncet.augment_triton import _check_size
+
+    _check_size("crop_views", 4096, 3, 256, 256)  # 805M elements: fine
+    with pytest.raises(ValueError, match="over 2\\^31; split the batch"):
+        _check_size("crop_views", 16384, 3, 256, 256)
+
+
 def test_interpreter_in_subprocess():
     if torch.cuda.is_available():
         pytest.skip("with a GPU the kernels are checked compiled, by the gpu tests")
