@@ -40,6 +40,17 @@ def test_two_epoch_run_writes_every_file(cli, tmp_path):
     assert "raw pixels" in result.stdout
 
 
+def test_worker_pipeline_run_does_not_depend_on_the_worker_count(cli, tmp_path):
+    losses = []
+    for workers in ("1", "2"):
+        run = tmp_path / f"workers{workers}"
+        result = cli("train", "--epochs", "2", *SMALL, "--data-pipeline", "workers", "--num-workers", workers,
+                     "--monitor-every", "0", "--final-eval", "none", "--out", str(run))
+        assert result.returncode == 0, result.stderr
+        losses.append([{k: v for k, v in row.items() if k not in TIMING} for row in rows(run)])
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+
+
 def test_existing_run_is_not_overwritten(cli, tmp_path):
     run = tmp_path / "run"
     assert cli("train", "--epochs", "1", *SMALL, "--final-eval", "none", "--out", str(run)).returncode == 0
