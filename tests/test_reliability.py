@@ -71,11 +71,10 @@ def test_kill_9_mid_epoch_loses_nothing_beyond_the_last_checkpoint(uninterrupted
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, EXIT_PREEMPTED), (signal.SIGUSR1, EXIT_PREEMPTED), (signal.SIGINT, EXIT_INTERRUPTED)])
 def test_signal_writes_a_checkpoint_and_exits_with_its_code(uninterrupted, tmp_path, sig, code):
     run = tmp_path / "run"
-    process = start("train", "--epochs", "3", *SMALL, "--out", str(run))
-    deadline = time.time() + 300
-    while not (run / "config.yaml").exists() and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.5)
+    process = start("train", "--epochs", "3", *SMALL, "--checkpoint-every", "4steps", "--out", str(run))
+    # The first step checkpoint proves the loop is running, 62 steps before its end (a fixed
+    # delay after start-up could land after the last step on a fast machine).
+    wait_for_checkpoint(run, process, at_least=1)
     process.send_signal(sig)
     _, err = process.communicate(timeout=300)
     assert process.returncode == code, err
