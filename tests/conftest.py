@@ -26,3 +26,44 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 @pytest.fixture
 def cli():
     return run_cli
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels on CPU-only machines: the interpreter, which triton picks when triton.language
+# is first imported (TRITON_INTERPRET=1 set before the process started).
+
+
+def triton_interpreting() -> bool:
+    import triton.language.standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(triton.language.standard.min, InterpretedFunction)
+
+
+def skip_unless_triton_interpreter() -> None:
+    """For tests of Triton kernels in the interpreter: skip where that is not how they run."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the Triton kernels are checked compiled, by the gpu tests")
+    pytest.importorskip("triton")
+    if not triton_interpreting():
+        pytest.skip("triton runs compiled here (TRITON_INTERPRET unset): the *_in_subprocess test runs these")
+
+
+def rerun_under_triton_interpreter(test_file: str, selection: str, passed: int) -> None:
+    """Run the ``selection`` of ``test_file`` in a process with TRITON_INTERPRET=1; all ``passed``."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the Triton kernels are checked compiled, by the gpu tests")
+    pytest.importorskip("triton")
+    if triton_interpreting():
+        pytest.skip("this process interprets triton: the interpreter tests ran here")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", selection]
+    # From tests/, so that `python -m` does not put the repository's unbuilt suncet/ first on the path.
+    proc = subprocess.run(command, env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=os.path.dirname(test_file),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = proc.stdout.splitlines()[-1]
+    assert f"{passed} passed" in summary and "skipped" not in summary, proc.stdout[-2000:]

@@ -8,13 +8,10 @@ TRITON_INTERPRET=1 when this process does not); the GPU tests run on the device 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from conftest import rerun_under_triton_interpreter, skip_unless_triton_interpreter
 from suncet.augment import AugmentRecipe, BatchAugment, CropSpec
 
 
@@ -46,20 +43,9 @@ def both_paths(r: AugmentRecipe, images: torch.Tensor, seed: int) -> tuple[torch
     return views[0], views[1]
 
 
-def _interpreting() -> bool:
-    import triton.language.standard
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(triton.language.standard.min, InterpretedFunction)
-
-
 @pytest.fixture
 def interpreter():
-    if torch.cuda.is_available():
-        pytest.skip("with a GPU the kernels are checked compiled, by the gpu tests")
-    pytest.importorskip("triton")
-    if not _interpreting():
-        pytest.skip("triton runs compiled here (TRITON_INTERPRET unset): test_interpreter_in_subprocess runs these")
+    skip_unless_triton_interpreter()
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
@@ -115,17 +101,7 @@ def test_batches_over_int32_offsets_are_refused_with_a_clear_error():
 
 
 def test_interpreter_in_subprocess():
-    if torch.cuda.is_available():
-        pytest.skip("with a GPU the kernels are checked compiled, by the gpu tests")
-    pytest.importorskip("triton")
-    if _interpreting():
-        pytest.skip("this process interprets triton: the interpreter tests ran here")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
-    # From tests/, so that `python -m` does not put the repository's unbuilt suncet/ first on the path.
-    proc = subprocess.run(command, env=env, cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert f"{len(RECIPES) + 4} passed" in proc.stdout, proc.stdout[-2000:]
+    rerun_under_triton_interpreter(__file__, "interpreted", passed=len(RECIPES) + 4)
 
 
 # ---------------------------------------------------------------------------------------------

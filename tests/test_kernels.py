@@ -13,15 +13,13 @@ themselves in a subprocess that sets it; the session's environment is left alone
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import rerun_under_triton_interpreter, skip_unless_triton_interpreter
 from suncet import kernels
 from suncet.errors import ConfigError
 
@@ -308,22 +306,9 @@ def test_compiled_step_has_no_graph_break():
 # triton backend in the interpreter (CPU-only machines).
 
 
-def _triton_interpreting() -> bool:
-    import triton.language.standard
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(triton.language.standard.min, InterpretedFunction)
-
-
 @pytest.fixture
 def triton_interpreter():
-    if torch.cuda.is_available():
-        pytest.skip("with a GPU the triton backend is checked compiled, by the gpu tests")
-    pytest.importorskip("triton")
-    if not _triton_interpreting():
-        pytest.skip(
-            "triton runs compiled here (TRITON_INTERPRET unset): test_triton_interpreter_in_subprocess runs these"
-        )
+    skip_unless_triton_interpreter()
     kernels.backend_status.cache_clear()
     from suncet.kernels import triton_kernels
 
@@ -359,27 +344,9 @@ def test_triton_interpreter_split_columns_merge_exactly(triton_interpreter):
 
 
 def test_triton_interpreter_in_subprocess():
-    if torch.cuda.is_available():
-        pytest.skip("with a GPU the triton backend is checked compiled, by the gpu tests")
-    pytest.importorskip("triton")
-    if _triton_interpreting():
-        pytest.skip("this process interprets triton: the interpreter tests ran here")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        __file__,
-        "-k",
-        "interpreter_matches or interpreter_split",
-    ]
-    # From tests/, so that `python -m` does not put the repository's unbuilt suncet/ first on the path.
-    proc = subprocess.run(command, env=env, cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+    rerun_under_triton_interpreter(
+        __file__, "interpreter_matches or interpreter_split", passed=len(TRITON_CASES) + 1
+    )
 
 
 # ---------------------------------------------------------------------------------------------
