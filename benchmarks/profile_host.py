@@ -1,10 +1,11 @@
 """Where the host time of one fused-loss step goes, on a GPU.
 
-On the H200 (2026-11-28) a Triton step at N = 2048 took 1.75 ms from Python against 0.21 ms of
-kernel time (CUDA graph): the step is bound by host work, not by the kernels. This script
-times, on the current CUDA device: an empty Triton launch (the floor), the bare launchers of
-the forward and backward, the custom-op step, and the step as `suncet bench kernels` times it;
-then profiles the step with cProfile (Python functions) and torch.profiler (operators).
+On the H200 (2026-11-28) a Triton step at N = 2048 took 1.6-1.75 ms from Python against 0.21 ms
+of kernel time (CUDA graph): the step is bound by host work, not by the kernels. This script
+times, on the current CUDA device: an empty Triton launch (the floor), the bare launchers of the
+forward and backward, the two custom ops, the eager loss step, and the step as `suncet bench
+kernels` times it; then profiles the step with cProfile (Python functions) and torch.profiler
+(operators).
 
     python benchmarks/profile_host.py    # prints the report (benchmarks/gpu_check.sh keeps it in its log)
 """
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 import triton
 
 from suncet import kernels
-from suncet.kernels import triton_kernels
+from suncet.kernels import op, triton_kernels
 
 
 @triton.jit
@@ -76,13 +77,18 @@ def main() -> None:
     def launch_backward():
         return triton_kernels.backward(grad, zd, zd, keys, keys, groups, groups, stats[2], stats[3], 0, 0.1, True)
 
+    def custom_ops():  # the route torch.compile traces; eager mode bypasses it (suncet/kernels/op.py)
+        out = op.multi_positive_op(zd, zd, keys, keys, groups, groups, 0, 0.1, True, "triton")
+        return op.multi_positive_backward_op(grad, zd, zd, keys, keys, groups, groups, out[2], out[3], 0, 0.1, True, "triton")
+
     empty = torch.empty(1, device=device)
     timings = {
         "empty triton launch": host_us(lambda: _empty_kernel[(1,)](empty, 1)),
         "empty torch op (add_)": host_us(lambda: empty.add_(1)),
         "forward launcher (triton_kernels.forward)": host_us(launch_forward),
         "backward launcher (triton_kernels.backward)": host_us(launch_backward),
-        "custom-op step (loss, grad)": host_us(op_step),
+        "forward + backward custom ops, no autograd": host_us(custom_ops),
+        "loss step (MultiPositive, eager; loss, grad)": host_us(op_step),
         "bench step (mean over valid rows, sum, grad)": host_us(bench_step),
     }
     report = io.StringIO()
