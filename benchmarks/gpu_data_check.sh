@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# One-call device check of the data pipeline on an H100/H200, under 3 minutes, nothing
+# One-call device check of the data pipeline on an H100/H200, under 4.5 minutes, nothing
 # downloaded (the CIFAR-format and JPEG files it times are written by the benchmark itself):
 #   1. the device path's crops on CUDA (PyTorch and Triton) equal torchvision's resized_crop, and
 #      its views stay in range;
-#   2. `suncet bench data` at 32/224 px: torchvision per image, BatchAugment on the GPU (its
-#      Triton kernels and its PyTorch operations; kornia when importable), the pipelines, JPEG
-#      decoding on CPU and with
-#      nvJPEG, SimCLR ResNet-18 steps on CIFAR-format files against synthetic views;
+#   2. `suncet bench data` at 32 px with the SimCLR ResNet-18 steps on CIFAR-format files
+#      against synthetic views, then (another process) at 224 px with JPEG decoding on CPU and
+#      with nvJPEG: torchvision per image, BatchAugment on the GPU (its Triton kernels and its
+#      PyTorch operations; kornia when importable), the pipelines;
 #   3. the targets: GPU augmentation >= 1,000,000 views/s at 32 px and >= 50,000 at 224 px,
 #      the real-data SimCLR step >= 85% of the synthetic-data step rate.
 # Needs the package installed (benchmarks/gpu_check.sh builds it first, then calls this).
-# Writes $OUT/bench_data.json and $OUT/data_checks.json (the crop check and the targets), and
+# Writes $OUT/bench_data.json (both processes' figures) and $OUT/data_checks.json (the crop check and the targets), and
 # appends its output to $LOG (default $OUT/data_gpu_check.log).
 #
 #   OUT=/some/dir bash benchmarks/gpu_data_check.sh     # on the GPU machine, repository root
@@ -26,7 +26,7 @@ CHECKS="$(mktemp -d)"
 { nvidia-smi -L; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } 2>&1 | tee -a "$LOG"
 
 echo "=== crop check on CUDA" | tee -a "$LOG"
-timeout 60 "$PY" - "$CHECKS/crop.json" <<'EOF' 2>&1 | tee -a "$LOG" || status=1
+timeout 45 "$PY" - "$CHECKS/crop.json" <<'EOF' 2>&1 | tee -a "$LOG" || status=1
 import json, sys, torch
 from torchvision.transforms.v2 import functional as TF
 from suncet.augment import VIEW_COLUMNS, BatchAugment, ViewColumn, crop_resize_flip, sample_crop_boxes, triton_augment_usable
@@ -73,40 +73,54 @@ json.dump(result, open(sys.argv[1], "w"), indent=2)
 sys.exit(0 if result["views_finite"] and result["views_in_range"] and max(v for k, v in result.items() if "crop" in k) < 1e-3 else 1)
 EOF
 
-echo "=== suncet bench data" | tee -a "$LOG"
 KORNIA=--no-kornia
 if "$PY" -c "import kornia" 2>/dev/null; then KORNIA=--kornia; fi
-# The H200 run of 2026-11-28 overran 180 s at 32,96,224 px with 12 workers and 4 steps; these
-# settings finished there (after which the process hung at exit: the JSON is written first).
-timeout 180 "$PY" -c "import sys; from suncet.cli.main import main; sys.exit(main())" bench data \
-  --device cuda --resolution 32,224 --workers 8 --steps 2 --seconds 0.5 --decode-files 16 $KORNIA \
-  --json "$OUT/bench_data.json" 2>&1 | tee -a "$LOG" || status=1
+# bench LIMIT ARGS...: `suncet bench data` that, if still running after LIMIT seconds, prints every
+# thread's stack and exits (the 224 px stage of the H200 run of 2026-11-28 never finished, and a
+# plain timeout said nothing about where). Each figure lands in the JSON as it is measured.
+bench() {
+  local limit="$1"
+  shift
+  timeout --kill-after=10 $((limit + 10)) "$PY" -c "import faulthandler, sys; faulthandler.dump_traceback_later($limit, exit=True)
+from suncet.cli.main import main; sys.exit(main())" bench data --device cuda "$@" 2>&1 | tee -a "$LOG" || status=1
+}
+echo "=== suncet bench data, 32 px and the SimCLR steps" | tee -a "$LOG"
+bench 110 --resolution 32 --workers 4 --steps 2 --seconds 0.3 --decode-files 0 --train-steps 16 $KORNIA \
+  --json "$CHECKS/bench_data_32.json"
+echo "=== suncet bench data, 224 px and JPEG decoding" | tee -a "$LOG"
+bench 70 --resolution 224 --workers 4 --steps 2 --seconds 0.3 --decode-files 16 --no-train $KORNIA \
+  --json "$CHECKS/bench_data_224.json"
 
 echo "=== targets" | tee -a "$LOG"
-timeout 20 "$PY" - "$OUT/bench_data.json" "$CHECKS/targets.json" <<'EOF' 2>&1 | tee -a "$LOG" || status=1
-import json, sys
+timeout 20 "$PY" - "$CHECKS/targets.json" "$OUT/bench_data.json" "$CHECKS/bench_data_32.json" "$CHECKS/bench_data_224.json" <<'EOF' 2>&1 | tee -a "$LOG" || status=1
+import json, os, sys
 
-figures = json.load(open(sys.argv[1]))["figures"]
+reports = [json.load(open(path)) for path in sys.argv[3:] if os.path.exists(path)]
+figures = [f for report in reports for f in report["figures"]]
+if reports:  # one file of figures for both processes (the device returns at most 8 files)
+    json.dump({"machine": reports[0]["machine"], "figures": figures}, open(sys.argv[2], "w"), indent=2)
 
 def rate(measurement, path, resolution=None):
-    for f in figures:
-        if f["measurement"] == measurement and f["path"] == path and (resolution is None or f["resolution"] == resolution):
-            return f["rate"]
-    raise SystemExit(f"no figure {measurement} / {path} / {resolution}")
+    found = [f["rate"] for f in figures
+             if f["measurement"] == measurement and f["path"] == path and resolution in (None, f["resolution"])]
+    return found[0] if found else None
 
-synthetic = rate("train", "synthetic views on the device")
-real = rate("train", "device pipeline, CIFAR-format files")
+def ratio(a, b):
+    return None if a is None or b is None else a / b
+
 targets = {
     "gpu_augment_32px_views_per_s": [rate("augment", "device (cuda)", 32), 1_000_000],
     "gpu_augment_224px_views_per_s": [rate("augment", "device (cuda)", 224), 50_000],
-    "simclr_real_over_synthetic": [real / synthetic, 0.85],
+    "simclr_real_over_synthetic": [ratio(rate("train", "device pipeline, CIFAR-format files"),
+                                         rate("train", "synthetic views on the device")), 0.85],
 }
-report = {name: {"measured": value, "target": target, "met": value >= target} for name, (value, target) in targets.items()}
+report = {name: {"measured": value, "target": target, "met": value is not None and value >= target}
+          for name, (value, target) in targets.items()}
 for resolution in (32, 224):  # what the Triton kernels bring over the PyTorch operations (no target)
     report[f"triton_over_pytorch_ops_{resolution}px"] = {
-        "measured": rate("augment", "device (cuda)", resolution) / rate("augment", "device (cuda, PyTorch ops)", resolution)}
+        "measured": ratio(rate("augment", "device (cuda)", resolution), rate("augment", "device (cuda, PyTorch ops)", resolution))}
 print(json.dumps(report, indent=2))
-json.dump(report, open(sys.argv[2], "w"), indent=2)
+json.dump(report, open(sys.argv[1], "w"), indent=2)
 sys.exit(0 if all(r.get("met", True) for r in report.values()) else 1)
 EOF
 "$PY" -c "import json, sys; json.dump({k: json.load(open(f'$CHECKS/{k}.json')) for k in ('crop', 'targets') if __import__('os').path.exists(f'$CHECKS/{k}.json')}, open('$OUT/data_checks.json', 'w'), indent=2)"

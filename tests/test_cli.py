@@ -71,3 +71,10 @@ def test_bench_data_times_every_path_against_the_torchvision_loader(cli, tmp_pat
     assert ("pipeline", "torchvision DataLoader (baseline)") in paths and ("pipeline", "workers") in paths
     assert ("augment", "torchvision v2 per image") in paths and ("decode", "jpeg -> 256 px (cpu)") in paths
     assert all(f["rate"] > 0 for f in figures)
+    assert "pipeline / workers / 32 px, 0 workers:" in result.stdout  # each figure is printed as it lands
+
+
+def test_bench_data_refuses_a_zero_step_count(cli):
+    result = cli("bench", "data", "--device", "cpu", "--train-steps", "0")
+    assert result.returncode != 0 and "--train-steps must be at least 1, got 0" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -333,23 +333,28 @@ def _ints(text: str, option: str) -> list[int]:
 @click.option("--batch", "batch_text", help="Images per batch for each resolution, comma-separated "
               "[default: 512,256,64 on CPU; 4096,1024,256 on GPU].")
 @click.option("--workers", "workers_text", default=None, help="Worker counts for the worker path [default: 2 on CPU; 4,12 on GPU].")
-@click.option("--steps", default=4, show_default=True, help="Steps per pass of the pipeline and training figures.")
+@click.option("--steps", default=4, show_default=True, help="Steps per pass of the pipeline figures.")
 @click.option("--seconds", default=1.0, show_default=True, help="Least timed duration of each figure.")
 @click.option("--train/--no-train", "with_train", default=True, show_default=True, help="Time SimCLR steps (real vs synthetic data).")
 @click.option("--train-batch", type=int, help="Images per SimCLR step [default: 32 on CPU, 512 on GPU].")
+@click.option("--train-steps", type=int, help="SimCLR steps per timed epoch [default: 4 on CPU, 16 on GPU]: each epoch "
+              "starts on an idle device, so short epochs understate what a pipeline overlaps.")
 @click.option("--backbone", help="Backbone of the SimCLR figures [default: small_resnet on CPU, resnet18 on GPU].")
 @click.option("--decode-files", default=32, show_default=True, help="JPEG files in the decoding figure (0: skip it).")
 @click.option("--kornia/--no-kornia", "with_kornia", default=False, show_default=True,
               help="Also time kornia.augmentation with the same recipe (needs kornia installed).")
 @click.option("--threads", type=int, help="torch intra-op threads of this process [default: torch's choice].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write all figures and the machine here.")
-def data(device, resolutions, batch_text, workers_text, steps, seconds, with_train, train_batch, backbone, decode_files,
-         with_kornia, threads, json_path):
+def data(device, resolutions, batch_text, workers_text, steps, seconds, with_train, train_batch, train_steps, backbone,
+         decode_files, with_kornia, threads, json_path):
     """Augmentation, loader, decoding and training-step throughput of the data pipeline."""
     if threads is not None:
         if threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
+    for option, value in (("--steps", steps), ("--train-steps", train_steps)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{option} must be at least 1, got {value}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -373,17 +378,29 @@ def data(device, resolutions, batch_text, workers_text, steps, seconds, with_tra
 
     console = Console()
     figures: list[Figure] = []
+
+    def record(new: list[Figure]) -> None:
+        """Print each figure as it lands and rewrite the JSON, so a run cut short keeps what it measured."""
+        for f in new:
+            workers = "" if f.workers is None else f", {f.workers} workers"
+            console.print(f"  {f.measurement} / {f.path} / {f.resolution or '-'} px{workers}: {f.rate:,.0f} {f.unit}",
+                          highlight=False)
+        figures.extend(new)
+        if json_path:
+            report = {"machine": machine(dev), "figures": [asdict(f) for f in figures]}
+            Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+
     for resolution in chosen:
         console.print(f"[dim]augmentation and pipelines at {resolution} px...[/dim]")
-        figures += augment_figures(resolution, batches[resolution], dev, seconds, with_kornia)
-        figures += pipeline_figures(resolution, batches[resolution], steps, dev, workers, seconds)
+        record(augment_figures(resolution, batches[resolution], dev, seconds, with_kornia))
+        record(pipeline_figures(resolution, batches[resolution], steps, dev, workers, seconds))
     if decode_files:
         console.print("[dim]decoding...[/dim]")
-        figures += decode_figures(decode_files, dev, seconds)
+        record(decode_figures(decode_files, dev, seconds))
     if with_train:
         console.print("[dim]training steps...[/dim]")
-        figures += train_figures(backbone or ("resnet18" if gpu else "small_resnet"), train_batch or (512 if gpu else 32),
-                                 steps, dev, workers, seconds)
+        record(train_figures(backbone or ("resnet18" if gpu else "small_resnet"), train_batch or (512 if gpu else 32),
+                             train_steps or (16 if gpu else 4), dev, workers, seconds))
 
     table = Table(title=f"suncet bench data on {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if gpu else ""))
     for column in ("measurement", "path", "px", "batch", "workers", "rate", "unit", "notes"):
@@ -393,6 +410,4 @@ def data(device, resolutions, batch_text, workers_text, steps, seconds, with_tra
                       f"{f.rate:,.0f}", f.unit, "; ".join(f.notes))
     console.print(table)
     if json_path:
-        report = {"machine": machine(dev), "figures": [asdict(f) for f in figures]}
-        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
         console.print(f"wrote {json_path}")
