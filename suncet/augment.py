@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from suncet.transfer import to_device
+
 
 @dataclass(frozen=True)
 class CropSpec:
@@ -359,10 +361,7 @@ class BatchAugment:
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
         n, channels, height, width = images.shape
         params = self.sample(n, height, width, channels, generator)
-        if params.device != images.device:
-            if params.device.type == "cpu" and images.device.type == "cuda":
-                params = params.pin_memory()  # so that the copy does not wait for the GPU
-            params = params.to(images.device, non_blocking=True)
+        params = to_device(params, images.device)
         use_triton = self.triton_kernels if self.triton_kernels is not None else triton_augment_usable(images.device)
         return self._triton_views(images, params) if use_triton else self._torch_views(images, params)
 

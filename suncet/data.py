@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from suncet.augment import AugmentRecipe
+from suncet.transfer import to_device
 
 
 @runtime_checkable
@@ -40,8 +41,7 @@ class InMemoryImages:
         return self.images.shape[0]
 
     def load(self, indices: Tensor) -> Tensor:
-        # Host indices reach a GPU without waiting for it (a blocking copy would synchronise).
-        return self.images[indices.to(self.images.device, non_blocking=True)]
+        return self.images[to_device(indices, self.images.device)]
 
     def to(self, device: torch.device) -> InMemoryImages:
         return InMemoryImages(self.images.to(device), self.labels.to(device), self.names)

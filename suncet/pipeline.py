@@ -18,6 +18,7 @@ from suncet.augment import AugmentRecipe, BatchAugment
 from suncet.checkpoint import CheckpointError
 from suncet.data import ImageSource
 from suncet.methods import TrainBatch
+from suncet.transfer import to_device
 
 
 @dataclass
@@ -57,13 +58,13 @@ class DevicePipeline:
         for offset, plan in enumerate(plans):
             batch = TrainBatch(global_views=[], epoch=epoch, step=first_step + offset)
             if plan.unlabeled is not None:
-                images = self.unlabeled.load(plan.unlabeled).to(self.device, non_blocking=True)
+                images = to_device(self.unlabeled.load(plan.unlabeled), self.device)
                 batch.global_views = [self._view(self.global_augment, images) for _ in range(self.global_views)]
                 batch.local_views = [self._view(self.local_augment, images) for _ in range(self.local_views)]
             if plan.labeled is not None:
-                images = self.labeled.load(plan.labeled).to(self.device, non_blocking=True)
+                images = to_device(self.labeled.load(plan.labeled), self.device)
                 batch.labeled = self._view(self.global_augment, images)
-                batch.labels = plan.labels.to(self.device, non_blocking=True)
+                batch.labels = to_device(plan.labels, self.device)
             yield batch
 
     def close(self) -> None:

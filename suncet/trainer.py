@@ -38,6 +38,7 @@ from suncet.worker_pipeline import WorkerPipeline
 from suncet.registry import BACKBONES, DATASETS, METHODS, OPTIMIZERS
 from suncet.samplers import ClassStratifiedSampler, UnlabeledSampler
 from suncet.stopping import EXIT_PREEMPTED, StopRequests
+from suncet.transfer import to_device
 from suncet import distributed
 
 CONFIG_FILE = "config.yaml"
@@ -99,7 +100,7 @@ class _Concat:
         out = images_first.new_empty((len(indices), *images_first.shape[1:]))
         # Positions found on the host: a boolean mask on a GPU would synchronise to count them.
         for where, images in ((in_first, images_first), (~in_first, self.second.load(indices[~in_first] - n))):
-            out.index_copy_(0, where.nonzero().squeeze(1).to(out.device, non_blocking=True), images.to(out.device))
+            out.index_copy_(0, to_device(where.nonzero().squeeze(1), out.device), to_device(images, out.device))
         return out
 
 
