@@ -88,7 +88,7 @@ echo "=== suncet bench data, 32 px and the SimCLR steps" | tee -a "$LOG"
 bench 110 --resolution 32 --workers 4 --steps 2 --seconds 0.3 --decode-files 0 --train-steps 16 $KORNIA \
   --json "$CHECKS/bench_data_32.json"
 echo "=== suncet bench data, 224 px and JPEG decoding" | tee -a "$LOG"
-bench 70 --resolution 224 --workers 4 --steps 2 --seconds 0.3 --decode-files 16 --no-train $KORNIA \
+bench 80 --resolution 224 --workers 8 --steps 1 --seconds 0.3 --decode-files 16 --no-train $KORNIA \
   --json "$CHECKS/bench_data_224.json"
 
 echo "=== targets" | tee -a "$LOG"
