@@ -36,6 +36,29 @@ def test_crop_boxes_follow_random_resized_crop():
     assert 0.35 < area.mean().item() < 0.45
 
 
+def test_crop_boxes_match_torchvision_where_draws_often_do_not_fit():
+    """Wide scale and ratio ranges on a non-square image: a third of the draws do not fit, so
+    the retries decide the distribution; it must be torchvision's (first fitting draw)."""
+    from torchvision.transforms import RandomResizedCrop
+
+    n, height, width, scale, ratio = 20000, 64, 48, (0.3, 1.0), (1 / 3, 3.0)
+    ours = sample_crop_boxes(n, height, width, scale, ratio, torch.Generator().manual_seed(0), torch.device("cpu"))
+    torch.manual_seed(0)
+    image = torch.zeros(1, height, width)
+    theirs = torch.tensor([RandomResizedCrop.get_params(image, list(scale), list(ratio)) for _ in range(n)], dtype=torch.float32)
+    quantiles = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
+    for column in range(4):  # top, left, h, w
+        a, b = ours[:, column], theirs[:, column]
+        assert abs(a.mean() - b.mean()) < 0.02 * max(height, width), column
+        assert (torch.quantile(a, quantiles) - torch.quantile(b, quantiles)).abs().max() <= 2, column
+
+
+def test_crop_boxes_fall_back_to_the_central_crop_when_nothing_fits():
+    boxes = sample_crop_boxes(100, 64, 64, (0.9, 1.0), (3.0, 4.0), torch.Generator().manual_seed(0), torch.device("cpu"))
+    # The aspect ratio is clamped to the range (width / 3), the crop centred, as in torchvision.
+    assert boxes.tolist() == [[21.0, 0.0, 21.0, 64.0]] * 100
+
+
 def test_identity_crop_and_flip_are_exact():
     square = torch.rand(3, 2, 6, 6)
     box = torch.tensor([[0.0, 0.0, 6.0, 6.0]]).repeat(3, 1)
