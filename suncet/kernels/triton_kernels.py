@@ -53,10 +53,12 @@ def fp32_precision() -> str:
 # (triton.compile with a GPUTarget and ptxas -v, no GPU needed) and keeping those that fit
 # Hopper's 227 KiB of shared memory and do not spill registers for bf16 and fp32 with one or two
 # key sets (a sweep of BLOCK_M 64/128, BLOCK_N 32/64/128, 4/8 warps, 2-4 stages at D = 128 left
-# these); which is fastest is for the autotuner to find on the card.
+# these); which is fastest is for the autotuner to find on the card. On the H200 the forward ran
+# latency-bound (docs/benchmarks.md): (64, 64, 4, 3) was fastest at 209 registers a thread (two
+# programs per multiprocessor), so the two (64, 32, 4, *) tiles, at 148 (three), joined the table.
 _FORWARD_TABLE = {
     128: [(128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (128, 32, 8, 4),
-          (64, 128, 8, 3)],
+          (64, 128, 8, 3), (64, 32, 4, 3), (64, 32, 4, 4)],
     256: [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
 }
 _BACKWARD_TABLE = {
