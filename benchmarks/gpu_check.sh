@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The one-call device check on an H100/H200, in order of importance: build the extension with
 # CUDA, run the gpu-marked tests (kernels, augmentation kernels, no host sync in the device
-# pipeline), check that a torchrun run on one GPU equals a plain run (30 epochs, median epoch
-# rates), check and time the data pipeline (benchmarks/gpu_data_check.sh), profile the host time
-# of a fused-loss step (benchmarks/profile_host.py), then time the fused kernels against PyTorch
-# eager; with --all also each Triton tile configuration as kernel time
-# (benchmarks/kernel_anatomy.py), the torch.compile and the per-loss variant benchmarks
-# (measured once already, in benchmarks/results). Every step tees into $OUT/gpu_check.log; the
-# JSON figures land in $OUT too (5 files, 8 with --all: the device returns at most 8). Each
-# step has a time cap, cut to what is left of 575 s, and a failing step does not stop the ones
-# after it, so a run always ends in time and returns its log.
+# pipeline), check that a torchrun run on one GPU equals plain runs before and after it (30
+# epochs, median epoch rates), check and time the data pipeline (benchmarks/gpu_data_check.sh),
+# profile the host time of a fused-loss step (benchmarks/profile_host.py), time each Triton tile
+# configuration as kernel time (benchmarks/kernel_anatomy.py), then time the Triton backend from
+# Python; with --all also the cuda backend and eager PyTorch in that benchmark, the
+# torch.compile and the per-loss variant benchmarks (measured once already, in
+# benchmarks/results). Every step tees into $OUT/gpu_check.log; the JSON figures land in $OUT
+# too (6 files, 8 with --all: the device returns at most 8). Each step has a time cap, cut to
+# what is left of 575 s, and a failing step does not stop the ones after it, so a run always
+# ends in time and returns its log.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh [--all]   # on the GPU machine, repository root
 #   OUT=/tmp/dry bash benchmarks/gpu_check.sh --no-gpu   # dry run of the same steps on a CPU box
@@ -90,24 +91,35 @@ TRAIN_ARGS=(train --dataset digits --backbone resnet18 --batch-size 128 --epochs
             --monitor-every 0 --final-eval none --seed 0)
 if ((NO_GPU)); then TRAIN_ARGS=(train --epochs 2 --monitor-every 0 --final-eval none --seed 0); fi
 RUNS="$(mktemp -d)"
-run "train plain" 100 "${SUNCET[@]}" "${TRAIN_ARGS[@]}" --out "$RUNS/plain"
 SCRIPT=$("$PY" -c "import os, sys; print(os.path.join(os.path.dirname(sys.executable), 'suncet'))")
-run "train torchrun" 100 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 "$SCRIPT" \
+# Plain, torchrun, plain again: in the H200 run of 2026-11-28 the second process ran faster in
+# every epoch (GPU clocks, caches), so the torchrun run is compared with both plain runs.
+run "train plain" 80 "${SUNCET[@]}" "${TRAIN_ARGS[@]}" --out "$RUNS/plain"
+run "train torchrun" 80 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 "$SCRIPT" \
   "${TRAIN_ARGS[@]}" --out "$RUNS/torchrun"
-run "train compare" 20 "$PY" - "$RUNS/plain/metrics.csv" "$RUNS/torchrun/metrics.csv" "$OUT/train_check.json" <<'PYEOF'
-import csv, json, statistics, sys
-plain, launched = ([r for r in csv.DictReader(open(p))] for p in sys.argv[1:3])
+run "train plain again" 80 "${SUNCET[@]}" "${TRAIN_ARGS[@]}" --out "$RUNS/plain_again"
+run "train compare" 20 env CHECK_THROUGHPUT=$((1 - NO_GPU)) "$PY" - "$OUT/train_check.json" \
+  "$RUNS/plain/metrics.csv" "$RUNS/torchrun/metrics.csv" "$RUNS/plain_again/metrics.csv" <<'PYEOF'
+import csv, json, os, statistics, sys
+plain, launched, again = ([r for r in csv.DictReader(open(p))] for p in sys.argv[2:5])
 timing = {"images_per_second", "train_seconds"}
-same = [{k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
-        for a, b in zip(plain, launched)]
-# Median of the epochs after the first (cuDNN autotuning, allocator warm-up): one epoch is 11
-# steps of 0.2 s, whose rate wanders by +-8% (H200, 2026-11-28), so a mean of 7 said little.
-rate = [statistics.median(float(r["images_per_second"]) for r in rows[1:]) for rows in (plain, launched)]
-report = {"epochs": len(plain), "metrics_equal": all(same) and len(plain) == len(launched),
-          "plain_images_per_s": rate[0], "torchrun_images_per_s": rate[1], "torchrun_over_plain": rate[1] / rate[0]}
+
+def metrics(rows):
+    return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+# Median epoch rate after the first (cuDNN autotuning, allocator warm-up): an epoch is 11 steps,
+# 0.2 s in all, and its rate wanders by +-8% (H200, 2026-11-28), so a mean of 7 said little.
+def rate(rows):
+    return statistics.median(float(r["images_per_second"]) for r in rows[1:])
+
+plain_rate = (rate(plain) + rate(again)) / 2
+report = {"epochs": len(plain), "metrics_equal": metrics(plain) == metrics(launched) == metrics(again),
+          "plain_images_per_s": rate(plain), "torchrun_images_per_s": rate(launched),
+          "plain_again_images_per_s": rate(again), "torchrun_over_plain": rate(launched) / plain_rate}
 print(json.dumps(report, indent=2))
-json.dump(report, open(sys.argv[3], "w"), indent=2)
-sys.exit(0 if report["metrics_equal"] and abs(report["torchrun_over_plain"] - 1) <= 0.03 else 1)
+json.dump(report, open(sys.argv[1], "w"), indent=2)
+throughput_ok = abs(report["torchrun_over_plain"] - 1) <= 0.03 or os.environ["CHECK_THROUGHPUT"] == "0"
+sys.exit(0 if report["metrics_equal"] and throughput_ok else 1)
 PYEOF
 
 step "data pipeline: crop check, suncet bench data, targets"
@@ -124,23 +136,27 @@ else
   run "profile host" 90 "$PY" benchmarks/profile_host.py
 fi
 
-step "benchmark: fused backends against eager, N = 2048 / 8192 / 32768, D = 128"
+step "kernel time of each Triton tile configuration against cuBLAS and flash attention, N = 8192"
+if ((NO_GPU)); then
+  echo "--- skipped on a CPU box (needs CUDA)" | tee -a "$LOG"
+else
+  run "kernel anatomy" 120 "$PY" benchmarks/kernel_anatomy.py --json "$OUT/kernel_anatomy.json"
+fi
+
+# The Triton backend alone by default (the cuda backend and eager PyTorch, measured twice on the
+# H200 already, take most of this step's time at N = 32768); all three with --all.
+MAIN_BACKENDS=triton
+if ((ALL)); then MAIN_BACKENDS=triton,cuda,reference; fi
+step "benchmark: fused backends ($MAIN_BACKENDS), N = 2048 / 8192 / 32768, D = 128"
 if ((NO_GPU)); then
   run "bench main" 200 "${SUNCET[@]}" bench kernels --device cpu --n 512 --d 64 --dtype fp32,bf16 \
     --backend cpu,triton,cuda,reference --loss both --repeats 3 --json "$OUT/bench_main.json"
 else
   run "bench main" 90 "${SUNCET[@]}" bench kernels --n 2048,8192,32768 --d 128 --dtype bf16,fp32 \
-    --backend triton,cuda,reference --loss both --repeats 10 --cuda-graph --json "$OUT/bench_main.json"
+    --backend "$MAIN_BACKENDS" --loss both --repeats 10 --cuda-graph --json "$OUT/bench_main.json"
 fi
 
 if ((ALL)); then
-  step "kernel time of each Triton tile configuration against cuBLAS and flash attention, N = 8192"
-  if ((NO_GPU)); then
-    echo "--- skipped on a CPU box (needs CUDA)" | tee -a "$LOG"
-  else
-    run "kernel anatomy" 120 "$PY" benchmarks/kernel_anatomy.py --json "$OUT/kernel_anatomy.json"
-  fi
-
   step "benchmark: torch.compile of the reference, N = 8192, D = 128"
   if ((NO_GPU)); then
     run "bench compiled" 200 "${SUNCET[@]}" bench kernels --device cpu --n 256 --d 64 --dtype fp32 \

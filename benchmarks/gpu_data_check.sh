@@ -26,7 +26,7 @@ CHECKS="$(mktemp -d)"
 { nvidia-smi -L; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } 2>&1 | tee -a "$LOG"
 
 echo "=== crop check on CUDA" | tee -a "$LOG"
-timeout 45 "$PY" - "$CHECKS/crop.json" <<'EOF' 2>&1 | tee -a "$LOG" || status=1
+timeout --foreground 45 "$PY" - "$CHECKS/crop.json" <<'EOF' 2>&1 | tee -a "$LOG" || status=1
 import json, sys, torch
 from torchvision.transforms.v2 import functional as TF
 from suncet.augment import VIEW_COLUMNS, BatchAugment, ViewColumn, crop_resize_flip, sample_crop_boxes, triton_augment_usable
@@ -76,29 +76,42 @@ EOF
 KORNIA=--no-kornia
 if "$PY" -c "import kornia" 2>/dev/null; then KORNIA=--kornia; fi
 # bench LIMIT ARGS...: `suncet bench data` that, if still running after LIMIT seconds, prints every
-# thread's stack and exits (the 224 px stage of the H200 run of 2026-11-28 never finished, and a
-# plain timeout said nothing about where). Each figure lands in the JSON as it is measured.
+# thread's stack and exits (the 224 px stage of the H200 run of 2026-11-28 did not finish, and a
+# plain timeout said nothing about where). Each figure lands in its JSON as it is measured, and
+# after each process the figures of both go into $OUT/bench_data.json (the device returns at most
+# 8 files), so a check cut short by gpu_check.sh's cap keeps what was measured. The timeouts run
+# in the foreground, so that the outer cap's signal reaches their commands.
 bench() {
   local limit="$1"
   shift
-  timeout --kill-after=10 $((limit + 10)) "$PY" -c "import faulthandler, sys; faulthandler.dump_traceback_later($limit, exit=True)
+  timeout --foreground --kill-after=10 $((limit + 10)) "$PY" -c "import faulthandler, sys; faulthandler.dump_traceback_later($limit, exit=True)
 from suncet.cli.main import main; sys.exit(main())" bench data --device cuda "$@" 2>&1 | tee -a "$LOG" || status=1
+  "$PY" - "$OUT/bench_data.json" "$CHECKS"/bench_data_*.json <<'EOF' 2>&1 | tee -a "$LOG"
+import json, sys
+
+reports = []
+for path in sys.argv[2:]:
+    try:
+        reports.append(json.load(open(path)))
+    except (OSError, ValueError) as exc:
+        print(f"skipped {path}: {exc}")
+if reports:
+    figures = [f for report in reports for f in report["figures"]]
+    json.dump({"machine": reports[0]["machine"], "figures": figures}, open(sys.argv[1], "w"), indent=2)
+EOF
 }
 echo "=== suncet bench data, 32 px and the SimCLR steps" | tee -a "$LOG"
-bench 110 --resolution 32 --workers 4 --steps 2 --seconds 0.3 --decode-files 0 --train-steps 16 $KORNIA \
+bench 100 --resolution 32 --workers 4 --steps 2 --seconds 0.3 --decode-files 0 --train-steps 16 $KORNIA \
   --json "$CHECKS/bench_data_32.json"
 echo "=== suncet bench data, 224 px and JPEG decoding" | tee -a "$LOG"
-bench 80 --resolution 224 --workers 8 --steps 1 --seconds 0.3 --decode-files 16 --no-train $KORNIA \
+bench 70 --resolution 224 --workers 8 --steps 1 --seconds 0.3 --decode-files 16 --no-train $KORNIA \
   --json "$CHECKS/bench_data_224.json"
 
 echo "=== targets" | tee -a "$LOG"
-timeout 20 "$PY" - "$CHECKS/targets.json" "$OUT/bench_data.json" "$CHECKS/bench_data_32.json" "$CHECKS/bench_data_224.json" <<'EOF' 2>&1 | tee -a "$LOG" || status=1
+timeout --foreground 20 "$PY" - "$CHECKS/targets.json" "$OUT/bench_data.json" <<'EOF' 2>&1 | tee -a "$LOG" || status=1
 import json, os, sys
 
-reports = [json.load(open(path)) for path in sys.argv[3:] if os.path.exists(path)]
-figures = [f for report in reports for f in report["figures"]]
-if reports:  # one file of figures for both processes (the device returns at most 8 files)
-    json.dump({"machine": reports[0]["machine"], "figures": figures}, open(sys.argv[2], "w"), indent=2)
+figures = json.load(open(sys.argv[2]))["figures"] if os.path.exists(sys.argv[2]) else []
 
 def rate(measurement, path, resolution=None):
     found = [f["rate"] for f in figures

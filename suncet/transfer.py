@@ -7,7 +7,8 @@ from torch import Tensor
 
 
 def to_device(tensor: Tensor, device: torch.device) -> Tensor:
-    """``tensor`` on ``device``, copied without waiting for the GPU's queued work.
+    """``tensor`` on ``device``; a host tensor bound for a GPU is copied without waiting for
+    the GPU's queued work.
 
     A non_blocking copy from pageable host memory may still make the CUDA driver synchronise
     the stream to stage the data (CUDA runtime API, "API synchronization behavior"), which
@@ -19,5 +20,6 @@ def to_device(tensor: Tensor, device: torch.device) -> Tensor:
     if tensor.device == device:
         return tensor
     if tensor.device.type == "cpu" and device.type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
+        return tensor.pin_memory().to(device, non_blocking=True)
+    # Other directions stay blocking: a non_blocking copy to the host returns before the data.
+    return tensor.to(device)

@@ -302,6 +302,22 @@ def test_compiled_step_has_no_graph_break():
     )
 
 
+@needs_cpu_kernels
+def test_fake_tensors_trace_through_the_ops():
+    """Eager mode calls the backend directly; a dispatch mode (FakeTensorMode here, make_fx,
+    torch.compile's tracing) must still reach the ops' fake implementations."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from suncet.losses.contrastive import nt_xent_and_suncet
+
+    with FakeTensorMode():
+        z_u = torch.randn(32, 16, requires_grad=True)
+        z_l = torch.randn(20, 16, requires_grad=True)
+        a, b = nt_xent_and_suncet(z_u, z_l, torch.randint(0, 4, (20,)), backend="cpu")
+        (a + b).backward()
+    assert isinstance(a, FakeTensor) and a.shape == () and z_u.grad.shape == (32, 16) and z_l.grad.shape == (20, 16)
+
+
 # ---------------------------------------------------------------------------------------------
 # triton backend in the interpreter (CPU-only machines).
 

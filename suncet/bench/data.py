@@ -393,7 +393,9 @@ def data(device, resolutions, batch_text, workers_text, steps, seconds, with_tra
         figures.extend(new)
         if json_path:
             report = {"machine": machine(dev), "figures": [asdict(f) for f in figures]}
-            Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+            partial = Path(f"{json_path}.partial")
+            partial.write_text(json.dumps(report, indent=2) + "\n")
+            os.replace(partial, json_path)  # a run stopped mid-write leaves the previous file whole
 
     for resolution in chosen:
         console.print(f"[dim]augmentation and pipelines at {resolution} px...[/dim]")

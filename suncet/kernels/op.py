@@ -5,12 +5,14 @@ the backward (``suncet::multi_positive_backward``) needs nothing but the inputs 
 LSEs (a row's validity is ``lse_pos > -inf``). Both ops have fake implementations, so
 ``torch.compile`` traces a training step through them without a graph break.
 
-``MultiPositive`` (a torch.autograd.Function) makes the losses differentiable. Under
-torch.compile it calls the two ops, which dynamo traces into both graphs; in eager mode it calls
-the backend directly, because the custom-op layers cost more host time than the launches they
-wrap, and host time bounds the GPU step up to N = 8192 (H200, torch 2.11: 1,060 us of host time
-per custom-op step against 227 us in the two launchers; on the 2-core development CPU, torch
-2.14, N = 16: 58.5 us per step through the ops, 40.9 us direct, 10.4 us in the launchers).
+``MultiPositive`` (a torch.autograd.Function) makes the losses differentiable. Where a tracer
+must see the operation (torch.compile, FakeTensorMode, make_fx) it calls the two ops, which
+have fake implementations; in eager mode it calls the backend directly, which spares the
+custom-op dispatch: on the 2-core development CPU (torch 2.14, N = 16, cpu backend) a loss step
+(forward and gradient) took 58.5 us of host time through the ops and 40.9 us direct, of which
+the two launches are 10.4 us. Host time bounds the GPU step up to N = 8192 (H200, torch 2.11:
+1,060 us per step through the ops at N = 2048, autograd included, of which the Triton launchers
+are 227 us).
 With ``one_tower`` the caller passes
 the same tensor as q and k; the backward then returns the whole gradient as dq (one atomics-free
 pass over ``(G + G^T) z``) and no gradient for k.
@@ -22,6 +24,7 @@ import importlib
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _BACKEND_MODULES = {
     "cpu": "suncet.kernels.cpu",
@@ -108,6 +111,12 @@ def _multi_positive_backward_fake(
     return q.new_empty(q.shape), dk
 
 
+def _traced(q: Tensor) -> bool:
+    """Whether the ops must be called so that a tracer sees them: torch.compile, or any
+    dispatch mode (FakeTensorMode, make_fx), or tensors without data."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or q.is_meta
+
+
 class MultiPositive(torch.autograd.Function):
     """(loss [M, P], valid [M, P]), differentiable in q and k (valid is not).
 
@@ -120,7 +129,7 @@ class MultiPositive(torch.autograd.Function):
         k = q if k is None else k
         col_keys = row_keys if col_keys is None else col_keys
         col_groups = row_groups if col_groups is None else col_groups
-        forward = multi_positive_op if torch.compiler.is_compiling() else _forward
+        forward = multi_positive_op if _traced(q) else _forward
         loss, valid, lse_all, lse_pos = forward(
             q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower, backend
         )
@@ -133,7 +142,7 @@ class MultiPositive(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_valid):
         q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos = ctx.saved_tensors
         self_offset, tau, one_tower, backend = ctx.config
-        backward = multi_positive_backward_op if torch.compiler.is_compiling() else _backward
+        backward = multi_positive_backward_op if _traced(q) else _backward
         dq, dk = backward(
             grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos,
             self_offset, tau, one_tower, backend,
