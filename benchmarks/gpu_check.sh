@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The one-call device check on an H100/H200, in order of importance: build the extension with
 # CUDA, run the gpu-marked tests (kernels, augmentation kernels, no host sync in the device
-# pipeline), check that a torchrun run on one GPU equals plain runs before and after it (30
-# epochs, median epoch rates), check and time the data pipeline (benchmarks/gpu_data_check.sh),
-# profile the host time of a fused-loss step (benchmarks/profile_host.py), time each Triton tile
-# configuration as kernel time (benchmarks/kernel_anatomy.py), then time the Triton backend from
-# Python; with --all also the cuda backend and eager PyTorch in that benchmark, the
-# torch.compile and the per-loss variant benchmarks (measured once already, in
-# benchmarks/results). Every step tees into $OUT/gpu_check.log; the JSON figures land in $OUT
+# pipeline), time each Triton tile configuration as kernel time (benchmarks/kernel_anatomy.py),
+# time the Triton backend from Python, check that a torchrun run on one GPU equals plain runs
+# before and after it (30 epochs, median epoch rates), check and time the data pipeline
+# (benchmarks/gpu_data_check.sh), then profile the host time of a fused-loss step
+# (benchmarks/profile_host.py); with --all also the cuda backend and eager PyTorch in the
+# Python-side benchmark, the torch.compile and the per-loss variant benchmarks (measured once
+# already, in benchmarks/results). Every step tees into $OUT/gpu_check.log; the JSON figures land in $OUT
 # too (6 files, 8 with --all: the device returns at most 8). Each step has a time cap, cut to
 # what is left of 575 s, and a failing step does not stop the ones after it, so a run always
 # ends in time and returns its log.
@@ -86,6 +86,26 @@ run "kernel gpu tests" 120 env SUNCET_TRITON_AUTOTUNE=0 "${PYTEST[@]}" \
   tests/test_kernels.py
 run "other gpu tests" 120 "${PYTEST[@]}" --ignore=tests/test_kernels.py tests
 
+step "kernel time of each Triton tile configuration against cuBLAS and flash attention, N = 8192"
+if ((NO_GPU)); then
+  echo "--- skipped on a CPU box (needs CUDA)" | tee -a "$LOG"
+else
+  run "kernel anatomy" 90 "$PY" benchmarks/kernel_anatomy.py --json "$OUT/kernel_anatomy.json"
+fi
+
+# The Triton backend alone by default (the cuda backend and eager PyTorch, measured twice on the
+# H200 already, take most of this step's time at N = 32768); all three with --all.
+MAIN_BACKENDS=triton
+if ((ALL)); then MAIN_BACKENDS=triton,cuda,reference; fi
+step "benchmark: fused backends ($MAIN_BACKENDS), N = 2048 / 8192 / 32768, D = 128"
+if ((NO_GPU)); then
+  run "bench main" 200 "${SUNCET[@]}" bench kernels --device cpu --n 512 --d 64 --dtype fp32,bf16 \
+    --backend cpu,triton,cuda,reference --loss both --repeats 3 --json "$OUT/bench_main.json"
+else
+  run "bench main" 90 "${SUNCET[@]}" bench kernels --n 2048,8192,32768 --d 128 --dtype bf16,fp32 \
+    --backend "$MAIN_BACKENDS" --loss both --repeats 10 --cuda-graph --json "$OUT/bench_main.json"
+fi
+
 step "training: torchrun --nproc-per-node 1 equals a plain run; throughput of both paths"
 TRAIN_ARGS=(train --dataset digits --backbone resnet18 --batch-size 128 --epochs 30 --labels 10%
             --monitor-every 0 --final-eval none --seed 0)
@@ -126,7 +146,7 @@ step "data pipeline: crop check, suncet bench data, targets"
 if ((NO_GPU)); then
   echo "--- skipped on a CPU box (the data benchmark has its own CPU figures: docs/data.md)" | tee -a "$LOG"
 else
-  run "data check" 280 env LOG="$LOG" bash benchmarks/gpu_data_check.sh
+  run "data check" 260 env LOG="$LOG" bash benchmarks/gpu_data_check.sh
 fi
 
 step "host time of a fused-loss step (the Triton step at N = 2048 was host-bound)"
@@ -134,26 +154,6 @@ if ((NO_GPU)); then
   echo "--- skipped on a CPU box (needs CUDA)" | tee -a "$LOG"
 else
   run "profile host" 90 "$PY" benchmarks/profile_host.py
-fi
-
-step "kernel time of each Triton tile configuration against cuBLAS and flash attention, N = 8192"
-if ((NO_GPU)); then
-  echo "--- skipped on a CPU box (needs CUDA)" | tee -a "$LOG"
-else
-  run "kernel anatomy" 120 "$PY" benchmarks/kernel_anatomy.py --json "$OUT/kernel_anatomy.json"
-fi
-
-# The Triton backend alone by default (the cuda backend and eager PyTorch, measured twice on the
-# H200 already, take most of this step's time at N = 32768); all three with --all.
-MAIN_BACKENDS=triton
-if ((ALL)); then MAIN_BACKENDS=triton,cuda,reference; fi
-step "benchmark: fused backends ($MAIN_BACKENDS), N = 2048 / 8192 / 32768, D = 128"
-if ((NO_GPU)); then
-  run "bench main" 200 "${SUNCET[@]}" bench kernels --device cpu --n 512 --d 64 --dtype fp32,bf16 \
-    --backend cpu,triton,cuda,reference --loss both --repeats 3 --json "$OUT/bench_main.json"
-else
-  run "bench main" 90 "${SUNCET[@]}" bench kernels --n 2048,8192,32768 --d 128 --dtype bf16,fp32 \
-    --backend "$MAIN_BACKENDS" --loss both --repeats 10 --cuda-graph --json "$OUT/bench_main.json"
 fi
 
 if ((ALL)); then

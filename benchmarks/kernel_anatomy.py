@@ -7,7 +7,8 @@ forced in turn, beside two references on the same card and shape: cuBLAS's ``z @
 GEMM floor) and PyTorch's flash attention on ``q = k = v = z`` (a tuned fused kernel doing
 similar work: two N^2 D products around a row softmax). TFLOP/s count 2 N^2 D per product:
 one in our forward, two in our one-tower backward, two in attention's forward, seven in its
-forward + backward.
+forward + backward. Each tile runs at tau = 0.1, where the kernels take exponents relative to
+the fixed bound of s (unit rows), and at tau = 0.02, where they keep running maxima.
 
     python benchmarks/kernel_anatomy.py --json FILE [--n 8192] [--d 128]   # on a CUDA machine
 """
@@ -15,6 +16,7 @@ forward + backward.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 from pathlib import Path
@@ -69,8 +71,7 @@ def main() -> None:
     z = F.normalize(torch.randn(n, d, generator=gen), dim=1).to("cuda", torch.bfloat16)
     keys = torch.stack([torch.arange(n) % (n // 2), torch.randint(0, 100, (n,), generator=gen)], 1).cuda()
     groups = torch.zeros(n, dtype=torch.long, device="cuda")
-    stats = tk.forward(z, z, keys, keys, groups, groups, 0, 0.1, True)
-    grad = torch.ones_like(stats[0])
+    grad = torch.ones(n, 2, device="cuda")
 
     rows = []
 
@@ -92,15 +93,21 @@ def main() -> None:
     except RuntimeError as exc:  # a reference that cannot run here must not cost the tile rows
         print(f"flash attention reference skipped: {str(exc).splitlines()[0]}")
 
-    width = 128 if d <= 128 else 256
-    for entry in list(tk._FORWARD_TABLE[width]):
-        forced(tk._forward_kernel, tk._FORWARD_TABLE[width], entry)
-        ms = graph_ms(lambda: tk.forward(z, z, keys, keys, groups, groups, 0, 0.1, True))
-        record(f"suncet forward, tile {entry}", ms, 1)
-    for entry in list(tk._BACKWARD_TABLE[width]):
-        forced(tk._backward_kernel, tk._BACKWARD_TABLE[width], entry)
-        ms = graph_ms(lambda: tk.backward(grad, z, z, keys, keys, groups, groups, stats[2], stats[3], 0, 0.1, True))
-        record(f"suncet backward, tile {entry}", ms, 2)
+    width = tk._width(d)
+    for tau in (0.1, 0.02):
+        forward = functools.partial(tk.forward, z, z, keys, keys, groups, groups, 0, tau, True)
+        _, _, lse_all, lse_pos = forward()
+        backward = functools.partial(tk.backward, grad, z, z, keys, keys, groups, groups, lse_all, lse_pos, 0, tau, True)
+        mode = "bounded" if tk._bounded(tau) else "running maxima"
+        for entry in list(tk._FORWARD_TABLE[width]):
+            forced(tk._forward_kernel, tk._FORWARD_TABLE[width], entry)
+            record(f"suncet forward ({mode}, tau {tau}), tile {entry}", graph_ms(forward), 1)
+        bounded = tk._backward_bounded(tau, d)
+        mode = "bounded" if bounded else "running maxima"
+        table = (tk._BOUNDED_BACKWARD_TABLE if bounded else tk._BACKWARD_TABLE)[width]
+        for entry in list(table):
+            forced(tk._backward_kernel, table, entry)
+            record(f"suncet backward ({mode}, tau {tau}), tile {entry}", graph_ms(backward), 2)
 
     header = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, N = {n}, D = {d}, bf16, both key sets, "
               "kernel time (CUDA graphs); tile = (BLOCK_M, BLOCK_N, warps, stages)")

@@ -206,21 +206,25 @@ def test_rows_without_positives_all_positive_and_isolated(backend):
     assert torch.allclose(q.grad[1:4], torch.zeros(3, 16), atol=1e-6)
 
 
-@needs_cpu_kernels
-def test_cpu_extreme_temperature_is_finite():
+def check_extreme_temperatures(backend, taus):
     # Each row's positive is antipodal to it while every negative is the row itself: the loss is
     # about 2/tau + log(n), far beyond exp's range in fp32 at tau = 0.01, yet finite and exact.
     base = F.normalize(torch.randn(6, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2)), dim=1)
     q = torch.cat([base, -base, base, base])
     keys = torch.cat([torch.arange(6), torch.arange(6), 100 + torch.arange(12)])
     groups = torch.zeros(24, dtype=torch.long)
-    for tau in (0.05, 0.01):
+    for tau in taus:
         grad = torch.ones(24, 1, dtype=torch.float64)
-        loss, valid, dq, _ = run_backend("cpu", q.float(), None, keys, keys, groups, groups, 0, tau, grad)
+        loss, valid, dq, _ = run_backend(backend, q.float(), None, keys, keys, groups, groups, 0, tau, grad)
         want = oracle(q, q, keys, keys, groups, groups, 0, tau, grad)
         assert torch.isfinite(loss).all() and torch.isfinite(dq).all()
         assert np.abs(loss.double().numpy() - want[0][:, 0]).max() <= 1e-4 * np.abs(want[0]).max()
         assert rel(dq.double().numpy(), want[2] + want[3]) <= 1e-4
+
+
+@needs_cpu_kernels
+def test_cpu_extreme_temperature_is_finite():
+    check_extreme_temperatures("cpu", (0.05, 0.01))
 
 
 @needs_cpu_kernels
@@ -340,12 +344,21 @@ TRITON_CASES = [
     ("two_block", 38, 128, 2, 0.1),
     ("cross", 13, 64, 1, 0.05),
     ("cross", 11, 128, 2, 0.5),
+    # Below tau = 0.0301 the kernels take running maxima instead of the fixed bound.
+    ("one_tower", 29, 64, 2, 0.02),
+    ("cross", 12, 32, 1, 0.01),
 ]
 
 
 @pytest.mark.parametrize("layout,rows,dim,sets,tau", TRITON_CASES)
 def test_triton_interpreter_matches_float64_loops(triton_interpreter, layout, rows, dim, sets, tau):
     check_against_oracle("triton", layout, rows, dim, sets, tau, seed=rows * 5 + dim)
+
+
+def test_triton_interpreter_extreme_temperature_is_finite(triton_interpreter):
+    # 0.0301: the smallest tau with exponents relative to the fixed bound (antipodal positives
+    # then sit 2 * 48 below it); 0.03 and 0.01: running maxima.
+    check_extreme_temperatures("triton", (0.0301, 0.03, 0.01))
 
 
 def test_triton_interpreter_split_columns_merge_exactly(triton_interpreter):
@@ -361,7 +374,7 @@ def test_triton_interpreter_split_columns_merge_exactly(triton_interpreter):
 
 def test_triton_interpreter_in_subprocess():
     rerun_under_triton_interpreter(
-        __file__, "interpreter_matches or interpreter_split", passed=len(TRITON_CASES) + 1
+        __file__, "interpreter_matches or interpreter_split or interpreter_extreme", passed=len(TRITON_CASES) + 2
     )
 
 
@@ -427,8 +440,9 @@ def _check_gpu(backend, layout, rows, dim, sets, dtype, tol, seed=1, tau=0.1):
 @needs_cuda
 @pytest.mark.parametrize("layout", ["one_tower", "two_block", "cross"])
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 3e-3)])
-def test_gpu_triton_matches_float64(layout, dtype, tol):
-    _check_gpu("triton", layout, 1000, 128, 2, dtype, tol)
+@pytest.mark.parametrize("tau", [0.1, 0.02])  # exponents relative to the fixed bound; running maxima
+def test_gpu_triton_matches_float64(layout, dtype, tol, tau):
+    _check_gpu("triton", layout, 1000, 128, 2, dtype, tol, tau=tau)
 
 
 @gpu

@@ -88,19 +88,24 @@ for along_h, finish in ((False, False), (True, True)):
     results[f"blur along_h={along_h} solarize/normalise={finish}"] = compile_augment(
         at._blur_kernel, dict(x_ptr="*fp32", params_ptr="*fp32", out_ptr="*fp32", H="i32", W="i32", **CHANNEL_CONSTANTS),
         dict(C=3, TAPS=23, ALONG_H=along_h, SOLARIZE=finish, NORMALIZE=finish, BLOCK=at._PIXELS))
-for dt, sets, block_d, even in (("*bf16", 2, 128, True), ("*bf16", 1, 128, True), ("*fp32", 2, 256, False)):
-    name = f"forward {dt[1:]} P={sets} BLOCK_D={block_d}"
-    results[name] = compile_one(tk._forward_kernel, tk._FORWARD_TABLE, forward_types(dt),
-                                dict(P=sets, BLOCK_D=block_d, EVEN_D=even, PRECISION="tf32"))
-for dt, sets, block_d, even, row_side, col_side in (
-    ("*bf16", 2, 128, True, True, True),
-    ("*fp32", 1, 64, True, True, False),
-    ("*bf16", 2, 256, False, False, True),
+for dt, sets, bounded, block_d, even in (
+    ("*bf16", 2, True, 128, True), ("*bf16", 1, False, 128, True), ("*fp32", 2, False, 256, False),
+    ("*fp32", 1, True, 256, False),
 ):
-    name = f"backward {dt[1:]} P={sets} BLOCK_D={block_d} row={row_side} col={col_side}"
-    results[name] = compile_one(tk._backward_kernel, tk._BACKWARD_TABLE, backward_types(dt),
-                                dict(P=sets, ROW_SIDE=row_side, COL_SIDE=col_side, BLOCK_D=block_d, EVEN_D=even,
-                                     PRECISION="tf32"))
+    name = f"forward {dt[1:]} P={sets} bounded={bounded} BLOCK_D={block_d}"
+    results[name] = compile_one(tk._forward_kernel, tk._FORWARD_TABLE, forward_types(dt),
+                                dict(P=sets, BOUNDED=bounded, BLOCK_D=block_d, EVEN_D=even, PRECISION="tf32"))
+for dt, sets, bounded, block_d, even, row_side, col_side in (
+    ("*bf16", 2, True, 128, True, True, True),
+    ("*bf16", 2, False, 128, True, True, True),
+    ("*fp32", 1, True, 64, True, True, False),
+    ("*bf16", 2, False, 256, False, False, True),
+):
+    name = f"backward {dt[1:]} P={sets} bounded={bounded} BLOCK_D={block_d} row={row_side} col={col_side}"
+    table = tk._BOUNDED_BACKWARD_TABLE if bounded else tk._BACKWARD_TABLE
+    results[name] = compile_one(tk._backward_kernel, table, backward_types(dt),
+                                dict(P=sets, ROW_SIDE=row_side, COL_SIDE=col_side, BOUNDED=bounded, BLOCK_D=block_d,
+                                     EVEN_D=even, PRECISION="tf32"))
 print(json.dumps(results))
 """
 

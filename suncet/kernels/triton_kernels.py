@@ -1,8 +1,12 @@
 """Triton kernels of the fused multi-positive contrastive loss, and their launchers.
 
-Forward: one program per (row tile, column split) walks its column tiles with an online
-log-sum-exp (running maxima in log2 units, ``exp2`` with ``log2(e) / tau`` folded into the
-scale); with more than one split, a small kernel merges the partial statistics. Backward: one
+Forward: one program per (row tile, column split) walks its column tiles and sums, per row,
+``exp2`` of ``s2 = s * log2(e)`` (``log2(e) / tau`` folded into the scale) over the allowed
+columns and over each positive set; with more than one split, a small kernel merges the
+partial statistics. The rows are unit vectors, so ``s2 <= scale2 = log2(e) / tau``: for tau >=
+0.0301 ("bounded") every exponent is taken relative to that fixed bound (one exponential and
+three adds per entry, no maxima), for smaller tau, where such exponents would leave fp32's
+normal range, relative to running maxima (an online log-sum-exp). Backward: one
 program per row tile of ``a`` turns (g, lse_all, lse_pos) of its rows, and of each column
 tile it visits, into per-row exponent offsets and coefficients, recomputes ``s = a b^T`` tile
 by tile and accumulates
@@ -32,6 +36,7 @@ _LOG2E = 1.4426950408889634
 _FLOOR = tl.constexpr(-1.0e30)  # start of running maxima: finite, so -inf (masked) minus it stays -inf
 _DEAD = tl.constexpr(1.0e30)  # exponent offset of rows that receive no gradient: exp2(s - _DEAD) == 0
 _SCAN = tl.constexpr(4096)  # column groups read at once by the range scan
+_BOUNDED_SCALE2 = 48.0  # tau >= 0.0301: exponents relative to the bound span at most -97
 
 _fp32_precision = os.environ.get("SUNCET_TRITON_FP32_PRECISION", "tf32")
 
@@ -65,19 +70,32 @@ _BACKWARD_TABLE = {
     128: [(64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3)],
     256: [(64, 32, 8, 2), (64, 64, 8, 2)],
 }
+# The bounded backward (D <= 128 only): its similarity tile feeds the second product through
+# plain arithmetic, so Triton lays the first product over warps along the rows only ([warps, 1]):
+# a 64-row tile on 8 warps would compute it twice, hence 128 rows on 8 warps or 64 on 4 (the
+# layout flash attention's kernels use). Every tile with BLOCK_N = 64 spills here; at D = 256 every
+# candidate spills, so D > 128 keeps the running-maxima backward.
+_BOUNDED_BACKWARD_TABLE = {
+    128: [(128, 32, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2), (128, 16, 8, 3)],
+}
 
 
-def _configs(table: dict[int, list[tuple[int, int, int, int]]]) -> list[triton.Config]:
+def _width(d: int) -> int:
+    return 128 if d <= 128 else 256
+
+
+def _configs(*tables: dict[int, list[tuple[int, int, int, int]]]) -> list[triton.Config]:
     if INTERPRETING:
         # The interpreter runs block operations in NumPy: one small shape, no tuning.
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    unique = dict.fromkeys(entry for entries in table.values() for entry in entries)
+    unique = dict.fromkeys(entry for table in tables for entries in table.values() for entry in entries)
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in unique]
 
 
-def _pruner(table: dict[int, list[tuple[int, int, int, int]]]):
+def _pruner(table: dict[int, list[tuple[int, int, int, int]]], bounded_table=None):
     def prune(configs, named_args, **kwargs):
-        entries = table[128 if named_args["D"] <= 128 else 256]
+        chosen = bounded_table if bounded_table is not None and kwargs["BOUNDED"] else table
+        entries = chosen[_width(named_args["D"])]
         wanted = entries if AUTOTUNE else entries[:1]
         keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
         return keep or configs[:1]
@@ -137,13 +155,15 @@ def _select_code(member0, member1, t0, t1, t2, t3, P: tl.constexpr):
         return tl.where(member0, tl.where(member1, t3, t1), tl.where(member1, t2, t0))
 
 
-@triton.autotune(configs=_configs(_FORWARD_TABLE), key=["M", "N", "D", "P"], prune_configs_by=_pruner(_FORWARD_TABLE))
+@triton.autotune(
+    configs=_configs(_FORWARD_TABLE), key=["M", "N", "D", "P", "BOUNDED"], prune_configs_by=_pruner(_FORWARD_TABLE)
+)
 @triton.jit(do_not_specialize=["self_offset"])  # one compilation for every rank's offset
 def _forward_kernel(
     q_ptr, k_ptr, row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
     partial_ptr, loss_ptr, valid_ptr, lse_all_ptr, lse_pos_ptr,
     M, N, D, self_offset, scale2,
-    P: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+    P: tl.constexpr, BOUNDED: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -160,11 +180,14 @@ def _forward_kernel(
     if P == 2:
         key1 = tl.load(row_keys_ptr + rows * P + 1, mask=row_ok, other=0)
 
-    max_all = tl.full([BLOCK_M], _FLOOR, tl.float32)
+    # BOUNDED: every exponent is taken relative to the bound scale2 of s2 (unit rows), which the
+    # maxima then hold throughout; otherwise they are running maxima.
+    start = scale2 if BOUNDED else _FLOOR
+    max_all = tl.full([BLOCK_M], start, tl.float32)
     sum_all = tl.zeros([BLOCK_M], tl.float32)
-    max0 = tl.full([BLOCK_M], _FLOOR, tl.float32)
+    max0 = tl.full([BLOCK_M], start, tl.float32)
     sum0 = tl.zeros([BLOCK_M], tl.float32)
-    max1 = tl.full([BLOCK_M], _FLOOR, tl.float32)
+    max1 = tl.full([BLOCK_M], start, tl.float32)
     sum1 = tl.zeros([BLOCK_M], tl.float32)
 
     first, last = _column_tile_span(col_groups_ptr, rg_lo, rg_hi, col_groups_ptr, rg_lo, rg_hi, N, False, BLOCK_N)
@@ -178,6 +201,8 @@ def _forward_kernel(
         col_group, cg_lo, cg_hi = _tile_group_range(col_groups_ptr, cols, col_ok)
         k = _load_rows(k_ptr, cols, col_ok, dims, D, EVEN_D)
         s2 = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
+        if BOUNDED:
+            s2 -= scale2
         uniform = (rg_lo == rg_hi) & (cg_lo == cg_hi) & (rg_lo == cg_lo)
         diagonal = (row0 + self_offset < col0 + BLOCK_N) & (col0 < row0 + BLOCK_M + self_offset)
         if (col0 + BLOCK_N > N) | (uniform == 0) | diagonal:
@@ -192,31 +217,38 @@ def _forward_kernel(
         if P == 2:
             member1 = key1[:, None] == tl.load(col_keys_ptr + cols * P + 1, mask=col_ok, other=0)[None, :]
 
-        new_all = tl.maximum(max_all, tl.max(s2, 1))
-        sum_all = sum_all * tl.exp2(max_all - new_all)
-        max_all = new_all
-        new0 = tl.maximum(max0, tl.max(tl.where(member0, s2, float("-inf")), 1))
-        sum0 = sum0 * tl.exp2(max0 - new0)
-        max0 = new0
-        if P == 2:
-            new1 = tl.maximum(max1, tl.max(tl.where(member1, s2, float("-inf")), 1))
-            sum1 = sum1 * tl.exp2(max1 - new1)
-            max1 = new1
-        # One exponential per entry, relative to the smallest maximum among its sets; per-row
-        # factors (<= 1) carry it over to the other sums.
-        both = tl.minimum(max0, max1)
-        offset = _select_code(member0, member1, max_all[:, None], max0[:, None], max1[:, None], both[:, None], P)
-        e = tl.exp2(s2 - offset)
-        to_all = _select_code(
-            member0, member1, 1.0,
-            tl.exp2(max0 - max_all)[:, None], tl.exp2(max1 - max_all)[:, None], tl.exp2(both - max_all)[:, None], P,
-        )  # fmt: skip
-        sum_all += tl.sum(e * to_all, 1)
-        if P == 1:
+        if BOUNDED:
+            e = tl.exp2(s2)
+            sum_all += tl.sum(e, 1)
             sum0 += tl.sum(tl.where(member0, e, 0.0), 1)
+            if P == 2:
+                sum1 += tl.sum(tl.where(member1, e, 0.0), 1)
         else:
-            sum0 += tl.sum(tl.where(member0, e * tl.where(member1, tl.exp2(both - max0)[:, None], 1.0), 0.0), 1)
-            sum1 += tl.sum(tl.where(member1, e * tl.where(member0, tl.exp2(both - max1)[:, None], 1.0), 0.0), 1)
+            new_all = tl.maximum(max_all, tl.max(s2, 1))
+            sum_all = sum_all * tl.exp2(max_all - new_all)
+            max_all = new_all
+            new0 = tl.maximum(max0, tl.max(tl.where(member0, s2, float("-inf")), 1))
+            sum0 = sum0 * tl.exp2(max0 - new0)
+            max0 = new0
+            if P == 2:
+                new1 = tl.maximum(max1, tl.max(tl.where(member1, s2, float("-inf")), 1))
+                sum1 = sum1 * tl.exp2(max1 - new1)
+                max1 = new1
+            # One exponential per entry, relative to the smallest maximum among its sets; per-row
+            # factors (<= 1) carry it over to the other sums.
+            both = tl.minimum(max0, max1)
+            offset = _select_code(member0, member1, max_all[:, None], max0[:, None], max1[:, None], both[:, None], P)
+            e = tl.exp2(s2 - offset)
+            to_all = _select_code(
+                member0, member1, 1.0,
+                tl.exp2(max0 - max_all)[:, None], tl.exp2(max1 - max_all)[:, None], tl.exp2(both - max_all)[:, None], P,
+            )  # fmt: skip
+            sum_all += tl.sum(e * to_all, 1)
+            if P == 1:
+                sum0 += tl.sum(tl.where(member0, e, 0.0), 1)
+            else:
+                sum0 += tl.sum(tl.where(member0, e * tl.where(member1, tl.exp2(both - max0)[:, None], 1.0), 0.0), 1)
+                sum1 += tl.sum(tl.where(member1, e * tl.where(member0, tl.exp2(both - max1)[:, None], 1.0), 0.0), 1)
 
     if splits == 1:
         _finalize_rows(
@@ -336,15 +368,52 @@ def _gradient_tables(grad_ptr, lse_all_ptr, lse_pos_ptr, idx, ok, P: tl.constexp
         )
 
 
+@triton.jit
+def _bounded_gradient_factors(grad_ptr, lse_all_ptr, lse_pos_ptr, idx, ok, scale2, P: tl.constexpr):
+    """Per row ``idx`` of q, with every exponent taken relative to the bound scale2:
+    dL/ds_ij = exp2(s2_ij - scale2) * (all_i - [j in set 0] pos0_i - [j in set 1] pos1_i),
+    where all_i = (g0 + g1) exp2(scale2 - lse_all_i) and pos_p = g_p exp2(scale2 - lse_p) (LSEs
+    in log2 units). Unit rows keep scale2 - lse <= 2 scale2, so the factors stay finite; rows
+    that are not ``ok`` or receive no gradient get zeros."""
+    log2e = 1.4426950408889634
+    lse_all = tl.load(lse_all_ptr + idx, mask=ok, other=0.0) * log2e
+    lse0 = tl.load(lse_pos_ptr + idx * P, mask=ok, other=float("-inf")) * log2e
+    valid0 = lse0 > float("-inf")
+    g0 = tl.where(valid0, tl.load(grad_ptr + idx * P, mask=ok, other=0.0), 0.0)
+    pos0 = g0 * tl.exp2(scale2 - tl.where(valid0, lse0, scale2))
+    g_sum = g0
+    pos1 = pos0
+    valid = valid0
+    if P == 2:
+        lse1 = tl.load(lse_pos_ptr + idx * P + 1, mask=ok, other=float("-inf")) * log2e
+        valid1 = lse1 > float("-inf")
+        g1 = tl.where(valid1, tl.load(grad_ptr + idx * P + 1, mask=ok, other=0.0), 0.0)
+        pos1 = g1 * tl.exp2(scale2 - tl.where(valid1, lse1, scale2))
+        g_sum += g1
+        valid = valid | valid1
+    # A row with no valid set may have lse_all = -inf (nothing allowed): no exp2(+inf) * 0.
+    return g_sum * tl.exp2(scale2 - tl.where(valid, lse_all, scale2)), pos0, pos1
+
+
+@triton.jit
+def _bounded_weight(member0, member1, all_, pos0, pos1, P: tl.constexpr):
+    w = all_ - tl.where(member0, pos0, 0.0)
+    if P == 2:
+        w -= tl.where(member1, pos1, 0.0)
+    return w
+
+
 @triton.autotune(
-    configs=_configs(_BACKWARD_TABLE), key=["A_COUNT", "B_COUNT", "D", "P"], prune_configs_by=_pruner(_BACKWARD_TABLE)
+    configs=_configs(_BACKWARD_TABLE, _BOUNDED_BACKWARD_TABLE),
+    key=["A_COUNT", "B_COUNT", "D", "P", "BOUNDED"],
+    prune_configs_by=_pruner(_BACKWARD_TABLE, _BOUNDED_BACKWARD_TABLE),
 )
 @triton.jit(do_not_specialize=["self_offset"])
 def _backward_kernel(
     a_ptr, b_ptr, out_ptr, grad_ptr, lse_all_ptr, lse_pos_ptr,
     row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
     A_COUNT, B_COUNT, D, self_offset, scale2, inv_tau,
-    P: tl.constexpr, ROW_SIDE: tl.constexpr, COL_SIDE: tl.constexpr,
+    P: tl.constexpr, ROW_SIDE: tl.constexpr, COL_SIDE: tl.constexpr, BOUNDED: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -363,9 +432,14 @@ def _backward_kernel(
     r_key1 = r_key0
     if P == 2:
         r_key1 = tl.load(row_keys_ptr + rows * P + 1, mask=row_ok & ROW_SIDE, other=0)
-    ro0, ro1, ro2, ro3, rc0, rc1, rc2, rc3 = _gradient_tables(
-        grad_ptr, lse_all_ptr, lse_pos_ptr, rows, row_ok & ROW_SIDE, P
-    )
+    if BOUNDED:
+        r_all, r_pos0, r_pos1 = _bounded_gradient_factors(
+            grad_ptr, lse_all_ptr, lse_pos_ptr, rows, row_ok & ROW_SIDE, scale2, P
+        )
+    else:
+        ro0, ro1, ro2, ro3, rc0, rc1, rc2, rc3 = _gradient_tables(
+            grad_ptr, lse_all_ptr, lse_pos_ptr, rows, row_ok & ROW_SIDE, P
+        )
     # Column side: this program's rows as columns of k.
     c_group, c_lo, c_hi = _tile_group_range(col_groups_ptr, rows, row_ok & COL_SIDE)
     c_key0 = tl.load(col_keys_ptr + rows * P, mask=row_ok & COL_SIDE, other=0)
@@ -387,6 +461,9 @@ def _backward_kernel(
         col_ok = cols < B_COUNT
         b = _load_rows(b_ptr, cols, col_ok, dims, D, EVEN_D)
         s2 = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale2
+        if BOUNDED:
+            # One exponential per entry serves both sides: their offsets are all scale2.
+            e = tl.exp2(s2 - scale2)
         h = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if ROW_SIDE:
             b_group, b_lo, b_hi = _tile_group_range(col_groups_ptr, cols, col_ok)
@@ -394,9 +471,12 @@ def _backward_kernel(
             member1 = member0
             if P == 2:
                 member1 = r_key1[:, None] == tl.load(col_keys_ptr + cols * P + 1, mask=col_ok, other=0)[None, :]
-            offset = _select_code(member0, member1, ro0[:, None], ro1[:, None], ro2[:, None], ro3[:, None], P)
-            coef = _select_code(member0, member1, rc0[:, None], rc1[:, None], rc2[:, None], rc3[:, None], P)
-            g = coef * tl.exp2(s2 - offset)
+            if BOUNDED:
+                g = _bounded_weight(member0, member1, r_all[:, None], r_pos0[:, None], r_pos1[:, None], P)
+            else:
+                offset = _select_code(member0, member1, ro0[:, None], ro1[:, None], ro2[:, None], ro3[:, None], P)
+                coef = _select_code(member0, member1, rc0[:, None], rc1[:, None], rc2[:, None], rc3[:, None], P)
+                g = coef * tl.exp2(s2 - offset)
             uniform = (r_lo == r_hi) & (b_lo == b_hi) & (r_lo == b_lo)
             diagonal = (row0 + self_offset < col0 + BLOCK_N) & (col0 < row0 + BLOCK_M + self_offset)
             if (col0 + BLOCK_N > B_COUNT) | (uniform == 0) | diagonal:
@@ -413,12 +493,18 @@ def _backward_kernel(
             member1 = member0
             if P == 2:
                 member1 = c_key1[:, None] == tl.load(row_keys_ptr + cols * P + 1, mask=col_ok, other=0)[None, :]
-            co0, co1, co2, co3, cc0, cc1, cc2, cc3 = _gradient_tables(
-                grad_ptr, lse_all_ptr, lse_pos_ptr, cols, col_ok, P
-            )
-            offset = _select_code(member0, member1, co0[None, :], co1[None, :], co2[None, :], co3[None, :], P)
-            coef = _select_code(member0, member1, cc0[None, :], cc1[None, :], cc2[None, :], cc3[None, :], P)
-            g = coef * tl.exp2(s2 - offset)
+            if BOUNDED:
+                c_all, c_pos0, c_pos1 = _bounded_gradient_factors(
+                    grad_ptr, lse_all_ptr, lse_pos_ptr, cols, col_ok, scale2, P
+                )
+                g = _bounded_weight(member0, member1, c_all[None, :], c_pos0[None, :], c_pos1[None, :], P)
+            else:
+                co0, co1, co2, co3, cc0, cc1, cc2, cc3 = _gradient_tables(
+                    grad_ptr, lse_all_ptr, lse_pos_ptr, cols, col_ok, P
+                )
+                offset = _select_code(member0, member1, co0[None, :], co1[None, :], co2[None, :], co3[None, :], P)
+                coef = _select_code(member0, member1, cc0[None, :], cc1[None, :], cc2[None, :], cc3[None, :], P)
+                g = coef * tl.exp2(s2 - offset)
             uniform = (c_lo == c_hi) & (b_lo == b_hi) & (c_lo == b_lo)
             diagonal = (col0 + self_offset < row0 + BLOCK_M) & (row0 < col0 + BLOCK_N + self_offset)
             if (col0 + BLOCK_N > B_COUNT) | (uniform == 0) | diagonal:
@@ -429,6 +515,8 @@ def _backward_kernel(
                 )
                 g = tl.where(allowed, g, 0.0)
             h += g
+        if BOUNDED:
+            h *= e
         acc += tl.dot(h.to(b.dtype), b, input_precision=PRECISION)
     out = (acc * inv_tau).to(out_ptr.dtype.element_ty)
     if EVEN_D:
@@ -439,6 +527,17 @@ def _backward_kernel(
 
 # ---------------------------------------------------------------------------------------------
 # Launchers.
+
+
+def _bounded(tau: float) -> bool:
+    """Whether exponents may be taken relative to the fixed bound log2(e) / tau of s2 (unit
+    rows) instead of running maxima: they then span at most 2 * 1.01 * log2(e) / tau, which must
+    stay clear of fp32's smallest normal exponent (-126) for the sums to keep full precision."""
+    return _LOG2E / tau <= _BOUNDED_SCALE2
+
+
+def _backward_bounded(tau: float, d: int) -> bool:
+    return _bounded(tau) and _width(d) in _BOUNDED_BACKWARD_TABLE
 
 
 def _block_d(d: int) -> int:
@@ -490,7 +589,7 @@ def forward(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, 
         q, k, row_keys, col_keys, row_groups, col_groups,
         partial, loss, valid, lse_all, lse_pos,
         m, n, d, self_offset, _LOG2E / tau,
-        P=p, BLOCK_D=_block_d(d), EVEN_D=_block_d(d) == d, PRECISION=_precision(q.dtype),
+        P=p, BOUNDED=_bounded(tau), BLOCK_D=_block_d(d), EVEN_D=_block_d(d) == d, PRECISION=_precision(q.dtype),
     )  # fmt: skip
     if splits > 1:
         block = 128
@@ -510,7 +609,9 @@ def backward(
     p = row_keys.shape[1]
     # Each program derives the per-row coefficients it needs from these (no separate launch).
     stats = (grad_loss.float().contiguous(), lse_all, lse_pos)
-    common = dict(P=p, BLOCK_D=_block_d(d), EVEN_D=_block_d(d) == d, PRECISION=_precision(q.dtype))
+    common = dict(
+        P=p, BOUNDED=_backward_bounded(tau, d), BLOCK_D=_block_d(d), EVEN_D=_block_d(d) == d, PRECISION=_precision(q.dtype)
+    )
     keys = (row_keys, col_keys, row_groups, col_groups)
     scale2, inv_tau = _LOG2E / tau, 1.0 / tau
     dq = torch.empty_like(q)
