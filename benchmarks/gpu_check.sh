@@ -90,7 +90,7 @@ step "kernel time of each Triton tile configuration against cuBLAS and flash att
 if ((NO_GPU)); then
   echo "--- skipped on a CPU box (needs CUDA)" | tee -a "$LOG"
 else
-  run "kernel anatomy" 90 "$PY" benchmarks/kernel_anatomy.py --json "$OUT/kernel_anatomy.json"
+  run "kernel anatomy" 120 "$PY" benchmarks/kernel_anatomy.py --json "$OUT/kernel_anatomy.json"
 fi
 
 # The Triton backend alone by default (the cuda backend and eager PyTorch, measured twice on the

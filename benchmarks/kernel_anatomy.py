@@ -73,10 +73,16 @@ def main() -> None:
     groups = torch.zeros(n, dtype=torch.long, device="cuda")
     grad = torch.ones(n, 2, device="cuda")
 
+    header = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, N = {n}, D = {d}, bf16, both key sets, "
+              "kernel time (CUDA graphs); tile = (BLOCK_M, BLOCK_N, warps, stages)")
+    print(header)
     rows = []
 
     def record(name: str, ms: float, products: int) -> None:
+        """Print the row and rewrite the JSON, so that a run cut short keeps what it measured."""
         rows.append({"kernel": name, "ms": ms, "tflops": products * product_tflop / (ms / 1e3)})
+        print(f"{ms:8.3f} ms {rows[-1]['tflops']:7.1f} TFLOP/s  {name}", flush=True)
+        args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2))
 
     record("cuBLAS z @ z.T", graph_ms(lambda: z @ z.T), 1)
     leaf = z.view(1, 1, n, d).detach().requires_grad_(True)
@@ -108,12 +114,6 @@ def main() -> None:
         for entry in list(table):
             forced(tk._backward_kernel, table, entry)
             record(f"suncet backward ({mode}, tau {tau}), tile {entry}", graph_ms(backward), 2)
-
-    header = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, N = {n}, D = {d}, bf16, both key sets, "
-              "kernel time (CUDA graphs); tile = (BLOCK_M, BLOCK_N, warps, stages)")
-    lines = [header, ""] + [f"{r['ms']:8.3f} ms {r['tflops']:7.1f} TFLOP/s  {r['kernel']}" for r in rows]
-    print("\n".join(lines))
-    args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

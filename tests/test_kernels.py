@@ -190,23 +190,30 @@ def _special_rows():
     return q, keys, groups
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu_kernels), "reference"])
-def test_rows_without_positives_all_positive_and_isolated(backend):
+def check_special_rows(backend, tau=0.1, device="cpu"):
     q, keys, groups = _special_rows()
-    q = q.float().requires_grad_(True)
-    loss, valid = kernels.multi_positive(q, q, keys[:, 0], keys[:, 0], groups, groups, 0, 0.1, backend=backend)
+    q = q.float().to(device).requires_grad_(True)
+    keys, groups = keys[:, 0].to(device), groups.to(device)
+    loss, valid = kernels.multi_positive(q, q, keys, keys, groups, groups, 0, tau, backend=backend)
+    loss, valid = loss.cpu(), valid.cpu()
     assert valid[0].item() is False and loss[0].item() == 0.0
     assert valid[1:4].all() and torch.allclose(loss[1:4], torch.zeros(3), atol=1e-6)
     assert valid[4].item() is False and loss[4].item() == 0.0
     (loss * torch.arange(1.0, 13.0)).sum().backward()
-    assert torch.isfinite(q.grad).all()
+    grad = q.grad.cpu()
+    assert torch.isfinite(grad).all()
     # Rows 0 and 4 neither receive gradient through their own loss nor appear in anyone's
     # denominator except group 0 (row 0): row 4 is isolated entirely.
-    assert torch.count_nonzero(q.grad[4]) == 0
-    assert torch.allclose(q.grad[1:4], torch.zeros(3, 16), atol=1e-6)
+    assert torch.count_nonzero(grad[4]) == 0
+    assert torch.allclose(grad[1:4], torch.zeros(3, 16), atol=1e-6)
 
 
-def check_extreme_temperatures(backend, taus):
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu_kernels), "reference"])
+def test_rows_without_positives_all_positive_and_isolated(backend):
+    check_special_rows(backend)
+
+
+def check_extreme_temperatures(backend, taus, device="cpu"):
     # Each row's positive is antipodal to it while every negative is the row itself: the loss is
     # about 2/tau + log(n), far beyond exp's range in fp32 at tau = 0.01, yet finite and exact.
     base = F.normalize(torch.randn(6, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2)), dim=1)
@@ -215,7 +222,9 @@ def check_extreme_temperatures(backend, taus):
     groups = torch.zeros(24, dtype=torch.long)
     for tau in taus:
         grad = torch.ones(24, 1, dtype=torch.float64)
-        loss, valid, dq, _ = run_backend(backend, q.float(), None, keys, keys, groups, groups, 0, tau, grad)
+        on = [t.to(device) for t in (q.float(), keys, groups)]
+        loss, valid, dq, _ = run_backend(backend, on[0], None, on[1], on[1], on[2], on[2], 0, tau, grad)
+        loss, dq = loss.cpu(), dq.cpu()
         want = oracle(q, q, keys, keys, groups, groups, 0, tau, grad)
         assert torch.isfinite(loss).all() and torch.isfinite(dq).all()
         assert np.abs(loss.double().numpy() - want[0][:, 0]).max() <= 1e-4 * np.abs(want[0]).max()
@@ -344,9 +353,10 @@ TRITON_CASES = [
     ("two_block", 38, 128, 2, 0.1),
     ("cross", 13, 64, 1, 0.05),
     ("cross", 11, 128, 2, 0.5),
-    # Below tau = 0.0301 the kernels take running maxima instead of the fixed bound.
+    # Below tau = log2(e) / 48 = 0.03006 the kernels take running maxima instead of the fixed bound.
     ("one_tower", 29, 64, 2, 0.02),
     ("cross", 12, 32, 1, 0.01),
+    ("two_block", 30, 130, 2, 0.02),
 ]
 
 
@@ -356,25 +366,33 @@ def test_triton_interpreter_matches_float64_loops(triton_interpreter, layout, ro
 
 
 def test_triton_interpreter_extreme_temperature_is_finite(triton_interpreter):
-    # 0.0301: the smallest tau with exponents relative to the fixed bound (antipodal positives
-    # then sit 2 * 48 below it); 0.03 and 0.01: running maxima.
+    # 0.0301: just above the smallest tau with exponents relative to the fixed bound (antipodal
+    # positives then sit 2 * 47.9 below it); 0.03 and 0.01: running maxima.
     check_extreme_temperatures("triton", (0.0301, 0.03, 0.01))
 
 
-def test_triton_interpreter_split_columns_merge_exactly(triton_interpreter):
+def test_triton_interpreter_special_rows(triton_interpreter):
+    for tau in (0.1, 0.02):  # the fixed bound; running maxima
+        check_special_rows("triton", tau)
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.02])  # the merged partial "maxima": the fixed bound; running maxima
+def test_triton_interpreter_split_columns_merge_exactly(triton_interpreter, tau):
     gen = torch.Generator().manual_seed(12)
     q, k, rk, ck, rg, cg, offset = make_problem("cross", 12, 32, 2, gen)
     q, k = q.float(), k.float()
-    whole = triton_interpreter.forward(q, k, rk, ck, rg, cg, offset, 0.1, False, splits=1)
+    whole = triton_interpreter.forward(q, k, rk, ck, rg, cg, offset, tau, False, splits=1)
     for splits in (2, 3):
-        parts = triton_interpreter.forward(q, k, rk, ck, rg, cg, offset, 0.1, False, splits=splits)
+        parts = triton_interpreter.forward(q, k, rk, ck, rg, cg, offset, tau, False, splits=splits)
         for a, b in zip(whole, parts):
             assert torch.allclose(a.float(), b.float(), atol=1e-5, equal_nan=True)
 
 
 def test_triton_interpreter_in_subprocess():
     rerun_under_triton_interpreter(
-        __file__, "interpreter_matches or interpreter_split or interpreter_extreme", passed=len(TRITON_CASES) + 2
+        __file__,
+        "interpreter_matches or interpreter_split or interpreter_extreme or interpreter_special",
+        passed=len(TRITON_CASES) + 4,
     )
 
 
@@ -443,6 +461,18 @@ def _check_gpu(backend, layout, rows, dim, sets, dtype, tol, seed=1, tau=0.1):
 @pytest.mark.parametrize("tau", [0.1, 0.02])  # exponents relative to the fixed bound; running maxima
 def test_gpu_triton_matches_float64(layout, dtype, tol, tau):
     _check_gpu("triton", layout, 1000, 128, 2, dtype, tol, tau=tau)
+
+
+@gpu
+@needs_cuda
+def test_gpu_triton_extreme_temperatures_and_special_rows():
+    kernels.set_fp32_precision("ieee")
+    try:
+        check_extreme_temperatures("triton", (0.0301, 0.03, 0.01), device="cuda")
+        for tau in (0.1, 0.02):
+            check_special_rows("triton", tau, device="cuda")
+    finally:
+        kernels.set_fp32_precision("tf32")
 
 
 @gpu

@@ -100,6 +100,7 @@ for dt, sets, bounded, block_d, even, row_side, col_side in (
     ("*bf16", 2, False, 128, True, True, True),
     ("*fp32", 1, True, 64, True, True, False),
     ("*bf16", 2, False, 256, False, False, True),
+    ("*bf16", 1, True, 128, True, False, True),
 ):
     name = f"backward {dt[1:]} P={sets} bounded={bounded} BLOCK_D={block_d} row={row_side} col={col_side}"
     table = tk._BOUNDED_BACKWARD_TABLE if bounded else tk._BACKWARD_TABLE

@@ -148,8 +148,9 @@ def multi_positive(
     """Per-row losses and valid flags; differentiable in q and k.
 
     ``q`` and ``k`` must be L2-normalised rows (``suncet.losses`` normalises before calling):
-    the triton backend relies on ``|q_i . k_j| <= 1`` for tau >= 0.0301 and takes every
-    exponent relative to ``1 / tau`` (docs/kernels.md).
+    the triton backend relies on ``|q_i . k_j| <= 1`` for tau >= 0.03006 and takes every
+    exponent relative to ``1 / tau`` (docs/kernels.md). Rows far from unit norm give it
+    non-finite losses, or positives lost to underflow (rows then wrongly invalid).
     Keys are [M] / [N], or [M, P] / [N, P] for P <= 2 positive-key sets sharing one
     denominator (e.g. NT-Xent's image ids and SuNCEt's classes on the same rows: one pass for
     both); the outputs are then [M] or [M, P]. Losses are fp32 (fp64 for fp64 inputs on the

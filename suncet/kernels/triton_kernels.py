@@ -4,13 +4,13 @@ Forward: one program per (row tile, column split) walks its column tiles and sum
 ``exp2`` of ``s2 = s * log2(e)`` (``log2(e) / tau`` folded into the scale) over the allowed
 columns and over each positive set; with more than one split, a small kernel merges the
 partial statistics. The rows are unit vectors, so ``s2 <= scale2 = log2(e) / tau``: for tau >=
-0.0301 ("bounded") every exponent is taken relative to that fixed bound (one exponential and
-three adds per entry, no maxima), for smaller tau, where such exponents would leave fp32's
-normal range, relative to running maxima (an online log-sum-exp). Backward: one
-program per row tile of ``a`` turns (g, lse_all, lse_pos) of its rows, and of each column
-tile it visits, into per-row exponent offsets and coefficients, recomputes ``s = a b^T`` tile
-by tile and accumulates
-``H b`` in fp32, where ``H`` is the gradient of the losses with respect to ``s`` as seen from
+log2(e) / 48 = 0.03006 ("bounded") every exponent is taken relative to that fixed bound (one
+exponential and three adds per entry, no maxima), for smaller tau, where such exponents would
+leave fp32's normal range, relative to running maxima (an online log-sum-exp). Backward: one
+program per row tile of ``a`` turns (g, lse_all, lse_pos) of its rows, and of each column tile
+it visits, into per-row factors (bounded: three, against the same fixed bound; otherwise
+exponent offsets and coefficients per membership code), recomputes ``s = a b^T`` tile by tile
+and accumulates ``H b`` in fp32, where ``H`` is the gradient of the losses with respect to ``s`` as seen from
 the rows (row side), from the columns (column side, the transposed term), or both (one tower:
 ``dz = (G + G^T) z / tau`` in one pass). Every output element is written by exactly one
 program: no atomics, deterministic.
@@ -36,7 +36,7 @@ _LOG2E = 1.4426950408889634
 _FLOOR = tl.constexpr(-1.0e30)  # start of running maxima: finite, so -inf (masked) minus it stays -inf
 _DEAD = tl.constexpr(1.0e30)  # exponent offset of rows that receive no gradient: exp2(s - _DEAD) == 0
 _SCAN = tl.constexpr(4096)  # column groups read at once by the range scan
-_BOUNDED_SCALE2 = 48.0  # tau >= 0.0301: exponents relative to the bound span at most -97
+_BOUNDED_SCALE2 = 48.0  # tau >= 0.03006: exponents relative to the bound stay within [-97, 0.5]
 
 _fp32_precision = os.environ.get("SUNCET_TRITON_FP32_PRECISION", "tf32")
 
@@ -94,7 +94,7 @@ def _configs(*tables: dict[int, list[tuple[int, int, int, int]]]) -> list[triton
 
 def _pruner(table: dict[int, list[tuple[int, int, int, int]]], bounded_table=None):
     def prune(configs, named_args, **kwargs):
-        chosen = bounded_table if bounded_table is not None and kwargs["BOUNDED"] else table
+        chosen = bounded_table if bounded_table is not None and kwargs.get("BOUNDED", False) else table
         entries = chosen[_width(named_args["D"])]
         wanted = entries if AUTOTUNE else entries[:1]
         keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
@@ -373,7 +373,7 @@ def _bounded_gradient_factors(grad_ptr, lse_all_ptr, lse_pos_ptr, idx, ok, scale
     """Per row ``idx`` of q, with every exponent taken relative to the bound scale2:
     dL/ds_ij = exp2(s2_ij - scale2) * (all_i - [j in set 0] pos0_i - [j in set 1] pos1_i),
     where all_i = (g0 + g1) exp2(scale2 - lse_all_i) and pos_p = g_p exp2(scale2 - lse_p) (LSEs
-    in log2 units). Unit rows keep scale2 - lse <= 2 scale2, so the factors stay finite; rows
+    in log2 units). Unit rows keep scale2 - lse <= 2 * 1.01 * scale2 <= 97, so the factors stay finite; rows
     that are not ``ok`` or receive no gradient get zeros."""
     log2e = 1.4426950408889634
     lse_all = tl.load(lse_all_ptr + idx, mask=ok, other=0.0) * log2e
