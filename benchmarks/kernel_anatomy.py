@@ -8,7 +8,9 @@ GEMM floor) and PyTorch's flash attention on ``q = k = v = z`` (a tuned fused ke
 similar work: two N^2 D products around a row softmax). TFLOP/s count 2 N^2 D per product:
 one in our forward, two in our one-tower backward, two in attention's forward, seven in its
 forward + backward. Each tile runs at tau = 0.1, where the kernels take exponents relative to
-the fixed bound of s (unit rows), and at tau = 0.02, where they keep running maxima.
+the fixed bound of s (unit rows), and at tau = 0.02, where they keep running maxima (the
+backward's tiles of each mode, in that mode; autotuned, the backward picks from both where tau
+allows the bound).
 
     python benchmarks/kernel_anatomy.py --json FILE [--n 8192] [--d 128]   # on a CUDA machine
 """
@@ -108,7 +110,7 @@ def main() -> None:
         for entry in list(tk._FORWARD_TABLE[width]):
             forced(tk._forward_kernel, tk._FORWARD_TABLE[width], entry)
             record(f"suncet forward ({mode}, tau {tau}), tile {entry}", graph_ms(forward), 1)
-        bounded = tk._backward_bounded(tau, d)
+        bounded = tk._backward_candidates(width, tk._LOG2E / tau)[0][1]  # the mode of the untuned first tile
         mode = "bounded" if bounded else "running maxima"
         table = (tk._BOUNDED_BACKWARD_TABLE if bounded else tk._BACKWARD_TABLE)[width]
         for entry in list(table):

@@ -388,6 +388,24 @@ def test_triton_interpreter_split_columns_merge_exactly(triton_interpreter, tau)
             assert torch.allclose(a.float(), b.float(), atol=1e-5, equal_nan=True)
 
 
+def test_triton_backward_tunes_over_both_modes_where_tau_allows_the_bound():
+    pytest.importorskip("triton")
+    from suncet.kernels import triton_kernels as tk
+
+    if tk.INTERPRETING:
+        pytest.skip("the interpreter has one tile per mode")
+    configs = tk._backward_kernel.configs
+
+    def modes(d, tau):
+        return {config.kwargs["BOUNDED"] for config in tk._prune_backward(configs, {"D": d, "scale2": tk._LOG2E / tau})}
+
+    assert modes(128, 0.1) == {True, False}  # the autotuner times the tiles of both
+    assert modes(128, 0.02) == {False}  # the bound would leave fp32's normal range
+    assert modes(256, 0.1) == {False}  # every bounded tile spills at D = 256
+    first = tk._backward_candidates(128, tk._LOG2E / 0.1)[0]
+    assert first == (tk._BOUNDED_BACKWARD_TABLE[128][0], True)  # untuned (SUNCET_TRITON_AUTOTUNE=0)
+
+
 def test_triton_interpreter_in_subprocess():
     rerun_under_triton_interpreter(
         __file__,

@@ -74,33 +74,65 @@ _BACKWARD_TABLE = {
 # plain arithmetic, so Triton lays the first product over warps along the rows only ([warps, 1]):
 # a 64-row tile on 8 warps would compute it twice, hence 128 rows on 8 warps or 64 on 4 (the
 # layout flash attention's kernels use). Every tile with BLOCK_N = 64 spills here; at D = 256 every
-# candidate spills, so D > 128 keeps the running-maxima backward.
+# candidate spills, so D > 128 keeps the running-maxima backward. The two backward modes differ in
+# layout and tiles, so which is faster is not clear from the code: where tau allows the bound, the
+# autotuner times the tiles of both (BOUNDED is a tuning parameter of the backward).
 _BOUNDED_BACKWARD_TABLE = {
     128: [(128, 32, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2), (128, 16, 8, 3)],
 }
+# The interpreter runs block operations in NumPy: one small tile, no tuning.
+_INTERPRETER_TILE = (16, 16, 4, 1)
 
 
 def _width(d: int) -> int:
     return 128 if d <= 128 else 256
 
 
-def _configs(*tables: dict[int, list[tuple[int, int, int, int]]]) -> list[triton.Config]:
+def _tile(config: triton.Config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+def _config(tile: tuple[int, int, int, int], **constants) -> triton.Config:
+    m, n, warps, stages = tile
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, **constants}, num_warps=warps, num_stages=stages)
+
+
+def _forward_configs() -> list[triton.Config]:
     if INTERPRETING:
-        # The interpreter runs block operations in NumPy: one small shape, no tuning.
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    unique = dict.fromkeys(entry for table in tables for entries in table.values() for entry in entries)
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in unique]
+        return [_config(_INTERPRETER_TILE)]
+    return [_config(tile) for tile in dict.fromkeys(t for tiles in _FORWARD_TABLE.values() for t in tiles)]
 
 
-def _pruner(table: dict[int, list[tuple[int, int, int, int]]], bounded_table=None):
-    def prune(configs, named_args, **kwargs):
-        chosen = bounded_table if bounded_table is not None and kwargs.get("BOUNDED", False) else table
-        entries = chosen[_width(named_args["D"])]
-        wanted = entries if AUTOTUNE else entries[:1]
-        keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
-        return keep or configs[:1]
+def _prune_forward(configs, named_args, **kwargs):
+    if INTERPRETING:
+        return configs
+    tiles = _FORWARD_TABLE[_width(named_args["D"])]
+    wanted = tiles if AUTOTUNE else tiles[:1]
+    return [c for c in configs if _tile(c) in wanted]
 
-    return {"early_config_prune": prune}
+
+def _backward_candidates(width: int, scale2: float) -> list[tuple[tuple[int, int, int, int], bool]]:
+    """(tile, bounded) pairs the backward may run, the first being the one used untuned."""
+    candidates = [(tile, False) for tile in _BACKWARD_TABLE[width]]
+    if scale2 <= _BOUNDED_SCALE2 and width in _BOUNDED_BACKWARD_TABLE:
+        candidates = [(tile, True) for tile in _BOUNDED_BACKWARD_TABLE[width]] + candidates
+    return candidates
+
+
+def _backward_configs() -> list[triton.Config]:
+    if INTERPRETING:
+        return [_config(_INTERPRETER_TILE, BOUNDED=bounded) for bounded in (True, False)]
+    tables = ((_BACKWARD_TABLE, False), (_BOUNDED_BACKWARD_TABLE, True))
+    pairs = dict.fromkeys((tile, bounded) for table, bounded in tables for tiles in table.values() for tile in tiles)
+    return [_config(tile, BOUNDED=bounded) for tile, bounded in pairs]
+
+
+def _prune_backward(configs, named_args, **kwargs):
+    candidates = _backward_candidates(_width(named_args["D"]), named_args["scale2"])
+    if INTERPRETING:
+        return [c for c in configs if c.kwargs["BOUNDED"] == candidates[0][1]]
+    wanted = candidates if AUTOTUNE else candidates[:1]
+    return [c for c in configs if (_tile(c), c.kwargs["BOUNDED"]) in wanted]
 
 
 @triton.jit
@@ -156,7 +188,9 @@ def _select_code(member0, member1, t0, t1, t2, t3, P: tl.constexpr):
 
 
 @triton.autotune(
-    configs=_configs(_FORWARD_TABLE), key=["M", "N", "D", "P", "BOUNDED"], prune_configs_by=_pruner(_FORWARD_TABLE)
+    configs=_forward_configs(),
+    key=["M", "N", "D", "P", "BOUNDED"],
+    prune_configs_by={"early_config_prune": _prune_forward},
 )
 @triton.jit(do_not_specialize=["self_offset"])  # one compilation for every rank's offset
 def _forward_kernel(
@@ -404,9 +438,9 @@ def _bounded_weight(member0, member1, all_, pos0, pos1, P: tl.constexpr):
 
 
 @triton.autotune(
-    configs=_configs(_BACKWARD_TABLE, _BOUNDED_BACKWARD_TABLE),
-    key=["A_COUNT", "B_COUNT", "D", "P", "BOUNDED"],
-    prune_configs_by=_pruner(_BACKWARD_TABLE, _BOUNDED_BACKWARD_TABLE),
+    configs=_backward_configs(),
+    key=["A_COUNT", "B_COUNT", "D", "P", "scale2"],
+    prune_configs_by={"early_config_prune": _prune_backward},
 )
 @triton.jit(do_not_specialize=["self_offset"])
 def _backward_kernel(
@@ -536,10 +570,6 @@ def _bounded(tau: float) -> bool:
     return _LOG2E / tau <= _BOUNDED_SCALE2
 
 
-def _backward_bounded(tau: float, d: int) -> bool:
-    return _bounded(tau) and _width(d) in _BOUNDED_BACKWARD_TABLE
-
-
 def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
@@ -609,9 +639,7 @@ def backward(
     p = row_keys.shape[1]
     # Each program derives the per-row coefficients it needs from these (no separate launch).
     stats = (grad_loss.float().contiguous(), lse_all, lse_pos)
-    common = dict(
-        P=p, BOUNDED=_backward_bounded(tau, d), BLOCK_D=_block_d(d), EVEN_D=_block_d(d) == d, PRECISION=_precision(q.dtype)
-    )
+    common = dict(P=p, BLOCK_D=_block_d(d), EVEN_D=_block_d(d) == d, PRECISION=_precision(q.dtype))
     keys = (row_keys, col_keys, row_groups, col_groups)
     scale2, inv_tau = _LOG2E / tau, 1.0 / tau
     dq = torch.empty_like(q)
