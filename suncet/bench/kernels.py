@@ -227,6 +227,10 @@ def measure(
         result.peak_extra_mib = _peak_extra_mib(step, device)
         if cuda_graph and device.type == "cuda" and backend in FUSED:
             result.step_graph_ms = _graph_step_ms(step, repeats)
+        if backend == "triton" and device.type == "cuda":
+            from suncet.kernels import triton_kernels
+
+            result.notes += triton_kernels.last_configs()  # what the autotuner chose for this shape
     except Exception as exc:  # one backend failing (out of memory, a compile error) must not stop the grid
         result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
         if device.type == "cuda":

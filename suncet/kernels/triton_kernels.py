@@ -563,6 +563,17 @@ def _backward_kernel(
 # Launchers.
 
 
+def last_configs() -> list[str]:
+    """The tile (BLOCK_M, BLOCK_N, warps, stages) and mode each kernel ran with last, for benchmark notes."""
+    notes = []
+    for name, kernel in (("forward", _forward_kernel), ("backward", _backward_kernel)):
+        config = getattr(kernel, "best_config", None)
+        if config is not None:
+            mode = {True: ", bounded", False: ", running maxima"}.get(config.kwargs.get("BOUNDED"), "")
+            notes.append(f"{name} tile {_tile(config)}{mode}")
+    return notes
+
+
 def _bounded(tau: float) -> bool:
     """Whether exponents may be taken relative to the fixed bound log2(e) / tau of s2 (unit
     rows) instead of running maxima: they then span at most 2 * 1.01 * log2(e) / tau, which must
