@@ -55,10 +55,12 @@ def fp32_precision() -> str:
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per D class (D <= 128, D <= 256); the first entry is
 # the one used when autotuning is off. Chosen by compiling candidates ahead of time for sm_90
-# (triton.compile with a GPUTarget and ptxas -v, no GPU needed) and keeping those that fit
-# Hopper's 227 KiB of shared memory and do not spill registers for bf16 and fp32 with one or two
-# key sets (a sweep of BLOCK_M 64/128, BLOCK_N 32/64/128, 4/8 warps, 2-4 stages at D = 128 left
-# these); which is fastest is for the autotuner to find on the card. On the H200 the forward ran
+# (benchmarks/kernel_registers.py: triton.compile with a GPUTarget and ptxas -v, no GPU needed)
+# and keeping those that fit Hopper's 227 KiB of shared memory and do not spill registers for bf16
+# and fp32 with one or two key sets (a sweep of BLOCK_M 64/128, BLOCK_N 32/64/128, 4/8 warps, 2-4
+# stages at D = 128 left these). The one exception: at D = 256 with fp32 inputs and two key sets
+# the running-maxima backward spills 8 to 56 bytes a thread in every candidate ((64, 16, 8, 2)
+# least). Which is fastest is for the autotuner to find on the card. On the H200 the forward ran
 # latency-bound (docs/benchmarks.md): (64, 64, 4, 3) was fastest at 209 registers a thread (two
 # programs per multiprocessor), so the two (64, 32, 4, *) tiles, at 148 (three), joined the table.
 _FORWARD_TABLE = {
@@ -68,7 +70,7 @@ _FORWARD_TABLE = {
 }
 _BACKWARD_TABLE = {
     128: [(64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3)],
-    256: [(64, 32, 8, 2), (64, 64, 8, 2)],
+    256: [(64, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 2)],
 }
 # The bounded backward (D <= 128 only): its similarity tile feeds the second product through
 # plain arithmetic, so Triton lays the first product over warps along the rows only ([warps, 1]):
@@ -141,6 +143,15 @@ def _tile_group_range(groups_ptr, idx, ok):
     lo = tl.min(tl.where(ok, g, 9223372036854775807), 0)
     hi = tl.max(tl.where(ok, g, -9223372036854775807), 0)
     return g, lo, hi
+
+
+@triton.jit
+def _tile_matches(groups_ptr, idx, ok, group):
+    """Groups of ``idx`` (0 where not ``ok``), and whether all equal ``group``: one int32
+    reduction, where a (min, max) pair of the int64 groups would take two. (A tile with columns
+    past the end takes the masked path whatever this says.)"""
+    g = tl.load(groups_ptr + idx, mask=ok, other=0)
+    return g, tl.max((g != group).to(tl.int32), 0) == 0
 
 
 @triton.jit
@@ -232,12 +243,12 @@ def _forward_kernel(
         col0 = t * BLOCK_N
         cols = col0 + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        col_group, cg_lo, cg_hi = _tile_group_range(col_groups_ptr, cols, col_ok)
+        col_group, cols_match = _tile_matches(col_groups_ptr, cols, col_ok, rg_lo)
         k = _load_rows(k_ptr, cols, col_ok, dims, D, EVEN_D)
         s2 = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
         if BOUNDED:
             s2 -= scale2
-        uniform = (rg_lo == rg_hi) & (cg_lo == cg_hi) & (rg_lo == cg_lo)
+        uniform = (rg_lo == rg_hi) & cols_match
         diagonal = (row0 + self_offset < col0 + BLOCK_N) & (col0 < row0 + BLOCK_M + self_offset)
         if (col0 + BLOCK_N > N) | (uniform == 0) | diagonal:
             allowed = (
@@ -500,7 +511,7 @@ def _backward_kernel(
             e = tl.exp2(s2 - scale2)
         h = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if ROW_SIDE:
-            b_group, b_lo, b_hi = _tile_group_range(col_groups_ptr, cols, col_ok)
+            b_group, b_match = _tile_matches(col_groups_ptr, cols, col_ok, r_lo)
             member0 = r_key0[:, None] == tl.load(col_keys_ptr + cols * P, mask=col_ok, other=0)[None, :]
             member1 = member0
             if P == 2:
@@ -511,7 +522,7 @@ def _backward_kernel(
                 offset = _select_code(member0, member1, ro0[:, None], ro1[:, None], ro2[:, None], ro3[:, None], P)
                 coef = _select_code(member0, member1, rc0[:, None], rc1[:, None], rc2[:, None], rc3[:, None], P)
                 g = coef * tl.exp2(s2 - offset)
-            uniform = (r_lo == r_hi) & (b_lo == b_hi) & (r_lo == b_lo)
+            uniform = (r_lo == r_hi) & b_match
             diagonal = (row0 + self_offset < col0 + BLOCK_N) & (col0 < row0 + BLOCK_M + self_offset)
             if (col0 + BLOCK_N > B_COUNT) | (uniform == 0) | diagonal:
                 allowed = (
@@ -522,7 +533,7 @@ def _backward_kernel(
                 g = tl.where(allowed, g, 0.0)
             h += g
         if COL_SIDE:
-            b_group, b_lo, b_hi = _tile_group_range(row_groups_ptr, cols, col_ok)
+            b_group, b_match = _tile_matches(row_groups_ptr, cols, col_ok, c_lo)
             member0 = c_key0[:, None] == tl.load(row_keys_ptr + cols * P, mask=col_ok, other=0)[None, :]
             member1 = member0
             if P == 2:
@@ -539,7 +550,7 @@ def _backward_kernel(
                 offset = _select_code(member0, member1, co0[None, :], co1[None, :], co2[None, :], co3[None, :], P)
                 coef = _select_code(member0, member1, cc0[None, :], cc1[None, :], cc2[None, :], cc3[None, :], P)
                 g = coef * tl.exp2(s2 - offset)
-            uniform = (c_lo == c_hi) & (b_lo == b_hi) & (c_lo == b_lo)
+            uniform = (c_lo == c_hi) & b_match
             diagonal = (col0 + self_offset < row0 + BLOCK_M) & (row0 < col0 + BLOCK_N + self_offset)
             if (col0 + BLOCK_N > B_COUNT) | (uniform == 0) | diagonal:
                 allowed = (
