@@ -96,9 +96,23 @@ def kernels_command(
         f"[bold]suncet bench kernels[/bold] on {info['device']} (torch {info['torch']}, triton {info['triton']})"
     )
 
+    command = shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
+    done = []
+
+    def write_json(results) -> None:
+        if json_path:
+            partial = f"{json_path}.partial"
+            with open(partial, "w") as f:
+                json.dump(kb.as_json(results, info, command), f, indent=1)
+            os.replace(partial, json_path)  # a run stopped mid-write leaves the previous file whole
+
     def progress(r):
+        """Print each row as it lands and rewrite the JSON, so a run cut short keeps what it measured."""
         status = r.error or f"step {_fmt(r.step_ms)} ms"
-        console.print(f"  N={r.n} D={r.d} {r.dtype} {r.loss} {r.backend}: {status}", highlight=False)
+        notes = f" ({'; '.join(r.notes)})" if r.notes else ""
+        console.print(f"  N={r.n} D={r.d} {r.dtype} {r.loss} {r.backend}: {status}{notes}", highlight=False)
+        done.append(r)
+        write_json(done)
 
     results = kb.run_grid(
         **chosen, device=dev, repeats=repeats, warmup=warmup, cuda_graph=cuda_graph, progress=progress
@@ -127,9 +141,7 @@ def kernels_command(
         if r.error:
             console.print(f"N={r.n} D={r.d} {r.dtype} {r.loss} {r.backend}: {r.error}", highlight=False, soft_wrap=True)
     if json_path:
-        command = shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
-        with open(json_path, "w") as f:
-            json.dump(kb.as_json(results, info, command), f, indent=1)
+        write_json(results)  # now with the speedups over eager
         console.print(f"wrote {json_path}")
 
 

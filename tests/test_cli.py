@@ -59,6 +59,8 @@ def test_bench_kernels_writes_figures_for_the_cpu_backends(cli, tmp_path):
     results = json.loads(report.read_text())["results"]
     assert {r["backend"] for r in results} == {"cpu", "reference"}
     assert all(r["n"] == 64 and r["d"] == 16 and r["error"] is None and r["step_ms"] > 0 for r in results)
+    # Rewritten after each row and once more at the end, with the ratios to eager.
+    assert all(r["speedup_vs_eager"] > 0 for r in results) and not report.with_name("kernels.json.partial").exists()
 
 
 def test_bench_data_times_every_path_against_the_torchvision_loader(cli, tmp_path):
