@@ -97,12 +97,12 @@ fi
 # H200 already, take most of this step's time at N = 32768); all three with --all.
 MAIN_BACKENDS=triton
 if ((ALL)); then MAIN_BACKENDS=triton,cuda,reference; fi
-step "benchmark: fused backends ($MAIN_BACKENDS), N = 2048 / 8192 / 32768, D = 128"
+step "benchmark: fused backends ($MAIN_BACKENDS), N = 8192 / 32768 / 2048 (the targets first), D = 128"
 if ((NO_GPU)); then
   run "bench main" 200 "${SUNCET[@]}" bench kernels --device cpu --n 512 --d 64 --dtype fp32,bf16 \
     --backend cpu,triton,cuda,reference --loss both --repeats 3 --json "$OUT/bench_main.json"
 else
-  run "bench main" 90 "${SUNCET[@]}" bench kernels --n 2048,8192,32768 --d 128 --dtype bf16,fp32 \
+  run "bench main" 90 "${SUNCET[@]}" bench kernels --n 8192,32768,2048 --d 128 --dtype bf16,fp32 \
     --backend "$MAIN_BACKENDS" --loss both --repeats 10 --cuda-graph --json "$OUT/bench_main.json"
 fi
 
