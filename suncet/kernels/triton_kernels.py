@@ -10,9 +10,9 @@ leave fp32's normal range, relative to running maxima (an online log-sum-exp). B
 program per row tile of ``a`` turns (g, lse_all, lse_pos) of its rows, and of each column tile
 it visits, into per-row factors (bounded: three, against the same fixed bound; otherwise
 exponent offsets and coefficients per membership code), recomputes ``s = a b^T`` tile by tile
-and accumulates ``H b`` in fp32, where ``H`` is the gradient of the losses with respect to ``s`` as seen from
-the rows (row side), from the columns (column side, the transposed term), or both (one tower:
-``dz = (G + G^T) z / tau`` in one pass). Every output element is written by exactly one
+and accumulates ``H b`` in fp32, where ``H`` is the gradient of the losses with respect to ``s``
+as seen from the rows (row side), from the columns (column side, the transposed term), or both
+(one tower: ``dz = (G + G^T) z / tau`` in one pass). Every output element is written by exactly one
 program: no atomics, deterministic.
 
 Similarity tiles stay in fp32; bf16/fp16 inputs go to the tensor cores as they are, fp32
