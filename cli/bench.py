@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
@@ -11,6 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from suncet.bench import write_report
 from suncet.errors import ConfigError
 
 # Wide when written to a log or pipe, so that the figures table is not folded into slivers.
@@ -101,10 +101,7 @@ def kernels_command(
 
     def write_json(results) -> None:
         if json_path:
-            partial = f"{json_path}.partial"
-            with open(partial, "w") as f:
-                json.dump(kb.as_json(results, info, command), f, indent=1)
-            os.replace(partial, json_path)  # a run stopped mid-write leaves the previous file whole
+            write_report(json_path, kb.as_json(results, info, command))
 
     def progress(r):
         """Print each row as it lands and rewrite the JSON, so a run cut short keeps what it measured."""

@@ -18,7 +18,6 @@ synchronising the device before reading the clock.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import platform
@@ -36,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from suncet.augment import AugmentRecipe, BatchAugment, triton_augment_usable
+from suncet.bench import write_report
 from suncet.data import InMemoryImages
 from suncet.errors import ConfigError
 from suncet.pipeline import DevicePipeline, StepPlan
@@ -392,10 +392,7 @@ def data(device, resolutions, batch_text, workers_text, steps, seconds, with_tra
                           highlight=False)
         figures.extend(new)
         if json_path:
-            report = {"machine": machine(dev), "figures": [asdict(f) for f in figures]}
-            partial = Path(f"{json_path}.partial")
-            partial.write_text(json.dumps(report, indent=2) + "\n")
-            os.replace(partial, json_path)  # a run stopped mid-write leaves the previous file whole
+            write_report(json_path, {"machine": machine(dev), "figures": [asdict(f) for f in figures]})
 
     for resolution in chosen:
         console.print(f"[dim]augmentation and pipelines at {resolution} px...[/dim]")
