@@ -29,7 +29,8 @@ echo "=== crop check on CUDA" | tee -a "$LOG"
 timeout --foreground 45 "$PY" - "$CHECKS/crop.json" <<'EOF' 2>&1 | tee -a "$LOG" || status=1
 import json, sys, torch
 from torchvision.transforms.v2 import functional as TF
-from suncet.augment import VIEW_COLUMNS, BatchAugment, ViewColumn, crop_resize_flip, sample_crop_boxes, triton_augment_usable
+from suncet.data.augment import BatchAugment, crop_resize_flip, sample_crop_boxes, triton_augment_usable
+from suncet.data.recipe import VIEW_COLUMNS, ViewColumn
 from suncet.plugins.datasets import imagefolder
 
 cuda = torch.device("cuda")
@@ -47,7 +48,7 @@ for size in (32, 96, 224):
         worst = max(worst, (views[i] - expected).abs().max().item())
     result[f"crop_max_abs_error_{size}px"] = worst
 if triton_augment_usable(cuda):  # the Triton crop of the default CUDA path, from uint8 images
-    from suncet.augment_triton import crop_views
+    from suncet.data.augment_triton import crop_views
 
     uint8_images = (images * 255).round().to(torch.uint8)
     params = torch.zeros(64, VIEW_COLUMNS, device=cuda)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from rich.table import Table
 
 from suncet.cli.main_console import console
 from suncet.compare import METRICS, X_AXES
+from suncet.engine.rundir import write_json
 
 
 def _fmt(mean: float, std: float, digits: int) -> str:
@@ -59,21 +59,6 @@ def report(run_dirs: list[Path], metric: str, x: str, target: float | None, plot
     return result
 
 
-def _without_nan(value):
-    """JSON has no NaN: 'not reached' is written as null."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _without_nan(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_without_nan(v) for v in value]
-    return value
-
-
-def write_json(path: Path, data) -> None:
-    Path(path).write_text(json.dumps(_without_nan(data), indent=2, allow_nan=False) + "\n")
-
-
 @click.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--metric", type=click.Choice(METRICS), default="knn_top1", show_default=True)
@@ -100,9 +85,9 @@ def sweep(sweep_file, dry_run, shard):
     every run of the grid is finished.
     """
     from suncet.config import build_config
+    from suncet.engine.api import run_start
+    from suncet.engine.rundir import start_or_resume
     from suncet.sweep import expand, is_finished, load_sweep, panel_of, slug_of
-    from suncet.trainer import find_checkpoint
-    from suncet.trainer import train as run_training
 
     spec = load_sweep(sweep_file)
     runs = expand(spec)
@@ -118,8 +103,7 @@ def sweep(sweep_file, dry_run, shard):
         if done or dry_run or not mine:
             unfinished += not done
             continue
-        state = find_checkpoint(run_dir, fallback=True, report=console.print)
-        run_training(config, run_dir, state=state, console=console)
+        run_start(start_or_resume(config, run_dir, "auto", report=console.print), console)
     if dry_run or unfinished:
         if unfinished and not dry_run:
             console.print(f"{unfinished} run(s) of other shards are not finished: compare when they are")

@@ -44,7 +44,8 @@ def eval_command(run_dir, protocol, labels, knn_k, finetune_epochs, device, as_j
     """
     import dataclasses
 
-    from suncet.trainer import choose_labeled, evaluate_run, load_trained
+    from suncet.engine.assemble import choose_labeled
+    from suncet.engine.evaluate import evaluate_run, load_trained
 
     run = load_trained(run_dir, device=device)
     if knn_k is not None:

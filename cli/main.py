@@ -10,7 +10,7 @@ from rich.table import Table
 
 import suncet
 from suncet.cli.main_console import console, err_console
-from suncet.errors import SuncetError
+from suncet.errors import SuncetError, TrainingStopped
 
 
 class SuncetGroup(click.Group):
@@ -30,8 +30,6 @@ class SuncetGroup(click.Group):
         except Exception as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            from suncet.trainer import TrainingStopped
-
             if isinstance(exc, TrainingStopped):
                 err_console.print(escape(str(exc)), highlight=False, soft_wrap=True)
                 sys.exit(exc.exit_code)

@@ -9,4 +9,20 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__"]
+__all__ = ["RunResult", "TrainConfig", "__version__", "load_backbone", "train"]
+
+_API = {
+    "train": "suncet.engine.api",
+    "RunResult": "suncet.engine.api",
+    "load_backbone": "suncet.engine.evaluate",
+    "TrainConfig": "suncet.config",
+}
+
+
+def __getattr__(name: str):
+    # Imported on first use: `import suncet` stays light for the kernels and the CLI's start-up.
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'suncet' has no attribute {name!r}")

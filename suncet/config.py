@@ -15,60 +15,84 @@ import yaml
 
 from suncet.errors import ConfigError
 from suncet.kernels import BACKENDS
-from suncet.labels import parse_label_spec
+from suncet.data.labels import parse_label_spec
+
+
+def setting(default: Any = None, help: str = "", *, flag: str | None = None, factory: Any = None) -> Any:
+    """A TrainConfig field with its command-line help: the CLI's flags are generated from these.
+
+    ``flag`` names a dict field's repeatable ``KEY=VALUE`` flag (``--backbone-opt``); other
+    fields get ``--field-name`` (``--x/--no-x`` for booleans).
+    """
+    metadata = {"help": help, "flag": flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class TrainConfig:
     # what to train
-    method: str = "simclr"
-    dataset: str = "digits"
-    data: str | None = None
-    download: bool = False
-    dataset_options: dict[str, Any] = field(default_factory=dict)
-    labels: str = "10%"
-    label_seed: int = 0
-    backbone: str = "small_resnet"
-    backbone_options: dict[str, Any] = field(default_factory=dict)
-    method_options: dict[str, Any] = field(default_factory=dict)
-    augment: dict[str, Any] = field(default_factory=dict)
-    proj_hidden: int = 2048
-    proj_dim: int = 128
-    tau: float = 0.1
+    method: str = setting("simclr", "Method plugin (simclr, swav, supervised, ...).")
+    dataset: str = setting("digits", "Dataset plugin (digits, cifar10, stl10, imagefolder, ...).")
+    data: str | None = setting(None, "Dataset root directory, for datasets read from disk.")
+    download: bool = setting(False, "Download the dataset if it is missing (where a network exists).")
+    dataset_options: dict[str, Any] = setting(help="Dataset option, e.g. size=256 (repeatable).", flag="--dataset-opt", factory=dict)
+    labels: str = setting("10%", "Labeled subset: 10%, 1%, 0.5%, 0%, 100%, 4/class, or a file of training indices.")
+    label_seed: int = setting(0, "Seed of the labeled-subset draw.")
+    backbone: str = setting("small_resnet", "Backbone plugin (small_resnet, resnet18, resnet50, ...).")
+    backbone_options: dict[str, Any] = setting(help="Backbone option (repeatable).", flag="--backbone-opt", factory=dict)
+    method_options: dict[str, Any] = setting(help="Method option (repeatable).", flag="--method-opt", factory=dict)
+    augment: dict[str, Any] = setting(
+        help="Augmentation override, e.g. global_crop_scale=[0.3,1] (repeatable).", flag="--augment", factory=dict
+    )
+    proj_hidden: int = setting(2048, "Hidden width of the projection head.")
+    proj_dim: int = setting(128, "Output width of the projection head.")
+    tau: float = setting(0.1, "Temperature of the contrastive terms.")
     # SuNCEt
-    suncet_weight: float = 1.0
-    suncet_epochs: int | None = None
-    classes_per_step: int = 10
-    images_per_class: int = 4
+    suncet_weight: float = setting(1.0, "Weight of the SuNCEt term (0: off).")
+    suncet_epochs: int | None = setting(None, "Epoch after which SuNCEt is switched off (default: never).")
+    classes_per_step: int = setting(10, "Classes in each step's labeled batch.")
+    images_per_class: int = setting(4, "Labeled images per class in each step.")
     # schedule and optimisation
-    epochs: int = 100
-    batch_size: int = 256
-    optimizer: str = "lars"
-    optimizer_options: dict[str, Any] = field(default_factory=dict)
-    lr: float = 1.0
-    start_lr: float = 0.0
-    final_lr: float = 0.0
-    warmup_epochs: float = 2.0
-    weight_decay: float = 1e-5
-    momentum: float = 0.9
+    epochs: int = setting(100, "Epochs (passes over the unlabeled images).")
+    batch_size: int = setting(256, "Unlabeled images per step and process (each gives two views).")
+    optimizer: str = setting("lars", "Optimizer plugin (lars, sgd, adamw).")
+    optimizer_options: dict[str, Any] = setting(help="Optimizer option (repeatable).", flag="--optimizer-opt", factory=dict)
+    lr: float = setting(1.0, "Peak learning rate.")
+    start_lr: float = setting(0.0, "Learning rate at the start of the warm-up.")
+    final_lr: float = setting(0.0, "Learning rate at the end of the cosine decay.")
+    warmup_epochs: float = setting(2.0, "Linear warm-up length in epochs.")
+    weight_decay: float = setting(1e-5, "Weight decay (not applied to biases and norms).")
+    momentum: float = setting(0.9, "Momentum.")
     # machinery
-    kernel: str = "auto"
-    data_pipeline: str = "device"
-    num_workers: int = 4
-    device: str = "auto"
-    seed: int = 0
-    deterministic: bool = False
-    sync_bn: bool = False
-    detach_remote_keys: bool = False
-    run_dir: str | None = None
-    checkpoint_every: str = "1epoch"
-    keep_checkpoints: int = 2
-    skip_nonfinite: int = 0
-    knn_k: int = 20
-    monitor_every: int = 1
-    probe_every: int = 0
-    final_eval: str = "linear"
-    preset: str | None = None
+    backend: str = setting("auto", "Contrastive-loss backend: auto, cpu, triton, cuda, reference.")
+    compile: str = setting(
+        "none", "Run the step under torch.compile: none, default, or reduce-overhead (CUDA graphs on GPUs)."
+    )
+    sync_every: int = setting(
+        1, "Steps between host synchronisations (loss terms, NaN check, stop requests); more lets a GPU run ahead."
+    )
+    data_pipeline: str = setting(
+        "device", "device (batched augmentation on the training device) or workers (torchvision per image in loader processes)."
+    )
+    num_workers: int = setting(4, "Loader processes for --data-pipeline workers.")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
+    seed: int = setting(0, "Seed of initialisation, sampling and augmentation.")
+    deterministic: bool = setting(False, "Ask torch for deterministic algorithms.")
+    sync_bn: bool = setting(False, "Synchronise BatchNorm statistics across GPUs.")
+    detach_remote_keys: bool = setting(
+        False, "Other ranks' embeddings carry no gradient (the reference code's objective, for parity)."
+    )
+    run_dir: str | None = setting(None, "Run directory (the --out flag).")
+    checkpoint_every: str = setting("1epoch", "Checkpoint interval: 1epoch, 500steps, 10min.")
+    keep_checkpoints: int = setting(2, "Numbered checkpoints kept besides last.pt.")
+    skip_nonfinite: int = setting(0, "Skip up to N steps with a NaN/inf loss instead of stopping (checks every step).")
+    knn_k: int = setting(20, "Neighbours of the kNN monitor.")
+    monitor_every: int = setting(1, "Epochs between kNN monitors (0: off).")
+    probe_every: int = setting(0, "Epochs between linear-probe monitors (0: off).")
+    final_eval: str = setting("linear", "Evaluation after training: linear, knn, finetune or none.")
+    preset: str | None = setting(None, "Recipe preset: digits, cifar10, paper-imagenet-10pct.")
 
 
 # Recipes, applied by name (--preset) or, without one, by dataset name. "digits" is tuned for
@@ -130,6 +154,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 FINAL_EVALS = ("linear", "knn", "finetune", "none")
+COMPILE_MODES = ("none", "default", "reduce-overhead")
 # device: uint8 batches augmented on the training device; workers: torchvision per image in loader processes
 DATA_PIPELINES = ("device", "workers")
 
@@ -219,9 +244,18 @@ def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str,
     return config
 
 
+def renamed_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """A saved configuration with the keys of older versions under their current names."""
+    values = dict(values)
+    if "kernel" in values and "backend" not in values:  # the contrastive backend's key before 0.2
+        values["backend"] = values.pop("kernel")
+    return values
+
+
 def config_from_saved(values: dict[str, Any], source: Path) -> TrainConfig:
     """A run's saved configuration, read back as it was written: no preset is applied again."""
     known = config_fields()
+    values = renamed_keys(values)
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"{source}: unknown key '{unknown[0]}' (written by another version of suncet?)")
@@ -240,7 +274,7 @@ def validate(config: TrainConfig) -> None:
 
     if not is_label_file(config.labels):
         parse_label_spec(config.labels)
-    for name in ("epochs", "batch_size", "proj_hidden", "proj_dim", "lr", "tau", "knn_k", "keep_checkpoints"):
+    for name in ("epochs", "batch_size", "proj_hidden", "proj_dim", "lr", "tau", "knn_k", "keep_checkpoints", "sync_every"):
         positive(name)
     for name in ("suncet_weight", "weight_decay", "warmup_epochs", "start_lr", "final_lr", "monitor_every", "probe_every",
                  "skip_nonfinite", "label_seed", "seed", "num_workers"):
@@ -250,8 +284,10 @@ def validate(config: TrainConfig) -> None:
     if config.suncet_epochs is not None and not 0 <= config.suncet_epochs <= config.epochs:
         raise ConfigError(f"suncet-epochs must be between 0 and epochs ({config.epochs}), got {config.suncet_epochs}")
     parse_every(config.checkpoint_every)
-    if config.kernel not in ("auto", *BACKENDS):
-        raise ConfigError(f"unknown kernel backend '{config.kernel}'; choose one of auto, {', '.join(BACKENDS)}")
+    if config.backend not in ("auto", *BACKENDS):
+        raise ConfigError(f"unknown contrastive backend '{config.backend}'; choose one of auto, {', '.join(BACKENDS)}")
+    if config.compile not in COMPILE_MODES:
+        raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got '{config.compile}'")
     if config.data_pipeline not in DATA_PIPELINES:
         raise ConfigError(f"data-pipeline must be one of {', '.join(DATA_PIPELINES)}, got '{config.data_pipeline}'")
     if config.final_eval not in FINAL_EVALS:

@@ -11,3 +11,21 @@ class ConfigError(SuncetError):
     """A bad option, config key, label spec or path: the run never started."""
 
     exit_code = 2
+
+
+class CheckpointError(SuncetError):
+    """A checkpoint that cannot be read, or belongs to another run or world size."""
+
+
+class NonFiniteLossError(SuncetError):
+    """Training met a NaN or inf loss (after any allowed skips); the last good checkpoint is kept."""
+
+    exit_code = 3
+
+
+class TrainingStopped(SuncetError):
+    """Training stopped on request after writing a checkpoint; ``exit_code`` tells why."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from suncet.config import TrainConfig
 from suncet.errors import ConfigError
 
 
@@ -31,19 +32,18 @@ class TrainBatch:
 
 @dataclass
 class MethodConfig:
-    """Settings every method receives; ``options`` holds the method's own (see ``Method.Options``)."""
+    """What a method is built from: the run's training settings and the facts of its data.
 
+    ``train`` is the whole ``TrainConfig`` (``train.tau``, ``train.suncet_weight``,
+    ``train.proj_dim``, ``train.backend``, ...); the method's own options come parsed from
+    ``train.method_options`` as ``Method.options``.
+    """
+
+    train: TrainConfig
     num_classes: int
-    tau: float = 0.1
-    suncet_weight: float = 1.0
-    suncet_epochs: int | None = None
-    proj_hidden: int = 2048
-    proj_dim: int = 128
-    kernel: str = "auto"
     steps_per_epoch: int = 1
     # How the contrastive terms see other ranks' rows: None (one process), "grad" or "detached".
     gather: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
 
 
 class Method(nn.Module):
@@ -70,14 +70,14 @@ class Method(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.config = config
-        self.options = parse_options(type(self).Options, config.options, type(self).__name__)
+        self.options = parse_options(type(self).Options, config.train.method_options, type(self).__name__)
 
     def forward(self, batch: TrainBatch) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def wants_labeled(self, epoch: int) -> bool:
         """Whether ``epoch``'s steps load a labeled batch (SuNCEt stops after ``suncet_epochs``)."""
-        limit = self.config.suncet_epochs
+        limit = self.config.train.suncet_epochs
         return self.uses_labels and (limit is None or epoch < limit)
 
     def after_optimizer_step(self, step: int) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from suncet.checkpoint import newest_loadable
+from suncet.engine.state import newest_loadable
 from suncet.compare import METRICS, X_AXES
 from suncet.config import build_config, config_fields, load_yaml
 from suncet.errors import ConfigError

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from suncet.augment import AugmentRecipe, BatchAugment, CropSpec, crop_resize_flip, gaussian_blur, sample_crop_boxes
+from suncet.data.augment import BatchAugment, crop_resize_flip, gaussian_blur, sample_crop_boxes
+from suncet.data.recipe import AugmentRecipe, CropSpec
 
 
 def recipe(**changes) -> AugmentRecipe:

@@ -1,4 +1,4 @@
-"""BatchAugment's Triton kernels (suncet/augment_triton.py) against its PyTorch path.
+"""BatchAugment's Triton kernels (suncet/data/augment_triton.py) against its PyTorch path.
 
 Both paths draw the same parameters from the same seed, so their views must agree pixel for
 pixel; the PyTorch path itself is checked against torchvision in test_worker_pipeline.py. On a
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import rerun_under_triton_interpreter, skip_unless_triton_interpreter
-from suncet.augment import AugmentRecipe, BatchAugment, CropSpec
+from suncet.data.augment import BatchAugment
+from suncet.data.recipe import AugmentRecipe, CropSpec
 
 
 def recipe(**changes) -> AugmentRecipe:
@@ -63,8 +64,9 @@ def test_interpreted_colour_kernels_equal_the_pytorch_path(interpreter, name):
 
 
 def test_interpreted_wide_blur_equals_gaussian_blur(interpreter):
-    from suncet.augment import VIEW_COLUMNS, ViewColumn, gaussian_blur
-    from suncet.augment_triton import blur_steps
+    from suncet.data.augment import gaussian_blur
+    from suncet.data.recipe import VIEW_COLUMNS, ViewColumn
+    from suncet.data.augment_triton import blur_steps
 
     gen = torch.Generator().manual_seed(5)
     x = torch.rand(4, 3, 26, 31, generator=gen)
@@ -78,8 +80,9 @@ def test_interpreted_wide_blur_equals_gaussian_blur(interpreter):
 
 @pytest.mark.parametrize("stored,size", [(44, 16), (20, 36), (37, 37)])
 def test_interpreted_crop_equals_crop_resize_flip(interpreter, stored, size):
-    from suncet.augment import VIEW_COLUMNS, ViewColumn, crop_resize_flip, sample_crop_boxes
-    from suncet.augment_triton import crop_views
+    from suncet.data.augment import crop_resize_flip, sample_crop_boxes
+    from suncet.data.recipe import VIEW_COLUMNS, ViewColumn
+    from suncet.data.augment_triton import crop_views
 
     gen = torch.Generator().manual_seed(stored + size)
     images = torch.randint(0, 256, (10, 3, stored, stored + 3), dtype=torch.uint8, generator=gen)
@@ -93,7 +96,7 @@ def test_interpreted_crop_equals_crop_resize_flip(interpreter, stored, size):
 
 def test_batches_over_int32_offsets_are_refused_with_a_clear_error():
     pytest.importorskip("triton")
-    from suncet.augment_triton import _check_size
+    from suncet.data.augment_triton import _check_size
 
     _check_size("crop_views", 4096, 3, 256, 256)  # 805M elements: fine
     with pytest.raises(ValueError, match="over 2\\^31; split the batch"):
@@ -127,7 +130,7 @@ def test_colour_kernels_equal_the_pytorch_path_on_cuda(name):
 @pytest.mark.parametrize("name", ["imagenet-like (jitter, grayscale, blur)", "no blur: solarize and normalise in the kernel"])
 def test_device_pipeline_on_cuda_never_synchronises_the_host(name):
     from suncet.data import InMemoryImages
-    from suncet.pipeline import DevicePipeline, StepPlan
+    from suncet.data.pipeline import DevicePipeline, StepPlan
 
     r = RECIPES[name]
     images = torch.randint(0, 256, (256, 3, 128, 128), dtype=torch.uint8)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from suncet.errors import ConfigError
-from suncet.labels import parse_label_spec, read_index_file, select_labeled, write_labels
+from suncet.data.labels import parse_label_spec, read_index_file, select_labeled, write_labels
 
 # An unbalanced 10-class training set: class c has 90 + 7c images.
 LABELS = torch.cat([torch.full((90 + 7 * c,), c) for c in range(10)])[torch.randperm(1215, generator=torch.Generator().manual_seed(0))]

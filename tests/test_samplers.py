@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from suncet.errors import ConfigError
-from suncet.samplers import ClassStratifiedSampler, UnlabeledSampler
+from suncet.data.samplers import ClassStratifiedSampler, UnlabeledSampler
 
 LABELS = torch.tensor([c for c in range(6) for _ in range(5)])  # 6 classes x 5 labeled images
 

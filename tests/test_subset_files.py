@@ -6,10 +6,10 @@ import pytest
 import torch
 from torchvision.io import encode_jpeg, write_file
 
-from suncet.augment import AugmentRecipe, CropSpec
+from suncet.data.recipe import AugmentRecipe, CropSpec
 from suncet.data import ImageDataset, InMemoryImages
 from suncet.errors import ConfigError
-from suncet.labels import read_index_file, read_subset_file
+from suncet.data.labels import read_index_file, read_subset_file
 from suncet.registry import DATASETS
 
 NAMES = [

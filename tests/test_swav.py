@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from suncet.losses import sinkhorn, swapped_prediction_loss
+from suncet.config import TrainConfig
 from suncet.methods import MethodConfig, TrainBatch
 from suncet.plugins.backbones.resnet import small_resnet
 from suncet.plugins.methods.swav import SwAV
@@ -79,7 +80,7 @@ def test_swapped_prediction_matches_loops():
 
 def make_swav(**options):
     backbone = small_resnet(in_channels=1, image_size=8, width=8)
-    config = MethodConfig(num_classes=10, proj_hidden=32, proj_dim=16, steps_per_epoch=3, options=options)
+    config = MethodConfig(TrainConfig(proj_hidden=32, proj_dim=16, method_options=options), num_classes=10, steps_per_epoch=3)
     return SwAV(backbone, config)
 
 

@@ -11,22 +11,12 @@ import torch
 from torchvision.transforms import RandomResizedCrop as RandomResizedCropV1
 from torchvision.transforms.v2 import functional as TF
 
-from suncet.augment import (
-    AugmentRecipe,
-    BatchAugment,
-    CropSpec,
-    JitterParameters,
-    apply_jitter,
-    crop_resize_flip,
-    eval_transform,
-    gaussian_blur,
-    sample_crop_boxes,
-    sample_jitter,
-)
+from suncet.data.augment import BatchAugment, JitterParameters, apply_jitter, crop_resize_flip, eval_transform, gaussian_blur, sample_crop_boxes, sample_jitter
+from suncet.data.recipe import AugmentRecipe, CropSpec
 from suncet.data import InMemoryImages
 from suncet.errors import ConfigError
-from suncet.pipeline import DevicePipeline, StepPlan
-from suncet.worker_pipeline import (
+from suncet.data.pipeline import DevicePipeline, StepPlan
+from suncet.data.worker_pipeline import (
     LABELED_STREAM,
     UNLABELED_STREAM,
     WorkerPipeline,
@@ -298,7 +288,7 @@ def test_device_pipeline_runs_on_cpu_tensors():
 
 
 def test_device_pipeline_refuses_a_generator_state_it_cannot_use():
-    from suncet.checkpoint import CheckpointError
+    from suncet.errors import CheckpointError
 
     data = source()
     pipeline = DevicePipeline(data, data, recipe(), 2, 0, CPU, seed=0)

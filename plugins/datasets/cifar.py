@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from suncet.augment import AugmentRecipe, CropSpec
+from suncet.data.recipe import AugmentRecipe, CropSpec
 from suncet.data import ImageDataset, InMemoryImages
 from suncet.errors import ConfigError
 from suncet.registry import register_dataset

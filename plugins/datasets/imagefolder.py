@@ -18,7 +18,7 @@ from torchvision.datasets.folder import find_classes, make_dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms.v2 import functional as TF
 
-from suncet.augment import AugmentRecipe, CropSpec
+from suncet.data.recipe import AugmentRecipe, CropSpec
 from suncet.data import ImageDataset
 from suncet.errors import ConfigError
 from suncet.registry import register_dataset

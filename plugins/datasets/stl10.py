@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from suncet.augment import AugmentRecipe, CropSpec
+from suncet.data.recipe import AugmentRecipe, CropSpec
 from suncet.data import ImageDataset, InMemoryImages
 from suncet.errors import ConfigError
 from suncet.registry import register_dataset

@@ -16,19 +16,19 @@ class SimCLR(Method):
 
     def __init__(self, backbone, config: MethodConfig):
         super().__init__(backbone, config)
-        self.head = projection_head(backbone.feature_dim, config.proj_hidden, config.proj_dim)
-        self.uses_labels = config.suncet_weight > 0
+        self.head = projection_head(backbone.feature_dim, config.train.proj_hidden, config.train.proj_dim)
+        self.uses_labels = config.train.suncet_weight > 0
 
     def forward(self, batch: TrainBatch) -> dict[str, Tensor]:
         view1, view2 = batch.global_views
-        cfg = self.config
+        cfg, gather = self.config.train, self.config.gather
         if batch.labeled is None:
             z1, z2 = forward_in_one_pass(self.backbone, self.head, [view1, view2])
-            ntxent = nt_xent(torch.cat([z1, z2]), cfg.tau, backend=cfg.kernel, gather=cfg.gather)
+            ntxent = nt_xent(torch.cat([z1, z2]), cfg.tau, backend=cfg.backend, gather=gather)
             return {"loss": ntxent, "ntxent": ntxent}
         z1, z2, z_labeled = forward_in_one_pass(self.backbone, self.head, [view1, view2, batch.labeled])
         ntxent, suncet = nt_xent_and_suncet(
-            torch.cat([z1, z2]), z_labeled, batch.labels, cfg.tau, backend=cfg.kernel, gather=cfg.gather
+            torch.cat([z1, z2]), z_labeled, batch.labels, cfg.tau, backend=cfg.backend, gather=gather
         )
         return {"loss": ntxent + cfg.suncet_weight * suncet, "ntxent": ntxent, "suncet": suncet}
 

@@ -43,12 +43,12 @@ class SwAV(Method):
                 "sinkhorn_eps > 0, queue_length >= 0, freeze_prototypes_epochs >= 0, temperature > 0"
             )
         self.local_views = o.local_crops
-        self.head = projection_head(backbone.feature_dim, config.proj_hidden, config.proj_dim)
-        self.prototypes = nn.Linear(config.proj_dim, o.prototypes or 3 * config.num_classes, bias=False)
+        self.head = projection_head(backbone.feature_dim, config.train.proj_hidden, config.train.proj_dim)
+        self.prototypes = nn.Linear(config.train.proj_dim, o.prototypes or 3 * config.num_classes, bias=False)
         self.freeze_iters = round(o.freeze_prototypes_epochs * config.steps_per_epoch)
-        self.uses_labels = config.suncet_weight > 0
+        self.uses_labels = config.train.suncet_weight > 0
         # Past embeddings of the two large crops, used only to compute codes for small batches.
-        self.register_buffer("queue", torch.zeros(2, o.queue_length, config.proj_dim))
+        self.register_buffer("queue", torch.zeros(2, o.queue_length, config.train.proj_dim))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
         self.normalize_prototypes()
 
@@ -90,9 +90,9 @@ class SwAV(Method):
         terms = {"swav": swav}
         loss = swav
         if z_labeled is not None:
-            suncet = suncet_loss(z_labeled, batch.labels, self.config.tau, backend=self.config.kernel, gather=self.config.gather)
+            suncet = suncet_loss(z_labeled, batch.labels, self.config.train.tau, backend=self.config.train.backend, gather=self.config.gather)
             terms["suncet"] = suncet
-            loss = loss + self.config.suncet_weight * suncet
+            loss = loss + self.config.train.suncet_weight * suncet
         return {"loss": loss, **terms}
 
     @torch.no_grad()

@@ -34,11 +34,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from suncet.augment import AugmentRecipe, BatchAugment, triton_augment_usable
+from suncet.data.augment import BatchAugment, triton_augment_usable
+from suncet.data.recipe import AugmentRecipe
 from suncet.bench import write_report
 from suncet.data import InMemoryImages
 from suncet.errors import ConfigError
-from suncet.pipeline import DevicePipeline, StepPlan
+from suncet.data.pipeline import DevicePipeline, StepPlan
 
 RESOLUTIONS = {32: 32, 96: 96, 224: 256}  # output side -> stored side of the source images
 PER_IMAGE_SAMPLE = 64  # images per call of the torchvision per-image baseline
@@ -86,7 +87,7 @@ def random_images(n: int, side: int, device: torch.device, seed: int = 0) -> tor
 
 
 def augment_figures(resolution: int, batch: int, device: torch.device, seconds: float, kornia: bool) -> list[Figure]:
-    from suncet.worker_pipeline import image_transform
+    from suncet.data.worker_pipeline import image_transform
 
     recipe = recipe_for(resolution)
     stored = RESOLUTIONS[resolution]
@@ -126,7 +127,7 @@ def kornia_figure(recipe: AugmentRecipe, images: torch.Tensor, resolution: int, 
     """The same recipe with kornia.augmentation (evaluated, not a dependency: docs/data.md)."""
     import kornia.augmentation as K
 
-    from suncet.augment import blur_kernel_size
+    from suncet.data.recipe import blur_kernel_size
 
     s, size = recipe.color_strength, recipe.global_crop.size
     steps = [
@@ -171,7 +172,7 @@ def _plans(n_images: int, batch: int, steps: int, seed: int) -> list[StepPlan]:
 
 def pipeline_figures(resolution: int, batch: int, steps: int, device: torch.device, workers: list[int],
                      seconds: float) -> list[Figure]:
-    from suncet.worker_pipeline import WorkerPipeline, image_transform
+    from suncet.data.worker_pipeline import WorkerPipeline, image_transform
 
     recipe = recipe_for(resolution)
     n_images = batch * steps
@@ -252,11 +253,12 @@ def write_cifar_files(root: Path, images: int) -> None:
 def train_figures(backbone_name: str, batch: int, steps: int, device: torch.device, workers: list[int],
                   seconds: float) -> list[Figure]:
     """SimCLR steps (NT-Xent only) on CIFAR-format data through each pipeline and on synthetic views."""
+    from suncet.config import TrainConfig
     from suncet.methods import MethodConfig, TrainBatch
     from suncet.optim import parameter_groups
     from suncet.registry import BACKBONES, DATASETS, METHODS, OPTIMIZERS
-    from suncet.samplers import UnlabeledSampler
-    from suncet.worker_pipeline import WorkerPipeline
+    from suncet.data.samplers import UnlabeledSampler
+    from suncet.data.worker_pipeline import WorkerPipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         write_cifar_files(Path(tmp), batch * steps)
@@ -264,7 +266,7 @@ def train_figures(backbone_name: str, batch: int, steps: int, device: torch.devi
     recipe = dataset.recipe
     backbone = BACKBONES.create(backbone_name, in_channels=3, image_size=recipe.global_crop.size)
     sampler = UnlabeledSampler(len(dataset.train), batch, seed=0)
-    method = METHODS.get("simclr").obj(backbone, MethodConfig(num_classes=10, suncet_weight=0.0, steps_per_epoch=steps)).to(device)
+    method = METHODS.get("simclr").obj(backbone, MethodConfig(TrainConfig(suncet_weight=0.0), num_classes=10, steps_per_epoch=steps)).to(device)
     if device.type == "cuda":
         method = method.to(memory_format=torch.channels_last)
     optimizer = OPTIMIZERS.create("lars", parameter_groups(method, 1e-6), lr=0.1, weight_decay=1e-6, momentum=0.9)

@@ -34,14 +34,14 @@ class BarlowTwins(Method):
 
     def __init__(self, backbone: nn.Module, config: MethodConfig):
         super().__init__(backbone, config)
-        hidden, out = config.proj_hidden, config.proj_dim
+        hidden, out = config.train.proj_hidden, config.train.proj_dim
         self.head = nn.Sequential(
             nn.Linear(backbone.feature_dim, hidden, bias=False),
             nn.BatchNorm1d(hidden),
             nn.ReLU(inplace=True),
             nn.Linear(hidden, out),
         )
-        self.uses_labels = config.suncet_weight > 0
+        self.uses_labels = config.train.suncet_weight > 0
 
     def forward(self, batch: TrainBatch) -> dict[str, Tensor]:
         parts = list(batch.global_views) + ([batch.labeled] if batch.labeled is not None else [])
@@ -50,7 +50,7 @@ class BarlowTwins(Method):
         terms = {"barlow": barlow}
         loss = barlow
         if batch.labeled is not None:
-            suncet = suncet_loss(z[2], batch.labels, self.config.tau, backend=self.config.kernel, gather=self.config.gather)
+            suncet = suncet_loss(z[2], batch.labels, self.config.train.tau, backend=self.config.train.backend, gather=self.config.gather)
             terms["suncet"] = suncet
-            loss = loss + self.config.suncet_weight * suncet
+            loss = loss + self.config.train.suncet_weight * suncet
         return {"loss": loss, **terms}

@@ -8,8 +8,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from suncet.augment import AugmentRecipe
-from suncet.transfer import to_device
+from suncet.data.recipe import AugmentRecipe
+from suncet.data.transfer import to_device
 
 
 @runtime_checkable
@@ -61,3 +61,29 @@ class ImageDataset:
     class_names: list[str] = field(default_factory=list)
     # Extra images for the unlabeled stream only (STL-10's unlabeled split).
     extra_unlabeled: ImageSource | None = None
+
+
+class ConcatImages:
+    """Two sources read as one: the training images followed by extra unlabeled images."""
+
+    def __init__(self, first: ImageSource, second: ImageSource):
+        self.first, self.second = first, second
+        self.labels = torch.cat([first.labels, second.labels])
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    def load(self, indices: Tensor) -> Tensor:
+        n = len(self.first)
+        in_first = indices < n
+        images_first = self.first.load(indices[in_first])
+        out = images_first.new_empty((len(indices), *images_first.shape[1:]))
+        # Positions found on the host: a boolean mask on a GPU would synchronise to count them.
+        for where, images in ((in_first, images_first), (~in_first, self.second.load(indices[~in_first] - n))):
+            out.index_copy_(0, to_device(where.nonzero().squeeze(1), out.device), to_device(images, out.device))
+        return out
+
+
+def on_device(source: ImageSource, device: torch.device) -> ImageSource:
+    """``source`` on the training device where it is decoded in memory: a step then never waits on a copy."""
+    return source.to(device) if isinstance(source, InMemoryImages) else source

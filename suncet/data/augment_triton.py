@@ -1,9 +1,9 @@
 """BatchAugment's steps as Triton kernels, for CUDA batches.
 
-The PyTorch path (suncet/augment.py) spends some seventy full passes over a batch, and more
+The PyTorch path (suncet/data/augment.py) spends some seventy full passes over a batch, and more
 than a hundred small launches for the per-sample parameters, on what is memory traffic and
 launch overhead on a GPU, not arithmetic. Here every sample's parameters arrive as one row of
-a float table drawn on the host (``VIEW_COLUMNS`` columns, suncet/augment.py) and copied in one
+a float table drawn on the host (``VIEW_COLUMNS`` columns, suncet/data/augment.py) and copied in one
 transfer, and the steps run as:
 
 - the crop: two separable passes of torchvision's antialiased bilinear weights over the box,
@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from suncet.augment import VIEW_COLUMNS, ViewColumn
+from suncet.data.recipe import VIEW_COLUMNS, ViewColumn
 
 _PIXELS = 1024  # output elements per program
 _MAX_ELEMENTS = 2**31  # offsets are int32

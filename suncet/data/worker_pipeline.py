@@ -24,11 +24,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from suncet.augment import AugmentRecipe, CropSpec, blur_kernel_size
-from suncet.data import ImageSource, InMemoryImages
+from suncet.data.recipe import AugmentRecipe, CropSpec, blur_kernel_size
+from suncet.data.sources import ImageSource, InMemoryImages
 from suncet.errors import ConfigError
 from suncet.methods import TrainBatch
-from suncet.pipeline import StepPlan
+from suncet.data.pipeline import StepPlan
 
 UNLABELED_STREAM, LABELED_STREAM = 0, 1
 _MASK64 = (1 << 64) - 1

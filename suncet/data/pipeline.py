@@ -1,7 +1,7 @@
 """Turning a step's image indices into augmented views on the training device.
 
-The trainer plans an epoch as a list of ``StepPlan`` (which unlabeled and labeled images each
-step uses); a pipeline turns each plan into a ``TrainBatch``. ``DevicePipeline`` moves uint8
+The engine plans an epoch as a list of ``StepPlan`` (which unlabeled and labeled images each
+step uses); a ``Pipeline`` turns each plan into a ``TrainBatch``. ``DevicePipeline`` moves uint8
 batches to the training device and augments them there, batched, with per-sample parameters
 from one seeded generator whose state the checkpoint keeps.
 """
@@ -10,15 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from suncet.augment import AugmentRecipe, BatchAugment
-from suncet.checkpoint import CheckpointError
-from suncet.data import ImageSource
+from suncet.data.augment import BatchAugment
+from suncet.data.recipe import AugmentRecipe
+from suncet.data.sources import ImageSource
+from suncet.errors import CheckpointError
 from suncet.methods import TrainBatch
-from suncet.transfer import to_device
+from suncet.data.transfer import to_device
 
 
 @dataclass
@@ -26,6 +28,18 @@ class StepPlan:
     unlabeled: Tensor | None  # indices into the unlabeled stream
     labeled: Tensor | None  # indices into the training split
     labels: Tensor | None  # their classes
+
+
+class Pipeline(Protocol):
+    """Turns planned steps into batches on the training device; its state resumes exactly."""
+
+    def batches(self, plans: list[StepPlan], epoch: int, first_step: int) -> Iterator[TrainBatch]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class DevicePipeline:
@@ -68,7 +82,7 @@ class DevicePipeline:
             yield batch
 
     def close(self) -> None:
-        """Nothing to release (the same interface as WorkerPipeline.close)."""
+        """Nothing to release."""
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

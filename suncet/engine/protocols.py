@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from suncet.augment import BatchAugment, eval_transform
+from suncet.data.augment import BatchAugment, eval_transform
 from suncet.data import ImageDataset, ImageSource
 
 

@@ -1,0 +1,71 @@
+"""The Python API: what ``suncet train`` does, as one call.
+
+    import suncet
+    result = suncet.train(method="simclr", labels="10%", epochs=20, out="runs/quick")
+    print(result.evaluation["top1"])
+    backbone = suncet.load_backbone(result.run_dir)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from suncet import distributed
+from suncet.config import TrainConfig, build_config
+from suncet.engine.evaluate import final_evaluation
+from suncet.engine.loop import train_run
+from suncet.engine.rundir import Start, start_or_resume
+from suncet.errors import TrainingStopped
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    config: TrainConfig
+    metrics: dict  # the last epoch's metrics row
+    evaluation: dict | None  # the final evaluation (None with final_eval 'none', and on ranks > 0)
+    main_process: bool = True  # rank 0, which wrote the files (under torchrun every rank returns)
+
+
+def run_start(start: Start, console: Console | None = None) -> RunResult:
+    """Train from ``start`` (see ``start_or_resume``) and evaluate as the config asks (rank 0)."""
+    try:
+        metrics = train_run(start.config, start.run_dir, state=start.checkpoint, console=console)
+    except TrainingStopped:
+        distributed.shutdown()  # every rank agreed to stop: no collective is pending
+        raise
+    main_process = distributed.is_main_process()
+    evaluation = final_evaluation(start.run_dir, start.config) if main_process else None
+    distributed.shutdown()
+    return RunResult(start.run_dir, start.config, metrics, evaluation, main_process)
+
+
+def train(
+    config: TrainConfig | dict[str, Any] | None = None,
+    *,
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+    overwrite: bool = False,
+    console: Console | None = None,
+    **settings: Any,
+) -> RunResult:
+    """Pre-train and evaluate, as ``suncet train`` does.
+
+    ``config`` is a ``TrainConfig``, or a dict of settings (preset and dataset defaults apply as on
+    the command line), or omitted with the settings as keyword arguments. ``resume`` is a run
+    directory to continue (no settings then) or ``"auto"`` (continue or start the run in ``out``).
+    """
+    if isinstance(config, TrainConfig):
+        if settings:
+            raise TypeError("give either a TrainConfig or settings, not both")
+        resolved = config
+    elif config is not None or settings:
+        resolved = build_config(overrides={**(config or {}), **settings})
+    else:
+        resolved = None if resume not in (None, "auto") else build_config()
+    start = start_or_resume(resolved, out, resume, overwrite, report=(console or Console()).print)
+    return run_start(start, console)

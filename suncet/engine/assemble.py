@@ -1,0 +1,145 @@
+"""A run assembled from its config: data, labeled subset, method, optimizer and pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from suncet import distributed
+from suncet.config import TrainConfig, is_label_file
+from suncet.data import ConcatImages, ImageDataset, ImageSource
+from suncet.data.labels import parse_label_spec, read_subset_file, select_labeled
+from suncet.data.pipeline import DevicePipeline, Pipeline
+from suncet.data.recipe import override_recipe
+from suncet.data.samplers import ClassStratifiedSampler, UnlabeledSampler
+from suncet.data.sources import on_device
+from suncet.data.worker_pipeline import WorkerPipeline
+from suncet.errors import ConfigError
+from suncet.kernels import resolve_backend
+from suncet.methods import Method, MethodConfig
+from suncet.optim import parameter_groups
+from suncet.registry import BACKBONES, DATASETS, METHODS, OPTIMIZERS
+
+
+@dataclass
+class Run:
+    """A training run assembled from its config: data, labeled subset, model and optimizer."""
+
+    config: TrainConfig
+    run_dir: Path
+    device: torch.device
+    dataset: ImageDataset
+    labeled: Tensor  # indices into dataset.train
+    method: Method
+    optimizer: torch.optim.Optimizer
+    unlabeled: ImageSource
+    train_images: ImageSource  # the training split where the pipeline reads it (labeled images)
+    unlabeled_sampler: UnlabeledSampler
+    labeled_sampler: ClassStratifiedSampler | None
+    backbone_args: dict  # what builds the backbone again without the dataset (load_backbone)
+
+
+def load_dataset(config: TrainConfig) -> ImageDataset:
+    dataset = DATASETS.create(config.dataset, root=config.data, download=config.download, options=config.dataset_options)
+    if config.augment:
+        dataset.recipe = override_recipe(dataset.recipe, config.augment)
+    return dataset
+
+
+def choose_labeled(config: TrainConfig, dataset: ImageDataset) -> Tensor:
+    if is_label_file(config.labels):
+        return read_subset_file(Path(config.labels), dataset)
+    spec = parse_label_spec(config.labels)
+    return select_labeled(dataset.train.labels, spec, dataset.num_classes, config.label_seed)
+
+
+def backbone_args_of(config: TrainConfig, dataset: ImageDataset) -> dict:
+    return {"in_channels": dataset.channels, "image_size": dataset.recipe.global_crop.size}
+
+
+def build_backbone(config: TrainConfig, backbone_args: dict) -> nn.Module:
+    return BACKBONES.create(config.backbone, options=config.backbone_options, **backbone_args)
+
+
+def build_method(config: TrainConfig, dataset: ImageDataset, steps_per_epoch: int) -> Method:
+    backbone = build_backbone(config, backbone_args_of(config, dataset))
+    gather = None if distributed.world_size() == 1 else ("detached" if config.detach_remote_keys else "grad")
+    method = METHODS.get(config.method).obj(backbone, MethodConfig(config, dataset.num_classes, steps_per_epoch, gather))
+    if not isinstance(method, Method):
+        raise ConfigError(f"method plugin '{config.method}' did not build a suncet.methods.Method")
+    return method
+
+
+def _labeled_sampler(config: TrainConfig, dataset: ImageDataset, labeled: Tensor, method: Method) -> ClassStratifiedSampler | None:
+    if len(labeled) == 0 and not (method.global_views or method.local_views):
+        raise ConfigError(f"method '{config.method}' trains on labeled images only, but --labels {config.labels} selects none")
+    if not method.wants_labeled(0) or len(labeled) == 0:
+        return None
+    classes = dataset.train.labels[labeled]
+    # A tiny subset (0.5% of digits) may cover fewer classes than a step asks for.
+    per_step = min(config.classes_per_step, len(torch.unique(classes)))
+    return ClassStratifiedSampler(
+        classes, per_step, config.images_per_class, config.seed, distributed.rank(), distributed.world_size()
+    )
+
+
+def assemble(config: TrainConfig, run_dir: Path, labeled: Tensor | None = None) -> Run:
+    device = distributed.init_from_environment(config.device)
+    if config.sync_bn and device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU implementation)")
+    torch.manual_seed(config.seed)
+    dataset = load_dataset(config)
+    if config.classes_per_step > dataset.num_classes:
+        raise ConfigError(f"--classes-per-step {config.classes_per_step} is more than the {dataset.num_classes} classes of {dataset.name}")
+    if labeled is None:
+        labeled = choose_labeled(config, dataset)
+    unlabeled = dataset.train if dataset.extra_unlabeled is None else ConcatImages(dataset.train, dataset.extra_unlabeled)
+    unlabeled_sampler = UnlabeledSampler(len(unlabeled), config.batch_size, config.seed, distributed.rank(), distributed.world_size())
+    method = build_method(config, dataset, unlabeled_sampler.steps_per_epoch).to(device)
+    if device.type == "cuda":
+        method = method.to(memory_format=torch.channels_last)
+    resolve_backend(config.backend, device)
+    labeled_sampler = _labeled_sampler(config, dataset, labeled, method)
+    optimizer = OPTIMIZERS.create(
+        config.optimizer, parameter_groups(method, config.weight_decay), lr=config.lr,
+        weight_decay=config.weight_decay, momentum=config.momentum, options=config.optimizer_options,
+    )
+    train_images = on_device(dataset.train, device) if config.data_pipeline == "device" else dataset.train
+    if dataset.extra_unlabeled is None:
+        unlabeled = train_images
+    return Run(
+        config=config, run_dir=run_dir, device=device, dataset=dataset, labeled=labeled, method=method,
+        optimizer=optimizer, unlabeled=unlabeled, train_images=train_images, unlabeled_sampler=unlabeled_sampler,
+        labeled_sampler=labeled_sampler, backbone_args=backbone_args_of(config, dataset),
+    )
+
+
+def make_pipeline(run: Run) -> Pipeline:
+    """The run's data pipeline, seeded per rank."""
+    method, recipe, device, config = run.method, run.dataset.recipe, run.device, run.config
+    seed = config.seed + 1_000_003 * distributed.rank()
+    if config.data_pipeline == "workers":
+        return WorkerPipeline(run.unlabeled, run.train_images, recipe, method.global_views, method.local_views,
+                              device, seed, num_workers=config.num_workers)
+    return DevicePipeline(run.unlabeled, run.train_images, recipe, method.global_views, method.local_views, device, seed)
+
+
+def wrap_model(run: Run) -> nn.Module:
+    """The module a step calls: the method, under DDP when several processes train, and under
+    torch.compile when asked."""
+    model: nn.Module = run.method
+    if distributed.world_size() > 1:
+        if run.config.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # Buffers stay per rank (SwAV's queue holds this rank's embeddings); BatchNorm statistics
+        # are then rank 0's in checkpoints, or shared by all with --sync-bn.
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[run.device] if run.device.type == "cuda" else None,
+            find_unused_parameters=run.method.may_skip_parameters, broadcast_buffers=False,
+        )
+    if run.config.compile != "none":
+        model = torch.compile(model, mode=run.config.compile)
+    return model

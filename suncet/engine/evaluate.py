@@ -1,0 +1,93 @@
+"""Evaluating what a run trained: the protocols applied to a run, and a trained run loaded back."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from suncet.config import TrainConfig
+from suncet.data import InMemoryImages
+from suncet.engine import rundir
+from suncet.engine.assemble import Run, assemble, backbone_args_of, build_backbone, load_dataset
+from suncet.engine.protocols import extract_features, finetune, knn_classify, linear_probe, raw_pixel_baseline
+from suncet.engine.state import load_checkpoint
+from suncet.errors import ConfigError
+
+PROTOCOLS = ("linear", "knn", "finetune")
+
+
+def evaluate_run(
+    run: Run, protocol: str, labeled: Tensor | None = None, finetune_epochs: int | None = None, baseline: bool = False
+) -> dict:
+    """Semi-supervised test accuracy with the labeled subset (all training labels when it is empty).
+
+    'knn' and 'linear' use frozen backbone features; 'finetune' trains the whole backbone plus a
+    zero-initialised linear layer on the labeled images (30 epochs at >= 10% labels, else 60, as
+    the paper). With ``baseline``, small in-memory datasets also get the raw-pixel baseline.
+    """
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got '{protocol}'")
+    dataset, device, backbone = run.dataset, run.device, run.method.backbone
+    labeled = run.labeled if labeled is None else labeled
+    bank = labeled if len(labeled) else torch.arange(len(dataset.train))
+    if protocol == "finetune":
+        fraction = len(bank) / len(dataset.train)
+        epochs = finetune_epochs or (30 if fraction >= 0.1 else 60)
+        scores = finetune(backbone, dataset, bank, device, epochs=epochs, seed=run.config.seed)
+    else:
+        train_features = extract_features(backbone, dataset.train, dataset, device, indices=bank)
+        test_features = extract_features(backbone, dataset.test, dataset, device)
+        train_labels = dataset.train.labels[bank].to(device)
+        if protocol == "knn":
+            scores = knn_classify(
+                train_features, train_labels, test_features, dataset.test.labels, dataset.num_classes, k=run.config.knn_k
+            )
+        else:
+            scores = linear_probe(train_features, train_labels, test_features, dataset.test.labels, dataset.num_classes)
+    result = {"protocol": protocol, "labeled_images": len(bank), **scores.as_dict()}
+    if baseline and isinstance(dataset.train, InMemoryImages) and dataset.image_size <= 32:
+        result["raw_pixels"] = raw_pixel_baseline(dataset, bank, device).as_dict()
+    return result
+
+
+def _with_device(config: TrainConfig, device: str | None) -> TrainConfig:
+    return config if device is None else dataclasses.replace(config, device=device)
+
+
+def load_trained(run_dir: Path | str, device: str | None = None) -> Run:
+    """A finished or interrupted run, rebuilt from its directory with its last checkpoint's weights."""
+    run_dir = Path(run_dir)
+    config = _with_device(rundir.load_run_config(run_dir), device)
+    state = load_checkpoint(run_dir / rundir.LAST_CHECKPOINT)
+    run = assemble(config, run_dir, labeled=state["labeled"])
+    run.method.load_state_dict(state["model"])
+    run.method.eval()
+    return run
+
+
+def load_backbone(run_dir: Path | str, device: str | torch.device = "cpu") -> nn.Module:
+    """The pre-trained backbone of a run (its last checkpoint), in eval mode on ``device``.
+
+    Built from the run's settings and the checkpoint alone; only checkpoints of runs from
+    before suncet recorded the backbone's input shape load the dataset to learn it.
+    """
+    run_dir = Path(run_dir)
+    config = rundir.load_run_config(run_dir)
+    state = load_checkpoint(run_dir / rundir.LAST_CHECKPOINT)
+    args = state.get("backbone_args") or backbone_args_of(config, load_dataset(config))
+    backbone = build_backbone(config, args)
+    prefix = "backbone."
+    backbone.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)})
+    return backbone.to(device).eval()
+
+
+def final_evaluation(run_dir: Path, config: TrainConfig) -> dict | None:
+    """The evaluation a run asks for after training (``final_eval``), written to eval_<protocol>.json."""
+    if config.final_eval == "none":
+        return None
+    result = evaluate_run(load_trained(run_dir), config.final_eval, baseline=True)
+    rundir.write_json(run_dir / f"eval_{config.final_eval}.json", result)
+    return result

@@ -1,0 +1,170 @@
+"""A run directory: its files, each written atomically, and where a run starts or resumes.
+
+    RUN/config.yaml        the resolved settings (``suncet train --resume RUN`` reads them back)
+    RUN/labels.txt         the labeled subset, one training index per line
+    RUN/metrics.csv        one row per epoch (loss terms, lr, images/s, monitors)
+    RUN/checkpoints/       step-numbered checkpoints and last.pt (engine/state.py)
+    RUN/eval_<protocol>.json
+
+``start_or_resume`` is the one place that decides whether a command starts a run, continues
+one or refuses: ``suncet train``, ``suncet sweep`` and ``suncet.train`` all call it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import Tensor
+
+from suncet.config import TrainConfig, config_from_saved, load_yaml, to_yaml
+from suncet.data.labels import write_labels
+from suncet.engine.state import find_checkpoint
+from suncet.errors import ConfigError
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.csv"
+LABELS_FILE = "labels.txt"
+CHECKPOINTS = "checkpoints"
+LAST_CHECKPOINT = Path(CHECKPOINTS) / "last.pt"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file: a crash leaves the old file whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _without_nan(value: Any) -> Any:
+    """JSON has no NaN: a value that is not a number (a target never reached) is written as null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_nan(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_atomic(path, json.dumps(_without_nan(data), indent=2, allow_nan=False) + "\n")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(key for row in rows for key in row)) or ["epoch"]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields, restval="")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    write_atomic(path, text.getvalue())
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def append_metrics_row(run_dir: Path, row: dict) -> None:
+    write_csv(Path(run_dir) / METRICS_FILE, [*read_metrics(run_dir), row])
+
+
+def truncate_metrics(run_dir: Path, completed_epochs: int) -> None:
+    """Drop rows of epochs the checkpoint does not cover (written after it, then lost)."""
+    if (Path(run_dir) / METRICS_FILE).exists():
+        write_csv(Path(run_dir) / METRICS_FILE, [r for r in read_metrics(run_dir) if int(r["epoch"]) <= completed_epochs])
+
+
+def write_run_files(run_dir: Path, config: TrainConfig, labeled: Tensor, fresh: bool) -> None:
+    """config.yaml and labels.txt; a fresh run first clears a replaced run's checkpoints, whose
+    step numbers would outrank its own in the rotation."""
+    run_dir = Path(run_dir)
+    if fresh:
+        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / CONFIG_FILE, to_yaml(config))
+    write_labels(run_dir / LABELS_FILE, labeled, config.labels)
+
+
+def default_run_dir(config: TrainConfig) -> Path:
+    labels = config.labels.replace("%", "pct").replace("/", "per")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.method}-{config.dataset}-{labels}-seed{config.seed}-{stamp}"
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    """The configuration a run was started with, exactly as saved (no preset applied again)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
+    return config_from_saved(load_yaml(path), path)
+
+
+@dataclass
+class Start:
+    """Where a training command begins: its settings, its directory, and the checkpoint to
+    continue from (None: from the beginning)."""
+
+    config: TrainConfig
+    run_dir: Path
+    checkpoint: dict | None
+
+
+def start_or_resume(
+    config: TrainConfig | None,
+    out: Path | str | None = None,
+    resume: Path | str | None = None,
+    overwrite: bool = False,
+    report: Callable[[str], None] = print,
+) -> Start:
+    """Decide how a run begins, before anything is written.
+
+    - no ``resume``: a new run of ``config`` in ``out`` (default: ``runs/<name>-<time>``), refused
+      where ``out`` already holds a run unless ``overwrite``;
+    - ``resume="auto"``: continue the run of ``config`` in ``out`` from its newest loadable
+      checkpoint, or start it there (a requeued job's command);
+    - ``resume=RUN_DIR``: continue that run with its saved settings (``config`` must be None).
+    """
+    if resume is None:
+        if config is None:
+            raise ConfigError("a new run needs its settings")
+        run_dir = Path(out or config.run_dir or default_run_dir(config))
+        if (run_dir / CONFIG_FILE).exists() and not overwrite:
+            raise ConfigError(
+                f"run directory {run_dir} already holds a run; continue it with --resume {run_dir} "
+                "(or --resume auto) or replace it with --overwrite"
+            )
+        return Start(config, run_dir, None)
+    if str(resume) == "auto":
+        if out is None or config is None:
+            raise ConfigError("--resume auto needs --out RUN_DIR: the run directory to continue or start")
+        checkpoint = None if overwrite else find_checkpoint(Path(out) / CHECKPOINTS, fallback=True, report=report)
+        return Start(config, Path(out), checkpoint)
+    if config is not None or out is not None:
+        raise ConfigError("--resume RUN_DIR continues a run with its saved config; give no other settings with it")
+    run_dir = Path(resume)
+    if not run_dir.is_dir():
+        raise ConfigError(f"--resume {resume}: no such run directory")
+    config = load_run_config(run_dir)
+    checkpoint = find_checkpoint(run_dir / CHECKPOINTS, fallback=False, report=report)
+    if checkpoint is None:
+        report(f"no checkpoint in {run_dir}: the run starts from the beginning")
+    return Start(config, run_dir, checkpoint)

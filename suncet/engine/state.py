@@ -1,0 +1,173 @@
+"""Checkpoints: what they hold, how a run is restored from one, and their files (written
+atomically, kept in rotation, loaded with clear errors, found again after a crash)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from suncet import distributed
+from suncet.config import TrainConfig, renamed_keys
+from suncet.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from suncet.data.pipeline import Pipeline
+    from suncet.engine.assemble import Run
+
+LAST = "last.pt"
+_NUMBERED = re.compile(r"^step-(\d+)\.pt$")
+
+
+def _fsync_directory(directory: Path) -> None:
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` so that ``path`` holds either the old or the new checkpoint, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_directory(path.parent)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint holding only tensors and plain data (no pickled code is executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a checkpoint: {reason})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(f"checkpoint {path} is not a suncet training checkpoint")
+    return state
+
+
+def numbered_checkpoints(directory: Path) -> list[Path]:
+    """The step-numbered checkpoints in ``directory``, oldest first."""
+    if not Path(directory).is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in Path(directory).iterdir() if (m := _NUMBERED.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_rotating(directory: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Save ``step-<step>.pt``, point ``last.pt`` at it (a hard link, swapped in atomically),
+    and delete all but the newest ``keep`` numbered checkpoints."""
+    directory = Path(directory)
+    path = directory / f"step-{step:09d}.pt"
+    save_checkpoint(path, state)
+    link = directory / f".{LAST}.link-{os.getpid()}"
+    link.unlink(missing_ok=True)
+    os.link(path, link)
+    os.replace(link, directory / LAST)
+    _fsync_directory(directory)
+    for old in numbered_checkpoints(directory)[:-keep]:
+        old.unlink()
+    return path
+
+
+def newest_loadable(directory: Path, report=None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``directory`` that loads, skipping (and reporting) broken ones."""
+    candidates = [Path(directory) / LAST] + list(reversed(numbered_checkpoints(directory)))
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            if report is not None:
+                report(f"skipping {exc}")
+    return None
+
+
+def checkpoint_state(run: Run, pipeline: Pipeline, progress: dict, meters: dict, sampler_state: dict | None) -> dict:
+    """Everything needed to continue exactly; every rank's own streams are gathered (call on all ranks)."""
+    rank_states = distributed.all_gather_objects(
+        {"pipeline": pipeline.state_dict(), "labeled_sampler": sampler_state, "meters": meters,
+         "method": run.method.rank_state()}
+    )
+    state = {
+        "model": run.method.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "config": dataclasses.asdict(run.config),
+        "labeled": run.labeled.clone(),
+        "progress": progress,
+        "backbone_args": run.backbone_args,
+        "rng": {"torch": torch.get_rng_state()},
+        # Per rank: the augmentation generator, the labeled sampler's position at the start of the
+        # checkpoint's epoch (the epoch's plan is drawn again from there on resume), and the
+        # loss sums of the epoch so far.
+        "ranks": rank_states,
+    }
+    if run.device.type == "cuda":
+        state["rng"]["cuda"] = torch.cuda.get_rng_state(run.device)
+    return state
+
+
+def restore(run: Run, state: dict, pipeline: Pipeline) -> tuple[dict, dict]:
+    """Load ``state`` into the run and pipeline; returns (progress, this rank's meters)."""
+    if len(state["ranks"]) != distributed.world_size():
+        raise CheckpointError(
+            f"the checkpoint was written by {len(state['ranks'])} process(es); resume it with as many (now {distributed.world_size()})"
+        )
+    run.method.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and run.device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"]["cuda"], run.device)
+    mine = state["ranks"][distributed.rank()]
+    run.method.load_rank_state(mine["method"])
+    pipeline.load_state_dict(mine["pipeline"])
+    if run.labeled_sampler is not None and mine["labeled_sampler"] is not None:
+        run.labeled_sampler.load_state_dict(mine["labeled_sampler"])
+    return dict(state["progress"]), mine["meters"]
+
+
+def check_compatible(config: TrainConfig, state: dict, source: Path) -> None:
+    """A checkpoint must come from a run with this very configuration."""
+    saved = renamed_keys(state["config"])
+    current = dataclasses.asdict(config)
+    differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if differing:
+        key = differing[0]
+        raise CheckpointError(
+            f"checkpoint in {source} belongs to another configuration: {key} is {saved.get(key)!r} there "
+            f"but {current.get(key)!r} here" + (f" (and {len(differing) - 1} more)" if len(differing) > 1 else "")
+        )
+
+
+def find_checkpoint(directory: Path, fallback: bool, report=None) -> dict | None:
+    """The checkpoint to resume from: ``last.pt`` (an error if it cannot be read); with
+    ``fallback``, or when there is no ``last.pt``, the newest one that loads (broken ones are
+    skipped and reported), or None when there is none (the run then starts afresh)."""
+    directory = Path(directory)
+    if not fallback and (directory / LAST).exists():
+        return load_checkpoint(directory / LAST)
+    # No last.pt yet: a crash between writing the first numbered checkpoint and linking it.
+    found = newest_loadable(directory, report)
+    if found is None:
+        return None
+    path, state = found
+    if report is not None:
+        report(f"resuming from {path}")
+    return state
