@@ -143,6 +143,14 @@ def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_checkpoint(cli, nan
     assert cli("eval", str(run), "--protocol", "knn", "--json", env=nan_plugin).returncode == 0
 
 
+def test_nan_read_at_a_later_sync_still_names_its_step(cli, nan_plugin, tmp_path):
+    """With --sync-every 10 the NaN of step 3 is read at step 10 and reported as step 3."""
+    result = cli("train", "--method", "nan_after", "--method-opt", "bad_steps=3", "--sync-every", "10", "--epochs", "1",
+                 *SMALL, "--out", str(tmp_path / "run"), env=nan_plugin)
+    assert result.returncode == EXIT_NONFINITE and "Traceback" not in result.stderr
+    assert "non-finite loss at epoch 1, step 3: suncet = nan" in result.stderr
+
+
 def test_skip_nonfinite_skips_up_to_n_steps(cli, nan_plugin, tmp_path):
     run = tmp_path / "run"
     result = cli("train", "--method", "nan_after", "--method-opt", "bad_steps=3,7", "--skip-nonfinite", "2",

@@ -18,7 +18,7 @@ from suncet import distributed
 from suncet.config import TrainConfig, build_config
 from suncet.engine.evaluate import final_evaluation
 from suncet.engine.loop import train_run
-from suncet.engine.rundir import Start, start_or_resume
+from suncet.engine.rundir import Start, last_metrics, start_or_resume
 from suncet.errors import TrainingStopped
 
 
@@ -26,7 +26,7 @@ from suncet.errors import TrainingStopped
 class RunResult:
     run_dir: Path
     config: TrainConfig
-    metrics: dict  # the last epoch's metrics row
+    metrics: dict  # the last metrics row
     evaluation: dict | None  # the final evaluation (None with final_eval 'none', and on ranks > 0)
     main_process: bool = True  # rank 0, which wrote the files (under torchrun every rank returns)
 
@@ -38,6 +38,7 @@ def run_start(start: Start, console: Console | None = None) -> RunResult:
     except TrainingStopped:
         distributed.shutdown()  # every rank agreed to stop: no collective is pending
         raise
+    metrics = metrics or last_metrics(start.run_dir)  # a finished run resumed trains nothing
     main_process = distributed.is_main_process()
     evaluation = final_evaluation(start.run_dir, start.config) if main_process else None
     distributed.shutdown()

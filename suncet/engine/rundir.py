@@ -83,6 +83,19 @@ def read_metrics(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def last_metrics(run_dir: Path) -> dict:
+    """The last metrics row, numbers as numbers ({} before the first epoch ends)."""
+    rows = read_metrics(run_dir)
+
+    def number(text: str):
+        try:
+            return int(text)
+        except ValueError:
+            return float(text) if text else None
+
+    return {k: number(v) for k, v in rows[-1].items()} if rows else {}
+
+
 def append_metrics_row(run_dir: Path, row: dict) -> None:
     write_csv(Path(run_dir) / METRICS_FILE, [*read_metrics(run_dir), row])
 
