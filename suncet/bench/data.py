@@ -94,7 +94,7 @@ def augment_figures(resolution: int, batch: int, device: torch.device, seconds: 
     host = random_images(batch, stored, torch.device("cpu"))
     transform = image_transform(recipe, recipe.global_crop)
     # A per-image rate does not depend on the batch: a sample of it keeps the baseline short
-    # where a GPU batch is large and the host slow (27 views/s at 224 px on the H200 machine).
+    # where a GPU batch is large and the host slow (docs/data.md, GPU figures).
     sample = host[:PER_IMAGE_SAMPLE]
 
     def per_image() -> None:

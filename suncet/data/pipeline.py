@@ -91,7 +91,7 @@ class DevicePipeline:
         try:
             self.generator.set_state(state["generator"])
         except RuntimeError as exc:
-            # Checkpoints of CUDA runs before 2026-11-28 hold a CUDA generator's state.
+            # Checkpoints of CUDA runs by older versions hold a CUDA generator's state.
             raise CheckpointError(
                 "the checkpoint's augmentation generator state does not fit this version's host generator "
                 f"({exc}); start the run again, or resume it with the suncet version that wrote it"

@@ -92,9 +92,9 @@ class _StepViews(Dataset):
                  global_views: int, local_views: int, seed: int, normalize: bool):
         self.unlabeled, self.labeled = unlabeled, labeled
         self.global_views, self.local_views = global_views, local_views
-        # Views stay uint8 per image; ToDtype and Normalize run once on each collated batch, here
-        # (CPU runs: 10% / 4% / 5% less time than per image at 32 / 96 / 224 px, one process)
-        # or on the GPU once a quarter of the bytes have crossed (``normalize=False``).
+        # Views stay uint8 per image; ToDtype and Normalize run once on each collated batch (less
+        # time than per image, docs/data.md), here or on the GPU once a quarter of the bytes have
+        # crossed (``normalize=False``).
         self.global_transform = image_transform(recipe, recipe.global_crop, normalize=False)
         self.local_transform = image_transform(recipe, recipe.local_crop, normalize=False)
         self.recipe = recipe
