@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from suncet.errors import ConfigError
-from suncet.data.labels import parse_label_spec, read_index_file, select_labeled, write_labels
+from suncet.data.labels import parse_label_spec, labels_text, read_index_file, select_labeled
 
 # An unbalanced 10-class training set: class c has 90 + 7c images.
 LABELS = torch.cat([torch.full((90 + 7 * c,), c) for c in range(10)])[torch.randperm(1215, generator=torch.Generator().manual_seed(0))]
@@ -63,7 +63,7 @@ def test_more_per_class_than_exist_is_an_error():
 
 def test_label_file_round_trip(tmp_path):
     chosen = select_labeled(LABELS, parse_label_spec("10%"), 10, seed=1)
-    write_labels(tmp_path / "labels.txt", chosen, "10%")
+    (tmp_path / "labels.txt").write_text(labels_text(chosen, "10%"))
     assert torch.equal(read_index_file(tmp_path / "labels.txt", len(LABELS)), chosen)
 
 

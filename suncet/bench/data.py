@@ -36,8 +36,8 @@ from rich.table import Table
 
 from suncet.data.augment import BatchAugment, triton_augment_usable
 from suncet.data.recipe import AugmentRecipe
-from suncet.bench import write_report
 from suncet.data import InMemoryImages
+from suncet.engine.rundir import write_json
 from suncet.errors import ConfigError
 from suncet.data.pipeline import DevicePipeline, StepPlan
 
@@ -355,6 +355,40 @@ def _ints(text: str, option: str) -> list[int]:
 def data(device, resolutions, batch_text, workers_text, steps, seconds, with_train, train_batch, train_steps, backbone,
          decode_files, with_kornia, threads, json_path):
     """Augmentation, loader, decoding and training-step throughput of the data pipeline."""
+    dev, chosen, batches, workers = _settings(device, resolutions, batch_text, workers_text, steps, train_steps,
+                                              with_kornia, threads)
+    gpu = dev.type == "cuda"
+    console = Console()
+    figures: list[Figure] = []
+
+    def record(new: list[Figure]) -> None:
+        """Print each figure as it lands and rewrite the JSON, so a run cut short keeps what it measured."""
+        for f in new:
+            workers = "" if f.workers is None else f", {f.workers} workers"
+            console.print(f"  {f.measurement} / {f.path} / {f.resolution or '-'} px{workers}: {f.rate:,.0f} {f.unit}",
+                          highlight=False)
+        figures.extend(new)
+        if json_path:
+            write_json(Path(json_path), {"machine": machine(dev), "figures": [asdict(f) for f in figures]})
+
+    for resolution in chosen:
+        console.print(f"[dim]augmentation and pipelines at {resolution} px...[/dim]")
+        record(augment_figures(resolution, batches[resolution], dev, seconds, with_kornia))
+        record(pipeline_figures(resolution, batches[resolution], steps, dev, workers, seconds))
+    if decode_files:
+        console.print("[dim]decoding...[/dim]")
+        record(decode_figures(decode_files, dev, seconds))
+    if with_train:
+        console.print("[dim]training steps...[/dim]")
+        record(train_figures(backbone or ("resnet18" if gpu else "small_resnet"), train_batch or (512 if gpu else 32),
+                             train_steps or (16 if gpu else 4), dev, workers, seconds))
+    _print_table(console, figures, dev)
+    if json_path:
+        console.print(f"wrote {json_path}")
+
+
+def _settings(device, resolutions, batch_text, workers_text, steps, train_steps, with_kornia, threads):
+    """The checked options: (device, resolutions, batch per resolution, worker counts)."""
     if threads is not None:
         if threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {threads}")
@@ -382,32 +416,11 @@ def data(device, resolutions, batch_text, workers_text, steps, seconds, with_tra
             import kornia  # noqa: F401
         except ImportError:
             raise ConfigError("--kornia: kornia is not installed (pip install kornia)") from None
+    return dev, chosen, batches, workers
 
-    console = Console()
-    figures: list[Figure] = []
 
-    def record(new: list[Figure]) -> None:
-        """Print each figure as it lands and rewrite the JSON, so a run cut short keeps what it measured."""
-        for f in new:
-            workers = "" if f.workers is None else f", {f.workers} workers"
-            console.print(f"  {f.measurement} / {f.path} / {f.resolution or '-'} px{workers}: {f.rate:,.0f} {f.unit}",
-                          highlight=False)
-        figures.extend(new)
-        if json_path:
-            write_report(json_path, {"machine": machine(dev), "figures": [asdict(f) for f in figures]})
-
-    for resolution in chosen:
-        console.print(f"[dim]augmentation and pipelines at {resolution} px...[/dim]")
-        record(augment_figures(resolution, batches[resolution], dev, seconds, with_kornia))
-        record(pipeline_figures(resolution, batches[resolution], steps, dev, workers, seconds))
-    if decode_files:
-        console.print("[dim]decoding...[/dim]")
-        record(decode_figures(decode_files, dev, seconds))
-    if with_train:
-        console.print("[dim]training steps...[/dim]")
-        record(train_figures(backbone or ("resnet18" if gpu else "small_resnet"), train_batch or (512 if gpu else 32),
-                             train_steps or (16 if gpu else 4), dev, workers, seconds))
-
+def _print_table(console: Console, figures: list[Figure], dev: torch.device) -> None:
+    gpu = dev.type == "cuda"
     table = Table(title=f"suncet bench data on {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if gpu else ""))
     for column in ("measurement", "path", "px", "batch", "workers", "rate", "unit", "notes"):
         table.add_column(column, justify="right" if column in ("px", "batch", "workers", "rate") else "left")
@@ -415,5 +428,3 @@ def data(device, resolutions, batch_text, workers_text, steps, seconds, with_tra
         table.add_row(f.measurement, f.path, str(f.resolution or "-"), str(f.batch), "-" if f.workers is None else str(f.workers),
                       f"{f.rate:,.0f}", f.unit, "; ".join(f.notes))
     console.print(table)
-    if json_path:
-        console.print(f"wrote {json_path}")

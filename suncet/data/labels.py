@@ -91,9 +91,10 @@ def select_labeled(labels: Tensor, spec: LabelSpec, num_classes: int, seed: int)
     return torch.from_numpy(np.sort(np.concatenate(chosen))).long()
 
 
-def write_labels(path: Path, indices: Tensor, spec_text: str) -> None:
+def labels_text(indices: Tensor, spec_text: str) -> str:
+    """A labels.txt: the labeled training indices, one a line, under a comment naming the spec."""
     lines = [f"# labeled training indices for --labels {spec_text}", *map(str, indices.tolist())]
-    Path(path).write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def _entries(path: Path) -> list[tuple[int, str]]:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from torch import Tensor
 
 from suncet.config import TrainConfig, config_from_saved, load_yaml, to_yaml
-from suncet.data.labels import write_labels
+from suncet.data.labels import labels_text
 from suncet.engine.state import find_checkpoint
 from suncet.errors import ConfigError
 
@@ -114,7 +114,7 @@ def write_run_files(run_dir: Path, config: TrainConfig, labeled: Tensor, fresh: 
         shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / CONFIG_FILE, to_yaml(config))
-    write_labels(run_dir / LABELS_FILE, labeled, config.labels)
+    write_atomic(run_dir / LABELS_FILE, labels_text(labeled, config.labels))
 
 
 def default_run_dir(config: TrainConfig) -> Path:
