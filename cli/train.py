@@ -16,7 +16,7 @@ import click
 
 from suncet.cli.evaluate import print_scores
 from suncet.cli.main_console import console
-from suncet.config import TrainConfig, build_config, load_yaml, parse_key_values
+from suncet.config import TrainConfig, build_config, load_yaml, parse_key_values, to_yaml
 from suncet.errors import ConfigError
 
 # Settings with a flag of their own elsewhere: run_dir is --out.
@@ -64,11 +64,15 @@ def overrides_from(flags: dict) -> dict:
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML file of settings (flags override it).")
 @config_options
 @click.option("--nproc-per-node", type=click.IntRange(min=1), help="Launch this many processes (torchrun) on this machine.")
+@click.option("--nnodes", type=click.IntRange(min=1), help="With --print-config: the machines the run will use "
+              "(the global batch is nnodes x nproc-per-node x batch-size). Start multi-node runs with torchrun.")
+@click.option("--print-config", is_flag=True, help="Print the resolved settings (presets applied, learning rates "
+              "scaled to the global batch) as YAML, and exit without training.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Run directory (default: runs/<name>-<time>).")
 @click.option("--resume", "resume", help="RUN_DIR: continue that run. 'auto' (with --out): continue the run there "
               "from its newest loadable checkpoint if it has one, else start it.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
-def train(config_file, out_dir, resume, overwrite, nproc_per_node, **flags):
+def train(config_file, out_dir, resume, overwrite, nproc_per_node, nnodes, print_config, **flags):
     """Pre-train a backbone; ends with a semi-supervised evaluation.
 
     Example: suncet train --method simclr --labels 10%
@@ -77,14 +81,23 @@ def train(config_file, out_dir, resume, overwrite, nproc_per_node, **flags):
     from suncet.engine.api import run_start
     from suncet.engine.rundir import start_or_resume
 
-    if nproc_per_node is not None and not distributed.launched_by_torchrun():
-        launch_torchrun(nproc_per_node)
+    launching = nproc_per_node is not None and not distributed.launched_by_torchrun()
+    if nnodes is not None and not print_config:
+        raise ConfigError("--nnodes only sizes --print-config; start a multi-node run with torchrun (docs/distributed.md)")
     overrides = overrides_from(flags)
     config = None
-    if resume not in (None, "auto") and (overrides or config_file or out_dir):
+    if resume not in (None, "auto") and (overrides or config_file or out_dir or print_config):
         raise ConfigError("--resume RUN_DIR continues a run with its saved config; give no other settings with it")
     if resume in (None, "auto"):
-        config = build_config(load_yaml(config_file) if config_file else None, overrides)
+        world = (nproc_per_node or 1) * (nnodes or 1) if (launching or print_config) else None
+        config = build_config(load_yaml(config_file) if config_file else None, overrides, world_size=world)
+    if print_config:
+        click.echo(to_yaml(config), nl=False)
+        return
+    if launching:
+        if resume is None:
+            start_or_resume(config, out_dir, None, overwrite)  # refuse a taken --out before any worker starts
+        launch_torchrun(nproc_per_node)
     start = start_or_resume(config, out_dir, resume, overwrite, report=console.print)
     result = run_start(start, console)
     if result.main_process:

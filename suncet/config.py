@@ -50,8 +50,12 @@ class TrainConfig:
     proj_dim: int = setting(128, "Output width of the projection head.")
     tau: float = setting(0.1, "Temperature of the contrastive terms.")
     # SuNCEt
-    suncet_weight: float = setting(1.0, "Weight of the SuNCEt term (0: off).")
-    suncet_epochs: int | None = setting(None, "Epoch after which SuNCEt is switched off (default: never).")
+    suncet_weight: float = setting(1.0, "Weight of the labeled term, SuNCEt or cross-entropy (0: off).")
+    suncet_epochs: int | None = setting(None, "Epoch after which the labeled term is switched off (default: never).")
+    label_loss: str = setting(
+        "suncet", "How labels enter pre-training: suncet (supervised contrastive) or ce (cross-entropy through a "
+        "linear classifier on the backbone features)."
+    )
     classes_per_step: int = setting(10, "Classes in each step's labeled batch.")
     images_per_class: int = setting(4, "Labeled images per class in each step.")
     # schedule and optimisation
@@ -62,6 +66,10 @@ class TrainConfig:
     lr: float = setting(1.0, "Peak learning rate.")
     start_lr: float = setting(0.0, "Learning rate at the start of the warm-up.")
     final_lr: float = setting(0.0, "Learning rate at the end of the cosine decay.")
+    lr_batch: int | None = setting(
+        None, "Global unlabeled batch (processes x batch size) that lr, start-lr and final-lr are stated for: they "
+        "scale linearly to the run's own (a preset's --lr-batch 256: per 256 images; an --lr you give stays as given)."
+    )
     warmup_epochs: float = setting(2.0, "Linear warm-up length in epochs.")
     weight_decay: float = setting(1e-5, "Weight decay (not applied to biases and norms).")
     momentum: float = setting(0.9, "Momentum.")
@@ -92,11 +100,42 @@ class TrainConfig:
     monitor_every: int = setting(1, "Epochs between kNN monitors (0: off).")
     probe_every: int = setting(0, "Epochs between linear-probe monitors (0: off).")
     final_eval: str = setting("linear", "Evaluation after training: linear, knn, finetune or none.")
-    preset: str | None = setting(None, "Recipe preset: digits, cifar10, paper-imagenet-10pct.")
+    preset: str | None = setting(
+        None, "Recipe preset: digits, cifar10, paper-imagenet-10pct, paper-imagenet-1pct, paper-swav-imagenet-10pct, "
+        "paper-cifar10 (docs/recipes.md)."
+    )
 
 
-# Recipes, applied by name (--preset) or, without one, by dataset name. "digits" is tuned for
-# 2 CPU cores; "paper-imagenet-10pct" carries method.md's values.
+# Recipes, applied by name (--preset) or, without one, by dataset name. Learning rates are
+# stated per 256 unlabeled images of the global batch (lr_batch 256) and scale with it.
+# "digits" is tuned for 2 CPU cores; the paper-* presets are the paper's runs (docs/recipes.md).
+_PAPER_SIMCLR: dict[str, Any] = {
+    "method": "simclr",
+    "dataset": "imagefolder",
+    "backbone": "resnet50",
+    "epochs": 500,
+    "suncet_epochs": 250,
+    # per process (x 64 GPUs in the paper): 44 unlabeled x 2 views + 20 classes x 2 labeled
+    "batch_size": 44,
+    "classes_per_step": 20,
+    "images_per_class": 2,
+    "proj_hidden": 2048,
+    "proj_dim": 128,
+    "tau": 0.1,
+    "optimizer": "lars",
+    "optimizer_options": {"trust_coefficient": 0.001},
+    "lr": 0.3,
+    "start_lr": 0.0375,  # 0.6 at 4.8: the warm-up starts at an eighth of the peak
+    "final_lr": 0.0,
+    "lr_batch": 256,
+    "warmup_epochs": 10,
+    "weight_decay": 1e-6,
+    "momentum": 0.9,
+    "sync_bn": True,
+    "monitor_every": 10,
+    "final_eval": "finetune",
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "digits": {
         "backbone": "small_resnet",
@@ -108,7 +147,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 8x8 digits give an easy instance task: a warm temperature keeps SimCLR from
         # separating every image and lets classes cluster (docs/data.md, Recipes).
         "tau": 0.5,
-        "lr": 1.0,
+        "lr": 2.0,
+        "lr_batch": 256,
         "warmup_epochs": 2,
         "weight_decay": 1e-5,
         # A preset's options for one method only (other methods would reject them).
@@ -124,36 +164,49 @@ PRESETS: dict[str, dict[str, Any]] = {
         "proj_hidden": 2048,
         "lr": 1.2,
         "start_lr": 0.0,
+        "lr_batch": 256,
         "warmup_epochs": 10,
         "weight_decay": 1e-6,
         "tau": 0.5,
     },
-    "paper-imagenet-10pct": {
-        "dataset": "imagefolder",
-        "backbone": "resnet50",
+    "paper-imagenet-10pct": {**_PAPER_SIMCLR, "labels": "10%"},
+    "paper-imagenet-1pct": {**_PAPER_SIMCLR, "labels": "1%"},
+    "paper-swav-imagenet-10pct": {
+        **_PAPER_SIMCLR,
+        "method": "swav",
         "labels": "10%",
-        "epochs": 500,
-        "suncet_epochs": 250,
-        # per GPU (x 64 GPUs): 44 unlabeled x 2 views + 20 classes x 2 labeled
-        "batch_size": 44,
-        "classes_per_step": 20,
-        "images_per_class": 2,
-        "proj_hidden": 2048,
-        "proj_dim": 128,
-        "tau": 0.1,
-        "optimizer": "lars",
-        "optimizer_options": {"trust_coefficient": 0.001},
-        "lr": 4.8,
-        "start_lr": 0.6,
-        "warmup_epochs": 10,
-        "weight_decay": 1e-6,
-        "momentum": 0.9,
+        # SwAV's batch-4096 ImageNet script: 64 images per GPU, LARS, 4.8 -> 0.0048, no warm-up
+        "epochs": 800,
+        "suncet_epochs": None,
+        "batch_size": 64,
+        "lr": 0.3,
+        "start_lr": 0.0,
+        "final_lr": 0.0003,
+        "warmup_epochs": 0,
+        "augment": {"global_crop_scale": [0.14, 1.0]},
+        "method_options": {
+            "prototypes": 3000, "temperature": 0.1, "local_crops": 6, "sinkhorn_eps": 0.05, "sinkhorn_iters": 3,
+            "freeze_prototypes_epochs": 1.0, "queue_length": 3840, "queue_start_epoch": 15,
+        },
+    },
+    "paper-cifar10": {
+        # The reference code's December 2020 CIFAR-10 run: its one optimisation recipe (LARS,
+        # trust 0.001, weight decay 1e-6, 10 warm-up epochs, cosine) on ResNet-50 with the CIFAR
+        # stem; the cifar10 dataset's recipe is its augmentation (crop 32 at 0.08-1, colour 0.5,
+        # grayscale 0.2, no blur).
+        **_PAPER_SIMCLR,
+        "dataset": "cifar10",
+        "labels": "400/class",
+        "backbone_options": {"cifar_stem": True},
+        "batch_size": 256,
+        "classes_per_step": 10,
+        "images_per_class": 8,
         "monitor_every": 10,
-        "final_eval": "finetune",
     },
 }
 
 FINAL_EVALS = ("linear", "knn", "finetune", "none")
+LABEL_LOSSES = ("suncet", "ce")
 COMPILE_MODES = ("none", "default", "reduce-overhead")
 # device: uint8 batches augmented on the training device; workers: torchvision per image in loader processes
 DATA_PIPELINES = ("device", "workers")
@@ -218,8 +271,34 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """defaults < preset (named in overrides or file, else the dataset's own) < file < overrides."""
+def world_size_from_environment() -> int:
+    """The number of processes torchrun started (1 outside torchrun)."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"environment variable WORLD_SIZE must be a positive integer, got {text[:80]!r}")
+    return int(text)
+
+
+def _scale_learning_rates(values: dict[str, Any], given: set[str], world_size: int) -> None:
+    """lr, start_lr, final_lr stated for ``lr_batch`` images, scaled to the run's global batch;
+    a rate the user gave without also giving lr_batch is taken as it is."""
+    stated_for = values.get("lr_batch")
+    if stated_for is None:
+        return
+    if not isinstance(stated_for, int) or isinstance(stated_for, bool) or stated_for < 1:
+        raise ConfigError(f"lr-batch must be a positive integer, got {str(stated_for)[:80]!r}")
+    batch = world_size * values.get("batch_size", TrainConfig.batch_size)
+    for key in ("lr", "start_lr", "final_lr"):
+        if key not in given or "lr_batch" in given:
+            values[key] = values.get(key, getattr(TrainConfig, key)) * batch / stated_for
+    values["lr_batch"] = batch
+
+
+def build_config(
+    file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, world_size: int | None = None
+) -> TrainConfig:
+    """defaults < preset (named in overrides or file, else the dataset's own) < file < overrides,
+    with learning rates scaled to the global batch of ``world_size`` processes (default: torchrun's)."""
     file_values = dict(file_values or {})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     known = config_fields()
@@ -236,6 +315,7 @@ def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str,
     values.update(file_values)
     values.update(overrides)
     values = {k: _check_type(k, v) for k, v in values.items()}
+    _scale_learning_rates(values, set(file_values) | set(overrides), world_size or world_size_from_environment())
     method = values.get("method", TrainConfig.method)
     if method in method_defaults:
         values["method_options"] = {**method_defaults[method], **values.get("method_options", {})}
@@ -290,6 +370,8 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got '{config.compile}'")
     if config.data_pipeline not in DATA_PIPELINES:
         raise ConfigError(f"data-pipeline must be one of {', '.join(DATA_PIPELINES)}, got '{config.data_pipeline}'")
+    if config.label_loss not in LABEL_LOSSES:
+        raise ConfigError(f"label-loss must be one of {', '.join(LABEL_LOSSES)}, got '{config.label_loss}'")
     if config.final_eval not in FINAL_EVALS:
         raise ConfigError(f"final-eval must be one of {', '.join(FINAL_EVALS)}, got '{config.final_eval}'")
     if config.device not in ("auto", "cpu", "cuda") and not config.device.startswith("cuda:"):

@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from suncet.config import TrainConfig
 from suncet.errors import ConfigError
+from suncet.losses import suncet_loss
 
 
 @dataclass
@@ -71,6 +73,13 @@ class Method(nn.Module):
         self.backbone = backbone
         self.config = config
         self.options = parse_options(type(self).Options, config.train.method_options, type(self).__name__)
+        # The paper's other way to use labels in pre-training: cross-entropy through a linear
+        # classifier on the backbone features, in place of SuNCEt (label_loss: ce).
+        self.label_head = None
+        if config.train.label_loss == "ce":
+            self.label_head = nn.Linear(backbone.feature_dim, config.num_classes)
+            # Unused once the labeled term is switched off: DDP must then look for it.
+            self.may_skip_parameters = type(self).may_skip_parameters or config.train.suncet_epochs is not None
 
     def forward(self, batch: TrainBatch) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -89,6 +98,15 @@ class Method(nn.Module):
 
     def load_rank_state(self, state: dict[str, Tensor]) -> None:
         """Restore what ``rank_state`` returned on this rank."""
+
+
+def labeled_term(method: Method, features: Tensor, z: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """The labeled term on one view per labeled image: SuNCEt on their projections ``z``, or the
+    cross-entropy of ``method.label_head`` on their backbone ``features`` (``label_loss: ce``)."""
+    train = method.config.train
+    if method.label_head is not None:
+        return {"ce": F.cross_entropy(method.label_head(features).float(), labels)}
+    return {"suncet": suncet_loss(z, labels, train.tau, backend=train.backend, gather=method.config.gather)}
 
 
 def parse_options(options_cls: type, values: dict[str, Any], owner: str) -> Any:

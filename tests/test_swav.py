@@ -127,7 +127,7 @@ def test_queue_fills_with_the_newest_embeddings_and_changes_the_codes():
     method(b)
     assert int(method.queue_filled) == 24
     with torch.no_grad():
-        newest = method.embed(torch.cat(b.global_views))[:12]  # the same batch, so the same BN statistics
+        newest = method.embed(method.backbone(torch.cat(b.global_views)))[:12]  # the same batch, so the same BN statistics
     torch.testing.assert_close(method.queue[0][:12], newest)
     scores = newest @ method.prototypes.weight.T
     with_queue = method._codes(0, newest, scores, epoch=1)

@@ -9,13 +9,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from suncet.errors import ConfigError
-from suncet.losses import suncet_loss
 from suncet.losses.swav import sinkhorn, swapped_prediction_loss
-from suncet.methods import Method, MethodConfig, TrainBatch, projection_head
+from suncet.methods import Method, MethodConfig, TrainBatch, labeled_term, projection_head
 from suncet.registry import register_method
 
 
-@register_method("swav", description="SwAV (Sinkhorn codes, swapped prediction, multi-crop) + SuNCEt")
+@register_method("swav", description="SwAV (Sinkhorn codes, swapped prediction, multi-crop) + SuNCEt (or cross-entropy)")
 class SwAV(Method):
     """Codes of the two large crops (Sinkhorn-Knopp, no gradient) are predicted from every other
     crop through K prototypes; SuNCEt acts on the labeled images' normalised embeddings."""
@@ -67,20 +66,19 @@ class SwAV(Method):
         self.queue.copy_(state["queue"])
         self.queue_filled.copy_(state["queue_filled"])
 
-    def embed(self, images: Tensor) -> Tensor:
-        return F.normalize(self.head(self.backbone(images)).float(), dim=1)
+    def embed(self, features: Tensor) -> Tensor:
+        return F.normalize(self.head(features).float(), dim=1)
 
     def forward(self, batch: TrainBatch) -> dict[str, Tensor]:
-        large = list(batch.global_views)
-        sizes = [v.shape[0] for v in large]
-        if batch.labeled is not None:
-            large.append(batch.labeled)
+        sizes = [v.shape[0] for v in batch.global_views]
+        labeled = [batch.labeled] if batch.labeled is not None else []
         # One pass per resolution: the large crops with the labeled view, then the small crops.
-        embeddings = list(self.embed(torch.cat(large)).split(sizes + ([batch.labeled.shape[0]] if batch.labeled is not None else [])))
-        z_labeled = embeddings.pop() if batch.labeled is not None else None
+        features = self.backbone(torch.cat([*batch.global_views, *labeled]))
+        embeddings = list(self.embed(features).split(sizes + [v.shape[0] for v in labeled]))
+        z_labeled = embeddings.pop() if labeled else None
         if batch.local_views:
             local_sizes = [v.shape[0] for v in batch.local_views]
-            embeddings += list(self.embed(torch.cat(batch.local_views)).split(local_sizes))
+            embeddings += list(self.embed(self.backbone(torch.cat(batch.local_views))).split(local_sizes))
 
         # Frozen prototypes get no gradient at all, so the optimizer leaves them untouched.
         weight = self.prototypes.weight.detach() if batch.step < self.freeze_iters else self.prototypes.weight
@@ -90,9 +88,9 @@ class SwAV(Method):
         terms = {"swav": swav}
         loss = swav
         if z_labeled is not None:
-            suncet = suncet_loss(z_labeled, batch.labels, self.config.train.tau, backend=self.config.train.backend, gather=self.config.gather)
-            terms["suncet"] = suncet
-            loss = loss + self.config.train.suncet_weight * suncet
+            label = labeled_term(self, features[sum(sizes):], z_labeled, batch.labels)
+            terms.update(label)
+            loss = loss + self.config.train.suncet_weight * next(iter(label.values()))
         return {"loss": loss, **terms}
 
     @torch.no_grad()

@@ -88,8 +88,8 @@ def _labeled_sampler(config: TrainConfig, dataset: ImageDataset, labeled: Tensor
 
 def assemble(config: TrainConfig, run_dir: Path, labeled: Tensor | None = None) -> Run:
     device = distributed.init_from_environment(config.device)
-    if config.sync_bn and device.type != "cuda":
-        raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU implementation)")
+    if config.sync_bn and distributed.world_size() > 1 and device.type != "cuda":
+        raise ConfigError("--sync-bn with several processes needs CUDA devices (SyncBatchNorm has no CPU implementation)")
     torch.manual_seed(config.seed)
     dataset = load_dataset(config)
     if config.classes_per_step > dataset.num_classes:

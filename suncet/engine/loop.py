@@ -330,7 +330,9 @@ def train(run: Run, state: dict | None = None, console: Console | None = None) -
     console.print(
         f"[bold]{cfg.method}[/bold] on {cfg.dataset}: {len(run.unlabeled)} unlabeled, {len(run.labeled)} labeled "
         f"({cfg.labels}), {cfg.backbone}, {cfg.epochs} epochs x {run.unlabeled_sampler.steps_per_epoch} steps, "
-        f"{distributed.world_size()} x {run.device}, backend {cfg.backend}, compile {cfg.compile} -> {run.run_dir}"
+        f"{distributed.world_size()} x {run.device}, lr {cfg.lr:.4g}"
+        + (f" (for a global batch of {cfg.lr_batch})" if cfg.lr_batch else "")
+        + f", backend {cfg.backend}, compile {cfg.compile} -> {run.run_dir}"
     )
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
     row: dict = {}
