@@ -92,12 +92,20 @@ def group_runs(curves: list[Curve]) -> list[Group]:
     return list(groups.values())
 
 
+def _label_term(config: dict) -> str:
+    """The labeled term as set: '+ SuNCEt', '+ 0.5 x CE', 'no SuNCEt'."""
+    weight = config.get("suncet_weight", 1.0)
+    term = "CE" if config.get("label_loss") == "ce" else "SuNCEt"
+    return f"no {term}" if not weight else f"+ {term}" if weight == 1 else f"+ {weight:g} x {term}"
+
+
 def _describe(config: dict, keys: list[str]) -> str:
     parts = []
     for key in keys:
         value = config.get(key)
-        if key == "suncet_weight":
-            parts.append("+ SuNCEt" if value else "no SuNCEt")
+        if key in ("suncet_weight", "label_loss"):
+            if _label_term(config) not in parts:
+                parts.append(_label_term(config))
         elif key == "epochs":
             parts.append(f"{value} ep")
         elif key == "labels":

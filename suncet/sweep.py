@@ -3,6 +3,9 @@
     name: digits-suncet
     out: runs/sweep-digits            # run directories go here
     base: {dataset: digits, probe_every: 5}
+    variants:                         # optional: each grid point runs once per variant
+      - {suncet_weight: 0.0}
+      - {label_loss: ce}
     grid:                             # every combination of these config keys
       method: [simclr, swav]
       suncet_weight: [0.0, 1.0]
@@ -35,6 +38,7 @@ class Sweep:
     out: Path
     base: dict[str, Any]
     grid: dict[str, list]
+    variants: list[dict[str, Any]] = field(default_factory=lambda: [{}])
     metric: str = "linear_top1"
     x: str = "epochs"
     panels: list[str] = field(default_factory=list)
@@ -42,15 +46,18 @@ class Sweep:
 
 def load_sweep(path: Path) -> Sweep:
     data = load_yaml(path)
-    unknown = sorted(set(data) - {"name", "out", "base", "grid", "compare"})
+    unknown = sorted(set(data) - {"name", "out", "base", "variants", "grid", "compare"})
     if unknown:
-        raise ConfigError(f"{path}: unknown sweep key '{unknown[0]}'; known: name, out, base, grid, compare")
+        raise ConfigError(f"{path}: unknown sweep key '{unknown[0]}'; known: name, out, base, variants, grid, compare")
     grid = data.get("grid") or {}
     if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
         raise ConfigError(f"{path}: 'grid' must map config keys to non-empty lists of values")
     base = data.get("base") or {}
+    variants = data.get("variants") or [{}]
+    if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
+        raise ConfigError(f"{path}: 'variants' must be a list of mappings of config keys")
     known = config_fields()
-    for key in [*grid, *base]:
+    for key in [*grid, *base, *(k for v in variants for k in v)]:
         if key not in known:
             raise ConfigError(f"{path}: '{key}' is not a config key")
     compare = data.get("compare") or {}
@@ -59,6 +66,7 @@ def load_sweep(path: Path) -> Sweep:
         out=Path(data.get("out") or Path("runs") / Path(path).stem),
         base=dict(base),
         grid=dict(grid),
+        variants=[dict(v) for v in variants],
         metric=compare.get("metric", "linear_top1"),
         x=compare.get("x", "epochs"),
         panels=list(compare.get("panels", [])),
@@ -81,12 +89,13 @@ def _slug(value: Any) -> str:
 
 
 def expand(sweep: Sweep) -> list[tuple[str, dict[str, Any]]]:
-    """(run name, settings) for every combination of the grid, in a stable order."""
+    """(run name, settings) for every variant and combination of the grid, in a stable order."""
     keys = list(sweep.grid)
     runs = []
-    for combination in itertools.product(*(sweep.grid[k] for k in keys)):
-        values = {**sweep.base, **dict(zip(keys, combination))}
-        runs.append((slug_of(zip(keys, combination)), values))
+    for variant in sweep.variants:
+        for combination in itertools.product(*(sweep.grid[k] for k in keys)):
+            values = {**sweep.base, **variant, **dict(zip(keys, combination))}
+            runs.append((slug_of([*variant.items(), *zip(keys, combination)]), values))
     names = [name for name, _ in runs]
     if len(set(names)) != len(names):
         raise ConfigError("two grid combinations map to one run directory name; make the grid values distinct")
