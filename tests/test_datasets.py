@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import os
 import pickle
+import re
+import struct
 import urllib.error
 from pathlib import Path
 
@@ -118,6 +122,106 @@ def test_cifar_bad_and_truncated_pickles_name_the_file(tmp_path):
     batch.write_bytes(batch.read_bytes()[:-200])
     with pytest.raises(ConfigError, match=f"{batch} is not a CIFAR python pickle"):
         create("cifar10", root=str(tmp_path))
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Writes strings and bytes as Python 2's ``str`` (BINSTRING opcodes), as cPickle wrote the
+    CIFAR release under Python 2: unpickled with encoding="latin1" they come back as str."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_str(self, obj):
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[str] = _save_py2_str
+    dispatch[bytes] = _save_py2_str
+
+
+def dump_python2(path: Path, content: dict) -> None:
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump(content)
+    # numpy before 2.0 (all the release knew) named its array reconstructor numpy.core.multiarray.
+    path.write_bytes(buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
+
+
+def test_cifar_python2_release_format_loads(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    train = [cifar_images(2, i) for i in range(1, 6)]
+    for i, x in enumerate(train, start=1):
+        dump_python2(folder / f"data_batch_{i}", {"batch_label": f"training batch {i} of 5", "labels": [i, 9 - i],
+                                                  "data": x.reshape(2, -1), "filenames": ["a.png", "b.png"]})
+    test = cifar_images(1, 7)
+    dump_python2(folder / "test_batch", {"labels": [3], "data": test.reshape(1, -1)})
+    dump_python2(folder / "batches.meta", {"label_names": [f"class{c}" for c in range(10)], "num_vis": 3072})
+    assert b"cnumpy.core.multiarray\n_reconstruct" in (folder / "test_batch").read_bytes()
+    assert b"_codecs" not in (folder / "test_batch").read_bytes()  # no Python 3 bytes objects in it
+    dataset = create("cifar10", root=str(tmp_path))
+    assert torch.equal(dataset.train.images, torch.from_numpy(np.concatenate(train)))
+    assert dataset.train.labels.tolist() == [1, 8, 2, 7, 3, 6, 4, 5, 5, 4]
+    assert torch.equal(dataset.test.images, torch.from_numpy(test)) and dataset.class_names[9] == "class9"
+
+
+def test_cifar_bytes_keys_load(tmp_path):
+    """Files re-saved by Python 3 after ``pickle.load(f, encoding="bytes")``: bytes keys and names."""
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    train, test = cifar_images(3, 1), cifar_images(2, 2)
+    dump(folder / "train", {b"fine_labels": [0, 42, 99], b"coarse_labels": [0, 1, 2], b"data": train.reshape(3, -1)})
+    dump(folder / "test", {b"fine_labels": [7, 8], b"data": test.reshape(2, -1)})
+    dump(folder / "meta", {b"fine_label_names": [f"f{c}".encode() for c in range(100)]})
+    assert b"_codecs\nencode" in (folder / "train").read_bytes()  # how protocol 2 writes bytes
+    dataset = create("cifar100", root=str(tmp_path))
+    assert torch.equal(dataset.train.images, torch.from_numpy(train)) and dataset.train.labels.tolist() == [0, 42, 99]
+    assert torch.equal(dataset.test.images, torch.from_numpy(test)) and dataset.class_names[42] == "f42"
+
+
+class _WritesFile:
+    """A pickle payload: unpickling calls ``function(*arguments)``."""
+
+    def __init__(self, function, *arguments):
+        self.function, self.arguments = function, arguments
+
+    def __reduce__(self):
+        return self.function, self.arguments
+
+
+@pytest.mark.parametrize("payload", ["os.system", "builtins.open"])
+def test_cifar_pickle_with_code_is_refused_and_not_run(tmp_path, payload):
+    marker = tmp_path / "created-by-the-pickle"
+    function, arguments = {"os.system": (os.system, (f"touch {marker}",)), "builtins.open": (open, (str(marker), "w"))}[payload]
+    content = {"labels": [0], "data": _WritesFile(function, *arguments)}
+    pickle.loads(pickle.dumps(content, protocol=2))  # the payload is real: a plain unpickler runs it
+    assert marker.exists()
+    marker.unlink()
+    write_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    dump(batch, content)
+    # How pickle names the callables: os.system lives in posix (nt on Windows), open in io.
+    named = {"os.system": r"(posix|nt)\.system", "builtins.open": r"(io|builtins)\.open"}[payload]
+    with pytest.raises(ConfigError) as error:
+        create("cifar10", root=str(tmp_path))
+    assert not marker.exists()
+    message = str(error.value)
+    assert "\n" not in message
+    assert re.fullmatch(f"{re.escape(str(batch))} is not a CIFAR python pickle: it asks for {named}, .*refused.*", message)
+
+
+def test_cifar_garbage_and_truncated_files_give_one_line(tmp_path):
+    write_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_4"
+    whole = batch.read_bytes()
+    garbage = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    for content in [garbage, b"\x80\x02" + garbage, whole[: len(whole) // 2], whole[:40], whole[:-1], b""]:
+        batch.write_bytes(content)
+        with pytest.raises(ConfigError) as error:
+            create("cifar10", root=str(tmp_path))
+        assert str(error.value).startswith(f"{batch} is not a CIFAR python pickle") and "\n" not in str(error.value)
 
 
 def test_cifar_wrong_shapes_and_missing_files_are_errors(tmp_path):
