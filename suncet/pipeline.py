@@ -17,6 +17,7 @@ from torch import Tensor
 from suncet.augment import AugmentRecipe, BatchAugment
 from suncet.checkpoint import CheckpointError
 from suncet.data import ImageSource
+from suncet.image_batch import images_to
 from suncet.methods import TrainBatch
 from suncet.transfer import to_device
 
@@ -58,11 +59,11 @@ class DevicePipeline:
         for offset, plan in enumerate(plans):
             batch = TrainBatch(global_views=[], epoch=epoch, step=first_step + offset)
             if plan.unlabeled is not None:
-                images = to_device(self.unlabeled.load(plan.unlabeled), self.device)
+                images = images_to(self.unlabeled.load(plan.unlabeled), self.device)
                 batch.global_views = [self._view(self.global_augment, images) for _ in range(self.global_views)]
                 batch.local_views = [self._view(self.local_augment, images) for _ in range(self.local_views)]
             if plan.labeled is not None:
-                images = to_device(self.labeled.load(plan.labeled), self.device)
+                images = images_to(self.labeled.load(plan.labeled), self.device)
                 batch.labeled = self._view(self.global_augment, images)
                 batch.labels = to_device(plan.labels, self.device)
             yield batch
