@@ -1,6 +1,7 @@
 """Batched SimCLR/SwAV augmentations on device tensors, with per-sample random parameters.
 
-One call transforms a whole uint8 batch [B, C, H, W] where it lies (GPU or CPU) and draws
+One call transforms a whole uint8 batch [B, C, H, W], or an ``ImageBatch`` of images of
+different sizes (each crop box drawn in its own image), where it lies (GPU or CPU) and draws
 every random parameter from the generator it is given, with the distributions of
 torchvision's RandomResizedCrop, RandomHorizontalFlip, ColorJitter (random order of the four
 adjustments per sample), RandomGrayscale, GaussianBlur and RandomSolarize. Crop, resize and
@@ -446,8 +447,8 @@ def eval_transform(images: Tensor | ImageBatch, recipe: AugmentRecipe) -> Tensor
     size = recipe.global_crop.size
     resized = round(size / EVAL_CROP_FRACTION)
     if isinstance(images, ImageBatch):
-        views = [TF.center_crop(TF.resize(image.float() / 255.0, [resized], antialias=True), [size, size]) for image in images]
-        return normalize(torch.stack(views), recipe.mean, recipe.std)
+        views = [TF.resize(image.float() / 255.0, [resized], antialias=True) for image in images]
+        return normalize(torch.stack([TF.center_crop(view, [size, size]) for view in views]), recipe.mean, recipe.std)
     x = images.float() / 255.0
     if min(x.shape[-2:]) > size:
         if x.shape[-2:] != (resized, resized):
