@@ -34,7 +34,7 @@ def print_scores(result: dict, title: str) -> None:
 @click.option("--protocol", type=click.Choice(["linear", "knn", "finetune"]), default="linear", show_default=True)
 @click.option("--labels", help="Evaluate with another labeled subset (spec or index file); default: the run's own.")
 @click.option("--k", "knn_k", type=click.IntRange(min=1), help="Neighbours for --protocol knn (default: the run's).")
-@click.option("--finetune-epochs", type=click.IntRange(min=1), help="Epochs for --protocol finetune (default 30 at >= 10% labels, else 60).")
+@click.option("--finetune-epochs", type=click.IntRange(min=1), help="Epochs for --protocol finetune (default 60 when the labeled images are at most 2% of the training set, else 30).")
 @click.option("--device", help="auto, cpu, cuda or cuda:N (default: the run's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def eval_command(run_dir, protocol, labels, knn_k, finetune_epochs, device, as_json):

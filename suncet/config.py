@@ -37,7 +37,9 @@ class TrainConfig:
     dataset: str = setting("digits", "Dataset plugin (digits, cifar10, stl10, imagefolder, ...).")
     data: str | None = setting(None, "Dataset root directory, for datasets read from disk.")
     download: bool = setting(False, "Download the dataset if it is missing (where a network exists).")
-    dataset_options: dict[str, Any] = setting(help="Dataset option, e.g. size=256 (repeatable).", flag="--dataset-opt", factory=dict)
+    dataset_options: dict[str, Any] = setting(
+        help="Dataset option, e.g. size=256 (imagefolder: cap on the short side) (repeatable).", flag="--dataset-opt", factory=dict
+    )
     labels: str = setting("10%", "Labeled subset: 10%, 1%, 0.5%, 0%, 100%, 4/class, or a file of training indices.")
     label_seed: int = setting(0, "Seed of the labeled-subset draw.")
     backbone: str = setting("small_resnet", "Backbone plugin (small_resnet, resnet18, resnet50, ...).")

@@ -94,6 +94,20 @@ def test_interpreted_crop_equals_crop_resize_flip(interpreter, stored, size):
     torch.testing.assert_close(crop_views(images, params, size), expected, atol=2e-6, rtol=0)
 
 
+def test_interpreted_views_of_images_of_different_sizes(interpreter):
+    """An ImageBatch (image files of several sizes, zero-padded): the kernels read each image's
+    own boxes only, as the PyTorch path does, through the whole recipe."""
+    from suncet.data.image_batch import ImageBatch
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(30, 52), (47, 21), (18, 18), (40, 33)]
+    batch = ImageBatch.stack([torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for h, w in shapes])
+    r = RECIPES["imagenet-like (jitter, grayscale, blur)"]
+    fused, torch_ops = (BatchAugment(r, r.global_crop, triton_kernels=flag) for flag in (True, False))
+    torch.testing.assert_close(fused(batch, torch.Generator().manual_seed(0)),
+                               torch_ops(batch, torch.Generator().manual_seed(0)), atol=2e-5, rtol=0)
+
+
 def test_batches_over_int32_offsets_are_refused_with_a_clear_error():
     pytest.importorskip("triton")
     from suncet.data.augment_triton import _check_size
@@ -104,7 +118,7 @@ def test_batches_over_int32_offsets_are_refused_with_a_clear_error():
 
 
 def test_interpreter_in_subprocess():
-    rerun_under_triton_interpreter(__file__, "interpreted", passed=len(RECIPES) + 4)
+    rerun_under_triton_interpreter(__file__, "interpreted", passed=len(RECIPES) + 5)
 
 
 # ---------------------------------------------------------------------------------------------

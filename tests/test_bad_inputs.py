@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+
 import pytest
 from click.testing import CliRunner
 
+from suncet.bench.data import write_cifar_files
 from suncet.cli.main import main
 
 SMALL = {"--batch-size": "64", "--proj-hidden": "64", "--epochs": "1", "--final-eval": "none"}
@@ -111,3 +115,28 @@ def test_existing_run_directory_is_left_alone(tmp_path):
 def test_bad_eval_input(tmp_path, arguments, message):
     result = CliRunner().invoke(main, [a.replace("{tmp}", str(tmp_path)) for a in arguments])
     assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+class _RunsShell:
+    """A pickle payload: unpickling it runs ``os.system(command)``."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_cifar_pickle_with_code_is_one_line_and_never_run(tmp_path):
+    write_cifar_files(tmp_path, images=50)
+    marker = tmp_path / "created-by-the-pickle"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    with open(batch, "wb") as handle:
+        pickle.dump({"labels": [0], "data": _RunsShell(f"touch {marker}")}, handle, protocol=2)
+    out = tmp_path / "out"
+    args = [*(x for kv in SMALL.items() for x in kv), "--dataset", "cifar10", "--data", str(tmp_path), "--out", str(out)]
+    result = CliRunner().invoke(main, ["train", *args])
+    assert result.exit_code == 2, (result.exit_code, result.stderr)
+    assert f"{batch} is not a CIFAR python pickle: it asks for" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not marker.exists() and not out.exists()

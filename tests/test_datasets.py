@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import os
 import pickle
+import re
+import struct
 import urllib.error
 from pathlib import Path
 
@@ -10,11 +14,19 @@ import numpy as np
 import pytest
 import torch
 import torchvision.datasets
-from torchvision.io import encode_jpeg, encode_png, write_file
+from torchvision.io import ImageReadMode, decode_image, encode_jpeg, encode_png, write_file
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
+from suncet.data.augment import BatchAugment, eval_transform
+from suncet.data.recipe import ViewColumn, override_recipe
 from suncet.data import ImageDataset
 from suncet.errors import ConfigError
+from suncet.engine.protocols import finetune_recipe
+from suncet.data.image_batch import ImageBatch
+from suncet.data.pipeline import DevicePipeline, StepPlan
 from suncet.registry import DATASETS
+from suncet.data.worker_pipeline import WorkerPipeline
 
 
 def create(name: str, **kwargs) -> ImageDataset:
@@ -118,6 +130,106 @@ def test_cifar_bad_and_truncated_pickles_name_the_file(tmp_path):
     batch.write_bytes(batch.read_bytes()[:-200])
     with pytest.raises(ConfigError, match=f"{batch} is not a CIFAR python pickle"):
         create("cifar10", root=str(tmp_path))
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Writes strings and bytes as Python 2's ``str`` (BINSTRING opcodes), as cPickle wrote the
+    CIFAR release under Python 2: unpickled with encoding="latin1" they come back as str."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_str(self, obj):
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[str] = _save_py2_str
+    dispatch[bytes] = _save_py2_str
+
+
+def dump_python2(path: Path, content: dict) -> None:
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump(content)
+    # numpy before 2.0 (all the release knew) named its array reconstructor numpy.core.multiarray.
+    path.write_bytes(buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
+
+
+def test_cifar_python2_release_format_loads(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    train = [cifar_images(2, i) for i in range(1, 6)]
+    for i, x in enumerate(train, start=1):
+        dump_python2(folder / f"data_batch_{i}", {"batch_label": f"training batch {i} of 5", "labels": [i, 9 - i],
+                                                  "data": x.reshape(2, -1), "filenames": ["a.png", "b.png"]})
+    test = cifar_images(1, 7)
+    dump_python2(folder / "test_batch", {"labels": [3], "data": test.reshape(1, -1)})
+    dump_python2(folder / "batches.meta", {"label_names": [f"class{c}" for c in range(10)], "num_vis": 3072})
+    assert b"cnumpy.core.multiarray\n_reconstruct" in (folder / "test_batch").read_bytes()
+    assert b"_codecs" not in (folder / "test_batch").read_bytes()  # no Python 3 bytes objects in it
+    dataset = create("cifar10", root=str(tmp_path))
+    assert torch.equal(dataset.train.images, torch.from_numpy(np.concatenate(train)))
+    assert dataset.train.labels.tolist() == [1, 8, 2, 7, 3, 6, 4, 5, 5, 4]
+    assert torch.equal(dataset.test.images, torch.from_numpy(test)) and dataset.class_names[9] == "class9"
+
+
+def test_cifar_bytes_keys_load(tmp_path):
+    """Files re-saved by Python 3 after ``pickle.load(f, encoding="bytes")``: bytes keys and names."""
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    train, test = cifar_images(3, 1), cifar_images(2, 2)
+    dump(folder / "train", {b"fine_labels": [0, 42, 99], b"coarse_labels": [0, 1, 2], b"data": train.reshape(3, -1)})
+    dump(folder / "test", {b"fine_labels": [7, 8], b"data": test.reshape(2, -1)})
+    dump(folder / "meta", {b"fine_label_names": [f"f{c}".encode() for c in range(100)]})
+    assert b"_codecs\nencode" in (folder / "train").read_bytes()  # how protocol 2 writes bytes
+    dataset = create("cifar100", root=str(tmp_path))
+    assert torch.equal(dataset.train.images, torch.from_numpy(train)) and dataset.train.labels.tolist() == [0, 42, 99]
+    assert torch.equal(dataset.test.images, torch.from_numpy(test)) and dataset.class_names[42] == "f42"
+
+
+class _WritesFile:
+    """A pickle payload: unpickling calls ``function(*arguments)``."""
+
+    def __init__(self, function, *arguments):
+        self.function, self.arguments = function, arguments
+
+    def __reduce__(self):
+        return self.function, self.arguments
+
+
+@pytest.mark.parametrize("payload", ["os.system", "builtins.open"])
+def test_cifar_pickle_with_code_is_refused_and_not_run(tmp_path, payload):
+    marker = tmp_path / "created-by-the-pickle"
+    function, arguments = {"os.system": (os.system, (f"touch {marker}",)), "builtins.open": (open, (str(marker), "w"))}[payload]
+    content = {"labels": [0], "data": _WritesFile(function, *arguments)}
+    pickle.loads(pickle.dumps(content, protocol=2))  # the payload is real: a plain unpickler runs it
+    assert marker.exists()
+    marker.unlink()
+    write_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    dump(batch, content)
+    # How pickle names the callables: os.system lives in posix (nt on Windows), open in io.
+    named = {"os.system": r"(posix|nt)\.system", "builtins.open": r"(io|builtins)\.open"}[payload]
+    with pytest.raises(ConfigError) as error:
+        create("cifar10", root=str(tmp_path))
+    assert not marker.exists()
+    message = str(error.value)
+    assert "\n" not in message
+    assert re.fullmatch(f"{re.escape(str(batch))} is not a CIFAR python pickle: it asks for {named}, .*refused.*", message)
+
+
+def test_cifar_garbage_and_truncated_files_give_one_line(tmp_path):
+    write_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_4"
+    whole = batch.read_bytes()
+    garbage = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    for content in [garbage, b"\x80\x02" + garbage, whole[: len(whole) // 2], whole[:40], whole[:-1], b""]:
+        batch.write_bytes(content)
+        with pytest.raises(ConfigError) as error:
+            create("cifar10", root=str(tmp_path))
+        assert str(error.value).startswith(f"{batch} is not a CIFAR python pickle") and "\n" not in str(error.value)
 
 
 def test_cifar_wrong_shapes_and_missing_files_are_errors(tmp_path):
@@ -228,25 +340,39 @@ def write_folder(root: Path) -> None:
     write_image(root / "val" / "dog" / "n02_9.jpg", solid((10, 10, 250), 33, 41))
 
 
-def test_imagefolder_decodes_fits_and_names(tmp_path):
+def test_imagefolder_decodes_whole_images_and_names(tmp_path):
     write_folder(tmp_path)
-    dataset = create("imagefolder", root=str(tmp_path), size=24)
-    assert dataset.class_names == ["cat", "dog"] and dataset.num_classes == 2 and dataset.image_size == 24
+    dataset = create("imagefolder", root=str(tmp_path))
+    assert dataset.class_names == ["cat", "dog"] and dataset.num_classes == 2 and dataset.image_size == 224
     assert dataset.train.names == ["cat/n01_1.png", "cat/n01_2.JPEG", "dog/n02_1.jpg", "dog/n02_2.png"]
     assert dataset.train.labels.tolist() == [0, 0, 1, 1]
     assert dataset.test.labels.tolist() == [1] and len(dataset.test) == 1
-    images = dataset.train.load(torch.tensor([3, 0, 2, 1]))
-    assert images.shape == (4, 3, 24, 24) and images.dtype == torch.uint8
-    colours = images.float().mean(dim=(2, 3))
-    expected = torch.tensor([(128, 128, 128), (250, 10, 10), (10, 10, 250), (10, 250, 10)], dtype=torch.float)
-    assert (colours - expected).abs().max() < 4  # JPEG is lossy
+    order = [3, 0, 2, 1]
+    images = dataset.train.load(torch.tensor(order))
+    assert isinstance(images, ImageBatch) and images.pixels.dtype == torch.uint8
+    assert images.sizes.tolist() == [[20, 90], [40, 60], [50, 50], [70, 30]]
+    assert images.pixels.shape == (4, 3, 70, 90)
+    for index, image in zip(order, images):  # each image whole, as torchvision decodes the file
+        decoded = decode_image(str(tmp_path / "train" / dataset.train.names[index]), mode=ImageReadMode.RGB)
+        assert torch.equal(image, decoded)
+    outside = torch.ones_like(images.pixels, dtype=torch.bool)
+    for mask, (height, width) in zip(outside, images.sizes.tolist()):
+        mask[:, :height, :width] = False
+    assert not images.pixels[outside].any()  # padding is zeros
     assert dataset.recipe.global_crop.size == 224 and dataset.recipe.local_crop.size == 96
 
 
-def test_imagefolder_default_size_and_short_side_resize(tmp_path):
+def test_imagefolder_size_caps_the_short_side_keeping_the_whole_image(tmp_path):
     write_folder(tmp_path)
-    dataset = create("imagefolder", root=str(tmp_path))
-    assert dataset.image_size == 256 and dataset.train.load(torch.tensor([0])).shape == (1, 3, 256, 256)
+    dataset = create("imagefolder", root=str(tmp_path), size=24)
+    images = dataset.train.load(torch.tensor([0, 1, 3]))
+    # torchvision's Resize(24): short side 24, long side int(24 * long / short); 20 px stays.
+    assert images.sizes.tolist() == [[24, 36], [56, 24], [20, 90]]
+    for index, image in zip([0, 1, 3], images):
+        decoded = decode_image(str(tmp_path / "train" / dataset.train.names[index]), mode=ImageReadMode.RGB)
+        expected = decoded if min(decoded.shape[-2:]) <= 24 else TF.resize(decoded, [24], antialias=True)
+        assert torch.equal(image, expected)
+    assert create("imagefolder", root=str(tmp_path), size=None).train.load(torch.tensor([1])).sizes.tolist() == [[70, 30]]
 
 
 def test_imagefolder_errors(tmp_path):
@@ -263,8 +389,9 @@ def test_imagefolder_errors(tmp_path):
     with pytest.raises(ConfigError, match="class 'bird' has no folder in"):
         create("imagefolder", root=str(tmp_path))
     (tmp_path / "val" / "bird").rmdir()
-    with pytest.raises(ConfigError, match="option size must be a positive integer"):
-        create("imagefolder", root=str(tmp_path), size=0)
+    for size in (0, 2.5, True):
+        with pytest.raises(ConfigError, match="option size must be a positive integer"):
+            create("imagefolder", root=str(tmp_path), size=size)
 
 
 def test_imagefolder_without_images(tmp_path):
@@ -276,6 +403,92 @@ def test_imagefolder_without_images(tmp_path):
     (tmp_path / "val" / "cat").mkdir()
     with pytest.raises(ConfigError, match=f"{tmp_path / 'train'}: Found no valid file for the classes cat"):
         create("imagefolder", root=str(tmp_path))
+
+
+def write_noise_folder(root: Path) -> dict[str, torch.Tensor]:
+    """Non-square noise images, one JPEG and one PNG per orientation; returns what torchvision decodes."""
+    shapes = {"train/a/wide.jpg": (48, 80), "train/a/tall.png": (90, 36), "train/b/wide.png": (30, 70), "train/b/tall.jpg": (64, 40)}
+    decoded = {}
+    for i, (name, (height, width)) in enumerate(shapes.items()):
+        image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+        write_image(root / name, image)
+        decoded[name.removeprefix("train/")] = decode_image(str(root / name), mode=ImageReadMode.RGB)
+    write_image(root / "val" / "a" / "v.jpg", solid((1, 2, 3), 20, 30))
+    return decoded
+
+
+def test_imagefolder_crop_boxes_reach_every_edge_as_torchvision(tmp_path):
+    decoded = write_noise_folder(tmp_path)
+    dataset = create("imagefolder", root=str(tmp_path))
+    batch = dataset.train.load(torch.arange(len(dataset.train)))
+    crop = dataset.recipe.global_crop
+    draws = 3000
+    augment = BatchAugment(dataset.recipe, crop, triton_kernels=False)
+    params = augment.sample(draws * len(batch), batch.sizes[:, 0].repeat(draws), batch.sizes[:, 1].repeat(draws), 3,
+                            torch.Generator().manual_seed(0))
+    ours = params[:, ViewColumn.TOP : ViewColumn.WIDTH + 1].long().view(draws, len(batch), 4)
+    torch.manual_seed(0)
+    for i, name in enumerate(dataset.train.names):
+        image = decoded[name]
+        height, width = image.shape[-2:]
+        assert batch.sizes[i].tolist() == [height, width]
+        theirs = torch.tensor([v2.RandomResizedCrop.get_params(image, list(crop.scale), list(dataset.recipe.ratio))
+                               for _ in range(draws)])
+        for boxes in (ours[:, i], theirs):
+            top, left, h, w = boxes.unbind(1)
+            assert top.min() == 0 and left.min() == 0, name  # the top and left edges
+            assert (top + h).max() == height and (left + w).max() == width, name  # the bottom and right edges
+            assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+        # The same distribution: deciles and quartiles of top, left, height and width agree to
+        # 3 px (the noise of 3,000 draws is about 1 px here).
+        q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
+        gap = (torch.quantile(ours[:, i].float(), q, dim=0) - torch.quantile(theirs.float(), q, dim=0)).abs()
+        assert gap.max() <= 3, (name, gap)
+
+
+@pytest.mark.parametrize("size", [32, 80])  # a CPU resamples crops up to 64 px as one batch, larger ones one by one
+def test_imagefolder_views_are_crops_of_the_whole_decoded_image(tmp_path, size):
+    decoded = write_noise_folder(tmp_path)
+    dataset = create("imagefolder", root=str(tmp_path))
+    recipe = finetune_recipe(override_recipe(dataset.recipe, {"global_crop_size": size}))
+    augment = BatchAugment(recipe, recipe.global_crop, triton_kernels=False)
+    batch = dataset.train.load(torch.tensor([0, 1, 2, 3, 1, 0]))
+    params = augment.sample(len(batch), *batch.sizes.unbind(1), 3, torch.Generator().manual_seed(5))
+    views = augment(batch, torch.Generator().manual_seed(5))
+    for index, row, view in zip([0, 1, 2, 3, 1, 0], params, views):
+        top, left, h, w = row[ViewColumn.TOP : ViewColumn.WIDTH + 1].long().tolist()
+        image = decoded[dataset.train.names[index]].float() / 255
+        expected = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+        if row[ViewColumn.FLIP] > 0.5:
+            expected = TF.horizontal_flip(expected)
+        expected = TF.normalize(expected, list(recipe.mean), list(recipe.std))
+        assert (view - expected).abs().max() < 1e-4
+
+
+def test_imagefolder_evaluation_is_resize_256_center_crop_224(tmp_path):
+    decoded = write_noise_folder(tmp_path)
+    dataset = create("imagefolder", root=str(tmp_path))
+    views = eval_transform(dataset.train.load(torch.arange(4)), dataset.recipe)
+    torchvision_eval = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224),
+                                   v2.Normalize(list(dataset.recipe.mean), list(dataset.recipe.std))])
+    expected = torch.stack([torchvision_eval(decoded[name].float() / 255) for name in dataset.train.names])
+    assert views.shape == (4, 3, 224, 224) and (views - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("pipeline", ["device", "workers"])
+def test_imagefolder_feeds_both_pipelines(tmp_path, pipeline):
+    write_noise_folder(tmp_path)
+    dataset = create("imagefolder", root=str(tmp_path))
+    recipe = override_recipe(dataset.recipe, {"global_crop_size": 24, "local_crop_size": 8})
+    if pipeline == "device":
+        feed = DevicePipeline(dataset.train, dataset.train, recipe, 2, 1, torch.device("cpu"), seed=0)
+    else:
+        feed = WorkerPipeline(dataset.train, dataset.train, recipe, 2, 1, torch.device("cpu"), seed=0, num_workers=0)
+    plan = StepPlan(unlabeled=torch.tensor([0, 1, 2, 3]), labeled=torch.tensor([1, 2]), labels=torch.tensor([0, 1]))
+    (batch,) = feed.batches([plan], epoch=0, first_step=0)
+    feed.close()
+    assert [v.shape for v in batch.global_views] == [(4, 3, 24, 24)] * 2 and batch.local_views[0].shape == (4, 3, 8, 8)
+    assert batch.labeled.shape == (2, 3, 24, 24) and torch.isfinite(batch.labeled).all()
 
 
 def test_unreadable_image_names_the_file(tmp_path):

@@ -85,17 +85,70 @@ CIFAR100 = CifarLayout(
 )
 
 
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """``_codecs.encode`` as Python 3 pickles bytes at protocol 2, restricted to that one use."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not a latin1 bytes object")
+    return text.encode("latin1")
+
+
+# The function numpy pickles arrays with, whichever module the installed numpy names it in.
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]
+
+# Every global the CIFAR python release needs: numpy's array reconstruction (numpy.core before
+# numpy 2, numpy._core since), and the latin1 ``_codecs.encode`` that Python 3 writes for bytes
+# (files re-saved with protocol 2). Dicts, lists, strings and ints need no global.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_bytes,
+}
+
+
+class _RefusedGlobal(Exception):
+    """A pickle naming a callable the CIFAR release does not use: never imported, never called."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(f"{module}.{name}") from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("persistent ids are not part of the CIFAR release")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
 def _unpickle(path: Path) -> dict:
+    """A CIFAR pickle through an unpickler that builds only dicts, lists, strings, numbers and
+    numpy arrays: a file is data, so one that asks for any other callable is refused unread."""
     if not path.is_file():
         raise ConfigError(f"{path} is missing: expected a file of the CIFAR python release")
     try:
         with open(path, "rb") as handle:
-            content = pickle.load(handle, encoding="latin1")
+            content = _CifarUnpickler(handle, encoding="latin1").load()
+    except _RefusedGlobal as exc:
+        raise ConfigError(
+            f"{path} is not a CIFAR python pickle: it asks for {exc}, which the release never does (refused, nothing was run)"
+        ) from None
     except Exception as exc:  # a truncated or foreign file fails in many ways inside pickle
-        raise ConfigError(f"{path} is not a CIFAR python pickle ({type(exc).__name__}: {exc})") from None
+        raise ConfigError(f"{path} is not a CIFAR python pickle ({_one_line(exc)})") from None
     if not isinstance(content, dict):
         raise ConfigError(f"{path} is not a CIFAR python pickle: it holds a {type(content).__name__}, expected a dict")
-    return content
+    # Files re-saved from Python 3 after loading with encoding="bytes" have bytes keys and names.
+    return {_text(key): value for key, value in content.items()}
+
+
+def _text(value):
+    return value.decode("latin1") if isinstance(value, bytes) else value
 
 
 def _read_split(paths: list[Path], layout: CifarLayout) -> InMemoryImages:
@@ -150,7 +203,7 @@ def load_cifar(layout: CifarLayout, root: str | None, download: bool) -> ImageDa
         _download(directory, layout)
     folder = _locate(directory, layout)
     meta = _unpickle(folder / layout.meta_file)
-    class_names = [str(name) for name in meta.get(layout.names_key, [])]
+    class_names = [str(_text(name)) for name in meta.get(layout.names_key, [])]
     if len(class_names) != layout.num_classes:
         raise ConfigError(
             f"{folder / layout.meta_file}: expected {layout.num_classes} names under '{layout.names_key}', "

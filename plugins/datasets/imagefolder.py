@@ -1,10 +1,12 @@
 """Images in class folders, ImageNet's layout: ``DIR/train/<class>/*.jpg`` and ``DIR/val/<class>/...``.
 
 Images are decoded when a batch is loaded (in the loader's worker processes with the worker
-pipeline), with torchvision.io, then resized on the short side and center-cropped to a fixed
-square ``size`` so that a batch stacks; the augmentation's 224 px crops come from these.
-With ``decode_device="cuda"`` JPEG files are decoded in one batched call on the GPU (nvJPEG)
-and the batch is returned on the GPU: for the device pipeline, whose augmentation runs there.
+pipeline), with torchvision.io, and kept whole: RandomResizedCrop draws its boxes from the whole
+image, as torchvision does. Only an image whose short side exceeds ``size`` is shrunk to it,
+aspect kept (a batch is padded to its largest height and width, so the cap bounds its memory).
+A batch is an ``ImageBatch`` of the images at their own sizes. With ``decode_device="cuda"``
+JPEG files are decoded in one batched call on the GPU (nvJPEG) and the batch is returned on the
+GPU: for the device pipeline, whose augmentation runs there.
 """
 
 from __future__ import annotations
@@ -21,12 +23,17 @@ from torchvision.transforms.v2 import functional as TF
 from suncet.data.recipe import AugmentRecipe, CropSpec
 from suncet.data import ImageDataset
 from suncet.errors import ConfigError
+from suncet.data.image_batch import ImageBatch
 from suncet.registry import register_dataset
 
 # The formats torchvision.io decodes (make_dataset compares lower-cased suffixes).
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 JPEG_MAGIC = b"\xff\xd8"
 DECODE_DEVICES = ("cpu", "cuda")
+# Short sides above this are shrunk to it at decode time, the whole image kept: a typical
+# ImageNet photograph (500 x 375) stays as decoded, and a multi-megapixel one does not pad every
+# image of its batch to its size.
+MAX_SHORT_SIDE = 512
 
 # method.md section 5 (ImageNet): RandomResizedCrop(224, 0.08-1), flip, jitter strength 1 with
 # p 0.8, grayscale p 0.2, blur (sigma 0.1-2) p 0.5; SwAV's local crops 96 px, area 0.05-0.14.
@@ -44,7 +51,7 @@ RECIPE = AugmentRecipe(
 class FolderImages:
     """One split of an image folder: file names relative to ``root``, decoded on ``load``."""
 
-    def __init__(self, root: Path, names: list[str], labels: Tensor, size: int, decode_device: str = "cpu"):
+    def __init__(self, root: Path, names: list[str], labels: Tensor, size: int | None, decode_device: str = "cpu"):
         self.root = Path(root)
         self.names = names
         self.labels = labels
@@ -67,15 +74,16 @@ class FolderImages:
             raise ConfigError(f"cannot decode image {self.root / name}: {exc}") from None
 
     def _fit(self, image: Tensor) -> Tensor:
-        """Short side resized to ``size`` (antialiased), then the central ``size`` square."""
-        image = TF.resize(image, [self.size], antialias=True)
-        return TF.center_crop(image, [self.size, self.size])
+        """The whole image; its short side shrunk to ``size`` (antialiased) when longer."""
+        if self.size is None or min(image.shape[-2:]) <= self.size:
+            return image
+        return TF.resize(image, [self.size], antialias=True)
 
-    def load(self, indices: Tensor) -> Tensor:
+    def load(self, indices: Tensor) -> ImageBatch:
         names = [self.names[i] for i in indices.tolist()]
         data = [self._read(name) for name in names]
         if self.decode_device == "cpu":
-            return torch.stack([self._fit(self._decode(name, d)) for name, d in zip(names, data)])
+            return ImageBatch.stack([self._fit(self._decode(name, d)) for name, d in zip(names, data)])
         is_jpeg = [bytes(d[:2].tolist()) == JPEG_MAGIC for d in data]
         decoded: list[Tensor | None] = [None] * len(names)
         jpegs = [i for i, flag in enumerate(is_jpeg) if flag]
@@ -90,7 +98,7 @@ class FolderImages:
         for i, flag in enumerate(is_jpeg):
             if not flag:
                 decoded[i] = self._decode(names[i], data[i]).to(self.decode_device, non_blocking=True)
-        return torch.stack([self._fit(image) for image in decoded])
+        return ImageBatch.stack([self._fit(image) for image in decoded])
 
 
 def _scan(directory: Path, class_to_idx: dict[str, int], require_every_class: bool) -> tuple[list[str], Tensor]:
@@ -114,13 +122,15 @@ def _classes(directory: Path) -> tuple[list[str], dict[str, int]]:
 
 
 @register_dataset("imagefolder", description="class folders DIR/train/<class>/*.jpg and DIR/val/<class>/ (ImageNet); --data DIR")
-def imagefolder(*, root: str | None = None, download: bool = False, size: int = 256, decode_device: str = "cpu") -> ImageDataset:
+def imagefolder(
+    *, root: str | None = None, download: bool = False, size: int | None = MAX_SHORT_SIDE, decode_device: str = "cpu"
+) -> ImageDataset:
     if download:
         raise ConfigError("dataset imagefolder cannot be downloaded: pass --data DIR holding train/ and val/")
     if root is None:
         raise ConfigError("dataset imagefolder needs --data DIR holding train/<class>/ and val/<class>/ image folders")
-    if not (isinstance(size, int) and size > 0):
-        raise ConfigError(f"imagefolder option size must be a positive integer, got {size!r}")
+    if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+        raise ConfigError(f"imagefolder option size must be a positive integer (or null: no cap), got {size!r}")
     if decode_device not in DECODE_DEVICES:
         raise ConfigError(f"imagefolder option decode_device must be one of {', '.join(DECODE_DEVICES)}, got {decode_device!r}")
     if decode_device == "cuda" and not torch.cuda.is_available():
@@ -140,7 +150,7 @@ def imagefolder(*, root: str | None = None, download: bool = False, size: int = 
         test=FolderImages(val_dir, val_names, val_labels, size, decode_device),
         num_classes=len(class_names),
         channels=3,
-        image_size=size,
+        image_size=RECIPE.global_crop.size,
         recipe=RECIPE,
         class_names=class_names,
     )

@@ -1,6 +1,7 @@
 """Batched SimCLR/SwAV augmentations on device tensors, with per-sample random parameters.
 
-One call transforms a whole uint8 batch [B, C, H, W] where it lies (GPU or CPU) and draws
+One call transforms a whole uint8 batch [B, C, H, W], or an ``ImageBatch`` of images of
+different sizes (each crop box drawn in its own image), where it lies (GPU or CPU) and draws
 every random parameter from the generator it is given, with the distributions of
 torchvision's RandomResizedCrop, RandomHorizontalFlip, ColorJitter (random order of the four
 adjustments per sample), RandomGrayscale, GaussianBlur and RandomSolarize. Crop, resize and
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.transforms.v2 import functional as TF
 
+from suncet.data.image_batch import ImageBatch
 from suncet.data.recipe import VIEW_COLUMNS, AugmentRecipe, CropSpec, ViewColumn, blur_kernel_size
 from suncet.data.transfer import to_device
 
@@ -28,8 +31,8 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator, device
 
 def sample_crop_boxes(
     n: int,
-    height: int,
-    width: int,
+    height: int | Tensor,
+    width: int | Tensor,
     scale: tuple[float, float],
     ratio: tuple[float, float],
     generator: torch.Generator,
@@ -38,34 +41,35 @@ def sample_crop_boxes(
 ) -> Tensor:
     """Integer crop boxes [n, 4] (top, left, h, w) drawn as torchvision's RandomResizedCrop.
 
-    Each sample takes its first of ``attempts`` draws that fits, else the central crop with
-    the aspect ratio clamped to ``ratio``.
+    ``height`` and ``width`` are the image size, or each sample's own ([n] tensors, for images
+    of different sizes). Each sample takes its first of ``attempts`` draws that fits, else the
+    central crop with the aspect ratio clamped to ``ratio``.
     """
-    area = height * width
+    height = torch.as_tensor(height, device=device).expand(n).float()
+    width = torch.as_tensor(width, device=device).expand(n).float()
+    area = (height * width)[:, None]
     target_area = area * _uniform(n * attempts, scale[0], scale[1], generator, device).view(n, attempts)
     log_ratio = _uniform(n * attempts, math.log(ratio[0]), math.log(ratio[1]), generator, device).view(n, attempts)
     aspect = torch.exp(log_ratio)
     w = torch.round(torch.sqrt(target_area * aspect))
     h = torch.round(torch.sqrt(target_area / aspect))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
     first = torch.argmax(fits.int(), dim=1)
     any_fit = fits.any(dim=1)
     w = w.gather(1, first[:, None]).squeeze(1)
     h = h.gather(1, first[:, None]).squeeze(1)
 
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fallback_w, fallback_h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        fallback_w, fallback_h = round(height * ratio[1]), height
-    else:
-        fallback_w, fallback_h = width, height
-    w = torch.where(any_fit, w, torch.full_like(w, fallback_w))
-    h = torch.where(any_fit, h, torch.full_like(h, fallback_h))
+    # The fallback in float64, as torchvision computes it with Python floats.
+    in_ratio = width.double() / height.double()
+    too_tall, too_wide = in_ratio < ratio[0], in_ratio > ratio[1]
+    fallback_w = torch.where(too_wide, torch.round(height.double() * ratio[1]).float(), width)
+    fallback_h = torch.where(too_tall, torch.round(width.double() / ratio[0]).float(), height)
+    w = torch.where(any_fit, w, fallback_w)
+    h = torch.where(any_fit, h, fallback_h)
     # randint(0, H - h + 1) per sample, from one uniform draw.
     u = torch.rand(2, n, generator=generator, device=device)
-    top = torch.floor(u[0] * (height - h + 1)).clamp(max=height - h)
-    left = torch.floor(u[1] * (width - w + 1)).clamp(max=width - w)
+    top = torch.minimum(torch.floor(u[0] * (height - h + 1)), height - h)
+    left = torch.minimum(torch.floor(u[1] * (width - w + 1)), width - w)
     top = torch.where(any_fit, top, torch.div(height - h, 2, rounding_mode="floor"))
     left = torch.where(any_fit, left, torch.div(width - w, 2, rounding_mode="floor"))
     return torch.stack([top, left, h, w], dim=1)
@@ -242,8 +246,11 @@ class BatchAugment:
             "solarize": r.solarize_p > 0,
         }
 
-    def sample(self, n: int, height: int, width: int, channels: int, generator: torch.Generator) -> Tensor:
-        """The [n, VIEW_COLUMNS] parameter table of n views of H x W images, on the generator's device."""
+    def sample(
+        self, n: int, height: int | Tensor, width: int | Tensor, channels: int, generator: torch.Generator
+    ) -> Tensor:
+        """The [n, VIEW_COLUMNS] parameter table of n views of H x W images (or of images of
+        sizes ``height[i]`` x ``width[i]``), on the generator's device."""
         r, steps, device = self.recipe, self._steps(channels), generator.device
         table = torch.zeros(n, VIEW_COLUMNS, device=device)
 
@@ -269,8 +276,14 @@ class BatchAugment:
             draw_flag(ViewColumn.SOLARIZE, r.solarize_p)
         return table
 
-    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        n, channels, height, width = images.shape
+    def __call__(self, images: Tensor | ImageBatch, generator: torch.Generator) -> Tensor:
+        if isinstance(images, ImageBatch):
+            # Each box lies in its own image: the batch's padding is never read.
+            height, width = images.sizes.unbind(1)
+            images = images.pixels
+        else:
+            height, width = images.shape[-2:]
+        n, channels = images.shape[:2]
         params = self.sample(n, height, width, channels, generator)
         params = to_device(params, images.device)
         use_triton = self.triton_kernels if self.triton_kernels is not None else triton_augment_usable(images.device)
@@ -337,13 +350,18 @@ def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Ten
 EVAL_CROP_FRACTION = 0.875
 
 
-def eval_transform(images: Tensor, recipe: AugmentRecipe) -> Tensor:
-    """Deterministic view for evaluation, normalised: images stored at or below the global crop
-    size are resized to it; larger ones are resized to crop / 0.875 and center-cropped."""
-    x = images.float() / 255.0
+def eval_transform(images: Tensor | ImageBatch, recipe: AugmentRecipe) -> Tensor:
+    """Deterministic view for evaluation, normalised. Images of any size (``ImageBatch``): the
+    short side resized to crop / 0.875, then the central crop, as torchvision's Resize(256) and
+    CenterCrop(224). A square batch: images stored at or below the global crop size are
+    resized to it; larger ones are resized to crop / 0.875 and center-cropped."""
     size = recipe.global_crop.size
+    resized = round(size / EVAL_CROP_FRACTION)
+    if isinstance(images, ImageBatch):
+        views = [TF.resize(image.float() / 255.0, [resized], antialias=True) for image in images]
+        return normalize(torch.stack([TF.center_crop(view, [size, size]) for view in views]), recipe.mean, recipe.std)
+    x = images.float() / 255.0
     if min(x.shape[-2:]) > size:
-        resized = round(size / EVAL_CROP_FRACTION)
         if x.shape[-2:] != (resized, resized):
             x = F.interpolate(x, size=(resized, resized), mode="bilinear", align_corners=False, antialias=True)
         top = (resized - size) // 2

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from suncet.data.augment import BatchAugment
+from suncet.data.image_batch import images_to
 from suncet.data.recipe import AugmentRecipe
 from suncet.data.sources import ImageSource
 from suncet.errors import CheckpointError
@@ -72,11 +73,11 @@ class DevicePipeline:
         for offset, plan in enumerate(plans):
             batch = TrainBatch(global_views=[], epoch=epoch, step=first_step + offset)
             if plan.unlabeled is not None:
-                images = to_device(self.unlabeled.load(plan.unlabeled), self.device)
+                images = images_to(self.unlabeled.load(plan.unlabeled), self.device)
                 batch.global_views = [self._view(self.global_augment, images) for _ in range(self.global_views)]
                 batch.local_views = [self._view(self.local_augment, images) for _ in range(self.local_views)]
             if plan.labeled is not None:
-                images = to_device(self.labeled.load(plan.labeled), self.device)
+                images = images_to(self.labeled.load(plan.labeled), self.device)
                 batch.labeled = self._view(self.global_augment, images)
                 batch.labels = to_device(plan.labels, self.device)
             yield batch

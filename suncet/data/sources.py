@@ -8,19 +8,21 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from suncet.data.image_batch import ImageBatch
 from suncet.data.recipe import AugmentRecipe
 from suncet.data.transfer import to_device
 
 
 @runtime_checkable
 class ImageSource(Protocol):
-    """Indexed images of one split: ``load`` returns a uint8 batch [b, C, H, W]."""
+    """Indexed images of one split: ``load`` returns a uint8 batch [b, C, H, W], or an
+    ``ImageBatch`` when the images differ in size (image files)."""
 
     labels: Tensor  # int64 [N]; -1 for unlabeled-only images
 
     def __len__(self) -> int: ...
 
-    def load(self, indices: Tensor) -> Tensor: ...
+    def load(self, indices: Tensor) -> Tensor | ImageBatch: ...
 
 
 @dataclass
@@ -56,7 +58,7 @@ class ImageDataset:
     test: ImageSource
     num_classes: int
     channels: int
-    image_size: int  # side of the stored (square) images
+    image_size: int  # side of the stored square images; for image files of any size, the global crop's
     recipe: AugmentRecipe
     class_names: list[str] = field(default_factory=list)
     # Extra images for the unlabeled stream only (STL-10's unlabeled split).
