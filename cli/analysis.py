@@ -11,6 +11,7 @@ from rich.table import Table
 from suncet.cli.main_console import console
 from suncet.compare import METRICS, X_AXES
 from suncet.engine.rundir import write_json
+from suncet.errors import shown
 
 
 def _fmt(mean: float, std: float, digits: int) -> str:
@@ -129,5 +130,5 @@ def _parse_shard(shard: str | None) -> tuple[int, int]:
     except ValueError:
         index = count = 0
     if not 1 <= index <= count:
-        raise click.BadParameter(f"expected I/N with 1 <= I <= N, got {shard!r}", param_hint="--shard")
+        raise click.BadParameter(f"expected I/N with 1 <= I <= N, got {shown(shard)}", param_hint="--shard")
     return index - 1, count

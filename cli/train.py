@@ -79,6 +79,7 @@ def train(config_file, out_dir, resume, overwrite, nproc_per_node, nnodes, print
     """
     from suncet import distributed
     from suncet.engine.api import run_start
+    from suncet.engine.assemble import validate_plugins
     from suncet.engine.rundir import start_or_resume
 
     launching = nproc_per_node is not None and not distributed.launched_by_torchrun()
@@ -90,13 +91,17 @@ def train(config_file, out_dir, resume, overwrite, nproc_per_node, nnodes, print
         raise ConfigError("--resume RUN_DIR continues a run with its saved config; give no other settings with it")
     if resume in (None, "auto"):
         world = (nproc_per_node or 1) * (nnodes or 1) if (launching or print_config) else None
-        config = build_config(load_yaml(config_file) if config_file else None, overrides, world_size=world)
+        config = build_config(load_yaml(config_file) if config_file else None, overrides, world_size=world,
+                              file_name=config_file)
     if print_config:
         click.echo(to_yaml(config), nl=False)
         return
     if launching:
+        # Everything that can be checked once is checked here, before any worker starts.
+        if config is not None:
+            validate_plugins(config)
         if resume is None:
-            start_or_resume(config, out_dir, None, overwrite)  # refuse a taken --out before any worker starts
+            start_or_resume(config, out_dir, None, overwrite)
         launch_torchrun(nproc_per_node)
     start = start_or_resume(config, out_dir, resume, overwrite, report=console.print)
     result = run_start(start, console)

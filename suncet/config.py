@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -13,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from suncet.errors import ConfigError
+from suncet.errors import ConfigError, shown
 from suncet.kernels import BACKENDS
 from suncet.data.labels import parse_label_spec
 
@@ -231,7 +232,7 @@ def _float_text(value: Any) -> float | None:
     return None
 
 
-def _check_type(key: str, value: Any) -> Any:
+def _check_type(key: str, value: Any, source: str | None = None) -> Any:
     """Coerce ``value`` to the field's type where it is unambiguous; else a ConfigError."""
     expected = _FIELD_TYPES[key]
     origin = typing.get_origin(expected)
@@ -255,7 +256,7 @@ def _check_type(key: str, value: Any) -> Any:
         if base is dict and isinstance(value, dict):
             return dict(value)
     names = " or ".join(getattr(typing.get_origin(k) or k, "__name__", str(k)) for k in allowed)
-    raise ConfigError(f"config key '{key}' must be {names}, got {value!r}")
+    raise ConfigError(f"config key '{key}' must be {names}, got {shown(value)}" + (f" (from {source})" if source else ""))
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -297,32 +298,44 @@ def _scale_learning_rates(values: dict[str, Any], given: set[str], world_size: i
 
 
 def build_config(
-    file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, world_size: int | None = None
+    file_values: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+    world_size: int | None = None,
+    *,
+    file_name: str | Path | None = None,
+    given_by: str = "flag",
 ) -> TrainConfig:
     """defaults < preset (named in overrides or file, else the dataset's own) < file < overrides,
-    with learning rates scaled to the global batch of ``world_size`` processes (default: torchrun's)."""
+    with learning rates scaled to the global batch of ``world_size`` processes (default: torchrun's).
+
+    ``file_name`` and ``given_by`` ("flag": --name, or "argument") name the sources in errors.
+    """
     file_values = dict(file_values or {})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     known = config_fields()
     for source, values in (("config file", file_values), ("options", overrides)):
         for key in values:
             if key not in known:
-                raise ConfigError(f"unknown {source} key '{key}'; known keys: {', '.join(known)}")
+                raise ConfigError(f"unknown {source} key {shown(key)}; known keys: {', '.join(known)}")
     dataset = overrides.get("dataset", file_values.get("dataset", TrainConfig.dataset))
     preset = overrides.get("preset", file_values.get("preset"))
-    if preset is not None and preset not in PRESETS:
-        raise ConfigError(f"unknown preset '{preset}'; available: {', '.join(PRESETS)}")
-    values: dict[str, Any] = dict(PRESETS.get(preset if preset is not None else dataset, {}))
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
+        raise ConfigError(f"unknown preset {shown(preset)}; available: {', '.join(PRESETS)}")
+    preset_name = preset if preset is not None else dataset if isinstance(dataset, str) else None
+    values: dict[str, Any] = dict(PRESETS.get(preset_name, {}))
     method_defaults = values.pop("method_defaults", {})
+    sources = {k: f"preset {preset_name}" for k in values}
+    sources.update({k: f"config file {file_name}" if file_name else "config file" for k in file_values})
+    sources.update({k: f"--{k.replace('_', '-')}" if given_by == "flag" else f"argument {k}" for k in overrides})
     values.update(file_values)
     values.update(overrides)
-    values = {k: _check_type(k, v) for k, v in values.items()}
+    values = {k: _check_type(k, v, sources.get(k)) for k, v in values.items()}
     _scale_learning_rates(values, set(file_values) | set(overrides), world_size or world_size_from_environment())
     method = values.get("method", TrainConfig.method)
     if method in method_defaults:
         values["method_options"] = {**method_defaults[method], **values.get("method_options", {})}
     config = TrainConfig(**values)
-    validate(config)
+    validate(config, sources)
     return config
 
 
@@ -346,38 +359,49 @@ def config_from_saved(values: dict[str, Any], source: Path) -> TrainConfig:
     return config
 
 
-def validate(config: TrainConfig) -> None:
-    """Range checks that need no plugin lookup (those are done when the run is assembled)."""
+INT64_MAX = 2**63 - 1
+_POSITIVE = ("epochs", "batch_size", "proj_hidden", "proj_dim", "lr", "tau", "knn_k", "keep_checkpoints", "sync_every",
+             "classes_per_step", "images_per_class")
+_NON_NEGATIVE = ("suncet_weight", "weight_decay", "warmup_epochs", "start_lr", "final_lr", "monitor_every", "probe_every",
+                 "skip_nonfinite", "label_seed", "seed", "num_workers")
+_CHOICES = {
+    "compile": COMPILE_MODES, "data_pipeline": DATA_PIPELINES, "label_loss": LABEL_LOSSES, "final_eval": FINAL_EVALS,
+}
 
-    def positive(name: str, allow_zero: bool = False) -> None:
-        value = getattr(config, name)
-        if value < 0 or (value == 0 and not allow_zero):
-            raise ConfigError(f"{name.replace('_', '-')} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
+def validate(config: TrainConfig, sources: dict[str, str] | None = None) -> None:
+    """Every setting in range, every number finite, before anything is written or launched.
+
+    ``sources`` names where each setting came from (preset, config file, flag), for the message;
+    plugin names and options are checked when the run is assembled, before any file is written.
+    """
+    sources = sources or {}
+
+    def refuse(name: str, allowed: str) -> None:
+        origin = f" (from {sources[name]})" if name in sources else ""
+        raise ConfigError(f"{name.replace('_', '-')} must be {allowed}, got {shown(getattr(config, name))}{origin}")
+
+    for name in _POSITIVE + _NON_NEGATIVE:
+        value, floating = getattr(config, name), _FIELD_TYPES[name] is float
+        rule = ("> 0" if name in _POSITIVE else ">= 0") + (" and finite" if floating else f" and at most {INT64_MAX}")
+        if not (value > 0 if name in _POSITIVE else value >= 0) or not (math.isfinite(value) if floating else value <= INT64_MAX):
+            refuse(name, rule)
+    if not 0 <= config.momentum < 1:
+        refuse("momentum", "in [0, 1)")
+    if config.suncet_epochs is not None and not 0 <= config.suncet_epochs <= config.epochs:
+        refuse("suncet_epochs", f"between 0 and epochs ({config.epochs})")
+    if config.lr_batch is not None and not 1 <= config.lr_batch <= INT64_MAX:
+        refuse("lr_batch", "a positive integer")
     if not is_label_file(config.labels):
         parse_label_spec(config.labels)
-    for name in ("epochs", "batch_size", "proj_hidden", "proj_dim", "lr", "tau", "knn_k", "keep_checkpoints", "sync_every"):
-        positive(name)
-    for name in ("suncet_weight", "weight_decay", "warmup_epochs", "start_lr", "final_lr", "monitor_every", "probe_every",
-                 "skip_nonfinite", "label_seed", "seed", "num_workers"):
-        positive(name, allow_zero=True)
-    if not 0 <= config.momentum < 1:
-        raise ConfigError(f"momentum must be in [0, 1), got {config.momentum}")
-    if config.suncet_epochs is not None and not 0 <= config.suncet_epochs <= config.epochs:
-        raise ConfigError(f"suncet-epochs must be between 0 and epochs ({config.epochs}), got {config.suncet_epochs}")
     parse_every(config.checkpoint_every)
     if config.backend not in ("auto", *BACKENDS):
-        raise ConfigError(f"unknown contrastive backend '{config.backend}'; choose one of auto, {', '.join(BACKENDS)}")
-    if config.compile not in COMPILE_MODES:
-        raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got '{config.compile}'")
-    if config.data_pipeline not in DATA_PIPELINES:
-        raise ConfigError(f"data-pipeline must be one of {', '.join(DATA_PIPELINES)}, got '{config.data_pipeline}'")
-    if config.label_loss not in LABEL_LOSSES:
-        raise ConfigError(f"label-loss must be one of {', '.join(LABEL_LOSSES)}, got '{config.label_loss}'")
-    if config.final_eval not in FINAL_EVALS:
-        raise ConfigError(f"final-eval must be one of {', '.join(FINAL_EVALS)}, got '{config.final_eval}'")
-    if config.device not in ("auto", "cpu", "cuda") and not config.device.startswith("cuda:"):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got '{config.device}'")
+        raise ConfigError(f"unknown contrastive backend {shown(config.backend)}; choose one of auto, {', '.join(BACKENDS)}")
+    for name, choices in _CHOICES.items():
+        if getattr(config, name) not in choices:
+            refuse(name, f"one of {', '.join(choices)}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?", config.device):
+        refuse("device", "auto, cpu, cuda or cuda:N")
 
 
 def is_label_file(labels: str) -> bool:
@@ -395,7 +419,7 @@ def parse_every(text: str) -> tuple[int, str]:
     m = _EVERY.match(str(text))
     if not m or int(m.group(1)) < 1:
         raise ConfigError(
-            f"checkpoint-every must be a positive count of epochs, steps or minutes (1epoch, 500steps, 10min), got {text!r}"
+            f"checkpoint-every must be a positive count of epochs, steps or minutes (1epoch, 500steps, 10min), got {shown(text)}"
         )
     return int(m.group(1)), {"e": "epoch", "s": "step", "m": "min"}[m.group(2)[0]]
 
@@ -409,7 +433,7 @@ def parse_key_values(pairs: tuple[str, ...] | list[str], option: str) -> dict[st
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
-            raise ConfigError(f"{option} expects KEY=VALUE, got {pair!r}")
+            raise ConfigError(f"{option} expects KEY=VALUE, got {shown(pair)}")
         key, raw = pair.split("=", 1)
         try:
             value = yaml.safe_load(raw)

@@ -1,5 +1,19 @@
 """Errors that reach a user as one clear line (the CLI prints them without a traceback)."""
 
+import reprlib
+
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel = 2
+_SHOW.maxtuple = _SHOW.maxlist = _SHOW.maxarray = _SHOW.maxdict = _SHOW.maxset = _SHOW.maxfrozenset = _SHOW.maxdeque = 4
+_SHOW.maxstring, _SHOW.maxlong, _SHOW.maxother = 60, 40, 60
+
+
+def shown(value: object) -> str:
+    """``value`` as an error message may quote it: at most about 80 characters, however large or
+    deeply shared the value is (a YAML alias bomb's repr alone would take gigabytes)."""
+    text = _SHOW.repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
 
 class SuncetError(Exception):
     """An error caused by the user's input or environment, explained in its message."""

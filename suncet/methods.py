@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -11,8 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from suncet.config import TrainConfig
-from suncet.errors import ConfigError
+from suncet.errors import ConfigError, shown
 from suncet.losses import suncet_loss
+from suncet.registry import checked_option
 
 
 @dataclass
@@ -110,32 +112,19 @@ def labeled_term(method: Method, features: Tensor, z: Tensor, labels: Tensor) ->
 
 
 def parse_options(options_cls: type, values: dict[str, Any], owner: str) -> Any:
-    """Build a method's Options dataclass, rejecting unknown keys and values of the wrong type."""
+    """Build a method's Options dataclass, rejecting unknown keys and values of the wrong type,
+    non-finite numbers and values outside a declared ``Range`` (``Annotated[float, Range(0, 1)]``)."""
     known = {f.name: f for f in dataclasses.fields(options_cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(
-            f"unknown option '{unknown[0]}' for method {owner}; known: {', '.join(sorted(known)) or 'none'}"
+            f"unknown option {shown(unknown[0])} for method {owner}; known: {', '.join(sorted(known)) or 'none'}"
         )
-    converted = {}
-    for name, value in values.items():
-        default = getattr(options_cls, name, None)
-        target = type(default) if default is not None else None
-        try:
-            if target is bool:
-                if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                    value = value.lower() in ("true", "yes", "1")
-                elif not isinstance(value, bool):
-                    raise ValueError(value)
-            elif target is str and isinstance(value, (int, float)):
-                value = str(value)
-            elif target in (int, float):
-                if isinstance(value, bool) or (target is int and isinstance(value, float) and not value.is_integer()):
-                    raise ValueError(value)
-                value = target(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"option '{name}' of method {owner} must be {target.__name__}, got {values[name]!r}") from None
-        converted[name] = value
+    hints = typing.get_type_hints(options_cls, include_extras=True)
+    converted = {
+        name: checked_option(f"method {owner}", name, value, hints.get(name), known[name].default)
+        for name, value in values.items()
+    }
     return options_cls(**converted)
 
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextvars
 import importlib.metadata as metadata
 import inspect
+import math
 import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from suncet.errors import ConfigError, SuncetError
+from suncet.errors import ConfigError, SuncetError, shown
 
 __all__ = [
     "BACKBONES",
@@ -95,6 +97,67 @@ def _source_of(obj: Any) -> str:
     return dists[0] if dists else top
 
 
+@dataclass(frozen=True)
+class Range:
+    """A numeric option's allowed interval, declared as ``Annotated[float, Range(0, 1)]``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: the option must be greater than ``low``
+
+    def describe(self) -> str:
+        parts = [f"{'>' if self.low_open else '>='} {self.low}"] if self.low is not None else []
+        return " and ".join(parts + ([f"<= {self.high}"] if self.high is not None else []))
+
+    def holds(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        return above and (self.high is None or value <= self.high)
+
+
+def checked_option(owner: str, name: str, value: Any, annotation: Any, default: Any) -> Any:
+    """``value`` as option ``name`` of ``owner`` takes it (int, float, bool, str, or None where
+    allowed): numbers finite and in any declared ``Range``; else one ConfigError line."""
+    ranges = [m for m in getattr(annotation, "__metadata__", ()) if isinstance(m, Range)]
+    base = typing.get_args(annotation)[0] if ranges else annotation
+    allowed = typing.get_args(base) if typing.get_origin(base) in (typing.Union, types.UnionType) else (base,)
+    if base is None or base is inspect.Parameter.empty:
+        allowed = (type(default),) if default is not None else (type(value),)
+    kinds = [k for k in allowed if k is not type(None)]
+    if value is None and (type(None) in allowed or default is None):
+        return None
+    kind = kinds[0] if kinds else type(value)
+    converted = _convert(value, kind)
+    if converted is None or (isinstance(converted, float) and not math.isfinite(converted)):
+        raise ConfigError(f"option {name} of {owner} must be {'a finite ' if kind is float else ''}{kind.__name__}, got {shown(value)}")
+    for declared in ranges:
+        if not declared.holds(converted):
+            raise ConfigError(f"option {name} of {owner} must be {declared.describe()}, got {shown(value)}")
+    return converted
+
+
+def _convert(value: Any, kind: type) -> Any:
+    """``value`` as a ``kind`` where that is unambiguous, else None."""
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool):
+        return None
+    if kind is int:
+        return value if isinstance(value, int) and abs(value) <= 2**63 - 1 else (
+            int(value) if isinstance(value, float) and value.is_integer() else None)
+    if kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+            try:
+                return float(value)
+            except ValueError:
+                return None
+        return float(value) if isinstance(value, (int, float)) else None
+    if kind is str:
+        return str(value) if isinstance(value, (str, int, float)) else None
+    return value if isinstance(value, kind) else None
+
+
 class Registry:
     """Named plugins of one kind, filled by decorators and by an entry-point group."""
 
@@ -167,31 +230,41 @@ class Registry:
                     f"{self.kind} plugin '{name}' from package '{failure.source}' failed to import "
                     f"({failure.value}): {failure.error}"
                 )
-        message = f"unknown {self.kind} '{name}'; available: {', '.join(self.names()) or 'none'}"
+        message = f"unknown {self.kind} {shown(name)}; available: {', '.join(self.names()) or 'none'}"
         if self._failures:
             broken = "; ".join(f"'{f.entry_point}' from package '{f.source}': {f.error}" for f in self._failures)
             message += f" (plugins that failed to import: {broken})"
         raise UnknownPluginError(message)
 
-    def create(self, name: str, *args: Any, options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-        """Call plugin ``name`` with ``args``/``kwargs`` from the engine plus the user's ``options``,
-        rejecting options the plugin does not take."""
+    def check_options(self, name: str, options: dict[str, Any] | None, engine_args: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The user's ``options`` for plugin ``name``, each of a name it takes and of its declared
+        type and range (``Annotated[float, Range(...)]``, else the default's type); else ConfigError."""
         info = self.get(name)
         options = dict(options or {})
-        if options:
-            try:
-                parameters = inspect.signature(info.obj).parameters
-            except (TypeError, ValueError):
-                parameters = {}
-            takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-            named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-            accepted = [n for n, p in list(parameters.items())[len(args):] if p.kind in named and n not in kwargs]
-            unknown = sorted(set(options) - set(accepted))
-            if unknown and not takes_any:
-                raise ConfigError(
-                    f"{self.kind} '{name}' has no option '{unknown[0]}'; its options: {', '.join(accepted) or 'none'}"
-                )
-        return info.obj(*args, **kwargs, **options)
+        if not options:
+            return options
+        try:
+            parameters = inspect.signature(info.obj).parameters
+            hints = typing.get_type_hints(info.obj, include_extras=True)
+        except (TypeError, ValueError, NameError):
+            parameters, hints = {}, {}
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return options
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        accepted = {n: p for n, p in parameters.items() if p.kind in named and p.default is not inspect.Parameter.empty
+                    and n not in engine_args}
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ConfigError(
+                f"{self.kind} '{name}' has no option {shown(unknown[0])}; its options: {', '.join(accepted) or 'none'}"
+            )
+        owner = f"{self.kind} '{name}'"
+        return {k: checked_option(owner, k, v, hints.get(k), accepted[k].default) for k, v in options.items()}
+
+    def create(self, name: str, *args: Any, options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        """Call plugin ``name`` with ``args``/``kwargs`` from the engine plus the user's checked ``options``."""
+        options = self.check_options(name, options, tuple(kwargs))
+        return self.get(name).obj(*args, **kwargs, **options)
 
     def names(self) -> list[str]:
         self._load_entry_points()

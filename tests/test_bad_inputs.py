@@ -48,7 +48,7 @@ CASES = [
     (["--suncet-weight", "-1"], "suncet-weight must be >= 0"),
     (["--suncet-epochs", "500"], "suncet-epochs must be between 0 and epochs"),
     (["--classes-per-step", "20"], "--classes-per-step 20 is more than the 10 classes of digits"),
-    (["--images-per-class", "0"], "--classes-per-step and --images-per-class must be at least 1"),
+    (["--images-per-class", "0"], "images-per-class must be > 0 and at most 9223372036854775807, got 0 (from --images-per-class)"),
     (["--proj-dim", "0"], "proj-dim must be > 0"),
     (["--seed", "-1"], "seed must be >= 0"),
     (["--backend", "nope"], "unknown contrastive backend 'nope'"),

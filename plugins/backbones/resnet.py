@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
 from suncet.errors import ConfigError
-from suncet.registry import register_backbone
+from suncet.registry import Range, register_backbone
 
 
 class TorchvisionResNet(nn.Module):
@@ -78,7 +80,9 @@ class SmallResNet(nn.Module):
 
 
 @register_backbone("small_resnet", description="narrow ResNet for 8-32 px inputs on a CPU (width, blocks)")
-def small_resnet(*, in_channels: int, image_size: int, width: int = 32, blocks: int = 1) -> SmallResNet:
+def small_resnet(
+    *, in_channels: int, image_size: int, width: Annotated[int, Range(1, 4096)] = 32, blocks: Annotated[int, Range(1, 64)] = 1
+) -> SmallResNet:
     if width < 1 or blocks < 1:
         raise ConfigError(f"small_resnet needs width >= 1 and blocks >= 1, got width={width}, blocks={blocks}")
     return SmallResNet(in_channels, image_size, width, blocks)

@@ -22,7 +22,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from suncet.data.recipe import AugmentRecipe, CropSpec
 from suncet.data import ImageDataset
-from suncet.errors import ConfigError
+from suncet.errors import ConfigError, shown
 from suncet.data.image_batch import ImageBatch
 from suncet.registry import register_dataset
 
@@ -130,9 +130,9 @@ def imagefolder(
     if root is None:
         raise ConfigError("dataset imagefolder needs --data DIR holding train/<class>/ and val/<class>/ image folders")
     if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
-        raise ConfigError(f"imagefolder option size must be a positive integer (or null: no cap), got {size!r}")
+        raise ConfigError(f"imagefolder option size must be a positive integer (or null: no cap), got {shown(size)}")
     if decode_device not in DECODE_DEVICES:
-        raise ConfigError(f"imagefolder option decode_device must be one of {', '.join(DECODE_DEVICES)}, got {decode_device!r}")
+        raise ConfigError(f"imagefolder option decode_device must be one of {', '.join(DECODE_DEVICES)}, got {shown(decode_device)}")
     if decode_device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("imagefolder option decode_device=cuda: no CUDA device is available here")
     directory = Path(root).expanduser()

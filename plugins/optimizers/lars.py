@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch.optim import Optimizer
 
 from suncet.errors import ConfigError
-from suncet.registry import register_optimizer
+from suncet.registry import Range, register_optimizer
 
 
 class LARS(Optimizer):
@@ -54,5 +56,8 @@ class LARS(Optimizer):
 
 
 @register_optimizer("lars", description="LARS: layer-wise trust ratio, momentum; biases/norms excluded by type")
-def create_lars(param_groups, *, lr: float, weight_decay: float, momentum: float, trust_coefficient: float = 0.001) -> LARS:
+def create_lars(
+    param_groups, *, lr: float, weight_decay: float, momentum: float,
+    trust_coefficient: Annotated[float, Range(0, low_open=True)] = 0.001,
+) -> LARS:
     return LARS(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
-from suncet.registry import register_optimizer
+from suncet.registry import Range, register_optimizer
 
 
 def _plain(groups):
@@ -18,5 +20,8 @@ def create_sgd(param_groups, *, lr: float, weight_decay: float, momentum: float,
 
 
 @register_optimizer("adamw", description="AdamW (momentum sets beta1); no decay on biases/norms")
-def create_adamw(param_groups, *, lr: float, weight_decay: float, momentum: float, beta2: float = 0.999, eps: float = 1e-8) -> torch.optim.AdamW:
+def create_adamw(
+    param_groups, *, lr: float, weight_decay: float, momentum: float,
+    beta2: Annotated[float, Range(0, 1)] = 0.999, eps: Annotated[float, Range(0, low_open=True)] = 1e-8,
+) -> torch.optim.AdamW:
     return torch.optim.AdamW(_plain(param_groups), lr=lr, betas=(momentum, beta2), weight_decay=weight_decay, eps=eps)

@@ -38,7 +38,7 @@ from suncet.data.augment import BatchAugment, triton_augment_usable
 from suncet.data.recipe import AugmentRecipe
 from suncet.data import InMemoryImages
 from suncet.engine.rundir import write_json
-from suncet.errors import ConfigError
+from suncet.errors import ConfigError, shown
 from suncet.data.pipeline import DevicePipeline, StepPlan
 
 RESOLUTIONS = {32: 32, 96: 96, 224: 256}  # output side -> stored side of the source images
@@ -331,7 +331,7 @@ def _ints(text: str, option: str) -> list[int]:
     try:
         return [int(item) for item in text.split(",") if item.strip()]
     except ValueError:
-        raise ConfigError(f"{option} takes comma-separated integers, got {text!r}") from None
+        raise ConfigError(f"{option} takes comma-separated integers, got {shown(text)}") from None
 
 
 @click.command("data")

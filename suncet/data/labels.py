@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from suncet.errors import ConfigError
+from suncet.errors import ConfigError, shown
 
 if TYPE_CHECKING:
     from suncet.data import ImageDataset
@@ -44,7 +44,7 @@ def parse_label_spec(text: str) -> LabelSpec:
             raise ConfigError(f"--labels {text}: the count per class must be at least 1")
         return LabelSpec(value, per_class=count)
     raise ConfigError(
-        f"--labels {text!r} is not a label spec; use a percentage (10%, 1%, 0.5%, 0%, 100%) or a count per class (4/class)"
+        f"--labels {shown(text)} is not a label spec; use a percentage (10%, 1%, 0.5%, 0%, 100%) or a count per class (4/class)"
     )
 
 
@@ -111,7 +111,7 @@ def _indices(path: Path, entries: list[tuple[int, str]], train_size: int) -> Ten
     indices = []
     for number, entry in entries:
         if not entry.lstrip("-").isdigit():
-            raise ConfigError(f"{path}:{number}: expected a training index, got {entry!r}")
+            raise ConfigError(f"{path}:{number}: expected a training index, got {shown(entry)}")
         index = int(entry)
         if not 0 <= index < train_size:
             raise ConfigError(f"{path}:{number}: index {index} is outside the training set (0..{train_size - 1})")
@@ -148,7 +148,7 @@ def read_subset_file(path: Path, dataset: ImageDataset) -> Tensor:
         return _indices(path, entries, len(dataset.train))
     if any(numeric):
         number, entry = entries[numeric.index(True)]
-        raise ConfigError(f"{path}:{number}: {entry!r} is an index, but other lines are file names; use one kind per file")
+        raise ConfigError(f"{path}:{number}: {shown(entry)} is an index, but other lines are file names; use one kind per file")
     names = getattr(dataset.train, "names", None)
     if names is None:
         raise ConfigError(
@@ -164,10 +164,10 @@ def read_subset_file(path: Path, dataset: ImageDataset) -> Tensor:
     for number, entry in entries:
         matches = by_name.get(entry, [])
         if not matches:
-            raise ConfigError(f"{path}:{number}: no training image of dataset {dataset.name} is named {entry!r}")
+            raise ConfigError(f"{path}:{number}: no training image of dataset {dataset.name} is named {shown(entry)}")
         if len(matches) > 1:
             raise ConfigError(
-                f"{path}:{number}: {entry!r} names {len(matches)} training images ({names[matches[0]]}, "
+                f"{path}:{number}: {shown(entry)} names {len(matches)} training images ({names[matches[0]]}, "
                 f"{names[matches[1]]}, ...); write the class folder too, e.g. {names[matches[0]]}"
             )
         chosen.append(matches[0])

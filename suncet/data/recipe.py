@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from dataclasses import dataclass
 
-from suncet.errors import ConfigError
+from suncet.errors import ConfigError, shown
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,10 @@ def override_recipe(recipe: AugmentRecipe, overrides: dict) -> AugmentRecipe:
         crop = getattr(recipe, f"{which}_crop")
         size = values.pop(f"{which}_crop_size", crop.size)
         scale = values.pop(f"{which}_crop_scale", crop.scale)
-        if not (isinstance(size, int) and size > 0):
-            raise ConfigError(f"augment option {which}_crop_size must be a positive integer, got {size!r}")
+        if not (isinstance(size, int) and not isinstance(size, bool) and 0 < size <= 65536):
+            raise ConfigError(f"augment option {which}_crop_size must be a positive integer, got {shown(size)}")
         if not (isinstance(scale, (list, tuple)) and len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
-            raise ConfigError(f"augment option {which}_crop_scale must be [low, high] with 0 < low <= high <= 1, got {scale!r}")
+            raise ConfigError(f"augment option {which}_crop_scale must be [low, high] with 0 < low <= high <= 1, got {shown(scale)}")
         crops[f"{which}_crop"] = CropSpec(size, (float(scale[0]), float(scale[1])))
     fields = {f.name: f for f in dataclasses.fields(AugmentRecipe)}
     for key, value in values.items():
@@ -63,12 +64,14 @@ def override_recipe(recipe: AugmentRecipe, overrides: dict) -> AugmentRecipe:
         current = getattr(recipe, key)
         if isinstance(current, tuple):
             if not (isinstance(value, (list, tuple)) and len(value) == len(current)):
-                raise ConfigError(f"augment option {key} must be a list of {len(current)} numbers, got {value!r}")
+                raise ConfigError(f"augment option {key} must be a list of {len(current)} numbers, got {shown(value)}")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+                raise ConfigError(f"augment option {key} must be a list of {len(current)} finite numbers, got {shown(value)}")
             value = tuple(float(v) for v in value)
-        elif not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"augment option {key} must be a non-negative number, got {value!r}")
+        elif not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+            raise ConfigError(f"augment option {key} must be a finite non-negative number, got {shown(value)}")
         if key.endswith("_p") and value > 1:
-            raise ConfigError(f"augment option {key} is a probability, got {value!r}")
+            raise ConfigError(f"augment option {key} is a probability, got {shown(value)}")
         crops[key] = value
     return dataclasses.replace(recipe, **crops)
 

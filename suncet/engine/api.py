@@ -65,7 +65,7 @@ def train(
             raise TypeError("give either a TrainConfig or settings, not both")
         resolved = config
     elif config is not None or settings:
-        resolved = build_config(overrides={**(config or {}), **settings})
+        resolved = build_config(overrides={**(config or {}), **settings}, given_by="argument")
     else:
         resolved = None if resume not in (None, "auto") else build_config()
     start = start_or_resume(resolved, out, resume, overwrite, report=(console or Console()).print)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from suncet import distributed
 from suncet.config import TrainConfig, is_label_file
-from suncet.data import ConcatImages, ImageDataset, ImageSource
+from suncet.data import AugmentRecipe, ConcatImages, CropSpec, ImageDataset, ImageSource
 from suncet.data.labels import parse_label_spec, read_subset_file, select_labeled
 from suncet.data.pipeline import DevicePipeline, Pipeline
 from suncet.data.recipe import override_recipe
@@ -19,7 +19,7 @@ from suncet.data.sources import on_device
 from suncet.data.worker_pipeline import WorkerPipeline
 from suncet.errors import ConfigError
 from suncet.kernels import resolve_backend
-from suncet.methods import Method, MethodConfig
+from suncet.methods import Method, MethodConfig, parse_options
 from suncet.optim import parameter_groups
 from suncet.registry import BACKBONES, DATASETS, METHODS, OPTIMIZERS
 
@@ -40,6 +40,23 @@ class Run:
     unlabeled_sampler: UnlabeledSampler
     labeled_sampler: ClassStratifiedSampler | None
     backbone_args: dict  # what builds the backbone again without the dataset (load_backbone)
+
+
+# Stands in for the dataset's own recipe when augmentation overrides are checked before any
+# data is read (the launcher of a multi-process run checks them once, before workers start).
+_ANY_RECIPE = AugmentRecipe(CropSpec(224, (0.08, 1.0)), CropSpec(96, (0.05, 0.14)), 1.0, 0.5, (0.5,) * 3, (0.25,) * 3)
+
+
+def validate_plugins(config: TrainConfig) -> None:
+    """Every plugin named by ``config`` exists and takes its options (names, types, finite
+    numbers, declared ranges); nothing is built or read."""
+    method = METHODS.get(config.method).obj
+    if hasattr(method, "Options"):
+        parse_options(method.Options, config.method_options, method.__name__)
+    BACKBONES.check_options(config.backbone, config.backbone_options, ("in_channels", "image_size"))
+    OPTIMIZERS.check_options(config.optimizer, config.optimizer_options)
+    DATASETS.check_options(config.dataset, config.dataset_options, ("root", "download"))
+    override_recipe(_ANY_RECIPE, config.augment)
 
 
 def load_dataset(config: TrainConfig) -> ImageDataset:
@@ -87,6 +104,7 @@ def _labeled_sampler(config: TrainConfig, dataset: ImageDataset, labeled: Tensor
 
 
 def assemble(config: TrainConfig, run_dir: Path, labeled: Tensor | None = None) -> Run:
+    validate_plugins(config)
     device = distributed.init_from_environment(config.device)
     if config.sync_bn and distributed.world_size() > 1 and device.type != "cuda":
         raise ConfigError("--sync-bn with several processes needs CUDA devices (SyncBatchNorm has no CPU implementation)")

@@ -13,7 +13,7 @@ import torch
 
 from suncet import distributed
 from suncet.config import TrainConfig, renamed_keys
-from suncet.errors import CheckpointError
+from suncet.errors import CheckpointError, shown
 
 if TYPE_CHECKING:
     from suncet.data.pipeline import Pipeline
@@ -151,8 +151,8 @@ def check_compatible(config: TrainConfig, state: dict, source: Path) -> None:
     if differing:
         key = differing[0]
         raise CheckpointError(
-            f"checkpoint in {source} belongs to another configuration: {key} is {saved.get(key)!r} there "
-            f"but {current.get(key)!r} here" + (f" (and {len(differing) - 1} more)" if len(differing) > 1 else "")
+            f"checkpoint in {source} belongs to another configuration: {key} is {shown(saved.get(key))} there "
+            f"but {shown(current.get(key))} here" + (f" (and {len(differing) - 1} more)" if len(differing) > 1 else "")
         )
 
 
