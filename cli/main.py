@@ -33,8 +33,14 @@ class SuncetGroup(click.Group):
             if isinstance(exc, TrainingStopped):
                 err_console.print(escape(str(exc)), highlight=False, soft_wrap=True)
                 sys.exit(exc.exit_code)
-            code = exc.exit_code if isinstance(exc, SuncetError) else 1
-            detail = str(exc) if isinstance(exc, SuncetError) else f"{type(exc).__name__}: {exc}"
+            code = exc.exit_code if isinstance(exc, SuncetError) else 2 if isinstance(exc, OSError) else 1
+            if isinstance(exc, SuncetError):
+                detail = str(exc)
+            elif isinstance(exc, OSError) and exc.strerror:
+                # A file the user named that cannot be used: its path and the system's reason.
+                detail = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+            else:
+                detail = f"{type(exc).__name__}: {exc}"
             err_console.print(f"[red]error:[/red] {escape(detail)}", highlight=False, soft_wrap=True)
             sys.exit(code)
 

@@ -101,7 +101,7 @@ def train(config_file, out_dir, resume, overwrite, nproc_per_node, nnodes, print
         if config is not None:
             validate_plugins(config)
         if resume is None:
-            start_or_resume(config, out_dir, None, overwrite)
+            start_or_resume(config, out_dir, None, overwrite, lock=False)
         launch_torchrun(nproc_per_node)
     start = start_or_resume(config, out_dir, resume, overwrite, report=console.print)
     result = run_start(start, console)

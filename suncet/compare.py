@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from suncet.config import load_yaml
 from suncet.errors import ConfigError
 
 METRICS = ("linear_top1", "knn_top1")
@@ -22,8 +23,9 @@ X_AXES = {"epochs": "epoch", "images": "images_seen", "seconds": "train_seconds"
 DESCRIBING = ("method", "suncet_weight", "labels", "epochs", "dataset", "backbone", "tau", "batch_size")
 # Settings that change where or how a run executes, not what it learns: runs differing only in
 # these (and the seed) are seeds of one group.
-NOT_RECIPE = {"seed", "run_dir", "device", "data", "download", "num_workers", "data_pipeline", "kernel",
-              "checkpoint_every", "keep_checkpoints", "monitor_every", "probe_every", "final_eval", "deterministic"}
+NOT_RECIPE = {"seed", "run_dir", "device", "data", "download", "num_workers", "data_pipeline", "kernel", "backend",
+              "compile", "sync_every", "checkpoint_every", "keep_checkpoints", "monitor_every", "probe_every",
+              "final_eval", "deterministic"}
 
 
 @dataclass
@@ -53,14 +55,31 @@ def load_curve(run_dir: Path, metric: str) -> Curve:
     if not metrics.is_file() or not config.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (needs metrics.csv and config.yaml)")
     points = []
-    with open(metrics, newline="") as handle:
-        for row in csv.DictReader(handle):
-            if row.get(metric):
-                points.append((float(row["epoch"]), float(row["images_seen"]), float(row["train_seconds"]), float(row[metric])))
+    try:
+        with open(metrics, newline="", encoding="utf-8") as handle:
+            for line, row in enumerate(csv.DictReader(handle), start=2):
+                if row.get(metric):
+                    points.append(_point(metrics, line, row, metric))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"{metrics} is not a metrics file written by suncet ({str(exc)[:80]})") from None
     if not points:
         hint = " (train with --probe-every N to log it)" if metric == "linear_top1" else ""
         raise ConfigError(f"{metrics} has no {metric} values{hint}")
-    return Curve(run_dir, yaml.safe_load(config.read_text()) or {}, points)
+    settings = load_yaml(config)
+    return Curve(run_dir, settings, points)
+
+
+def _point(path: Path, line: int, row: dict, metric: str) -> tuple[float, float, float, float]:
+    """(epoch, images, seconds, metric) of a metrics row; a missing, malformed or non-finite value
+    is an error naming the file and line (a NaN must never pass for a best accuracy)."""
+    try:
+        values = tuple(float(row[k]) for k in ("epoch", "images_seen", "train_seconds", metric))
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"{path}:{line}: expected numbers in epoch, images_seen, train_seconds and {metric}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"{path}:{line}: {metric} or its epoch, images or seconds is not finite "
+                          f"({', '.join(f'{v:g}' for v in values)}): the run diverged; leave it out of the comparison")
+    return values
 
 
 def crossing(xs: list[float], ys: list[float], target: float) -> float | None:

@@ -259,12 +259,20 @@ def _check_type(key: str, value: Any, source: str | None = None) -> Any:
     raise ConfigError(f"config key '{key}' must be {names}, got {shown(value)}" + (f" (from {source})" if source else ""))
 
 
+MAX_YAML_BYTES = 1 << 20
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file of settings: at most 1 MiB of UTF-8 text, loaded safely (no Python objects)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ConfigError(f"config file {path} is {path.stat().st_size:,} bytes; a settings file is at most 1 MiB")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if data is None:
@@ -276,10 +284,9 @@ def load_yaml(path: Path) -> dict[str, Any]:
 
 def world_size_from_environment() -> int:
     """The number of processes torchrun started (1 outside torchrun)."""
-    text = os.environ.get("WORLD_SIZE", "1")
-    if not text.isdigit() or int(text) < 1:
-        raise ConfigError(f"environment variable WORLD_SIZE must be a positive integer, got {text[:80]!r}")
-    return int(text)
+    from suncet.distributed import launched_by_torchrun
+
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
 
 
 def _scale_learning_rates(values: dict[str, Any], given: set[str], world_size: int) -> None:
@@ -288,8 +295,8 @@ def _scale_learning_rates(values: dict[str, Any], given: set[str], world_size: i
     stated_for = values.get("lr_batch")
     if stated_for is None:
         return
-    if not isinstance(stated_for, int) or isinstance(stated_for, bool) or stated_for < 1:
-        raise ConfigError(f"lr-batch must be a positive integer, got {str(stated_for)[:80]!r}")
+    if not isinstance(stated_for, int) or isinstance(stated_for, bool) or not 1 <= stated_for <= 2**63 - 1:
+        raise ConfigError(f"lr-batch must be > 0 and at most {2**63 - 1}, got {shown(stated_for)}")
     batch = world_size * values.get("batch_size", TrainConfig.batch_size)
     for key in ("lr", "start_lr", "final_lr"):
         if key not in given or "lr_batch" in given:

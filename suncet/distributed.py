@@ -19,8 +19,24 @@ from suncet.errors import ConfigError
 GATHER_MODES = ("grad", "detached")
 
 
+_TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
 def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+    """Whether torchrun started this process; distributed variables left over in a shell (no
+    TORCHELASTIC_RUN_ID beside them) are refused at once instead of waiting for peers that never come."""
+    present = [name for name in _TORCHRUN_VARIABLES if name in os.environ]
+    if not present:
+        return False
+    if len(present) < len(_TORCHRUN_VARIABLES) or "TORCHELASTIC_RUN_ID" not in os.environ:
+        raise ConfigError(
+            f"environment variable{'s' if len(present) > 1 else ''} {', '.join(present)} set, but this process was not "
+            "started by torchrun; unset them, or start the run with --nproc-per-node or torchrun"
+        )
+    values = {name: os.environ[name] for name in _TORCHRUN_VARIABLES}
+    if not all(v.isdigit() for v in values.values()) or int(values["RANK"]) >= int(values["WORLD_SIZE"]):
+        raise ConfigError(f"torchrun's RANK, WORLD_SIZE, LOCAL_RANK must be integers with RANK < WORLD_SIZE, got {values}"[:200])
+    return True
 
 
 def resolve_device(name: str) -> torch.device:

@@ -30,9 +30,12 @@ class ConfigError(SuncetError):
 class CheckpointError(SuncetError):
     """A checkpoint that cannot be read, or belongs to another run or world size."""
 
+    exit_code = 2
 
-class NonFiniteLossError(SuncetError):
-    """Training met a NaN or inf loss (after any allowed skips); the last good checkpoint is kept."""
+
+class NonFiniteError(SuncetError):
+    """A NaN or inf where numbers must be finite: a training loss (after any allowed skips; the
+    last good checkpoint is kept) or the weights a run would be evaluated with."""
 
     exit_code = 3
 

@@ -100,7 +100,13 @@ def labels_text(indices: Tensor, spec_text: str) -> str:
 def _entries(path: Path) -> list[tuple[int, str]]:
     """(line number, entry) of each non-blank line, '#' comments removed."""
     entries = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"label file {path} is not UTF-8 text (byte {exc.start}): expected one index or file name a line") from None
+    except OSError as exc:
+        raise ConfigError(f"label file {path} cannot be read: {exc.strerror}") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         entry = line.split("#", 1)[0].strip()
         if entry:
             entries.append((number, entry))

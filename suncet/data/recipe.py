@@ -64,7 +64,7 @@ def override_recipe(recipe: AugmentRecipe, overrides: dict) -> AugmentRecipe:
         current = getattr(recipe, key)
         if isinstance(current, tuple):
             if not (isinstance(value, (list, tuple)) and len(value) == len(current)):
-                raise ConfigError(f"augment option {key} must be a list of {len(current)} numbers, got {shown(value)}")
+                raise ConfigError(f"augment option {key} must be a list of {len(current)} finite numbers, got {shown(value)}")
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
                 raise ConfigError(f"augment option {key} must be a list of {len(current)} finite numbers, got {shown(value)}")
             value = tuple(float(v) for v in value)

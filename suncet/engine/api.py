@@ -34,14 +34,18 @@ class RunResult:
 def run_start(start: Start, console: Console | None = None) -> RunResult:
     """Train from ``start`` (see ``start_or_resume``) and evaluate as the config asks (rank 0)."""
     try:
-        metrics = train_run(start.config, start.run_dir, state=start.checkpoint, console=console)
-    except TrainingStopped:
-        distributed.shutdown()  # every rank agreed to stop: no collective is pending
-        raise
-    metrics = metrics or last_metrics(start.run_dir)  # a finished run resumed trains nothing
-    main_process = distributed.is_main_process()
-    evaluation = final_evaluation(start.run_dir, start.config) if main_process else None
-    distributed.shutdown()
+        try:
+            metrics = train_run(start.config, start.run_dir, state=start.checkpoint, console=console)
+        except TrainingStopped:
+            distributed.shutdown()  # every rank agreed to stop: no collective is pending
+            raise
+        metrics = metrics or last_metrics(start.run_dir)  # a finished run resumed trains nothing
+        main_process = distributed.is_main_process()
+        evaluation = final_evaluation(start.run_dir, start.config) if main_process else None
+        distributed.shutdown()
+    finally:
+        if start.lock is not None:
+            start.lock.release()
     return RunResult(start.run_dir, start.config, metrics, evaluation, main_process)
 
 

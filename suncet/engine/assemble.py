@@ -67,10 +67,19 @@ def load_dataset(config: TrainConfig) -> ImageDataset:
 
 
 def choose_labeled(config: TrainConfig, dataset: ImageDataset) -> Tensor:
+    """The labeled subset's training indices; a spec that asks for labels but rounds to none of
+    this dataset's images is an error (0% is how to ask for none)."""
     if is_label_file(config.labels):
         return read_subset_file(Path(config.labels), dataset)
     spec = parse_label_spec(config.labels)
-    return select_labeled(dataset.train.labels, spec, dataset.num_classes, config.label_seed)
+    labeled = select_labeled(dataset.train.labels, spec, dataset.num_classes, config.label_seed)
+    if len(labeled) == 0 and (spec.fraction or spec.per_class):
+        smallest = 100 / len(dataset.train)
+        raise ConfigError(
+            f"--labels {config.labels} selects none of the {len(dataset.train)} training images of {dataset.name}; "
+            f"use 0% for no labels, or at least {smallest:.2g}%"
+        )
+    return labeled
 
 
 def backbone_args_of(config: TrainConfig, dataset: ImageDataset) -> dict:

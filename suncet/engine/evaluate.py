@@ -14,7 +14,7 @@ from suncet.engine import rundir
 from suncet.engine.assemble import Run, assemble, backbone_args_of, build_backbone, load_dataset
 from suncet.engine.protocols import extract_features, finetune, knn_classify, linear_probe, raw_pixel_baseline
 from suncet.engine.state import load_checkpoint
-from suncet.errors import ConfigError
+from suncet.errors import ConfigError, NonFiniteError
 
 PROTOCOLS = ("linear", "knn", "finetune")
 
@@ -22,7 +22,8 @@ PROTOCOLS = ("linear", "knn", "finetune")
 def evaluate_run(
     run: Run, protocol: str, labeled: Tensor | None = None, finetune_epochs: int | None = None, baseline: bool = False
 ) -> dict:
-    """Semi-supervised test accuracy with the labeled subset (all training labels when it is empty).
+    """Semi-supervised test accuracy with the labeled subset (an empty subset is an error: no
+    protocol may fall back on labels the run was not given).
 
     'knn' and 'linear' use frozen backbone features; 'finetune' is the paper's protocol: the whole
     backbone plus a zero-initialised linear layer trained on the labeled images (60 epochs when
@@ -32,8 +33,12 @@ def evaluate_run(
     if protocol not in PROTOCOLS:
         raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got '{protocol}'")
     dataset, device, backbone = run.dataset, run.device, run.method.backbone
-    labeled = run.labeled if labeled is None else labeled
-    bank = labeled if len(labeled) else torch.arange(len(dataset.train))
+    bank = run.labeled if labeled is None else labeled
+    if len(bank) == 0:
+        raise ConfigError(
+            "evaluation needs labeled images and this label subset has none (--labels 0%); "
+            "evaluate with some: suncet eval RUN --labels 10%"
+        )
     if protocol == "finetune":
         scores = finetune(backbone, dataset, bank, device, epochs=finetune_epochs, seed=run.config.seed)
     else:
@@ -61,10 +66,19 @@ def load_trained(run_dir: Path | str, device: str | None = None) -> Run:
     run_dir = Path(run_dir)
     config = _with_device(rundir.load_run_config(run_dir), device)
     state = load_checkpoint(run_dir / rundir.LAST_CHECKPOINT)
+    check_finite(state["model"], run_dir)
     run = assemble(config, run_dir, labeled=state["labeled"])
     run.method.load_state_dict(state["model"])
     run.method.eval()
     return run
+
+
+def check_finite(weights: dict[str, Tensor], run_dir: Path) -> None:
+    """Refuse weights holding NaN or inf: any accuracy measured on them would be meaningless."""
+    bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise NonFiniteError(f"the weights in {run_dir / rundir.LAST_CHECKPOINT} are not finite ({bad}); "
+                                 "the training diverged, there is nothing to evaluate")
 
 
 def load_backbone(run_dir: Path | str, device: str | torch.device = "cpu") -> nn.Module:
@@ -76,6 +90,7 @@ def load_backbone(run_dir: Path | str, device: str | torch.device = "cpu") -> nn
     run_dir = Path(run_dir)
     config = rundir.load_run_config(run_dir)
     state = load_checkpoint(run_dir / rundir.LAST_CHECKPOINT)
+    check_finite(state["model"], run_dir)
     args = state.get("backbone_args") or backbone_args_of(config, load_dataset(config))
     backbone = build_backbone(config, args)
     prefix = "backbone."
@@ -85,7 +100,7 @@ def load_backbone(run_dir: Path | str, device: str | torch.device = "cpu") -> nn
 
 def final_evaluation(run_dir: Path, config: TrainConfig) -> dict | None:
     """The evaluation a run asks for after training (``final_eval``), written to eval_<protocol>.json."""
-    if config.final_eval == "none":
+    if config.final_eval == "none" or len(rundir.read_labels(run_dir)) == 0:
         return None
     result = evaluate_run(load_trained(run_dir), config.final_eval, baseline=True)
     rundir.write_json(run_dir / f"eval_{config.final_eval}.json", result)

@@ -34,7 +34,7 @@ from suncet.engine.assemble import Run, assemble, make_pipeline, wrap_model
 from suncet.engine.evaluate import evaluate_run
 from suncet.engine.state import check_compatible, checkpoint_state, restore, save_rotating
 from suncet.engine.stopping import EXIT_PREEMPTED, StopRequests
-from suncet.errors import NonFiniteLossError, TrainingStopped
+from suncet.errors import NonFiniteError, TrainingStopped
 from suncet.methods import TrainBatch
 from suncet.optim import warmup_cosine
 
@@ -207,8 +207,8 @@ def step(loop: Loop, batch: TrainBatch) -> dict[str, Tensor] | None:
     return terms
 
 
-def nonfinite_error(loop: Loop, where: str) -> NonFiniteLossError:
-    return NonFiniteLossError(
+def nonfinite_error(loop: Loop, where: str) -> NonFiniteError:
+    return NonFiniteError(
         f"non-finite loss at epoch {loop.progress.epoch + 1}, {where}; stopped with the last good checkpoint kept in "
         f"{loop.run.run_dir / rundir.CHECKPOINTS} (--skip-nonfinite N skips up to N such steps)"
     )
@@ -286,6 +286,8 @@ def train_one_epoch(loop: Loop, epoch: int) -> tuple[dict, bool]:
 def monitor(run: Run, row: dict, epoch: int) -> None:
     """The kNN and linear-probe monitors due after ``epoch`` (0-based), into ``row``."""
     cfg, done = run.config, epoch + 1
+    if len(run.labeled) == 0:
+        return
     if cfg.monitor_every and (done % cfg.monitor_every == 0 or done == cfg.epochs):
         row["knn_top1"] = evaluate_run(run, "knn")["top1"]
     if cfg.probe_every and (done % cfg.probe_every == 0 or done == cfg.epochs):
@@ -334,6 +336,8 @@ def train(run: Run, state: dict | None = None, console: Console | None = None) -
         + (f" (for a global batch of {cfg.lr_batch})" if cfg.lr_batch else "")
         + f", backend {cfg.backend}, compile {cfg.compile} -> {run.run_dir}"
     )
+    if len(run.labeled) == 0 and (cfg.monitor_every or cfg.probe_every or cfg.final_eval != "none"):
+        console.print("no labeled images (--labels 0%): the kNN and linear monitors and the final evaluation are off")
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
     row: dict = {}
     with StopRequests(announce=console.print) as stop, ProgressBar(*columns, console=console, transient=True) as bar, \

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,7 @@ import torch
 
 from suncet import distributed
 from suncet.config import TrainConfig, renamed_keys
+from suncet.engine.files import fsync_directory, write_atomic
 from suncet.errors import CheckpointError, shown
 
 if TYPE_CHECKING:
@@ -23,28 +25,11 @@ LAST = "last.pt"
 _NUMBERED = re.compile(r"^step-(\d+)\.pt$")
 
 
-def _fsync_directory(directory: Path) -> None:
-    handle = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` so that ``path`` holds either the old or the new checkpoint, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
+    write_atomic(path, lambda handle: torch.save(state, handle))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -55,7 +40,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
+            reason = "it asks to run code, which a checkpoint never does (refused, nothing was run)"
+        else:
+            reason = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a checkpoint: {reason})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"checkpoint {path} is not a suncet training checkpoint")
@@ -80,14 +68,15 @@ def save_rotating(directory: Path, step: int, state: dict[str, Any], keep: int) 
     link.unlink(missing_ok=True)
     os.link(path, link)
     os.replace(link, directory / LAST)
-    _fsync_directory(directory)
+    fsync_directory(directory)
     for old in numbered_checkpoints(directory)[:-keep]:
         old.unlink()
     return path
 
 
-def newest_loadable(directory: Path, report=None) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint in ``directory`` that loads, skipping (and reporting) broken ones."""
+def newest_loadable(directory: Path, report=None, set_aside: bool = False) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``directory`` that loads, skipping (and reporting) broken ones;
+    with ``set_aside`` a broken one is renamed ``<name>.unreadable`` (kept, out of the rotation)."""
     candidates = [Path(directory) / LAST] + list(reversed(numbered_checkpoints(directory)))
     for path in candidates:
         if not path.is_file():
@@ -95,8 +84,10 @@ def newest_loadable(directory: Path, report=None) -> tuple[Path, dict[str, Any]]
         try:
             return path, load_checkpoint(path)
         except CheckpointError as exc:
+            if set_aside:
+                path.rename(path.with_name(path.name + ".unreadable"))
             if report is not None:
-                report(f"skipping {exc}")
+                report(f"skipping {exc}" + (f"; kept as {path.name}.unreadable" if set_aside else ""))
     return None
 
 
@@ -164,7 +155,7 @@ def find_checkpoint(directory: Path, fallback: bool, report=None) -> dict | None
     if not fallback and (directory / LAST).exists():
         return load_checkpoint(directory / LAST)
     # No last.pt yet: a crash between writing the first numbered checkpoint and linking it.
-    found = newest_loadable(directory, report)
+    found = newest_loadable(directory, report, set_aside=fallback)
     if found is None:
         return None
     path, state = found
