@@ -423,3 +423,31 @@ def test_a_second_training_into_the_same_folder_is_refused(tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+def test_a_full_disk_is_named_with_the_path_and_keeps_the_old_file(tmp_path):
+    import errno
+
+    from suncet.engine.files import DiskFullError, write_atomic
+
+    target = tmp_path / "metrics.csv"
+    target.write_text("old\n")
+
+    def fills_the_disk(handle):
+        handle.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFullError, match=f"no space left on device while writing {target}"):
+        write_atomic(target, fills_the_disk)
+    assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
+
+
+def test_unreadable_checkpoints_are_kept_aside_not_deleted(tmp_path):
+    from suncet.engine.state import newest_loadable
+
+    (tmp_path / "step-000000002.pt").write_bytes(b"truncated")
+    torch.save({"model": {}, "config": {}}, tmp_path / "step-000000001.pt")
+    reports = []
+    path, _ = newest_loadable(tmp_path, reports.append, set_aside=True)
+    assert path.name == "step-000000001.pt" and (tmp_path / "step-000000002.pt.unreadable").read_bytes() == b"truncated"
+    assert "kept as step-000000002.pt.unreadable" in reports[0]
