@@ -12,9 +12,10 @@ import yaml
 from suncet.compare import compare_table, crossing, group_runs, load_curve, slowest_best
 
 
-def fake_run(path, accuracies, seed=0, suncet_weight=1.0, images_per_epoch=100, seconds_per_epoch=2.0):
+def fake_run(path, accuracies, seed=0, suncet_weight=1.0, images_per_epoch=100, seconds_per_epoch=2.0, **settings):
     path.mkdir(parents=True)
-    (path / "config.yaml").write_text(yaml.safe_dump({"method": "simclr", "labels": "10%", "seed": seed, "suncet_weight": suncet_weight}))
+    config = {"method": "simclr", "labels": "10%", "seed": seed, "suncet_weight": suncet_weight, **settings}
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
     lines = ["epoch,step,loss,images_seen,train_seconds,knn_top1"]
     for epoch, acc in enumerate(accuracies, start=1):
         lines.append(f"{epoch},{epoch * 10},1.0,{epoch * images_per_epoch},{epoch * seconds_per_epoch},{acc}")
@@ -43,6 +44,14 @@ def test_table_speedups_against_the_slowest_group(tmp_path):
     assert rows["+ SuNCEt"]["seconds_speedup"] == pytest.approx(8 / 6)
     rows = {r["group"]: r for r in compare_table(groups, 0.97)}
     assert math.isnan(rows["+ SuNCEt"]["epochs"]) and rows["+ SuNCEt"]["epochs_reached"] == "0/1"
+
+
+def test_groups_are_named_by_their_actual_labeled_term(tmp_path):
+    curves = [
+        load_curve(fake_run(tmp_path / name, [0.5, 0.6], suncet_weight=weight, **extra), "knn_top1")
+        for name, weight, extra in [("off", 0.0, {}), ("half", 0.5, {}), ("full", 1.0, {}), ("ce", 1.0, {"label_loss": "ce"})]
+    ]
+    assert [g.label for g in group_runs(curves)] == ["no SuNCEt", "+ 0.5 x SuNCEt", "+ SuNCEt", "+ CE"]
 
 
 def test_seeds_form_one_group_with_mean_and_spread(tmp_path):

@@ -278,6 +278,9 @@ RESUME_CASES = [
     (["--resume", "auto"], "--resume auto needs --out RUN_DIR"),
     (["--resume", "{tmp}/plain"], "is not a run directory"),
     (["--nnodes", "2"], "--nnodes only sizes --print-config"),
+    (["--nproc-per-node", "2", "--tau", "nan"], "tau must be > 0 and finite"),
+    (["--nproc-per-node", "2", "--backbone-opt", "width=abc"], "option width of backbone 'small_resnet' must be int"),
+    (["--nproc-per-node", "2", "--out", "{tmp}/run"], "already holds a run"),
 ]
 
 
