@@ -431,6 +431,21 @@ def test_resolve_backend_explains_what_cannot_run():
             kernels.resolve_backend("cpu", "cuda")
 
 
+def test_backend_records_state_what_each_backend_takes():
+    from suncet.kernels.backends import BY_NAME, RECORDS
+
+    assert kernels.BACKENDS == tuple(record.name for record in RECORDS)
+    assert set(kernels.backend_status()) == set(kernels.BACKENDS)
+    cuda = torch.device("cuda")
+    assert "does not take torch.float32" in BY_NAME["cuda"].refuses(cuda, torch.float32, 128)
+    assert "D <= 256" in BY_NAME["triton"].refuses(cuda, torch.bfloat16, 512)
+    assert BY_NAME["triton"].refuses(cuda, torch.bfloat16, 256) == ""
+    assert "CUDA tensors" in BY_NAME["cuda"].refuses(torch.device("cpu"), torch.bfloat16, 128)
+    assert BY_NAME["reference"].refuses(torch.device("meta"), torch.float64, 10**6) == ""
+    # auto never picks a fused backend that refuses the inputs, whatever runs on this machine
+    assert kernels.resolve_backend("auto", "cpu", torch.int32) == "reference"
+
+
 @needs_cpu_kernels
 def test_losses_module_runs_on_the_cpu_backend():
     from suncet.losses.contrastive import nt_xent, suncet_loss

@@ -14,77 +14,23 @@ only O(M) statistics for the backward, and are torch custom ops (suncet/kernels/
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
 from torch import Tensor
 
 from suncet.errors import ConfigError
+from suncet.kernels.backends import BY_NAME, RECORDS
 from suncet.kernels.op import MultiPositive
 from suncet.kernels.reference import multi_positive_reference
 
-BACKENDS = ("cpu", "triton", "cuda", "reference")
+BACKENDS = tuple(record.name for record in RECORDS)
 MAX_KEY_SETS = 2
-MAX_GPU_DIM = 256  # the GPU kernels hold a [rows, D] tile on chip
-
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
-_DTYPES = {
-    "cpu": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
-    "triton": (torch.float32, torch.bfloat16, torch.float16),
-    "cuda": (torch.bfloat16,),
-}
-
-
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _triton_status() -> tuple[bool, str]:
-    if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed"
-    if not torch.cuda.is_available() and not _triton_interpreting():
-        return False, "no CUDA device (TRITON_INTERPRET=1 runs the kernels in the slow CPU interpreter)"
-    try:
-        import triton
-
-        from suncet.kernels import triton_kernels
-    except Exception as exc:  # a triton that cannot compile our kernels must not break the package
-        return False, f"Triton kernels do not import: {type(exc).__name__}: {exc}"
-    if torch.cuda.is_available():
-        where = torch.cuda.get_device_name()
-        return True, f"Triton {triton.__version__} on {where}, fp32 dots as {triton_kernels.fp32_precision()}"
-    return True, f"Triton {triton.__version__} interpreter (TRITON_INTERPRET=1) on CPU tensors: slow, for tests"
 
 
 @functools.lru_cache(maxsize=1)
 def backend_status() -> dict[str, tuple[bool, str]]:
     """For each backend: whether it can run on this machine, and why (not)."""
-    from suncet.kernels import cpu, cuda
-
-    return {
-        "cpu": cpu.status(),
-        "triton": _triton_status(),
-        "cuda": cuda.status(),
-        "reference": (True, "PyTorch, any device; materialises the N x N matrix (the oracle)"),
-    }
-
-
-def _takes(name: str, device: torch.device, dtype: torch.dtype | None, dim: int | None) -> str:
-    """Why backend ``name`` cannot take [*, dim] tensors of ``dtype`` on ``device`` ('' when it can)."""
-    if name == "reference":
-        return ""
-    if name == "cpu" and device.type != "cpu":
-        return f"it takes CPU tensors, not {device.type}"
-    if name == "cuda" and device.type != "cuda":
-        return f"it takes CUDA tensors, not {device.type}"
-    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and _triton_interpreting()):
-        return f"it takes CUDA tensors, not {device.type} (unless TRITON_INTERPRET=1)"
-    if dtype is not None and dtype not in _DTYPES[name]:
-        return f"it does not take {dtype} (takes {', '.join(str(t).removeprefix('torch.') for t in _DTYPES[name])})"
-    if name in ("triton", "cuda") and dim is not None and dim > MAX_GPU_DIM:
-        return f"it takes D <= {MAX_GPU_DIM}, got {dim}"
-    return ""
+    return {record.name: record.status() for record in RECORDS}
 
 
 def resolve_backend(
@@ -92,24 +38,26 @@ def resolve_backend(
 ) -> str:
     """The backend that ``name`` (a backend or ``auto``) selects for tensors on ``device``.
 
-    ``auto`` picks the best usable one: on CPU tensors ``cpu`` when the extension has the
-    kernels, else ``reference``; on CUDA tensors ``triton``, else ``cuda``, else ``reference``
-    (skipping any that does not take ``dtype`` or width ``dim``, when given). An explicit
-    backend that cannot run raises ConfigError with the reason.
+    ``auto`` picks the first record (suncet/kernels/backends.py) that may be chosen on this
+    device type, runs here and takes ``dtype`` and width ``dim`` (when given): ``cpu`` then
+    ``reference`` on CPU tensors, ``triton``, ``cuda``, ``reference`` on CUDA tensors. An
+    explicit backend that cannot run raises ConfigError with the reason.
     """
     if name not in (*BACKENDS, "auto"):
         raise ConfigError(f"unknown kernel backend '{name}'; choose one of auto, {', '.join(BACKENDS)}")
     device = torch.device(device)
     status = backend_status()
     if name == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-            if status[candidate][0] and not _takes(candidate, device, dtype, dim):
-                return candidate
+        for record in RECORDS:
+            if record.auto_devices is not None and device.type not in record.auto_devices:
+                continue
+            if status[record.name][0] and not record.refuses(device, dtype, dim):
+                return record.name
         return "reference"
     usable, reason = status[name]
     if not usable:
         raise ConfigError(f"kernel backend '{name}' cannot run here: {reason}")
-    why_not = _takes(name, device, dtype, dim)
+    why_not = BY_NAME[name].refuses(device, dtype, dim)
     if why_not:
         raise ConfigError(f"kernel backend '{name}' cannot run these inputs: {why_not}")
     return name

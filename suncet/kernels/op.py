@@ -20,21 +20,11 @@ pass over ``(G + G^T) z``) and no gradient for k.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-_BACKEND_MODULES = {
-    "cpu": "suncet.kernels.cpu",
-    "triton": "suncet.kernels.triton_kernels",
-    "cuda": "suncet.kernels.cuda",
-}
-
-
-def _backend(name: str):
-    return importlib.import_module(_BACKEND_MODULES[name])
+from suncet.kernels.backends import BY_NAME
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -42,13 +32,13 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _forward(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower, backend):
-    return _backend(backend).forward(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower)
+    return BY_NAME[backend].forward(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower)
 
 
 def _backward(
     grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower, backend
 ):
-    return _backend(backend).backward(
+    return BY_NAME[backend].backward(
         grad_loss.contiguous(), q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau,
         one_tower,
     )  # fmt: skip
