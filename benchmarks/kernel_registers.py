@@ -49,17 +49,45 @@ def _types(kernel, dtype: str) -> dict[str, str]:
             "inv_tau": "fp32"}  # fmt: skip
 
 
-def _main_loop(sass: str) -> collections.Counter:
+def _main_loop(sass: str) -> tuple[collections.Counter, collections.Counter]:
+    """Opcodes of the main loop (the longest span that branches back to its start and holds a
+    tensor-core product), all of them and those on its shortest path: the tile that takes no
+    runtime branch into optional work, i.e. a full, group-uniform tile off the self diagonal."""
     lines = sass.splitlines()
     labels = {line.strip().rstrip(":"): i for i, line in enumerate(lines) if re.match(r"^\s*\.L_x_\d+:", line)}
-    best: list[str] = []
+    span = (0, -1)
     for i, line in enumerate(lines):
         target = re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)
         if target and labels.get(target.group(1), i) < i:
-            body = lines[labels[target.group(1)] : i + 1]
-            if any("HGMMA" in b for b in body) and len(body) > len(best):
-                best = body
-    return collections.Counter(m.group(1) for m in map(_INSTRUCTION.search, best) if m)
+            start = labels[target.group(1)]
+            if any("HGMMA" in b for b in lines[start : i + 1]) and i - start > span[1] - span[0]:
+                span = (start, i)
+    body = [(i, m.group(1)) for i in range(span[0], span[1] + 1) if (m := _INSTRUCTION.search(lines[i]))]
+    every = collections.Counter(op for _, op in body)
+    if not body:
+        return every, every
+    # Shortest path (fewest instructions) from the loop's first instruction to its back branch:
+    # each instruction falls through to the next unless it is an unconditional branch, and a
+    # branch also leads to its target.
+    label_at = {name: next((n for n, (line, _) in enumerate(body) if line > at), len(body)) for name, at in labels.items()}
+    best = [None] * len(body)
+    best[0] = [0]
+    for n in range(len(body)):  # forward branches only inside the span, so one sweep suffices
+        if best[n] is None:
+            continue
+        text = lines[body[n][0]]
+        target = re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)
+        successors = []
+        unconditional = target and not re.search(r"@!?U?P[T0-9]+\s+BRA", text)
+        if not unconditional and n + 1 < len(body):
+            successors.append(n + 1)
+        if target and label_at.get(target.group(1), -1) > n:
+            successors.append(label_at[target.group(1)])
+        for succ in successors:
+            if succ < len(body) and (best[succ] is None or len(best[n]) + 1 < len(best[succ])):
+                best[succ] = best[n] + [succ]
+    path = best[-1] or list(range(len(body)))
+    return every, collections.Counter(body[n][1] for n in path)
 
 
 def analyse(kernel, dtype: str, constants: dict, tile: tuple[int, int, int, int]) -> dict:
@@ -82,7 +110,8 @@ def analyse(kernel, dtype: str, constants: dict, tile: tuple[int, int, int, int]
         ).stderr
         sass = subprocess.run([_TOOLS / "nvdisasm", "-c", cubin], capture_output=True, text=True, check=True).stdout
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
-    loop = _main_loop(sass)
+    loop, fast = _main_loop(sass)
+    entries = block_m * block_n / (32 * warps)  # similarity entries per thread and column tile
     return {
         "tile": list(tile),
         "registers": registers,
@@ -91,6 +120,9 @@ def analyse(kernel, dtype: str, constants: dict, tile: tuple[int, int, int, int]
         "loop_instructions": sum(loop.values()),
         "loop_exp2": loop["MUFU"],
         "loop_tensor_core": loop["HGMMA"],
+        "fast_path_instructions": sum(fast.values()),
+        "instructions_per_entry": round(sum(fast.values()) / entries, 2),
+        "exp2_per_entry": round(fast["MUFU"] / entries, 2),
     }
 
 
@@ -112,10 +144,13 @@ def main() -> None:
             constants = {**common, "BOUNDED": bounded, "ROW_SIDE": True, "COL_SIDE": True}
             rows.append({"kernel": f"one-tower backward ({mode})", **analyse(tk._backward_kernel, dtype, constants, tile)})
     print(f"sm_90, D = 128, {args.dtype}, P = {args.sets}, triton {triton.__version__}; tile = (BLOCK_M, BLOCK_N, warps, stages)")
-    print(f"{'kernel':34} {'tile':18} {'regs':>5} {'spill':>6} {'progs/SM':>8} {'loop instr':>10} {'exp2':>5} {'wgmma':>6}")
+    print(f"{'kernel':34} {'tile':18} {'regs':>5} {'spill':>6} {'progs/SM':>8} {'loop instr':>10} {'exp2':>5} "
+          f"{'wgmma':>6} {'fast path':>9} {'instr/entry':>11} {'exp2/entry':>10}")  # fmt: skip
     for r in rows:
         print(f"{r['kernel']:34} {tuple(r['tile'])!s:18} {r['registers']:5d} {r['spill_bytes']:6d} "
-              f"{r['programs_per_sm_by_registers']:8d} {r['loop_instructions']:10d} {r['loop_exp2']:5d} {r['loop_tensor_core']:6d}")  # fmt: skip
+              f"{r['programs_per_sm_by_registers']:8d} {r['loop_instructions']:10d} {r['loop_exp2']:5d} "
+              f"{r['loop_tensor_core']:6d} {r['fast_path_instructions']:9d} {r['instructions_per_entry']:11.2f} "
+              f"{r['exp2_per_entry']:10.2f}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"target": "sm_90", "dtype": args.dtype, "sets": args.sets, "rows": rows}, indent=2))
 

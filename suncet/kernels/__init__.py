@@ -20,7 +20,7 @@ from torch import Tensor
 
 from suncet.errors import ConfigError
 from suncet.kernels.backends import BY_NAME, RECORDS
-from suncet.kernels.op import MultiPositive
+from suncet.kernels.op import MultiPositive, MultiPositiveMean, traced
 from suncet.kernels.reference import multi_positive_reference
 
 BACKENDS = tuple(record.name for record in RECORDS)
@@ -82,6 +82,22 @@ def _key_sets(name: str, keys: Tensor, rows: int) -> Tensor:
     return keys.reshape(rows, -1).to(torch.long).contiguous()
 
 
+def _prepare(q, k, row_keys, col_keys, row_groups, col_groups, backend):
+    """Checked inputs of the op: (backend, single, row keys [M, P], column keys [N, P], row
+    groups, column groups), the keys and groups as int64."""
+    if q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1]:
+        raise ValueError(f"q and k must be [rows, D] with the same D, got {tuple(q.shape)} and {tuple(k.shape)}")
+    name = resolve_backend(backend, q.device, q.dtype, q.shape[1])
+    rows, cols = q.shape[0], k.shape[0]
+    if q.dtype != k.dtype:
+        raise ValueError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    rk, ck = _key_sets("row_keys", row_keys, rows), _key_sets("col_keys", col_keys, cols)
+    if rk.shape[1] != ck.shape[1] or rk.shape[1] > MAX_KEY_SETS:
+        raise ValueError(f"row and column keys must have the same number (<= {MAX_KEY_SETS}) of key sets")
+    rg, cg = row_groups.reshape(rows).to(torch.long).contiguous(), col_groups.reshape(cols).to(torch.long).contiguous()
+    return name, row_keys.dim() == 1, rk, ck, rg, cg
+
+
 def multi_positive(
     q: Tensor,
     k: Tensor,
@@ -105,18 +121,12 @@ def multi_positive(
     cpu backend). Per-row weights: multiply the returned losses; the upstream gradient of each
     row then carries its weight into the backward. When ``k is q`` the fused backends use the
     one-tower backward (one pass, no atomics).
+
+    Non-finite inputs: every backend returns a NaN loss for a row of q holding a NaN or an inf,
+    valid or not, and a non-finite gradient; a non-finite row of k makes the losses of the rows
+    that see it (cpu: of all rows) NaN, and, where no row sees it, still one row tile's.
     """
-    if q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1]:
-        raise ValueError(f"q and k must be [rows, D] with the same D, got {tuple(q.shape)} and {tuple(k.shape)}")
-    name = resolve_backend(backend, q.device, q.dtype, q.shape[1])
-    rows, cols = q.shape[0], k.shape[0]
-    if q.dtype != k.dtype:
-        raise ValueError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
-    single = row_keys.dim() == 1
-    rk, ck = _key_sets("row_keys", row_keys, rows), _key_sets("col_keys", col_keys, cols)
-    if rk.shape[1] != ck.shape[1] or rk.shape[1] > MAX_KEY_SETS:
-        raise ValueError(f"row and column keys must have the same number (<= {MAX_KEY_SETS}) of key sets")
-    rg, cg = row_groups.reshape(rows).to(torch.long).contiguous(), col_groups.reshape(cols).to(torch.long).contiguous()
+    name, single, rk, ck, rg, cg = _prepare(q, k, row_keys, col_keys, row_groups, col_groups, backend)
     if name == "reference":
         outs = [
             multi_positive_reference(q, k, rk[:, p], ck[:, p], rg, cg, self_offset, tau) for p in range(rk.shape[1])
@@ -131,3 +141,44 @@ def multi_positive(
     if single:
         return loss[:, 0], valid[:, 0]
     return loss, valid
+
+
+def multi_positive_mean(
+    q: Tensor,
+    k: Tensor,
+    row_keys: Tensor,
+    col_keys: Tensor,
+    row_groups: Tensor,
+    col_groups: Tensor,
+    self_offset: int,
+    tau: float,
+    boundary: int | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, ...]:
+    """Masked means of ``multi_positive``'s losses: the mean over the valid rows of
+    [0, boundary) and, when ``boundary`` is given, of [boundary, M); one output per segment,
+    a scalar for 1-D keys, else [P]. A segment without a valid row gives 0 with zero gradient;
+    a non-finite loss, even an invalid row's, makes its segment's mean non-finite.
+
+    Backends with fused means (triton) reduce inside the kernels: one forward launch plus a
+    small finishing one, one backward launch with one tower, no PyTorch kernel in between.
+    """
+    name, single, rk, ck, rg, cg = _prepare(q, k, row_keys, col_keys, row_groups, col_groups, backend)
+    rows = q.shape[0]
+    end = rows if boundary is None else int(boundary)
+    if not 0 <= end <= rows:
+        raise ValueError(f"boundary must be within [0, {rows}], got {boundary}")
+    segments = 1 if boundary is None else 2
+    if BY_NAME[name].forward_mean is not None and not traced(q):
+        one_tower = k is q
+        return MultiPositiveMean.apply(
+            q, None if one_tower else k, rk, None if col_keys is row_keys else ck, rg,
+            None if col_groups is row_groups else cg, int(self_offset), float(tau), one_tower, end, segments, single,
+            name,
+        )  # fmt: skip
+    loss, valid = multi_positive(
+        q, k, rk, rk if col_keys is row_keys else ck, rg, rg if col_groups is row_groups else cg, self_offset, tau, name
+    )
+    parts = [(loss, valid)] if boundary is None else [(loss[:end], valid[:end]), (loss[end:], valid[end:])]
+    means = tuple((part * ok).sum(0) / ok.sum(0).clamp(min=1) for part, ok in parts)
+    return tuple(m[0] for m in means) if single else means

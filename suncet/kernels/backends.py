@@ -22,7 +22,9 @@ class Backend:
     may pick it (None: any; the records' order is ``auto``'s preference). ``dtypes`` (None: any) and
     ``max_dim`` (None: any D) bound its inputs. ``status()`` says whether it can run on this
     machine and why (not). ``forward``/``backward`` are the fused entry points behind the custom
-    ops (None for the reference, which autograd differentiates).
+    ops (None for the reference, which autograd differentiates); ``forward_mean``/
+    ``backward_mean``, where present, also reduce the losses to their masked means inside the
+    kernels (suncet/kernels/op.py, MultiPositiveMean).
     """
 
     name: str
@@ -34,6 +36,8 @@ class Backend:
     status: Callable[[], tuple[bool, str]]
     forward: Callable | None = None
     backward: Callable | None = None
+    forward_mean: Callable | None = None
+    backward_mean: Callable | None = None
 
     def refuses(self, device: torch.device, dtype: torch.dtype | None, dim: int | None) -> str:
         """Why this backend cannot take [*, dim] tensors of ``dtype`` on ``device`` ('' when it can)."""
@@ -106,6 +110,18 @@ def _triton_backward(*args):
     return triton_kernels.backward(*args)
 
 
+def _triton_forward_mean(*args):
+    from suncet.kernels import triton_kernels
+
+    return triton_kernels.forward_mean(*args)
+
+
+def _triton_backward_mean(*args):
+    from suncet.kernels import triton_kernels
+
+    return triton_kernels.backward_mean(*args)
+
+
 def _cuda_forward(*args):
     from suncet.kernels import cuda
 
@@ -140,6 +156,8 @@ RECORDS: tuple[Backend, ...] = (
         status=_triton_status,
         forward=_triton_forward,
         backward=_triton_backward,
+        forward_mean=_triton_forward_mean,
+        backward_mean=_triton_backward_mean,
     ),
     Backend(
         name="cuda",
