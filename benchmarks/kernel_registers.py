@@ -6,10 +6,12 @@ pointers, D divisible by 16), assembles the PTX with Triton's ``ptxas`` and disa
 cubin with its ``nvdisasm``. Per configuration it reports the registers a thread, the spill
 stores, about how many programs fit on a multiprocessor by registers (65,536 of them), and the
 SASS instructions of the main loop as laid out: the longest span that ends in a branch back to
-its start and holds a tensor-core product (masked path included).
+its start and holds a tensor-core product (masked path included); then, per similarity entry a
+thread holds (BLOCK_M x BLOCK_N / threads), the instructions and exponentials (MUFU) on the
+loop's shortest path, the one a full, group-uniform tile off the self diagonal takes.
 Static figures: what they predict about speed is for kernel_anatomy.py to confirm on a card.
 
-    python benchmarks/kernel_registers.py [--json FILE] [--dtype bf16] [--sets 2]
+    python benchmarks/kernel_registers.py [--json FILE] [--dtype bf16] [--sets 2] [--upstream mean]
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
 
 from suncet.kernels import triton_kernels as tk
 
 _ALIGNED = {
     "q_ptr", "k_ptr", "row_keys_ptr", "col_keys_ptr", "row_groups_ptr", "col_groups_ptr", "partial_ptr", "loss_ptr",
-    "valid_ptr", "lse_all_ptr", "lse_pos_ptr", "a_ptr", "b_ptr", "out_ptr", "grad_ptr", "D",
+    "valid_ptr", "lse_all_ptr", "lse_pos_ptr", "a_ptr", "b_ptr", "out_ptr", "grad_ptr", "gmean0_ptr", "gmean1_ptr",
+    "means_ptr", "D",
 }  # fmt: skip
 _TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
@@ -44,9 +48,9 @@ def _types(kernel, dtype: str) -> dict[str, str]:
         return {"q_ptr": dtype, "k_ptr": dtype, **ids, "partial_ptr": "*fp32", "loss_ptr": "*fp32",
                 "valid_ptr": "*i1", **stats, "M": "i32", "N": "i32", "D": "i32", "self_offset": "i32",
                 "scale2": "fp32"}  # fmt: skip
-    return {"a_ptr": dtype, "b_ptr": dtype, "out_ptr": dtype, "grad_ptr": "*fp32", **stats, **ids,
-            "A_COUNT": "i32", "B_COUNT": "i32", "D": "i32", "self_offset": "i32", "scale2": "fp32",
-            "inv_tau": "fp32"}  # fmt: skip
+    return {"a_ptr": dtype, "b_ptr": dtype, "out_ptr": dtype, "grad_ptr": "*fp32", "gmean0_ptr": "*fp32",
+            "gmean1_ptr": "*fp32", "means_ptr": "*fp32", **stats, **ids, "A_COUNT": "i32", "B_COUNT": "i32",
+            "D": "i32", "self_offset": "i32", "boundary": "i32", "scale2": "fp32", "inv_tau": "fp32"}  # fmt: skip
 
 
 def _main_loop(sass: str) -> tuple[collections.Counter, collections.Counter]:
@@ -95,6 +99,8 @@ def analyse(kernel, dtype: str, constants: dict, tile: tuple[int, int, int, int]
     constants = {**constants, "BLOCK_M": block_m, "BLOCK_N": block_n}
     types = _types(kernel, dtype)
     fn = kernel.fn
+    while not isinstance(fn, JITFunction):  # through the autotuner and heuristics wrappers
+        fn = fn.fn
     source = ASTSource(
         fn=fn,
         signature={**types, **{name: "constexpr" for name in constants}},
@@ -131,19 +137,26 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--sets", type=int, default=2, choices=[1, 2], help="positive-key sets (P)")
+    parser.add_argument(
+        "--upstream", default="mean", choices=["mean", "rows"],
+        help="the backward's upstream gradient: of the fused masked means (the losses' path) or per row",
+    )  # fmt: skip
     args = parser.parse_args()
     dtype, rows = f"*{args.dtype}", []
+    # One tower, N a multiple of the tile (EVEN_N), keys and groups shared by rows and columns.
     common = {"P": args.sets, "BLOCK_D": 128, "EVEN_D": True, "PRECISION": "tf32"}
+    mean = {"MEAN": args.upstream == "mean", "HAS": 1 if args.upstream == "mean" else 0}
     for bounded in (True, False):
         mode = "bounded" if bounded else "running maxima"
         for tile in tk._FORWARD_TABLE[128]:
-            row = analyse(tk._forward_kernel, dtype, {**common, "BOUNDED": bounded}, tile)
-            rows.append({"kernel": f"forward ({mode})", **row})
-        table = tk._BOUNDED_BACKWARD_TABLE if bounded else tk._BACKWARD_TABLE
-        for tile in table[128]:
-            constants = {**common, "BOUNDED": bounded, "ROW_SIDE": True, "COL_SIDE": True}
+            constants = {**common, "BOUNDED": bounded, "INVERSE": bounded, "CHECK_K": False, "EVEN_N": True}
+            rows.append({"kernel": f"forward ({mode})", **analyse(tk._forward_kernel, dtype, constants, tile)})
+        for tile in tk.backward_tiles(128, bounded):
+            constants = {**common, **mean, "BOUNDED": bounded, "ROW_SIDE": True, "COL_SIDE": True, "SYMMETRIC": True,
+                         "EVEN_N": True}  # fmt: skip
             rows.append({"kernel": f"one-tower backward ({mode})", **analyse(tk._backward_kernel, dtype, constants, tile)})
-    print(f"sm_90, D = 128, {args.dtype}, P = {args.sets}, triton {triton.__version__}; tile = (BLOCK_M, BLOCK_N, warps, stages)")
+    print(f"sm_90, D = 128, {args.dtype}, P = {args.sets}, backward upstream: {args.upstream}, "
+          f"triton {triton.__version__}; tile = (BLOCK_M, BLOCK_N, warps, stages)")  # fmt: skip
     print(f"{'kernel':34} {'tile':18} {'regs':>5} {'spill':>6} {'progs/SM':>8} {'loop instr':>10} {'exp2':>5} "
           f"{'wgmma':>6} {'fast path':>9} {'instr/entry':>11} {'exp2/entry':>10}")  # fmt: skip
     for r in rows:
@@ -152,7 +165,8 @@ def main() -> None:
               f"{r['loop_tensor_core']:6d} {r['fast_path_instructions']:9d} {r['instructions_per_entry']:11.2f} "
               f"{r['exp2_per_entry']:10.2f}")  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"target": "sm_90", "dtype": args.dtype, "sets": args.sets, "rows": rows}, indent=2))
+        report = {"target": "sm_90", "dtype": args.dtype, "sets": args.sets, "upstream": args.upstream, "rows": rows}
+        args.json.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -449,6 +449,23 @@ def test_triton_interpreter_fused_means_match_float64(triton_interpreter, layout
 
 
 @pytest.mark.parametrize("tau", [0.1, 0.02])
+def test_triton_interpreter_ids_beyond_fp32_take_the_exact_path(triton_interpreter, tau):
+    # Fast tiles compare ids as fp32, exact up to 2^24: keys that differ only above that (same
+    # low words, or equal after rounding to fp32) must still be told apart.
+    gen = torch.Generator().manual_seed(23)
+    q, _, rk, _, _, _, _ = make_problem("one_tower", 40, 16, 2, gen, classes=3)
+    rows = torch.arange(40)
+    rk = rk + torch.stack([(rows % 2) * 2**32, (rows % 3 == 0) * 1 + 2**24], 1)
+    groups = torch.full((40,), 2**40, dtype=torch.long)
+    grad = torch.randn(40, 2, generator=gen, dtype=torch.float64)
+    loss, valid, dq, _ = run_backend("triton", q.float(), None, rk, rk, groups, groups, 0, tau, grad)
+    want = oracle(q, q, rk, rk, groups, groups, 0, tau, grad)
+    np.testing.assert_array_equal(valid.numpy(), want[1])
+    assert np.abs(loss.double().numpy() - want[0]).max() <= 1e-4 * max(1.0, np.abs(want[0]).max())
+    assert rel(dq.double().numpy(), want[2] + want[3]) <= 1e-4
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.02])
 def test_triton_interpreter_fused_means_merge_splits_and_repeat_exactly(triton_interpreter, tau):
     # The finishing kernel merges column splits and reduces the blocks' sums after an int32
     # ticket; the ticket is reset for the next call, so a second call must agree bitwise.
@@ -536,8 +553,8 @@ def test_triton_interpreter_in_subprocess():
     rerun_under_triton_interpreter(
         __file__,
         "interpreter_matches or interpreter_split or interpreter_extreme or interpreter_special"
-        " or interpreter_fused or interpreter_non_finite",
-        passed=len(TRITON_CASES) + 4 + len(MEAN_CASES) + 2 + 1,
+        " or interpreter_fused or interpreter_non_finite or interpreter_ids",
+        passed=len(TRITON_CASES) + 4 + len(MEAN_CASES) + 2 + 1 + 2,
     )
 
 

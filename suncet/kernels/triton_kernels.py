@@ -142,51 +142,61 @@ def _tile_group_range(groups_ptr, idx, ok):
 
 
 @triton.jit
-def _high_word(keys):
-    return (keys >> 32).to(tl.int32)
+def _wide(x, ok):
+    """1 where some ``ok`` value of int64 ``x`` is not exact in fp32 (|x| > 2^24), else 0."""
+    return tl.max((ok & ((x < -16777216) | (x > 16777216))).to(tl.int32), 0)
+
+
+@triton.jit
+def _match(row_keys, col_keys):
+    """1.0 where a row's key equals a column's, else 0.0, for integer keys exact in fp32:
+    saturate(1 - |difference|). Arithmetic, not a predicate per entry: with 2 key sets and 32
+    entries a thread, predicates outnumber the predicate registers and get packed into
+    general ones and unpacked again, which costs more than the comparison."""
+    return tl.clamp(1.0 - tl.abs(row_keys[:, None] - col_keys[None, :]), 0.0, 1.0)
 
 
 @triton.jit
 def _row_attributes(keys_ptr, groups_ptr, idx, ok, P: tl.constexpr):
-    """Rows ``idx``: groups and their range, the int64 keys of each set, the high 32-bit word
-    of each set's keys, and whether the rows share one group and one high word per set. Where a
-    column tile shares them too, equal low words mean equal keys: the main loop compares int32."""
+    """Rows ``idx``: groups and their range, the int64 keys of each set, and 1 where some key
+    or group of theirs is not exact in fp32."""
     group, lo, hi = _tile_group_range(groups_ptr, idx, ok)
     key0 = tl.load(keys_ptr + idx * P, mask=ok, other=0)
-    hi0 = tl.min(tl.where(ok, _high_word(key0), 2147483647), 0)
-    odd = ok & (_high_word(key0) != hi0)
+    wide = tl.maximum(_wide(group, ok), _wide(key0, ok))
     key1 = key0
-    hi1 = hi0
     if P == 2:
         key1 = tl.load(keys_ptr + idx * P + 1, mask=ok, other=0)
-        hi1 = tl.min(tl.where(ok, _high_word(key1), 2147483647), 0)
-        odd = odd | (ok & (_high_word(key1) != hi1))
-    uniform = (lo == hi) & (tl.max(odd.to(tl.int32), 0) == 0)
-    return group, lo, hi, key0, key1, hi0, hi1, uniform
+        wide = tl.maximum(wide, _wide(key1, ok))
+    return group, lo, hi, key0, key1, wide
 
 
 @triton.jit
-def _column_attributes(keys_ptr, groups_ptr, cols, ok, group, hi0, hi1, P: tl.constexpr):
-    """Columns ``cols``: groups, int64 keys of each set, and whether every column has the group
-    ``group`` and the high words ``hi0``/``hi1`` (one int32 reduction). A tile with columns past
-    the end takes the masked path whatever this says."""
-    g = tl.load(groups_ptr + cols, mask=ok, other=0)
-    k0 = tl.load(keys_ptr + cols * P, mask=ok, other=0)
-    odd = (g != group) | (_high_word(k0) != hi0)
-    k1 = k0
-    if P == 2:
-        k1 = tl.load(keys_ptr + cols * P + 1, mask=ok, other=0)
-        odd = odd | (_high_word(k1) != hi1)
-    return g, k0, k1, tl.max(odd.to(tl.int32), 0) == 0
+def _low_words(ptr):
+    """The int64 array at ``ptr`` seen as int32 pairs: element i's low word is at 2 i."""
+    return ptr.to(tl.pointer_type(tl.int32))
 
 
 @triton.jit
-def _column_tile_span(groups_a_ptr, lo_a, hi_a, groups_b_ptr, lo_b, hi_b, N, BOTH: tl.constexpr, BLOCK_N: tl.constexpr):
+def _tile_is_group(group_words, ok, group32):
+    """Whether every column of a tile is in ``group32``, comparing the low words of its groups
+    (exact where the program found every group exact in fp32)."""
+    g = tl.load(group_words, mask=ok, other=0)
+    return tl.max((g != group32).to(tl.int32), 0) == 0
+
+
+@triton.jit
+def _column_scan(
+    groups_a_ptr, keys_a_ptr, lo_a, hi_a, groups_b_ptr, keys_b_ptr, lo_b, hi_b, N,
+    P: tl.constexpr, BOTH: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """First and one-past-last column tile whose groups meet [lo_a, hi_a] (and, with BOTH,
-    whose second group array meets [lo_b, hi_b])."""
+    whose second group array meets [lo_b, hi_b]), and 1 where some column key or group is not
+    exact in fp32 (|id| > 2^24): the check, made once per program, that lets the main loop
+    compare the ids' low words, as fp32."""
     n_tiles = tl.cdiv(N, BLOCK_N)
     first = n_tiles
     last = 0
+    wide = 0
     for start in range(0, N, _SCAN):
         idx = start + tl.arange(0, _SCAN)
         ok = idx < N
@@ -194,15 +204,23 @@ def _column_tile_span(groups_a_ptr, lo_a, hi_a, groups_b_ptr, lo_b, hi_b, N, BOT
         tile_lo = tl.min(tl.reshape(tl.where(ok, g, 9223372036854775807), (_SCAN // BLOCK_N, BLOCK_N)), 1)
         tile_hi = tl.max(tl.reshape(tl.where(ok, g, -9223372036854775807), (_SCAN // BLOCK_N, BLOCK_N)), 1)
         hit = (tile_lo <= hi_a) & (lo_a <= tile_hi)
+        wide = tl.maximum(wide, _wide(g, ok))
+        wide = tl.maximum(wide, _wide(tl.load(keys_a_ptr + idx * P, mask=ok, other=0), ok))
+        if P == 2:
+            wide = tl.maximum(wide, _wide(tl.load(keys_a_ptr + idx * P + 1, mask=ok, other=0), ok))
         if BOTH:
             g2 = tl.load(groups_b_ptr + idx, mask=ok, other=0)
             lo2 = tl.min(tl.reshape(tl.where(ok, g2, 9223372036854775807), (_SCAN // BLOCK_N, BLOCK_N)), 1)
             hi2 = tl.max(tl.reshape(tl.where(ok, g2, -9223372036854775807), (_SCAN // BLOCK_N, BLOCK_N)), 1)
             hit = hit | ((lo2 <= hi_b) & (lo_b <= hi2))
+            wide = tl.maximum(wide, _wide(g2, ok))
+            wide = tl.maximum(wide, _wide(tl.load(keys_b_ptr + idx * P, mask=ok, other=0), ok))
+            if P == 2:
+                wide = tl.maximum(wide, _wide(tl.load(keys_b_ptr + idx * P + 1, mask=ok, other=0), ok))
         tile = start // BLOCK_N + tl.arange(0, _SCAN // BLOCK_N)
         first = tl.minimum(first, tl.min(tl.where(hit, tile, n_tiles), 0))
         last = tl.maximum(last, tl.max(tl.where(hit, tile + 1, 0), 0))
-    return first, last
+    return first, last, wide
 
 
 @triton.jit
@@ -213,6 +231,36 @@ def _load_rows(ptr, idx, ok, dims, D, EVEN_D: tl.constexpr):
         return tl.load(ptr + idx[:, None] * D + dims[None, :], mask=ok[:, None], other=0.0)
     else:
         return tl.load(ptr + idx[:, None] * D + dims[None, :], mask=ok[:, None] & (dims < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _key_matches(key_words, key0_f, key1_f, P: tl.constexpr):
+    """Matches (``_match``) of rows with keys key0_f/key1_f against a column tile whose keys'
+    low words start at ``key_words``. With two sets the tile's [BLOCK_N, 2] words are loaded as
+    one block, which Triton reads coalesced rather than as one load per column and set."""
+    if P == 2:
+        c0, c1 = tl.split(tl.load(key_words[:, None] + 2 * tl.arange(0, 2)[None, :]))
+        return _match(key0_f, c0.to(tl.float32)), _match(key1_f, c1.to(tl.float32))
+    else:
+        m0 = _match(key0_f, tl.load(key_words).to(tl.float32))
+        return m0, m0
+
+
+@triton.jit
+def _load_tile(ptrs, ok, dims, D, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr):
+    """A [BLOCK_N, BLOCK_D] tile of rows at ``ptrs`` (advanced by the caller each step, which
+    spares the per-row address arithmetic), zero beyond ``ok`` (unless EVEN_N: every tile is
+    full) and beyond D."""
+    if EVEN_N:
+        if EVEN_D:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=(dims < D)[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            return tl.load(ptrs, mask=ok[:, None], other=0.0)
+        else:
+            return tl.load(ptrs, mask=ok[:, None] & (dims < D)[None, :], other=0.0)
 
 
 @triton.jit
@@ -232,11 +280,51 @@ def _select_code(member0, member1, t0, t1, t2, t3, P: tl.constexpr):
         return tl.where(member0, tl.where(member1, t3, t1), tl.where(member1, t2, t0))
 
 
+@triton.jit
+def _accumulate(s2, member0, member1, max_all, sum_all, max0, sum0, max1, sum1, P: tl.constexpr, BOUNDED: tl.constexpr):
+    """One tile of (masked) s2 into the row sums: relative to the bound (BOUNDED: one exponential
+    and one add per sum) or to running maxima."""
+    if BOUNDED:
+        e = tl.exp2(s2)
+        sum_all += tl.sum(e, 1)
+        sum0 += tl.sum(tl.where(member0, e, 0.0), 1)
+        if P == 2:
+            sum1 += tl.sum(tl.where(member1, e, 0.0), 1)
+    else:
+        new_all = tl.maximum(max_all, tl.max(s2, 1))
+        sum_all = sum_all * tl.exp2(max_all - new_all)
+        max_all = new_all
+        new0 = tl.maximum(max0, tl.max(tl.where(member0, s2, float("-inf")), 1))
+        sum0 = sum0 * tl.exp2(max0 - new0)
+        max0 = new0
+        if P == 2:
+            new1 = tl.maximum(max1, tl.max(tl.where(member1, s2, float("-inf")), 1))
+            sum1 = sum1 * tl.exp2(max1 - new1)
+            max1 = new1
+        # One exponential per entry, relative to the smallest maximum among its sets; per-row
+        # factors (<= 1) carry it over to the other sums.
+        both = tl.minimum(max0, max1)
+        offset = _select_code(member0, member1, max_all[:, None], max0[:, None], max1[:, None], both[:, None], P)
+        e = tl.exp2(s2 - offset)
+        to_all = _select_code(
+            member0, member1, 1.0,
+            tl.exp2(max0 - max_all)[:, None], tl.exp2(max1 - max_all)[:, None], tl.exp2(both - max_all)[:, None], P,
+        )  # fmt: skip
+        sum_all += tl.sum(e * to_all, 1)
+        if P == 1:
+            sum0 += tl.sum(tl.where(member0, e, 0.0), 1)
+        else:
+            sum0 += tl.sum(tl.where(member0, e * tl.where(member1, tl.exp2(both - max0)[:, None], 1.0), 0.0), 1)
+            sum1 += tl.sum(tl.where(member1, e * tl.where(member0, tl.exp2(both - max1)[:, None], 1.0), 0.0), 1)
+    return max_all, sum_all, max0, sum0, max1, sum1
+
+
 @triton.autotune(
     configs=_forward_configs(),
     key=["M", "N", "D", "P", "BOUNDED"],
     prune_configs_by={"early_config_prune": _prune_forward},
 )
+@triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
 @triton.jit(do_not_specialize=["self_offset"])  # one compilation for every rank's offset
 def _forward_kernel(
     q_ptr, k_ptr, row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
@@ -244,7 +332,7 @@ def _forward_kernel(
     M, N, D, self_offset, scale2,
     P: tl.constexpr, BOUNDED: tl.constexpr, INVERSE: tl.constexpr, CHECK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -260,11 +348,11 @@ def _forward_kernel(
             for start in range(row0, N, tl.num_programs(0) * BLOCK_M):
                 idx = start + tl.arange(0, BLOCK_M)
                 poison += tl.sum(_non_finite(_load_rows(k_ptr, idx, idx < N, dims, D, EVEN_D)), 0)
-    row_group, rg_lo, rg_hi, key0, key1, hi0, hi1, rows_uniform = _row_attributes(
-        row_keys_ptr, row_groups_ptr, rows, row_ok, P
-    )
-    key0_lo = key0.to(tl.int32)
-    key1_lo = key1.to(tl.int32)
+    row_group, rg_lo, rg_hi, key0, key1, rows_wide = _row_attributes(row_keys_ptr, row_groups_ptr, rows, row_ok, P)
+    key0_f = key0.to(tl.float32)
+    key1_f = key1.to(tl.float32)
+    col_keys32_ptr = _low_words(col_keys_ptr)
+    col_groups32_ptr = _low_words(col_groups_ptr)
 
     # BOUNDED: every exponent is taken relative to the bound scale2 of s2 (unit rows), which the
     # maxima then hold throughout; otherwise they are running maxima.
@@ -276,69 +364,59 @@ def _forward_kernel(
     max1 = tl.full([BLOCK_M], start, tl.float32)
     sum1 = tl.zeros([BLOCK_M], tl.float32)
 
-    first, last = _column_tile_span(col_groups_ptr, rg_lo, rg_hi, col_groups_ptr, rg_lo, rg_hi, N, False, BLOCK_N)
+    first, last, cols_wide = _column_scan(
+        col_groups_ptr, col_keys_ptr, rg_lo, rg_hi, col_groups_ptr, col_keys_ptr, rg_lo, rg_hi, N, P, False, BLOCK_N
+    )
+    # Fast tiles: full, one group, off the self diagonal, every id exact in fp32 (checked once).
+    narrow = (rg_lo == rg_hi) & (tl.maximum(rows_wide, cols_wide) == 0)
     per_split = tl.cdiv(last - first, splits)
     t_begin = first + split * per_split
     t_end = tl.minimum(t_begin + per_split, last)
+    k_tile = k_ptr + (t_begin * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * D + dims[None, :]
+    # Low words of the column tile's groups and keys, advanced with the tile.
+    group_words = col_groups32_ptr + 2 * (t_begin * BLOCK_N + tl.arange(0, BLOCK_N))
+    key_words = col_keys32_ptr + 2 * P * (t_begin * BLOCK_N + tl.arange(0, BLOCK_N))
     for t in range(t_begin, t_end):
         col0 = t * BLOCK_N
         cols = col0 + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        col_group, ck0, ck1, cols_uniform = _column_attributes(
-            col_keys_ptr, col_groups_ptr, cols, col_ok, rg_lo, hi0, hi1, P
-        )
-        k = _load_rows(k_ptr, cols, col_ok, dims, D, EVEN_D)
-        s2 = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
+        k = _load_tile(k_tile, col_ok, dims, D, EVEN_D, EVEN_N)
+        k_tile += BLOCK_N * D
         if BOUNDED:
-            s2 -= scale2
-        member0 = key0_lo[:, None] == ck0.to(tl.int32)[None, :]
-        member1 = member0
-        if P == 2:
-            member1 = key1_lo[:, None] == ck1.to(tl.int32)[None, :]
-        diagonal = (row0 + self_offset < col0 + BLOCK_N) & (col0 < row0 + BLOCK_M + self_offset)
-        if (col0 + BLOCK_N > N) | ((rows_uniform & cols_uniform) == 0) | diagonal:
+            s2 = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2 - scale2
+        else:
+            s2 = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
+        off_diagonal = (col0 + BLOCK_N <= row0 + self_offset) | (row0 + BLOCK_M + self_offset <= col0)
+        fast = narrow & (col0 + BLOCK_N <= N) & off_diagonal & _tile_is_group(group_words, col_ok, rg_lo.to(tl.int32))
+        if fast:
+            match0, match1 = _key_matches(key_words, key0_f, key1_f, P)
+            if BOUNDED:
+                e = tl.exp2(s2)
+                sum_all += tl.sum(e, 1)
+                sum0 += tl.sum(e * match0, 1)
+                if P == 2:
+                    sum1 += tl.sum(e * match1, 1)
+            else:
+                max_all, sum_all, max0, sum0, max1, sum1 = _accumulate(
+                    s2, match0 > 0.5, match1 > 0.5, max_all, sum_all, max0, sum0, max1, sum1, P, BOUNDED
+                )
+        else:
+            col_group = tl.load(col_groups_ptr + cols, mask=col_ok, other=0)
             allowed = (
                 col_ok[None, :]
                 & (row_group[:, None] == col_group[None, :])
                 & (cols[None, :] != rows[:, None] + self_offset)
             )
-            s2 = tl.where(allowed, s2, float("-inf"))
-            member0 = key0[:, None] == ck0[None, :]
+            member0 = key0[:, None] == tl.load(col_keys_ptr + cols * P, mask=col_ok, other=0)[None, :]
+            member1 = member0
             if P == 2:
-                member1 = key1[:, None] == ck1[None, :]
-
-        if BOUNDED:
-            e = tl.exp2(s2)
-            sum_all += tl.sum(e, 1)
-            sum0 += tl.sum(tl.where(member0, e, 0.0), 1)
-            if P == 2:
-                sum1 += tl.sum(tl.where(member1, e, 0.0), 1)
-        else:
-            new_all = tl.maximum(max_all, tl.max(s2, 1))
-            sum_all = sum_all * tl.exp2(max_all - new_all)
-            max_all = new_all
-            new0 = tl.maximum(max0, tl.max(tl.where(member0, s2, float("-inf")), 1))
-            sum0 = sum0 * tl.exp2(max0 - new0)
-            max0 = new0
-            if P == 2:
-                new1 = tl.maximum(max1, tl.max(tl.where(member1, s2, float("-inf")), 1))
-                sum1 = sum1 * tl.exp2(max1 - new1)
-                max1 = new1
-            # One exponential per entry, relative to the smallest maximum among its sets; per-row
-            # factors (<= 1) carry it over to the other sums.
-            both = tl.minimum(max0, max1)
-            offset = _select_code(member0, member1, max_all[:, None], max0[:, None], max1[:, None], both[:, None], P)
-            e = tl.exp2(s2 - offset)
-            to_all = _select_code(
-                member0, member1, 1.0,
-                tl.exp2(max0 - max_all)[:, None], tl.exp2(max1 - max_all)[:, None], tl.exp2(both - max_all)[:, None], P,
+                member1 = key1[:, None] == tl.load(col_keys_ptr + cols * P + 1, mask=col_ok, other=0)[None, :]
+            max_all, sum_all, max0, sum0, max1, sum1 = _accumulate(
+                tl.where(allowed, s2, float("-inf")), member0, member1, max_all, sum_all, max0, sum0, max1, sum1,
+                P, BOUNDED,
             )  # fmt: skip
-            sum_all += tl.sum(e * to_all, 1)
-            if P == 1:
-                sum0 += tl.sum(tl.where(member0, e, 0.0), 1)
-            else:
-                sum0 += tl.sum(tl.where(member0, e * tl.where(member1, tl.exp2(both - max0)[:, None], 1.0), 0.0), 1)
-                sum1 += tl.sum(tl.where(member1, e * tl.where(member0, tl.exp2(both - max1)[:, None], 1.0), 0.0), 1)
+        group_words += 2 * BLOCK_N
+        key_words += 2 * P * BLOCK_N
 
     sum_all += poison
     if splits == 1:
@@ -579,25 +657,41 @@ def _mean_coefficients(gmean0_ptr, gmean1_ptr, out_ptr, P: tl.constexpr, HAS: tl
     return c00, c01, c10, c11
 
 
+@triton.jit
+def _weight(s2, member0, member1, f0, f1, f2, f3, c0, c1, c2, c3, P: tl.constexpr, BOUNDED: tl.constexpr):
+    """dL/ds of one side per entry, from the side's per-row numbers broadcast to the tile:
+    BOUNDED, (all, pos0, pos1) in f0..f2, to be multiplied by the shared exponential; otherwise
+    offsets f0..f3 and coefficients c0..c3 per membership code, with the side's own exponential."""
+    if BOUNDED:
+        return _bounded_weight(member0, member1, f0, f1, f2, P)
+    else:
+        offset = _select_code(member0, member1, f0, f1, f2, f3, P)
+        coef = _select_code(member0, member1, c0, c1, c2, c3, P)
+        return coef * tl.exp2(s2 - offset)
+
+
 @triton.autotune(
     configs=_backward_configs(),
     key=["A_COUNT", "B_COUNT", "D", "P", "BOUNDED", "MEAN"],
     prune_configs_by={"early_config_prune": _prune_backward},
 )
+@triton.heuristics({"EVEN_N": lambda args: args["B_COUNT"] % args["BLOCK_N"] == 0})
 @triton.jit(do_not_specialize=["self_offset", "boundary"])
 def _backward_kernel(
     a_ptr, b_ptr, out_ptr, grad_ptr, gmean0_ptr, gmean1_ptr, means_ptr, lse_all_ptr, lse_pos_ptr,
     row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
     A_COUNT, B_COUNT, D, self_offset, boundary, scale2, inv_tau,
-    P: tl.constexpr, ROW_SIDE: tl.constexpr, COL_SIDE: tl.constexpr, BOUNDED: tl.constexpr,
-    MEAN: tl.constexpr, HAS: tl.constexpr,
+    P: tl.constexpr, ROW_SIDE: tl.constexpr, COL_SIDE: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BOUNDED: tl.constexpr, MEAN: tl.constexpr, HAS: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
     """d a = (1/tau) sum_b H_ab b_b. Row side: a are rows of q (keys row_keys), b are
     columns of k. Column side: a are columns of k, b are rows of q (the transposed term).
     The upstream gradient is per row (grad_ptr) or, with MEAN, that of the masked means
-    (gmean0/gmean1 per segment, means_ptr holding the forward's (means, counts))."""
+    (gmean0/gmean1 per segment, means_ptr holding the forward's (means, counts)). SYMMETRIC
+    (one tower, row and column keys and groups the same arrays): both sides' memberships are
+    one match per entry."""
     pid = tl.program_id(0)
     row0 = pid * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -606,106 +700,145 @@ def _backward_kernel(
     a = _load_rows(a_ptr, rows, row_ok, dims, D, EVEN_D)
     c00, c01, c10, c11 = _mean_coefficients(gmean0_ptr, gmean1_ptr, means_ptr, P, HAS)
 
-    # Row side: this program's rows as rows of q.
-    r_group, r_lo, r_hi, r_key0, r_key1, r_hi0, r_hi1, r_uniform = _row_attributes(
-        row_keys_ptr, row_groups_ptr, rows, row_ok & ROW_SIDE, P
-    )
+    # Row side: this program's rows as rows of q; column side: as columns of k.
+    r_group, r_lo, r_hi, r_key0, r_key1, r_wide = _row_attributes(row_keys_ptr, row_groups_ptr, rows, row_ok & ROW_SIDE, P)
+    c_group, c_lo, c_hi, c_key0, c_key1, c_wide = _row_attributes(col_keys_ptr, col_groups_ptr, rows, row_ok & COL_SIDE, P)
     if BOUNDED:
-        r_all, r_pos0, r_pos1 = _bounded_factors(
+        r0, r1, r2 = _bounded_factors(
             grad_ptr, lse_all_ptr, lse_pos_ptr, rows, row_ok & ROW_SIDE, boundary, c00, c01, c10, c11, P, MEAN
         )
+        r3 = r0
+        rc0 = r0
+        rc1 = r0
+        rc2 = r0
+        rc3 = r0
     else:
-        ro0, ro1, ro2, ro3, rc0, rc1, rc2, rc3 = _gradient_tables(
+        r0, r1, r2, r3, rc0, rc1, rc2, rc3 = _gradient_tables(
             grad_ptr, lse_all_ptr, lse_pos_ptr, rows, row_ok & ROW_SIDE, boundary, c00, c01, c10, c11, P, MEAN
         )
-    # Column side: this program's rows as columns of k.
-    c_group, c_lo, c_hi, c_key0, c_key1, c_hi0, c_hi1, c_uniform = _row_attributes(
-        col_keys_ptr, col_groups_ptr, rows, row_ok & COL_SIDE, P
-    )
-
     if ROW_SIDE:
-        first, last = _column_tile_span(
-            col_groups_ptr, r_lo, r_hi, row_groups_ptr, c_lo, c_hi, B_COUNT, COL_SIDE, BLOCK_N
-        )
+        first, last, wide = _column_scan(
+            col_groups_ptr, col_keys_ptr, r_lo, r_hi, row_groups_ptr, row_keys_ptr, c_lo, c_hi, B_COUNT,
+            P, COL_SIDE and not SYMMETRIC, BLOCK_N,
+        )  # fmt: skip
     else:
-        first, last = _column_tile_span(row_groups_ptr, c_lo, c_hi, row_groups_ptr, c_lo, c_hi, B_COUNT, False, BLOCK_N)
+        first, last, wide = _column_scan(
+            row_groups_ptr, row_keys_ptr, c_lo, c_hi, row_groups_ptr, row_keys_ptr, c_lo, c_hi, B_COUNT,
+            P, False, BLOCK_N,
+        )  # fmt: skip
+    # Fast tiles: full, one group on each side, off the self diagonal, ids within int32.
+    narrow = (tl.maximum(tl.maximum(r_wide, c_wide), wide) == 0) & ((r_lo == r_hi) | (not ROW_SIDE))
+    narrow = narrow & ((c_lo == c_hi) | (not COL_SIDE))
+    r_key0_f = r_key0.to(tl.float32)
+    r_key1_f = r_key1.to(tl.float32)
+    c_key0_f = c_key0.to(tl.float32)
+    c_key1_f = c_key1.to(tl.float32)
+    # The column tile and the low words of its keys and groups in both roles, advanced with it.
+    first_col = first * BLOCK_N + tl.arange(0, BLOCK_N)
+    b_tile = b_ptr + first_col[:, None] * D + dims[None, :]
+    col_key_words = _low_words(col_keys_ptr) + 2 * P * first_col
+    row_key_words = _low_words(row_keys_ptr) + 2 * P * first_col
+    col_group_words = _low_words(col_groups_ptr) + 2 * first_col
+    row_group_words = _low_words(row_groups_ptr) + 2 * first_col
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for t in range(first, last):
         col0 = t * BLOCK_N
         cols = col0 + tl.arange(0, BLOCK_N)
         col_ok = cols < B_COUNT
-        b = _load_rows(b_ptr, cols, col_ok, dims, D, EVEN_D)
+        b = _load_tile(b_tile, col_ok, dims, D, EVEN_D, EVEN_N)
         s2 = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale2
-        if BOUNDED:
-            # One exponential per entry serves both sides: their offsets are all scale2.
-            e = tl.exp2(s2 - scale2)
-        h = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if ROW_SIDE:
-            b_group, bk0, bk1, b_uniform = _column_attributes(
-                col_keys_ptr, col_groups_ptr, cols, col_ok, r_lo, r_hi0, r_hi1, P
-            )
-            member0 = r_key0.to(tl.int32)[:, None] == bk0.to(tl.int32)[None, :]
-            member1 = member0
-            if P == 2:
-                member1 = r_key1.to(tl.int32)[:, None] == bk1.to(tl.int32)[None, :]
-            diagonal = (row0 + self_offset < col0 + BLOCK_N) & (col0 < row0 + BLOCK_M + self_offset)
-            masked = (col0 + BLOCK_N > B_COUNT) | ((r_uniform & b_uniform) == 0) | diagonal
-            if masked:
-                member0 = r_key0[:, None] == bk0[None, :]
-                if P == 2:
-                    member1 = r_key1[:, None] == bk1[None, :]
+        if COL_SIDE:  # the columns' numbers, as rows of q
             if BOUNDED:
-                g = _bounded_weight(member0, member1, r_all[:, None], r_pos0[:, None], r_pos1[:, None], P)
+                q0, q1, q2 = _bounded_factors(
+                    grad_ptr, lse_all_ptr, lse_pos_ptr, cols, col_ok, boundary, c00, c01, c10, c11, P, MEAN
+                )
+                q3 = q0
+                qc0 = q0
+                qc1 = q0
+                qc2 = q0
+                qc3 = q0
             else:
-                offset = _select_code(member0, member1, ro0[:, None], ro1[:, None], ro2[:, None], ro3[:, None], P)
-                coef = _select_code(member0, member1, rc0[:, None], rc1[:, None], rc2[:, None], rc3[:, None], P)
-                g = coef * tl.exp2(s2 - offset)
-            if masked:
+                q0, q1, q2, q3, qc0, qc1, qc2, qc3 = _gradient_tables(
+                    grad_ptr, lse_all_ptr, lse_pos_ptr, cols, col_ok, boundary, c00, c01, c10, c11, P, MEAN
+                )
+        fast = narrow & (col0 + BLOCK_N <= B_COUNT)
+        if ROW_SIDE:
+            fast = fast & ((col0 + BLOCK_N <= row0 + self_offset) | (row0 + BLOCK_M + self_offset <= col0))
+            fast = fast & _tile_is_group(col_group_words, col_ok, r_lo.to(tl.int32))
+        if COL_SIDE:
+            fast = fast & ((row0 + BLOCK_M <= col0 + self_offset) | (col0 + BLOCK_N + self_offset <= row0))
+            if not SYMMETRIC:
+                fast = fast & _tile_is_group(row_group_words, col_ok, c_lo.to(tl.int32))
+        if fast:
+            h = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            if ROW_SIDE:
+                rm0, rm1 = _key_matches(col_key_words, r_key0_f, r_key1_f, P)
+            if COL_SIDE:
+                if SYMMETRIC:
+                    cm0 = rm0
+                    cm1 = rm1
+                else:
+                    cm0, cm1 = _key_matches(row_key_words, c_key0_f, c_key1_f, P)
+            if BOUNDED and SYMMETRIC:
+                # all_i + all_j - [same key 0] (pos0_i + pos0_j) - [same key 1] (pos1_i + pos1_j)
+                h = (r0[:, None] + q0[None, :]) - rm0 * (r1[:, None] + q1[None, :])
+                if P == 2:
+                    h -= rm1 * (r2[:, None] + q2[None, :])
+            else:
+                if ROW_SIDE:
+                    h += _weight(
+                        s2, rm0 > 0.5, rm1 > 0.5, r0[:, None], r1[:, None], r2[:, None], r3[:, None],
+                        rc0[:, None], rc1[:, None], rc2[:, None], rc3[:, None], P, BOUNDED,
+                    )  # fmt: skip
+                if COL_SIDE:
+                    h += _weight(
+                        s2, cm0 > 0.5, cm1 > 0.5, q0[None, :], q1[None, :], q2[None, :], q3[None, :],
+                        qc0[None, :], qc1[None, :], qc2[None, :], qc3[None, :], P, BOUNDED,
+                    )  # fmt: skip
+        else:
+            h = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            if ROW_SIDE:
+                b_group = tl.load(col_groups_ptr + cols, mask=col_ok, other=0)
                 allowed = (
                     col_ok[None, :]
                     & (r_group[:, None] == b_group[None, :])
                     & (cols[None, :] != rows[:, None] + self_offset)
                 )
-                g = tl.where(allowed, g, 0.0)
-            h += g
-        if COL_SIDE:
-            b_group, bk0, bk1, b_uniform = _column_attributes(
-                row_keys_ptr, row_groups_ptr, cols, col_ok, c_lo, c_hi0, c_hi1, P
-            )
-            member0 = c_key0.to(tl.int32)[:, None] == bk0.to(tl.int32)[None, :]
-            member1 = member0
-            if P == 2:
-                member1 = c_key1.to(tl.int32)[:, None] == bk1.to(tl.int32)[None, :]
-            diagonal = (col0 + self_offset < row0 + BLOCK_M) & (row0 < col0 + BLOCK_N + self_offset)
-            masked = (col0 + BLOCK_N > B_COUNT) | ((c_uniform & b_uniform) == 0) | diagonal
-            if masked:
-                member0 = c_key0[:, None] == bk0[None, :]
+                member0 = r_key0[:, None] == tl.load(col_keys_ptr + cols * P, mask=col_ok, other=0)[None, :]
+                member1 = member0
                 if P == 2:
-                    member1 = c_key1[:, None] == bk1[None, :]
-            if BOUNDED:
-                c_all, c_pos0, c_pos1 = _bounded_factors(
-                    grad_ptr, lse_all_ptr, lse_pos_ptr, cols, col_ok, boundary, c00, c01, c10, c11, P, MEAN
-                )
-                g = _bounded_weight(member0, member1, c_all[None, :], c_pos0[None, :], c_pos1[None, :], P)
-            else:
-                co0, co1, co2, co3, cc0, cc1, cc2, cc3 = _gradient_tables(
-                    grad_ptr, lse_all_ptr, lse_pos_ptr, cols, col_ok, boundary, c00, c01, c10, c11, P, MEAN
-                )
-                offset = _select_code(member0, member1, co0[None, :], co1[None, :], co2[None, :], co3[None, :], P)
-                coef = _select_code(member0, member1, cc0[None, :], cc1[None, :], cc2[None, :], cc3[None, :], P)
-                g = coef * tl.exp2(s2 - offset)
-            if masked:
+                    member1 = r_key1[:, None] == tl.load(col_keys_ptr + cols * P + 1, mask=col_ok, other=0)[None, :]
+                g = _weight(
+                    s2, member0, member1, r0[:, None], r1[:, None], r2[:, None], r3[:, None],
+                    rc0[:, None], rc1[:, None], rc2[:, None], rc3[:, None], P, BOUNDED,
+                )  # fmt: skip
+                h += tl.where(allowed, g, 0.0)
+            if COL_SIDE:
+                b_group = tl.load(row_groups_ptr + cols, mask=col_ok, other=0)
                 allowed = (
                     col_ok[None, :]
                     & (c_group[:, None] == b_group[None, :])
                     & (rows[:, None] != cols[None, :] + self_offset)
                 )
-                g = tl.where(allowed, g, 0.0)
-            h += g
+                member0 = c_key0[:, None] == tl.load(row_keys_ptr + cols * P, mask=col_ok, other=0)[None, :]
+                member1 = member0
+                if P == 2:
+                    member1 = c_key1[:, None] == tl.load(row_keys_ptr + cols * P + 1, mask=col_ok, other=0)[None, :]
+                g = _weight(
+                    s2, member0, member1, q0[None, :], q1[None, :], q2[None, :], q3[None, :],
+                    qc0[None, :], qc1[None, :], qc2[None, :], qc3[None, :], P, BOUNDED,
+                )  # fmt: skip
+                h += tl.where(allowed, g, 0.0)
         if BOUNDED:
-            h *= e
+            # One exponential per entry serves both sides: their offsets are all scale2.
+            h *= tl.exp2(s2 - scale2)
         acc += tl.dot(h.to(b.dtype), b, input_precision=PRECISION)
+        b_tile += BLOCK_N * D
+        col_key_words += 2 * P * BLOCK_N
+        row_key_words += 2 * P * BLOCK_N
+        col_group_words += 2 * BLOCK_N
+        row_group_words += 2 * BLOCK_N
     # A non-finite row of a gets a NaN gradient row even where no loss reaches it.
     out = (acc * inv_tau + a.to(tl.float32) * 0.0).to(out_ptr.dtype.element_ty)
     if EVEN_D:
@@ -853,7 +986,8 @@ def forward_mean(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, 
 def _launch_backward(plan, upstream, q, k, keys, lse_all, lse_pos, self_offset, boundary, one_tower, mean):
     m, d = q.shape
     n = k.shape[0]
-    constants = dict(MEAN=mean[0], HAS=mean[1], **plan.backward_constants)
+    symmetric = one_tower and keys[0] is keys[1] and keys[2] is keys[3]
+    constants = dict(MEAN=mean[0], HAS=mean[1], SYMMETRIC=symmetric, **plan.backward_constants)
     dq = torch.empty_like(q)
     args = (*upstream, lse_all, lse_pos, *keys)
     if one_tower:
