@@ -330,7 +330,7 @@ def _forward_kernel(
     q_ptr, k_ptr, row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
     partial_ptr, loss_ptr, valid_ptr, lse_all_ptr, lse_pos_ptr,
     M, N, D, self_offset, scale2,
-    P: tl.constexpr, BOUNDED: tl.constexpr, INVERSE: tl.constexpr, CHECK_K: tl.constexpr,
+    P: tl.constexpr, BOUNDED: tl.constexpr, INVERSE: tl.constexpr, STATS: tl.constexpr, CHECK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
@@ -422,7 +422,7 @@ def _forward_kernel(
     if splits == 1:
         _finalize_rows(
             rows, row_ok, max_all, sum_all, max0, sum0, max1, sum1, loss_ptr, valid_ptr, lse_all_ptr, lse_pos_ptr,
-            P, INVERSE,
+            P, INVERSE, STATS,
         )  # fmt: skip
     else:
         base = partial_ptr + split * (2 + 2 * P) * M + rows
@@ -436,8 +436,8 @@ def _forward_kernel(
 
 
 @triton.jit
-def _finalize_set(rows, row_ok, lse_all2, bad, max_p, sum_p, p: tl.constexpr, loss_ptr, valid_ptr, lse_pos_ptr,
-                  P: tl.constexpr, INVERSE: tl.constexpr):  # fmt: skip
+def _finalize_set(rows, row_ok, lse_all2, bad, sum_all, max_p, sum_p, p: tl.constexpr, loss_ptr, valid_ptr, lse_pos_ptr,
+                  P: tl.constexpr, INVERSE: tl.constexpr, STATS: tl.constexpr):  # fmt: skip
     ln2 = 0.6931471805599453
     valid = sum_p > 0
     # log2 of a positive stand-in where a sum is 0, so that no -inf - -inf is ever formed.
@@ -446,30 +446,37 @@ def _finalize_set(rows, row_ok, lse_all2, bad, max_p, sum_p, p: tl.constexpr, lo
     tl.store(valid_ptr + rows * P + p, valid, mask=row_ok)
     tl.store(loss_ptr + rows * P + p, loss, mask=row_ok)
     if INVERSE:
-        tl.store(lse_pos_ptr + rows * P + p, tl.where(valid, 1.0 / tl.where(valid, sum_p, 1.0), 0.0), mask=row_ok)
+        tl.store(lse_pos_ptr + rows * STATS + p, tl.where(valid, 1.0 / tl.where(valid, sum_p, 1.0), 0.0), mask=row_ok)
+        if STATS == 2 * P:  # the set's share of the denominator's factor: 0 for an invalid set
+            share = tl.where(valid, 1.0 / tl.where(valid, sum_all, 1.0), 0.0) + bad
+            tl.store(lse_pos_ptr + rows * STATS + P + p, share, mask=row_ok)
     else:
-        tl.store(lse_pos_ptr + rows * P + p, lse2 * ln2, mask=row_ok)
+        tl.store(lse_pos_ptr + rows * STATS + p, lse2 * ln2, mask=row_ok)
     return loss, valid
 
 
 @triton.jit
 def _finalize_rows(
     rows, row_ok, max_all, sum_all, max0, sum0, max1, sum1, loss_ptr, valid_ptr, lse_all_ptr, lse_pos_ptr,
-    P: tl.constexpr, INVERSE: tl.constexpr,
+    P: tl.constexpr, INVERSE: tl.constexpr, STATS: tl.constexpr,
 ):  # fmt: skip
-    """Writes each row's losses, valid flags and the statistics its backward reads: the LSEs, or
-    with INVERSE (bounded mode) the inverses of the sums relative to the bound, 0 for a set
-    without a positive, so that the backward's factors take no exponential. Returns the losses
-    and flags of both sets (set 0's again when P == 1)."""
+    """Writes each row's losses, valid flags and the statistics its backward reads (STATS per
+    row beside the one at lse_all_ptr): the LSEs, or with INVERSE (bounded mode) the inverses of
+    the sums relative to the bound, 0 for a set without a positive, so that the backward's
+    factors take no exponential; with STATS = 2 P also each set's share of the denominator's
+    inverse, which spares the backward a validity test per column. Returns the losses and flags
+    of both sets (set 0's again when P == 1)."""
     ln2 = 0.6931471805599453
     bad = sum_all * 0.0  # NaN where a non-finite input reached the row
     lse_all2 = tl.where(sum_all > 0, max_all + tl.log2(tl.where(sum_all > 0, sum_all, 1.0)), float("-inf")) + bad
-    loss0, valid0 = _finalize_set(rows, row_ok, lse_all2, bad, max0, sum0, 0, loss_ptr, valid_ptr, lse_pos_ptr, P, INVERSE)
+    loss0, valid0 = _finalize_set(
+        rows, row_ok, lse_all2, bad, sum_all, max0, sum0, 0, loss_ptr, valid_ptr, lse_pos_ptr, P, INVERSE, STATS
+    )
     loss1 = loss0
     valid1 = valid0
     if P == 2:
         loss1, valid1 = _finalize_set(
-            rows, row_ok, lse_all2, bad, max1, sum1, 1, loss_ptr, valid_ptr, lse_pos_ptr, P, INVERSE
+            rows, row_ok, lse_all2, bad, sum_all, max1, sum1, 1, loss_ptr, valid_ptr, lse_pos_ptr, P, INVERSE, STATS
         )
     if INVERSE:
         any_valid = valid0 | valid1
@@ -508,7 +515,8 @@ def _segment_sums(base, rows, boundary, loss, valid, p: tl.constexpr, P: tl.cons
 def _finish_kernel(
     partial_ptr, loss_ptr, valid_ptr, lse_all_ptr, lse_pos_ptr, block_sums_ptr, ticket_ptr, out_ptr,
     M, splits, boundary,
-    P: tl.constexpr, INVERSE: tl.constexpr, MERGE: tl.constexpr, MEANS: tl.constexpr, BLOCK: tl.constexpr,
+    P: tl.constexpr, INVERSE: tl.constexpr, STATS: tl.constexpr, MERGE: tl.constexpr, MEANS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     """One program per block of rows. MERGE: merges the column splits' partial statistics and
     finalises the rows. MEANS: the masked means of the losses over each segment of rows and
@@ -527,7 +535,7 @@ def _finish_kernel(
             max1, sum1 = _merge(partial_ptr, 4, splits, rows, row_ok, M, 2 + 2 * P, BLOCK)
         loss0, valid0, loss1, valid1 = _finalize_rows(
             rows, row_ok, max_all, sum_all, max0, sum0, max1, sum1, loss_ptr, valid_ptr, lse_all_ptr, lse_pos_ptr,
-            P, INVERSE,
+            P, INVERSE, STATS,
         )  # fmt: skip
     else:
         loss0 = tl.load(loss_ptr + rows * P, mask=row_ok, other=0.0)
@@ -560,9 +568,11 @@ def _finish_kernel(
 @triton.jit
 def _upstream(grad_ptr, idx, ok, boundary, c0, c1, p: tl.constexpr, P: tl.constexpr, MEAN: tl.constexpr):
     """Upstream gradient of row ``idx``'s loss of set p: per row from grad_ptr, or with MEAN the
-    mean's gradient over the row's valid count, c0 below ``boundary`` and c1 from it on (the
-    caller zeroes invalid rows)."""
-    if MEAN:
+    mean's gradient over the segment's valid count, c0 below ``boundary`` and c1 from it on
+    (MEAN == 1: one segment, c0 throughout). The caller zeroes invalid rows."""
+    if MEAN == 1:
+        return c0
+    elif MEAN == 2:
         return tl.where(idx < boundary, c0, c1)
     else:
         return tl.load(grad_ptr + idx * P + p, mask=ok, other=0.0)
@@ -610,13 +620,25 @@ def _gradient_tables(
 
 @triton.jit
 def _bounded_factors(
-    grad_ptr, inv_all_ptr, inv_pos_ptr, idx, ok, boundary, c00, c01, c10, c11, P: tl.constexpr, MEAN: tl.constexpr
+    grad_ptr, inv_all_ptr, inv_pos_ptr, idx, ok, boundary, c00, c01, c10, c11, P: tl.constexpr, MEAN: tl.constexpr,
+    STATS: tl.constexpr,
 ):  # fmt: skip
     """Per row ``idx`` of q, with every exponent taken relative to the bound scale2:
     dL/ds_ij = exp2(s2_ij - scale2) * (all_i - [j in set 0] pos0_i - [j in set 1] pos1_i), where
     all = (g0 + g1) / sum_all and pos_p = g_p / sum_p, the sums relative to the bound. The
     forward stored their inverses (0 for a set without a positive, which then takes no gradient),
-    so no exponential is needed here."""
+    so no exponential is needed here; with STATS = 2 P it also stored each set's share of
+    1 / sum_all, which needs no validity test."""
+    if STATS == 2 * P:
+        u0 = _upstream(grad_ptr, idx, ok, boundary, c00, c10, 0, P, MEAN)
+        all_ = u0 * tl.load(inv_pos_ptr + idx * STATS + P, mask=ok, other=0.0)
+        pos0 = u0 * tl.load(inv_pos_ptr + idx * STATS, mask=ok, other=0.0)
+        pos1 = pos0
+        if P == 2:
+            u1 = _upstream(grad_ptr, idx, ok, boundary, c01, c11, 1, P, MEAN)
+            all_ += u1 * tl.load(inv_pos_ptr + idx * STATS + P + 1, mask=ok, other=0.0)
+            pos1 = u1 * tl.load(inv_pos_ptr + idx * STATS + 1, mask=ok, other=0.0)
+        return all_, pos0, pos1
     inv0 = tl.load(inv_pos_ptr + idx * P, mask=ok, other=0.0)
     g0 = tl.where(inv0 > 0, _upstream(grad_ptr, idx, ok, boundary, c00, c10, 0, P, MEAN), 0.0)
     g_sum = g0
@@ -682,14 +704,15 @@ def _backward_kernel(
     row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
     A_COUNT, B_COUNT, D, self_offset, boundary, scale2, inv_tau,
     P: tl.constexpr, ROW_SIDE: tl.constexpr, COL_SIDE: tl.constexpr, SYMMETRIC: tl.constexpr,
-    BOUNDED: tl.constexpr, MEAN: tl.constexpr, HAS: tl.constexpr,
+    BOUNDED: tl.constexpr, STATS: tl.constexpr, MEAN: tl.constexpr, HAS: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
     """d a = (1/tau) sum_b H_ab b_b. Row side: a are rows of q (keys row_keys), b are
     columns of k. Column side: a are columns of k, b are rows of q (the transposed term).
-    The upstream gradient is per row (grad_ptr) or, with MEAN, that of the masked means
-    (gmean0/gmean1 per segment, means_ptr holding the forward's (means, counts)). SYMMETRIC
+    The upstream gradient is per row (grad_ptr, MEAN = 0) or, with MEAN = 1 or 2 segments, that
+    of the masked means (gmean0/gmean1 per segment, means_ptr holding the forward's (means,
+    counts)). SYMMETRIC
     (one tower, row and column keys and groups the same arrays): both sides' memberships are
     one match per entry."""
     pid = tl.program_id(0)
@@ -698,6 +721,7 @@ def _backward_kernel(
     row_ok = rows < A_COUNT
     dims = tl.arange(0, BLOCK_D)
     a = _load_rows(a_ptr, rows, row_ok, dims, D, EVEN_D)
+    poison = _non_finite(a)  # a non-finite row of a gets a NaN gradient row even where no loss reaches it
     c00, c01, c10, c11 = _mean_coefficients(gmean0_ptr, gmean1_ptr, means_ptr, P, HAS)
 
     # Row side: this program's rows as rows of q; column side: as columns of k.
@@ -705,7 +729,7 @@ def _backward_kernel(
     c_group, c_lo, c_hi, c_key0, c_key1, c_wide = _row_attributes(col_keys_ptr, col_groups_ptr, rows, row_ok & COL_SIDE, P)
     if BOUNDED:
         r0, r1, r2 = _bounded_factors(
-            grad_ptr, lse_all_ptr, lse_pos_ptr, rows, row_ok & ROW_SIDE, boundary, c00, c01, c10, c11, P, MEAN
+            grad_ptr, lse_all_ptr, lse_pos_ptr, rows, row_ok & ROW_SIDE, boundary, c00, c01, c10, c11, P, MEAN, STATS
         )
         r3 = r0
         rc0 = r0
@@ -733,25 +757,23 @@ def _backward_kernel(
     r_key1_f = r_key1.to(tl.float32)
     c_key0_f = c_key0.to(tl.float32)
     c_key1_f = c_key1.to(tl.float32)
-    # The column tile and the low words of its keys and groups in both roles, advanced with it.
-    first_col = first * BLOCK_N + tl.arange(0, BLOCK_N)
-    b_tile = b_ptr + first_col[:, None] * D + dims[None, :]
-    col_key_words = _low_words(col_keys_ptr) + 2 * P * first_col
-    row_key_words = _low_words(row_keys_ptr) + 2 * P * first_col
-    col_group_words = _low_words(col_groups_ptr) + 2 * first_col
-    row_group_words = _low_words(row_groups_ptr) + 2 * first_col
-
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for t in range(first, last):
         col0 = t * BLOCK_N
         cols = col0 + tl.arange(0, BLOCK_N)
         col_ok = cols < B_COUNT
-        b = _load_tile(b_tile, col_ok, dims, D, EVEN_D, EVEN_N)
+        # Addresses from a scalar base each step: loop-carried pointer tiles would hold registers
+        # this kernel needs.
+        b = _load_tile(b_ptr + col0 * D + tl.arange(0, BLOCK_N)[:, None] * D + dims[None, :], col_ok, dims, D, EVEN_D, EVEN_N)
+        col_key_words = _low_words(col_keys_ptr) + 2 * P * cols
+        row_key_words = _low_words(row_keys_ptr) + 2 * P * cols
+        col_group_words = _low_words(col_groups_ptr) + 2 * cols
+        row_group_words = _low_words(row_groups_ptr) + 2 * cols
         s2 = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale2
         if COL_SIDE:  # the columns' numbers, as rows of q
             if BOUNDED:
                 q0, q1, q2 = _bounded_factors(
-                    grad_ptr, lse_all_ptr, lse_pos_ptr, cols, col_ok, boundary, c00, c01, c10, c11, P, MEAN
+                    grad_ptr, lse_all_ptr, lse_pos_ptr, cols, col_ok, boundary, c00, c01, c10, c11, P, MEAN, STATS
                 )
                 q3 = q0
                 qc0 = q0
@@ -834,13 +856,7 @@ def _backward_kernel(
             # One exponential per entry serves both sides: their offsets are all scale2.
             h *= tl.exp2(s2 - scale2)
         acc += tl.dot(h.to(b.dtype), b, input_precision=PRECISION)
-        b_tile += BLOCK_N * D
-        col_key_words += 2 * P * BLOCK_N
-        row_key_words += 2 * P * BLOCK_N
-        col_group_words += 2 * BLOCK_N
-        row_group_words += 2 * BLOCK_N
-    # A non-finite row of a gets a NaN gradient row even where no loss reaches it.
-    out = (acc * inv_tau + a.to(tl.float32) * 0.0).to(out_ptr.dtype.element_ty)
+    out = (acc * inv_tau + poison[:, None]).to(out_ptr.dtype.element_ty)
     if EVEN_D:
         tl.store(out_ptr + rows[:, None] * D + dims[None, :], out, mask=row_ok[:, None])
     else:
@@ -911,6 +927,9 @@ class _Plan:
             **common, BOUNDED=_bounded(tau), INVERSE=self.bounded_backward, CHECK_K=not one_tower
         )
         self.backward_constants = dict(**common, BOUNDED=self.bounded_backward)
+        # Statistics per row of the masked-means path: in the bounded backward, each set's
+        # share of the denominator's inverse as well (no validity test per column).
+        self.mean_stats = 2 * p if self.bounded_backward else p
         self.finish = dict(P=p, INVERSE=self.bounded_backward, BLOCK=_FINISH_BLOCK)
         self.forward_grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), self.splits)
         self.finish_grid = (triton.cdiv(m, _FINISH_BLOCK),)
@@ -939,7 +958,7 @@ def _launch_forward(plan, q, k, keys, loss, valid, lse_all, lse_pos, self_offset
     m, d = q.shape
     _forward_kernel[plan.forward_grid](
         q, k, *keys, plan.partial, loss, valid, lse_all, lse_pos, m, k.shape[0], d, self_offset, plan.scale2,
-        **plan.forward_constants,
+        STATS=lse_pos.shape[1], **plan.forward_constants,
     )  # fmt: skip
 
 
@@ -958,7 +977,7 @@ def forward(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, 
     if plan.splits > 1:
         _finish_kernel[plan.finish_grid](
             plan.partial, loss, valid, lse_all, lse_pos, plan.block_sums, plan.ticket, lse_all, m, plan.splits, m,
-            MERGE=True, MEANS=False, **plan.finish,
+            STATS=p, MERGE=True, MEANS=False, **plan.finish,
         )  # fmt: skip
     return loss, valid, lse_all, lse_pos
 
@@ -972,13 +991,13 @@ def forward_mean(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, 
     m, p = q.shape[0], row_keys.shape[1]
     plan = _plan(q, k.shape[0], p, tau, one_tower, splits)
     lse_all = torch.empty((m,), device=q.device, dtype=torch.float32)
-    lse_pos = torch.empty((m, p), device=q.device, dtype=torch.float32)
+    lse_pos = torch.empty((m, plan.mean_stats), device=q.device, dtype=torch.float32)
     out = torch.empty((2, 2, p), device=q.device, dtype=torch.float32)
     keys = (row_keys, col_keys, row_groups, col_groups)
     _launch_forward(plan, q, k, keys, plan.loss, plan.valid, lse_all, lse_pos, self_offset)
     _finish_kernel[plan.finish_grid](
         plan.partial, plan.loss, plan.valid, lse_all, lse_pos, plan.block_sums, plan.ticket, out, m, plan.splits,
-        boundary, MERGE=plan.splits > 1, MEANS=True, **plan.finish,
+        boundary, STATS=plan.mean_stats, MERGE=plan.splits > 1, MEANS=True, **plan.finish,
     )  # fmt: skip
     return out, lse_all, lse_pos
 
@@ -987,7 +1006,9 @@ def _launch_backward(plan, upstream, q, k, keys, lse_all, lse_pos, self_offset, 
     m, d = q.shape
     n = k.shape[0]
     symmetric = one_tower and keys[0] is keys[1] and keys[2] is keys[3]
-    constants = dict(MEAN=mean[0], HAS=mean[1], SYMMETRIC=symmetric, **plan.backward_constants)
+    constants = dict(
+        MEAN=mean[0], HAS=mean[1], SYMMETRIC=symmetric, STATS=lse_pos.shape[1], **plan.backward_constants
+    )
     dq = torch.empty_like(q)
     args = (*upstream, lse_all, lse_pos, *keys)
     if one_tower:
@@ -1018,7 +1039,7 @@ def backward(
     grad = grad_loss.float().contiguous()
     keys = (row_keys, col_keys, row_groups, col_groups)
     upstream = (grad, grad, grad, grad)  # the mean-gradient pointers go unread without MEAN
-    return _launch_backward(plan, upstream, q, k, keys, lse_all, lse_pos, self_offset, q.shape[0], one_tower, (False, 0))
+    return _launch_backward(plan, upstream, q, k, keys, lse_all, lse_pos, self_offset, q.shape[0], one_tower, (0, 0))
 
 
 def backward_mean(
@@ -1034,4 +1055,5 @@ def backward_mean(
     g0, g1 = (out if g is None else g.float().contiguous() for g in (*grad_means, None)[:2])
     keys = (row_keys, col_keys, row_groups, col_groups)
     upstream = (out, g0, g1, out)
-    return _launch_backward(plan, upstream, q, k, keys, lse_all, lse_pos, self_offset, boundary, one_tower, (True, has))
+    segments = 1 if boundary >= q.shape[0] else 2
+    return _launch_backward(plan, upstream, q, k, keys, lse_all, lse_pos, self_offset, boundary, one_tower, (segments, has))
