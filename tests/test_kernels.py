@@ -472,13 +472,14 @@ def test_triton_interpreter_fused_means_merge_splits_and_repeat_exactly(triton_i
     gen = torch.Generator().manual_seed(21)
     q, _, rk, ck, rg, cg, _ = make_problem("two_block", 40, 32, 2, gen)
     q = q.float()
-    first = triton_interpreter.forward_mean(q, q, rk, ck, rg, cg, 0, tau, True, 20, splits=3)
-    again = triton_interpreter.forward_mean(q, q, rk, ck, rg, cg, 0, tau, True, 20, splits=3)
-    whole = triton_interpreter.forward_mean(q, q, rk, ck, rg, cg, 0, tau, True, 20, splits=1)
-    for a, b in zip(first, again):
-        assert torch.equal(a, b)
-    for a, b in zip(first, whole):
-        assert torch.allclose(a, b, atol=1e-5)
+
+    def run(splits):
+        means, (buffer, _) = triton_interpreter.forward_mean(q, q, rk, ck, rg, cg, 0, tau, True, 20, splits=splits)
+        return torch.stack(means), buffer  # the means; all the statistics the backward reads, and (means, counts)
+
+    first, again, whole = run(3), run(3), run(1)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert torch.allclose(first[0], whole[0], atol=1e-5) and torch.allclose(first[1], whole[1], atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,10 +43,21 @@ def resolve_backend(
     ``reference`` on CPU tensors, ``triton``, ``cuda``, ``reference`` on CUDA tensors. An
     explicit backend that cannot run raises ConfigError with the reason.
     """
-    if name not in (*BACKENDS, "auto"):
-        raise ConfigError(f"unknown kernel backend '{name}'; choose one of auto, {', '.join(BACKENDS)}")
     device = torch.device(device)
     status = backend_status()
+    key = (id(status), name, device.type, dtype, dim)  # a new status (cache cleared) starts afresh
+    chosen = _RESOLVED.get(key)
+    if chosen is None:
+        chosen = _RESOLVED[key] = _resolve(name, device, dtype, dim, status)
+    return chosen
+
+
+_RESOLVED: dict[tuple, str] = {}
+
+
+def _resolve(name: str, device: torch.device, dtype, dim, status) -> str:
+    if name not in (*BACKENDS, "auto"):
+        raise ConfigError(f"unknown kernel backend '{name}'; choose one of auto, {', '.join(BACKENDS)}")
     if name == "auto":
         for record in RECORDS:
             if record.auto_devices is not None and device.type not in record.auto_devices:
@@ -79,22 +90,35 @@ def set_fp32_precision(mode: str) -> None:
 def _key_sets(name: str, keys: Tensor, rows: int) -> Tensor:
     if keys.dim() not in (1, 2) or keys.shape[0] != rows:
         raise ValueError(f"{name} must be [{rows}] or [{rows}, P], got shape {tuple(keys.shape)}")
-    return keys.reshape(rows, -1).to(torch.long).contiguous()
+    if keys.dtype != torch.long or not keys.is_contiguous():
+        keys = keys.to(torch.long).contiguous()
+    return keys[:, None] if keys.dim() == 1 else keys
+
+
+def _groups(groups: Tensor, rows: int) -> Tensor:
+    if groups.dim() != 1 or groups.shape[0] != rows:
+        groups = groups.reshape(rows)
+    if groups.dtype != torch.long or not groups.is_contiguous():
+        groups = groups.to(torch.long).contiguous()
+    return groups
 
 
 def _prepare(q, k, row_keys, col_keys, row_groups, col_groups, backend):
     """Checked inputs of the op: (backend, single, row keys [M, P], column keys [N, P], row
-    groups, column groups), the keys and groups as int64."""
+    groups, column groups), the keys and groups as contiguous int64; tensors shared by rows and
+    columns stay shared (the kernels then know the problem is symmetric)."""
     if q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1]:
         raise ValueError(f"q and k must be [rows, D] with the same D, got {tuple(q.shape)} and {tuple(k.shape)}")
     name = resolve_backend(backend, q.device, q.dtype, q.shape[1])
     rows, cols = q.shape[0], k.shape[0]
     if q.dtype != k.dtype:
         raise ValueError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
-    rk, ck = _key_sets("row_keys", row_keys, rows), _key_sets("col_keys", col_keys, cols)
+    rk = _key_sets("row_keys", row_keys, rows)
+    ck = rk if col_keys is row_keys else _key_sets("col_keys", col_keys, cols)
     if rk.shape[1] != ck.shape[1] or rk.shape[1] > MAX_KEY_SETS:
         raise ValueError(f"row and column keys must have the same number (<= {MAX_KEY_SETS}) of key sets")
-    rg, cg = row_groups.reshape(rows).to(torch.long).contiguous(), col_groups.reshape(cols).to(torch.long).contiguous()
+    rg = _groups(row_groups, rows)
+    cg = rg if col_groups is row_groups else _groups(col_groups, cols)
     return name, row_keys.dim() == 1, rk, ck, rg, cg
 
 
@@ -135,8 +159,8 @@ def multi_positive(
     else:
         one_tower = k is q
         loss, valid = MultiPositive.apply(
-            q, None if one_tower else k, rk, None if col_keys is row_keys else ck, rg,
-            None if col_groups is row_groups else cg, int(self_offset), float(tau), one_tower, name,
+            q, None if one_tower else k, rk, None if ck is rk else ck, rg, None if cg is rg else cg,
+            int(self_offset), float(tau), one_tower, name,
         )  # fmt: skip
     if single:
         return loss[:, 0], valid[:, 0]
@@ -172,13 +196,10 @@ def multi_positive_mean(
     if BY_NAME[name].forward_mean is not None and not traced(q):
         one_tower = k is q
         return MultiPositiveMean.apply(
-            q, None if one_tower else k, rk, None if col_keys is row_keys else ck, rg,
-            None if col_groups is row_groups else cg, int(self_offset), float(tau), one_tower, end, segments, single,
-            name,
+            q, None if one_tower else k, rk, None if ck is rk else ck, rg, None if cg is rg else cg,
+            int(self_offset), float(tau), one_tower, end, segments, single, name,
         )  # fmt: skip
-    loss, valid = multi_positive(
-        q, k, rk, rk if col_keys is row_keys else ck, rg, rg if col_groups is row_groups else cg, self_offset, tau, name
-    )
+    loss, valid = multi_positive(q, k, rk, ck, rg, cg, self_offset, tau, name)
     parts = [(loss, valid)] if boundary is None else [(loss[:end], valid[:end]), (loss[end:], valid[end:])]
     means = tuple((part * ok).sum(0) / ok.sum(0).clamp(min=1) for part, ok in parts)
     return tuple(m[0] for m in means) if single else means

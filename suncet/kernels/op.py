@@ -141,30 +141,30 @@ class MultiPositive(torch.autograd.Function):
 
 class MultiPositiveMean(torch.autograd.Function):
     """Masked means of the losses, one output per segment of rows ([0, boundary) and, with two
-    segments, [boundary, M)): [P], or a scalar with ``single`` (1-D keys). The outputs are views
-    of one buffer the kernels wrote; a mean that receives no gradient costs no kernel."""
+    segments, [boundary, M)): [P], or a scalar with ``single`` (1-D keys). The backend's
+    ``forward_mean`` returns the means and a state (its first item a tensor, saved for the
+    backward; the rest kept as is) that its ``backward_mean`` takes back."""
 
     @staticmethod
     def forward(ctx, q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower, boundary, segments,
                 single, backend):  # fmt: skip
-        k = q if k is None else k
-        col_keys = row_keys if col_keys is None else col_keys
-        col_groups = row_groups if col_groups is None else col_groups
-        out, stats_all, stats_pos = BY_NAME[backend].forward_mean(
-            q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower, boundary
-        )
-        ctx.save_for_backward(q, k, row_keys, col_keys, row_groups, col_groups, stats_all, stats_pos, out)
-        ctx.config = (self_offset, tau, one_tower, boundary, backend)
+        means, state = BY_NAME[backend].forward_mean(
+            q, q if k is None else k, row_keys, row_keys if col_keys is None else col_keys, row_groups,
+            row_groups if col_groups is None else col_groups, self_offset, tau, one_tower, boundary,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, row_keys, col_keys, row_groups, col_groups, state[0])
+        ctx.state = state[1:]
+        ctx.config = (self_offset, one_tower, boundary, backend)
         ctx.set_materialize_grads(False)
-        means = out[0]
-        return tuple(means[s, 0] if single else means[s] for s in range(segments))
+        return tuple(m[0] if single else m for m in means[:segments])
 
     @staticmethod
     def backward(ctx, *grad_means):
-        q, k, row_keys, col_keys, row_groups, col_groups, stats_all, stats_pos, out = ctx.saved_tensors
-        self_offset, tau, one_tower, boundary, backend = ctx.config
+        q, k, row_keys, col_keys, row_groups, col_groups, saved = ctx.saved_tensors
+        self_offset, one_tower, boundary, backend = ctx.config
         dq, dk = BY_NAME[backend].backward_mean(
-            grad_means, out, q, k, row_keys, col_keys, row_groups, col_groups, stats_all, stats_pos, self_offset, tau,
-            one_tower, boundary,
+            grad_means, (saved, *ctx.state), q, q if k is None else k, row_keys,
+            row_keys if col_keys is None else col_keys, row_groups, row_groups if col_groups is None else col_groups,
+            self_offset, one_tower, boundary,
         )  # fmt: skip
-        return dq, (None if one_tower else dk), *([None] * 11)
+        return dq, dk, *([None] * 11)

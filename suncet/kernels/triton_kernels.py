@@ -930,6 +930,7 @@ class _Plan:
         # Statistics per row of the masked-means path: in the bounded backward, each set's
         # share of the denominator's inverse as well (no validity test per column).
         self.mean_stats = 2 * p if self.bounded_backward else p
+        self.backward_variants: dict[tuple, dict] = {}
         self.finish = dict(P=p, INVERSE=self.bounded_backward, BLOCK=_FINISH_BLOCK)
         self.forward_grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), self.splits)
         self.finish_grid = (triton.cdiv(m, _FINISH_BLOCK),)
@@ -954,11 +955,11 @@ def _plan(q: torch.Tensor, n: int, p: int, tau: float, one_tower: bool, splits: 
     return plan
 
 
-def _launch_forward(plan, q, k, keys, loss, valid, lse_all, lse_pos, self_offset) -> None:
+def _launch_forward(plan, q, k, keys, loss, valid, lse_all, lse_pos, stats, self_offset) -> None:
     m, d = q.shape
     _forward_kernel[plan.forward_grid](
         q, k, *keys, plan.partial, loss, valid, lse_all, lse_pos, m, k.shape[0], d, self_offset, plan.scale2,
-        STATS=lse_pos.shape[1], **plan.forward_constants,
+        STATS=stats, **plan.forward_constants,
     )  # fmt: skip
 
 
@@ -973,7 +974,8 @@ def forward(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, 
     valid = torch.empty((m, p), device=q.device, dtype=torch.bool)
     lse_all = torch.empty((m,), device=q.device, dtype=torch.float32)
     lse_pos = torch.empty((m, p), device=q.device, dtype=torch.float32)
-    _launch_forward(plan, q, k, (row_keys, col_keys, row_groups, col_groups), loss, valid, lse_all, lse_pos, self_offset)
+    keys = (row_keys, col_keys, row_groups, col_groups)
+    _launch_forward(plan, q, k, keys, loss, valid, lse_all, lse_pos, p, self_offset)
     if plan.splits > 1:
         _finish_kernel[plan.finish_grid](
             plan.partial, loss, valid, lse_all, lse_pos, plan.block_sums, plan.ticket, lse_all, m, plan.splits, m,
@@ -984,31 +986,35 @@ def forward(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, 
 
 def forward_mean(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower, boundary, *, splits=None):
     """The masked means of the losses over rows [0, boundary) and [boundary, M), per key set,
-    in two launches: (out [2, 2, P] = (means, valid counts) by (segment, set), stats_all [M],
-    stats_pos [M, P]) with the statistics as ``forward`` returns them."""
+    in two launches. Returns (means, state): the means as one tensor per segment ([P]) and what
+    ``backward_mean`` takes back, one buffer holding the statistics ``forward`` would return and
+    (means, valid counts) by (segment, set), and the launch plan."""
     q = q.contiguous()
     k = q if one_tower else k.contiguous()
     m, p = q.shape[0], row_keys.shape[1]
     plan = _plan(q, k.shape[0], p, tau, one_tower, splits)
-    lse_all = torch.empty((m,), device=q.device, dtype=torch.float32)
-    lse_pos = torch.empty((m, plan.mean_stats), device=q.device, dtype=torch.float32)
-    out = torch.empty((2, 2, p), device=q.device, dtype=torch.float32)
+    stats = plan.mean_stats
+    buffer = torch.empty(m * (1 + stats) + 4 * p, device=q.device, dtype=torch.float32)
+    stats_pos, out = buffer[m:], buffer[m * (1 + stats) :]
     keys = (row_keys, col_keys, row_groups, col_groups)
-    _launch_forward(plan, q, k, keys, plan.loss, plan.valid, lse_all, lse_pos, self_offset)
+    _launch_forward(plan, q, k, keys, plan.loss, plan.valid, buffer, stats_pos, stats, self_offset)
     _finish_kernel[plan.finish_grid](
-        plan.partial, plan.loss, plan.valid, lse_all, lse_pos, plan.block_sums, plan.ticket, out, m, plan.splits,
-        boundary, STATS=plan.mean_stats, MERGE=plan.splits > 1, MEANS=True, **plan.finish,
+        plan.partial, plan.loss, plan.valid, buffer, stats_pos, plan.block_sums, plan.ticket, out, m, plan.splits,
+        boundary, STATS=stats, MERGE=plan.splits > 1, MEANS=True, **plan.finish,
     )  # fmt: skip
-    return out, lse_all, lse_pos
+    return out[: 2 * p].view(2, p).unbind(0), (buffer, plan)
 
 
-def _launch_backward(plan, upstream, q, k, keys, lse_all, lse_pos, self_offset, boundary, one_tower, mean):
+def _launch_backward(plan, upstream, q, k, keys, lse_all, lse_pos, stats, self_offset, boundary, one_tower, mean):
+    """(dq, dk), dk None with one tower."""
     m, d = q.shape
     n = k.shape[0]
     symmetric = one_tower and keys[0] is keys[1] and keys[2] is keys[3]
-    constants = dict(
-        MEAN=mean[0], HAS=mean[1], SYMMETRIC=symmetric, STATS=lse_pos.shape[1], **plan.backward_constants
-    )
+    constants = plan.backward_variants.get((mean, symmetric, stats))
+    if constants is None:
+        constants = plan.backward_variants[(mean, symmetric, stats)] = dict(
+            MEAN=mean[0], HAS=mean[1], SYMMETRIC=symmetric, STATS=stats, **plan.backward_constants
+        )
     dq = torch.empty_like(q)
     args = (*upstream, lse_all, lse_pos, *keys)
     if one_tower:
@@ -1016,7 +1022,7 @@ def _launch_backward(plan, upstream, q, k, keys, lse_all, lse_pos, self_offset, 
             q, q, dq, *args, m, m, d, self_offset, boundary, plan.scale2, plan.inv_tau,
             ROW_SIDE=True, COL_SIDE=True, **constants,
         )  # fmt: skip
-        return dq, q.new_empty((0, d))
+        return dq, None
     dk = torch.empty_like(k)
     _backward_kernel[plan.row_grid](
         q, k, dq, *args, m, n, d, self_offset, boundary, plan.scale2, plan.inv_tau,
@@ -1039,21 +1045,31 @@ def backward(
     grad = grad_loss.float().contiguous()
     keys = (row_keys, col_keys, row_groups, col_groups)
     upstream = (grad, grad, grad, grad)  # the mean-gradient pointers go unread without MEAN
-    return _launch_backward(plan, upstream, q, k, keys, lse_all, lse_pos, self_offset, q.shape[0], one_tower, (0, 0))
+    dq, dk = _launch_backward(
+        plan, upstream, q, k, keys, lse_all, lse_pos, lse_pos.shape[1], self_offset, q.shape[0], one_tower, (0, 0)
+    )
+    return dq, q.new_empty((0, q.shape[1])) if dk is None else dk
 
 
-def backward_mean(
-    grad_means, out, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower,
-    boundary,
-):  # fmt: skip
-    """(dq, dk) of the means of ``forward_mean``; ``grad_means`` holds each segment's upstream
-    gradient ([P] or a scalar), None for a segment whose mean received none."""
+def backward_mean(grad_means, state, q, k, row_keys, col_keys, row_groups, col_groups, self_offset, one_tower, boundary):
+    """(dq, dk or None with one tower) of the means of ``forward_mean``, from its ``state``;
+    ``grad_means`` holds each segment's upstream gradient ([P]), None for a segment whose mean
+    received none."""
+    buffer, plan = state
     q = q.contiguous()
     k = q if one_tower else k.contiguous()
-    plan = _plan(q, k.shape[0], row_keys.shape[1], tau, one_tower)
-    has = sum(1 << s for s, g in enumerate(grad_means) if g is not None)
-    g0, g1 = (out if g is None else g.float().contiguous() for g in (*grad_means, None)[:2])
+    m, p = q.shape[0], row_keys.shape[1]
+    stats = plan.mean_stats
+    out = buffer[m * (1 + stats) :]
+    has = 0
+    upstream = [out, out]
+    for segment, grad in enumerate(grad_means):
+        if grad is not None:
+            has |= 1 << segment
+            upstream[segment] = grad if grad.dtype == torch.float32 and grad.is_contiguous() else grad.float().contiguous()
     keys = (row_keys, col_keys, row_groups, col_groups)
-    upstream = (out, g0, g1, out)
-    segments = 1 if boundary >= q.shape[0] else 2
-    return _launch_backward(plan, upstream, q, k, keys, lse_all, lse_pos, self_offset, boundary, one_tower, (segments, has))
+    segments = 1 if boundary >= m else 2
+    return _launch_backward(
+        plan, (out, *upstream, out), q, k, keys, buffer, buffer[m:], stats, self_offset, boundary, one_tower,
+        (segments, has),
+    )  # fmt: skip
