@@ -536,6 +536,12 @@ def test_triton_interpreter_non_finite_inputs(triton_interpreter):
     check_non_finite("triton")
 
 
+def test_triton_interpreter_losses_keep_non_finite(triton_interpreter):
+    from test_losses import check_losses_keep_non_finite
+
+    check_losses_keep_non_finite("triton")
+
+
 def test_triton_backward_mode_follows_tau_and_width():
     pytest.importorskip("triton")
     from suncet.kernels import triton_kernels as tk
@@ -554,8 +560,8 @@ def test_triton_interpreter_in_subprocess():
     rerun_under_triton_interpreter(
         __file__,
         "interpreter_matches or interpreter_split or interpreter_extreme or interpreter_special"
-        " or interpreter_fused or interpreter_non_finite or interpreter_ids",
-        passed=len(TRITON_CASES) + 4 + len(MEAN_CASES) + 2 + 1 + 2,
+        " or interpreter_fused or interpreter_non_finite or interpreter_ids or interpreter_losses",
+        passed=len(TRITON_CASES) + 4 + len(MEAN_CASES) + 2 + 1 + 2 + 1,
     )
 
 
