@@ -145,15 +145,18 @@ def main() -> None:
     dtype, rows = f"*{args.dtype}", []
     # One tower, N a multiple of the tile (EVEN_N), keys and groups shared by rows and columns.
     common = {"P": args.sets, "BLOCK_D": 128, "EVEN_D": True, "PRECISION": "tf32"}
-    mean = {"MEAN": args.upstream == "mean", "HAS": 1 if args.upstream == "mean" else 0}
+    means = args.upstream == "mean"  # one segment of rows, as nt_xent or suncet_loss alone
+    mean = {"MEAN": 1 if means else 0, "HAS": 1 if means else 0}
     for bounded in (True, False):
         mode = "bounded" if bounded else "running maxima"
+        stats = 2 * args.sets if bounded and means else args.sets  # as the launchers choose (_Plan.mean_stats)
         for tile in tk._FORWARD_TABLE[128]:
-            constants = {**common, "BOUNDED": bounded, "INVERSE": bounded, "CHECK_K": False, "EVEN_N": True}
+            constants = {**common, "BOUNDED": bounded, "INVERSE": bounded, "STATS": stats, "CHECK_K": False,
+                         "EVEN_N": True}  # fmt: skip
             rows.append({"kernel": f"forward ({mode})", **analyse(tk._forward_kernel, dtype, constants, tile)})
         for tile in tk.backward_tiles(128, bounded):
-            constants = {**common, **mean, "BOUNDED": bounded, "ROW_SIDE": True, "COL_SIDE": True, "SYMMETRIC": True,
-                         "EVEN_N": True}  # fmt: skip
+            constants = {**common, **mean, "BOUNDED": bounded, "STATS": stats, "ROW_SIDE": True, "COL_SIDE": True,
+                         "SYMMETRIC": True, "EVEN_N": True}  # fmt: skip
             rows.append({"kernel": f"one-tower backward ({mode})", **analyse(tk._backward_kernel, dtype, constants, tile)})
     print(f"sm_90, D = 128, {args.dtype}, P = {args.sets}, backward upstream: {args.upstream}, "
           f"triton {triton.__version__}; tile = (BLOCK_M, BLOCK_N, warps, stages)")  # fmt: skip

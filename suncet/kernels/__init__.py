@@ -92,7 +92,7 @@ def _key_sets(name: str, keys: Tensor, rows: int) -> Tensor:
         raise ValueError(f"{name} must be [{rows}] or [{rows}, P], got shape {tuple(keys.shape)}")
     if keys.dtype != torch.long or not keys.is_contiguous():
         keys = keys.to(torch.long).contiguous()
-    return keys[:, None] if keys.dim() == 1 else keys
+    return keys.unsqueeze(1) if keys.dim() == 1 else keys
 
 
 def _groups(groups: Tensor, rows: int) -> Tensor:

@@ -156,7 +156,8 @@ class MultiPositiveMean(torch.autograd.Function):
         ctx.state = state[1:]
         ctx.config = (self_offset, one_tower, boundary, backend)
         ctx.set_materialize_grads(False)
-        return tuple(m[0] if single else m for m in means[:segments])
+        p = row_keys.shape[1]
+        return (means if single else means.view(2, p)).unbind(0)[:segments]
 
     @staticmethod
     def backward(ctx, *grad_means):

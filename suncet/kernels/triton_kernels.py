@@ -2,23 +2,24 @@
 
 Forward: one program per (row tile, column split) walks its column tiles and sums, per row,
 ``exp2`` of ``s2 = s * log2(e)`` (``log2(e) / tau`` folded into the scale) over the allowed
-columns and over each positive set; with more than one split, a small kernel merges the
-partial statistics. The rows are unit vectors, so ``s2 <= scale2 = log2(e) / tau``: for tau >=
-log2(e) / 48 = 0.03006 ("bounded") every exponent is taken relative to that fixed bound (one
-exponential and three adds per entry, no maxima), for smaller tau, where such exponents would
-leave fp32's normal range, relative to running maxima (an online log-sum-exp). Backward: one
-program per row tile of ``a`` turns (g, lse_all, lse_pos) of its rows, and of each column tile
-it visits, into per-row factors (bounded: three, against the same fixed bound; otherwise
-exponent offsets and coefficients per membership code), recomputes ``s = a b^T`` tile by tile
-and accumulates ``H b`` in fp32, where ``H`` is the gradient of the losses with respect to ``s``
-as seen from the rows (row side), from the columns (column side, the transposed term), or both
-(one tower: ``dz = (G + G^T) z / tau`` in one pass). Every output element is written by exactly one
-program: no atomics, deterministic.
+columns and over each positive set; a finishing kernel merges the splits' partial statistics
+and, for ``forward_mean``, reduces the masked means. The rows are unit vectors, so
+``s2 <= scale2 = log2(e) / tau``: for tau >= log2(e) / 48 = 0.03006 ("bounded") every exponent
+is taken relative to that fixed bound (one exponential per entry, no maxima), for smaller tau,
+where such exponents would leave fp32's normal range, relative to running maxima (an online
+log-sum-exp). Backward: one program per row tile of ``a`` recomputes ``s = a b^T`` tile by tile
+and accumulates ``H b`` in fp32, where ``H`` is the gradient of the losses with respect to
+``s`` as seen from the rows (row side), from the columns (column side, the transposed term), or
+both (one tower: ``dz = (G + G^T) z / tau`` in one pass, one exponential per entry in the
+bounded mode, from the inverse sums the forward stored). Every output element is written by
+exactly one program: no atomics on floats, deterministic.
 
-Similarity tiles stay in fp32; bf16/fp16 inputs go to the tensor cores as they are, fp32
-inputs through tf32 unless ``set_fp32_precision("ieee")``. Tiles whose row and column groups
-cannot meet are not visited (each program first scans the column groups for its range).
-See docs/kernels.md for the numerics.
+Tiles that are full, group-uniform and off the self diagonal take a fast branch with no masks,
+comparing ids as fp32 numbers where every id is exact in fp32 (checked once per program).
+Similarity tiles stay in fp32; bf16/fp16 inputs go to the tensor cores as they are, fp32 inputs
+through tf32 unless ``set_fp32_precision("ieee")``. Tiles whose row and column groups cannot
+meet are not visited. Non-finite inputs give NaN losses and gradients (docs/kernels.md). See
+docs/kernels.md for the numerics.
 """
 
 from __future__ import annotations
@@ -56,11 +57,11 @@ def fp32_precision() -> str:
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per D class (D <= 128, D <= 256); the first entry is
 # the one used when autotuning is off. Candidates are compiled ahead of time for sm_90
 # (benchmarks/kernel_registers.py: triton.compile with a GPUTarget and ptxas -v, no GPU needed);
-# the tables keep those that fit Hopper's 227 KiB of shared memory and do not spill registers for
-# bf16 and fp32 with one or two key sets, except at D = 256 with fp32 inputs and two key sets,
-# where every running-maxima backward candidate spills a little ((64, 16, 8, 2) least). Which is
-# fastest is for the autotuner to find on the card; the 4-warp, 64-row forward tiles are there
-# because they fit more programs per multiprocessor, which a latency-bound loop needs.
+# the tables keep those that fit Hopper's 227 KiB of shared memory and do not spill registers with
+# one key set; a few backward tiles spill a little with two (docs/kernels.md lists them), and
+# stay for the autotuner to weigh on the card against those that do not. Which is fastest is for
+# the autotuner to find; the 4-warp, 64-row tiles are there because they fit more programs per
+# multiprocessor, which a latency-bound loop needs.
 _FORWARD_TABLE = {
     128: [(128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (128, 32, 8, 4),
           (64, 128, 8, 3), (64, 32, 4, 3), (64, 32, 4, 4)],
@@ -986,7 +987,7 @@ def forward(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, 
 
 def forward_mean(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower, boundary, *, splits=None):
     """The masked means of the losses over rows [0, boundary) and [boundary, M), per key set,
-    in two launches. Returns (means, state): the means as one tensor per segment ([P]) and what
+    in two launches. Returns (means [2 P], by segment then set; state): the state is what
     ``backward_mean`` takes back, one buffer holding the statistics ``forward`` would return and
     (means, valid counts) by (segment, set), and the launch plan."""
     q = q.contiguous()
@@ -1002,7 +1003,7 @@ def forward_mean(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, 
         plan.partial, plan.loss, plan.valid, buffer, stats_pos, plan.block_sums, plan.ticket, out, m, plan.splits,
         boundary, STATS=stats, MERGE=plan.splits > 1, MEANS=True, **plan.finish,
     )  # fmt: skip
-    return out[: 2 * p].view(2, p).unbind(0), (buffer, plan)
+    return out[: 2 * p], (buffer, plan)
 
 
 def _launch_backward(plan, upstream, q, k, keys, lse_all, lse_pos, stats, self_offset, boundary, one_tower, mean):
