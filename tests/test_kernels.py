@@ -649,6 +649,50 @@ def test_gpu_triton_matches_float64(layout, dtype, tol, tau):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 3e-3)])
+@pytest.mark.parametrize("tau", [0.1, 0.02])
+def test_gpu_triton_fused_means_match_float64(dtype, tol, tau):
+    # The masked means reduced in the kernels (two segments, two key sets) against the cpu
+    # backend's float64 path on the same rounded inputs.
+    q, _, rk, ck, rg, cg, _ = _gpu_problem(1000, 128, 2, seed=3, layout="two_block")
+    weights = torch.tensor([[0.7, -1.3], [0.4, 2.0]], dtype=torch.float64)
+
+    def means_and_grad(z, backend):
+        z = z.detach().clone().requires_grad_(True)
+        keys, groups = rk.to(z.device), rg.to(z.device)
+        means = kernels.multi_positive_mean(z, z, keys, keys, groups, groups, 0, tau, boundary=500, backend=backend)
+        total = sum((weights[s].to(z.device, means[s].dtype) * means[s]).sum() for s in range(2))
+        (grad,) = torch.autograd.grad(total, z)
+        return torch.stack([m.detach().double().cpu() for m in means]), grad.double().cpu()
+
+    zd = q.to("cuda", dtype)
+    got, got_grad = means_and_grad(zd, "triton")
+    want, want_grad = means_and_grad(zd.double().cpu(), "cpu")
+    assert rel(got, want) <= tol and rel(got_grad, want_grad) <= tol
+    again, again_grad = means_and_grad(zd, "triton")
+    assert torch.equal(got, again) and torch.equal(got_grad, again_grad)  # fixed-order reductions
+
+
+@gpu
+@needs_cuda
+def test_gpu_non_finite_inputs():
+    for backend in ("triton", "cuda"):
+        if not kernels.backend_status()[backend][0]:
+            continue
+        for label, q, cross, keys, groups in _non_finite_cases():
+            to = lambda t: t.to("cuda", torch.bfloat16 if backend == "cuda" else torch.float32)  # noqa: E731
+            z = to(q).requires_grad_(True)
+            k = z if cross is None else to(cross[0]).requires_grad_(True)
+            ck, cg, offset = (keys, groups, 0) if cross is None else cross[1:]
+            args = (keys.cuda(), ck.cuda(), groups.cuda(), cg.cuda(), offset, 0.1)
+            (mean,) = kernels.multi_positive_mean(z, k, *args, backend=backend)
+            assert not torch.isfinite(mean), (backend, label)
+            grads = torch.autograd.grad(mean, (z,) if cross is None else (z, k))
+            assert not all(torch.isfinite(g).all() for g in grads), (backend, label)
+
+
+@gpu
+@needs_cuda
 def test_gpu_triton_extreme_temperatures_and_special_rows():
     kernels.set_fp32_precision("ieee")
     try:
