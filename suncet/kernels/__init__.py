@@ -45,14 +45,17 @@ def resolve_backend(
     """
     device = torch.device(device)
     status = backend_status()
-    key = (id(status), name, device.type, dtype, dim)  # a new status (cache cleared) starts afresh
+    if _RESOLVED.get("status") is not status:  # recomputed (cache cleared): decide afresh
+        _RESOLVED.clear()
+        _RESOLVED["status"] = status
+    key = (name, device.type, dtype, dim)
     chosen = _RESOLVED.get(key)
     if chosen is None:
         chosen = _RESOLVED[key] = _resolve(name, device, dtype, dim, status)
     return chosen
 
 
-_RESOLVED: dict[tuple, str] = {}
+_RESOLVED: dict = {}  # (name, device type, dtype, dim) -> backend, and the status they came from
 
 
 def _resolve(name: str, device: torch.device, dtype, dim, status) -> str:
