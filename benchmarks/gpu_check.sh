@@ -2,14 +2,15 @@
 # The one-call device check on an H100/H200, in order of importance: build the extension with
 # CUDA, run the gpu-marked tests (kernels, augmentation kernels, no host sync in the device
 # pipeline), time each Triton tile configuration as kernel time (benchmarks/kernel_anatomy.py),
-# time the Triton backend from Python, check that a torchrun run on one GPU equals plain runs
-# before and after it (30 epochs, median epoch rates), check and time the data pipeline
-# (benchmarks/gpu_data_check.sh), then profile the host time of a fused-loss step
-# (benchmarks/profile_host.py); with --all also the cuda backend and eager PyTorch in the
-# Python-side benchmark, the torch.compile and the per-loss variant benchmarks (measured once
-# already, in benchmarks/results). Every step tees into $OUT/gpu_check.log; the JSON figures land in $OUT
-# too (6 files, 8 with --all: the device returns at most 8). Each step has a time cap, cut to
-# what is left of 575 s, and a failing step does not stop the ones after it, so a run always
+# time the Triton backend from Python, eager and as CUDA graphs, at N = 8192 / 32768 / 2048 in
+# bf16 and fp32, then the host time of a fused-loss step (benchmarks/profile_host.py, with real
+# launches and with stubbed ones). That is the default run, at most 480 s. --all adds the cuda
+# backend and eager PyTorch to the Python-side benchmark, a torchrun-against-plain training check
+# (30 epochs, median epoch rates), the data pipeline check (benchmarks/gpu_data_check.sh), and the
+# torch.compile and per-loss variant benchmarks, within 575 s. Every step tees into
+# $OUT/gpu_check.log; the JSON figures land in $OUT too, each rewritten after every row it
+# measures (4 files, 8 with --all: the device returns at most 8). Each step has a time cap, cut to
+# what is left of the total, and a failing step does not stop the ones after it, so a run always
 # ends in time and returns its log.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh [--all]   # on the GPU machine, repository root
@@ -32,7 +33,9 @@ done
 PY="${PYTHON:-python3}"
 SUNCET=("$PY" -c "import sys; from suncet.cli.main import main; sys.exit(main())")
 START=$SECONDS
-TOTAL=575  # the device stops a command at 600 s: every step's cap is cut to what is left of this
+TOTAL=480  # the kernel checks: at most 8 minutes
+if ((ALL)); then TOTAL=575; fi  # the device stops a command at 600 s
+
 failures=()
 
 step() { printf '\n=== %s (%s, %ds in)\n' "$1" "$(date +%T)" $((SECONDS - START)) | tee -a "$LOG"; }
@@ -71,7 +74,7 @@ if ((NO_GPU)); then
   run "build" 300 "${BUILD[@]}"
 else
   ARCH=$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
-  run "build with CUDA (sm_$ARCH)" 200 "${BUILD[@]}" -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=$ARCH"
+  run "build with CUDA (sm_$ARCH)" 150 "${BUILD[@]}" -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=$ARCH"
   if [[ " ${failures[*]} " == *"build with CUDA"* ]]; then
     # Keep the Triton checks alive even if the CUDA C++ kernels do not build.
     run "build without CUDA (fallback)" 120 env SUNCET_WITH_CUDA=OFF "${BUILD[@]}"
@@ -82,19 +85,21 @@ run "doctor" 60 "${SUNCET[@]}" doctor
 step "kernel tests (gpu-marked; one configuration per kernel, no autotuning)"
 # pytest's exit code 5 (nothing selected) is not a failure here.
 PYTEST=(bash -c '"$@"; rc=$?; ((rc == 5)) && exit 0; exit $rc' pytest "$PY" -m pytest -m gpu -q -rs)
-run "kernel gpu tests" 120 env SUNCET_TRITON_AUTOTUNE=0 "${PYTEST[@]}" \
+run "kernel gpu tests" 100 env SUNCET_TRITON_AUTOTUNE=0 "${PYTEST[@]}" \
   tests/test_kernels.py
-run "other gpu tests" 120 "${PYTEST[@]}" --ignore=tests/test_kernels.py tests
+if ((ALL)); then
+  run "other gpu tests" 120 "${PYTEST[@]}" --ignore=tests/test_kernels.py tests
+fi
 
 step "kernel time of each Triton tile configuration against cuBLAS and flash attention, N = 8192"
 if ((NO_GPU)); then
   echo "--- skipped on a CPU box (needs CUDA)" | tee -a "$LOG"
 else
-  run "kernel anatomy" 120 "$PY" benchmarks/kernel_anatomy.py --json "$OUT/kernel_anatomy.json"
+  run "kernel anatomy" 110 "$PY" benchmarks/kernel_anatomy.py --json "$OUT/kernel_anatomy.json"
 fi
 
-# The Triton backend alone by default (the cuda backend and eager PyTorch, measured twice on the
-# H200 already, take most of this step's time at N = 32768); all three with --all.
+# The Triton backend alone by default (the cuda backend and eager PyTorch, already in
+# benchmarks/results, take most of this step's time at N = 32768); all three with --all.
 MAIN_BACKENDS=triton
 if ((ALL)); then MAIN_BACKENDS=triton,cuda,reference; fi
 step "benchmark: fused backends ($MAIN_BACKENDS), N = 8192 / 32768 / 2048 (the targets first), D = 128"
@@ -102,18 +107,30 @@ if ((NO_GPU)); then
   run "bench main" 200 "${SUNCET[@]}" bench kernels --device cpu --n 512 --d 64 --dtype fp32,bf16 \
     --backend cpu,triton,cuda,reference --loss both --repeats 3 --json "$OUT/bench_main.json"
 else
-  run "bench main" 90 "${SUNCET[@]}" bench kernels --n 8192,32768,2048 --d 128 --dtype bf16,fp32 \
+  run "bench main" 100 "${SUNCET[@]}" bench kernels --n 8192,32768,2048 --d 128 --dtype bf16,fp32 \
     --backend "$MAIN_BACKENDS" --loss both --repeats 10 --cuda-graph --json "$OUT/bench_main.json"
 fi
 
+step "host time of a fused-loss step: real launches, then launches stubbed"
+if ((NO_GPU)); then
+  echo "--- real launches skipped on a CPU box (needs CUDA)" | tee -a "$LOG"
+else
+  PROFILE_JSON=(--json "$OUT/profile_host.json")
+  if ((ALL)); then PROFILE_JSON=(); fi  # its figures stay in the log: --all fills the 8 files
+  # Host time does not depend on the tile: the first entries, no autotuning.
+  run "profile host" 45 env SUNCET_TRITON_AUTOTUNE=0 "$PY" benchmarks/profile_host.py "${PROFILE_JSON[@]}"
+fi
+run "profile host, launches stubbed" 30 "$PY" benchmarks/profile_host.py --stub
+
+if ((ALL)); then
 step "training: torchrun --nproc-per-node 1 equals a plain run; throughput of both paths"
 TRAIN_ARGS=(train --dataset digits --backbone resnet18 --batch-size 128 --epochs 30 --labels 10%
             --monitor-every 0 --final-eval none --seed 0)
 if ((NO_GPU)); then TRAIN_ARGS=(train --epochs 2 --monitor-every 0 --final-eval none --seed 0); fi
 RUNS="$(mktemp -d)"
 SCRIPT=$("$PY" -c "import os, sys; print(os.path.join(os.path.dirname(sys.executable), 'suncet'))")
-# Plain, torchrun, plain again: in the H200 run of 2026-11-28 the second process ran faster in
-# every epoch (GPU clocks, caches), so the torchrun run is compared with both plain runs.
+# Plain, torchrun, plain again: a later process can run faster than an earlier one (GPU clocks,
+# caches; docs/benchmarks.md), so the torchrun run is compared with both plain runs.
 run "train plain" 80 "${SUNCET[@]}" "${TRAIN_ARGS[@]}" --out "$RUNS/plain"
 run "train torchrun" 80 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 "$SCRIPT" \
   "${TRAIN_ARGS[@]}" --out "$RUNS/torchrun"
@@ -128,7 +145,7 @@ def metrics(rows):
     return [{k: v for k, v in r.items() if k not in timing} for r in rows]
 
 # Median epoch rate after the first (cuDNN autotuning, allocator warm-up): an epoch is 11 steps,
-# 0.2 s in all, and its rate wanders by +-8% (H200, 2026-11-28), so a mean of 7 said little.
+# short, and its rate wanders from epoch to epoch (docs/benchmarks.md), so the median.
 def rate(rows):
     return statistics.median(float(r["images_per_second"]) for r in rows[1:])
 
@@ -148,12 +165,6 @@ if ((NO_GPU)); then
 else
   run "data check" 260 env LOG="$LOG" bash benchmarks/gpu_data_check.sh
 fi
-
-step "host time of a fused-loss step (the Triton step at N = 2048 was host-bound)"
-if ((NO_GPU)); then
-  echo "--- skipped on a CPU box (needs CUDA)" | tee -a "$LOG"
-else
-  run "profile host" 90 "$PY" benchmarks/profile_host.py
 fi
 
 if ((ALL)); then

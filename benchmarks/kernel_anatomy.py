@@ -8,9 +8,9 @@ GEMM floor) and PyTorch's flash attention on ``q = k = v = z`` (a tuned fused ke
 similar work: two N^2 D products around a row softmax). TFLOP/s count 2 N^2 D per product:
 one in our forward, two in our one-tower backward, two in attention's forward, seven in its
 forward + backward. Each tile runs at tau = 0.1, where the kernels take exponents relative to
-the fixed bound of s (unit rows), and at tau = 0.02, where they keep running maxima (the
-backward's tiles of each mode, in that mode; autotuned, the backward picks from both where tau
-allows the bound).
+the fixed bound of s (unit rows), and at tau = 0.02, where they keep running maxima; the
+backward's tiles are those of its mode at that tau. Both run the losses' path: the forward with
+the masked means reduced by its finishing kernel, the backward from the means' gradient.
 
     python benchmarks/kernel_anatomy.py --json FILE [--n 8192] [--d 128]   # on a CUDA machine
 """
@@ -73,7 +73,7 @@ def main() -> None:
     z = F.normalize(torch.randn(n, d, generator=gen), dim=1).to("cuda", torch.bfloat16)
     keys = torch.stack([torch.arange(n) % (n // 2), torch.randint(0, 100, (n,), generator=gen)], 1).cuda()
     groups = torch.zeros(n, dtype=torch.long, device="cuda")
-    grad = torch.ones(n, 2, device="cuda")
+    grad = torch.ones(2, device="cuda")  # upstream gradient of the two means
 
     header = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, N = {n}, D = {d}, bf16, both key sets, "
               "kernel time (CUDA graphs); tile = (BLOCK_M, BLOCK_N, warps, stages)")
@@ -103,20 +103,20 @@ def main() -> None:
 
     width = tk._width(d)
     for tau in (0.1, 0.02):
-        forward = functools.partial(tk.forward, z, z, keys, keys, groups, groups, 0, tau, True)
-        _, _, lse_all, lse_pos = forward()
-        backward = functools.partial(tk.backward, grad, z, z, keys, keys, groups, groups, lse_all, lse_pos, 0, tau, True)
+        # The losses' path: masked means in the kernels (forward + finishing kernel; one backward launch).
+        forward = functools.partial(tk.forward_mean, z, z, keys, keys, groups, groups, 0, tau, True, n)
+        _, state = forward()
+        backward = functools.partial(tk.backward_mean, (grad, None), state, z, z, keys, keys, groups, groups, 0, True, n)
         mode = "bounded" if tk._bounded(tau) else "running maxima"
         for entry in list(tk._FORWARD_TABLE[width]):
             forced(tk._forward_kernel, tk._FORWARD_TABLE[width], entry)
-            record(f"suncet forward ({mode}, tau {tau}), tile {entry}", graph_ms(forward), 1)
-        bounded = tk._backward_candidates(width, tk._LOG2E / tau)[0][1]  # the mode of the untuned first tile
+            record(f"suncet forward + means ({mode}, tau {tau}), tile {entry}", graph_ms(forward), 1)
+        bounded = tk.bounded_backward(tau, d)
         mode = "bounded" if bounded else "running maxima"
-        table = (tk._BOUNDED_BACKWARD_TABLE if bounded else tk._BACKWARD_TABLE)[width]
+        table = tk.backward_tiles(d, bounded)
         for entry in list(table):
             forced(tk._backward_kernel, table, entry)
             record(f"suncet backward ({mode}, tau {tau}), tile {entry}", graph_ms(backward), 2)
-
 
 if __name__ == "__main__":
     main()

@@ -6,10 +6,12 @@ pointers, D divisible by 16), assembles the PTX with Triton's ``ptxas`` and disa
 cubin with its ``nvdisasm``. Per configuration it reports the registers a thread, the spill
 stores, about how many programs fit on a multiprocessor by registers (65,536 of them), and the
 SASS instructions of the main loop as laid out: the longest span that ends in a branch back to
-its start and holds a tensor-core product (masked path included).
+its start and holds a tensor-core product (masked path included); then, per similarity entry a
+thread holds (BLOCK_M x BLOCK_N / threads), the instructions and exponentials (MUFU) on the
+loop's shortest path, the one a full, group-uniform tile off the self diagonal takes.
 Static figures: what they predict about speed is for kernel_anatomy.py to confirm on a card.
 
-    python benchmarks/kernel_registers.py [--json FILE] [--dtype bf16] [--sets 2]
+    python benchmarks/kernel_registers.py [--json FILE] [--dtype bf16] [--sets 2] [--upstream mean]
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
 
 from suncet.kernels import triton_kernels as tk
 
 _ALIGNED = {
     "q_ptr", "k_ptr", "row_keys_ptr", "col_keys_ptr", "row_groups_ptr", "col_groups_ptr", "partial_ptr", "loss_ptr",
-    "valid_ptr", "lse_all_ptr", "lse_pos_ptr", "a_ptr", "b_ptr", "out_ptr", "grad_ptr", "D",
+    "valid_ptr", "lse_all_ptr", "lse_pos_ptr", "a_ptr", "b_ptr", "out_ptr", "grad_ptr", "gmean0_ptr", "gmean1_ptr",
+    "means_ptr", "D",
 }  # fmt: skip
 _TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
@@ -44,22 +48,50 @@ def _types(kernel, dtype: str) -> dict[str, str]:
         return {"q_ptr": dtype, "k_ptr": dtype, **ids, "partial_ptr": "*fp32", "loss_ptr": "*fp32",
                 "valid_ptr": "*i1", **stats, "M": "i32", "N": "i32", "D": "i32", "self_offset": "i32",
                 "scale2": "fp32"}  # fmt: skip
-    return {"a_ptr": dtype, "b_ptr": dtype, "out_ptr": dtype, "grad_ptr": "*fp32", **stats, **ids,
-            "A_COUNT": "i32", "B_COUNT": "i32", "D": "i32", "self_offset": "i32", "scale2": "fp32",
-            "inv_tau": "fp32"}  # fmt: skip
+    return {"a_ptr": dtype, "b_ptr": dtype, "out_ptr": dtype, "grad_ptr": "*fp32", "gmean0_ptr": "*fp32",
+            "gmean1_ptr": "*fp32", "means_ptr": "*fp32", **stats, **ids, "A_COUNT": "i32", "B_COUNT": "i32",
+            "D": "i32", "self_offset": "i32", "boundary": "i32", "scale2": "fp32", "inv_tau": "fp32"}  # fmt: skip
 
 
-def _main_loop(sass: str) -> collections.Counter:
+def _main_loop(sass: str) -> tuple[collections.Counter, collections.Counter]:
+    """Opcodes of the main loop (the longest span that branches back to its start and holds a
+    tensor-core product), all of them and those on its shortest path: the tile that takes no
+    runtime branch into optional work, i.e. a full, group-uniform tile off the self diagonal."""
     lines = sass.splitlines()
     labels = {line.strip().rstrip(":"): i for i, line in enumerate(lines) if re.match(r"^\s*\.L_x_\d+:", line)}
-    best: list[str] = []
+    span = (0, -1)
     for i, line in enumerate(lines):
         target = re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)
         if target and labels.get(target.group(1), i) < i:
-            body = lines[labels[target.group(1)] : i + 1]
-            if any("HGMMA" in b for b in body) and len(body) > len(best):
-                best = body
-    return collections.Counter(m.group(1) for m in map(_INSTRUCTION.search, best) if m)
+            start = labels[target.group(1)]
+            if any("HGMMA" in b for b in lines[start : i + 1]) and i - start > span[1] - span[0]:
+                span = (start, i)
+    body = [(i, m.group(1)) for i in range(span[0], span[1] + 1) if (m := _INSTRUCTION.search(lines[i]))]
+    every = collections.Counter(op for _, op in body)
+    if not body:
+        return every, every
+    # Shortest path (fewest instructions) from the loop's first instruction to its back branch:
+    # each instruction falls through to the next unless it is an unconditional branch, and a
+    # branch also leads to its target.
+    label_at = {name: next((n for n, (line, _) in enumerate(body) if line > at), len(body)) for name, at in labels.items()}
+    best = [None] * len(body)
+    best[0] = [0]
+    for n in range(len(body)):  # forward branches only inside the span, so one sweep suffices
+        if best[n] is None:
+            continue
+        text = lines[body[n][0]]
+        target = re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)
+        successors = []
+        unconditional = target and not re.search(r"@!?U?P[T0-9]+\s+BRA", text)
+        if not unconditional and n + 1 < len(body):
+            successors.append(n + 1)
+        if target and label_at.get(target.group(1), -1) > n:
+            successors.append(label_at[target.group(1)])
+        for succ in successors:
+            if succ < len(body) and (best[succ] is None or len(best[n]) + 1 < len(best[succ])):
+                best[succ] = best[n] + [succ]
+    path = best[-1] or list(range(len(body)))
+    return every, collections.Counter(body[n][1] for n in path)
 
 
 def analyse(kernel, dtype: str, constants: dict, tile: tuple[int, int, int, int]) -> dict:
@@ -67,6 +99,8 @@ def analyse(kernel, dtype: str, constants: dict, tile: tuple[int, int, int, int]
     constants = {**constants, "BLOCK_M": block_m, "BLOCK_N": block_n}
     types = _types(kernel, dtype)
     fn = kernel.fn
+    while not isinstance(fn, JITFunction):  # through the autotuner and heuristics wrappers
+        fn = fn.fn
     source = ASTSource(
         fn=fn,
         signature={**types, **{name: "constexpr" for name in constants}},
@@ -82,7 +116,8 @@ def analyse(kernel, dtype: str, constants: dict, tile: tuple[int, int, int, int]
         ).stderr
         sass = subprocess.run([_TOOLS / "nvdisasm", "-c", cubin], capture_output=True, text=True, check=True).stdout
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
-    loop = _main_loop(sass)
+    loop, fast = _main_loop(sass)
+    entries = block_m * block_n / (32 * warps)  # similarity entries per thread and column tile
     return {
         "tile": list(tile),
         "registers": registers,
@@ -91,6 +126,9 @@ def analyse(kernel, dtype: str, constants: dict, tile: tuple[int, int, int, int]
         "loop_instructions": sum(loop.values()),
         "loop_exp2": loop["MUFU"],
         "loop_tensor_core": loop["HGMMA"],
+        "fast_path_instructions": sum(fast.values()),
+        "instructions_per_entry": round(sum(fast.values()) / entries, 2),
+        "exp2_per_entry": round(fast["MUFU"] / entries, 2),
     }
 
 
@@ -99,25 +137,39 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--sets", type=int, default=2, choices=[1, 2], help="positive-key sets (P)")
+    parser.add_argument(
+        "--upstream", default="mean", choices=["mean", "rows"],
+        help="the backward's upstream gradient: of the fused masked means (the losses' path) or per row",
+    )  # fmt: skip
     args = parser.parse_args()
     dtype, rows = f"*{args.dtype}", []
+    # One tower, N a multiple of the tile (EVEN_N), keys and groups shared by rows and columns.
     common = {"P": args.sets, "BLOCK_D": 128, "EVEN_D": True, "PRECISION": "tf32"}
+    means = args.upstream == "mean"  # one segment of rows, as nt_xent or suncet_loss alone
+    mean = {"MEAN": 1 if means else 0, "HAS": 1 if means else 0}
     for bounded in (True, False):
         mode = "bounded" if bounded else "running maxima"
+        stats = 2 * args.sets if bounded and means else args.sets  # as the launchers choose (_Plan.mean_stats)
         for tile in tk._FORWARD_TABLE[128]:
-            row = analyse(tk._forward_kernel, dtype, {**common, "BOUNDED": bounded}, tile)
-            rows.append({"kernel": f"forward ({mode})", **row})
-        table = tk._BOUNDED_BACKWARD_TABLE if bounded else tk._BACKWARD_TABLE
-        for tile in table[128]:
-            constants = {**common, "BOUNDED": bounded, "ROW_SIDE": True, "COL_SIDE": True}
+            constants = {**common, "BOUNDED": bounded, "INVERSE": bounded, "STATS": stats, "CHECK_K": False,
+                         "EVEN_N": True}  # fmt: skip
+            rows.append({"kernel": f"forward ({mode})", **analyse(tk._forward_kernel, dtype, constants, tile)})
+        for tile in tk.backward_tiles(128, bounded):
+            constants = {**common, **mean, "BOUNDED": bounded, "STATS": stats, "ROW_SIDE": True, "COL_SIDE": True,
+                         "SYMMETRIC": True, "EVEN_N": True}  # fmt: skip
             rows.append({"kernel": f"one-tower backward ({mode})", **analyse(tk._backward_kernel, dtype, constants, tile)})
-    print(f"sm_90, D = 128, {args.dtype}, P = {args.sets}, triton {triton.__version__}; tile = (BLOCK_M, BLOCK_N, warps, stages)")
-    print(f"{'kernel':34} {'tile':18} {'regs':>5} {'spill':>6} {'progs/SM':>8} {'loop instr':>10} {'exp2':>5} {'wgmma':>6}")
+    print(f"sm_90, D = 128, {args.dtype}, P = {args.sets}, backward upstream: {args.upstream}, "
+          f"triton {triton.__version__}; tile = (BLOCK_M, BLOCK_N, warps, stages)")  # fmt: skip
+    print(f"{'kernel':34} {'tile':18} {'regs':>5} {'spill':>6} {'progs/SM':>8} {'loop instr':>10} {'exp2':>5} "
+          f"{'wgmma':>6} {'fast path':>9} {'instr/entry':>11} {'exp2/entry':>10}")  # fmt: skip
     for r in rows:
         print(f"{r['kernel']:34} {tuple(r['tile'])!s:18} {r['registers']:5d} {r['spill_bytes']:6d} "
-              f"{r['programs_per_sm_by_registers']:8d} {r['loop_instructions']:10d} {r['loop_exp2']:5d} {r['loop_tensor_core']:6d}")  # fmt: skip
+              f"{r['programs_per_sm_by_registers']:8d} {r['loop_instructions']:10d} {r['loop_exp2']:5d} "
+              f"{r['loop_tensor_core']:6d} {r['fast_path_instructions']:9d} {r['instructions_per_entry']:11.2f} "
+              f"{r['exp2_per_entry']:10.2f}")  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"target": "sm_90", "dtype": args.dtype, "sets": args.sets, "rows": rows}, indent=2))
+        report = {"target": "sm_90", "dtype": args.dtype, "sets": args.sets, "upstream": args.upstream, "rows": rows}
+        args.json.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,21 @@
-"""Where the host time of one fused-loss step goes, on a GPU.
+"""Host time of one fused-loss step: what Python, autograd and the launchers cost per step.
 
-On the H200 (2026-11-28) a Triton step at N = 2048 took 1.6-1.75 ms from Python against 0.21 ms
-of kernel time (CUDA graph): the step is bound by host work, not by the kernels. This script
-times, on the current CUDA device: an empty Triton launch (the floor), the bare launchers of the
-forward and backward, the two custom ops, the eager loss step, and the step as `suncet bench
-kernels` times it; then profiles the step with cProfile (Python functions) and torch.profiler
-(operators).
+Two modes.
 
-    python benchmarks/profile_host.py    # prints the report (benchmarks/gpu_check.sh keeps it in its log)
+``--stub`` (any machine, no GPU): every Triton kernel of suncet/kernels/triton_kernels.py is
+replaced by a launch that does nothing, and the triton backend runs on small CPU tensors
+(TRITON_INTERPRET=1 only lets it take them; nothing is interpreted). What remains is the host
+work of a step without Triton's own launch cost: argument checks, plans, allocations, autograd.
+It times the fused masked-means step (``kernels.multi_positive_mean`` and its gradient), the
+per-row step with the masked mean in PyTorch (the path before the means were fused), and the
+launchers alone.
+
+Default (a CUDA device): the same steps with real launches and the GPU never waited for, an
+empty Triton launch and an empty PyTorch op for scale, then cProfile and torch.profiler of the
+fused step.
+
+    python benchmarks/profile_host.py --stub [--n 2048] [--d 128] [--json FILE]
+    python benchmarks/profile_host.py [--json FILE]     # on a GPU; benchmarks/gpu_check.sh runs it
 """
 
 from __future__ import annotations
@@ -15,107 +23,186 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
+import os
+import platform
 import pstats
+import statistics
+import sys
 import time
-
-import torch
-import torch.nn.functional as F
-import triton
-
-from suncet import kernels
-from suncet.kernels import op, triton_kernels
+from pathlib import Path
 
 
-@triton.jit
-def _empty_kernel(x_ptr, n):
-    pass
+def _stub_kernels(module) -> int:
+    """Replace every Triton kernel object of ``module`` by a launch that does nothing."""
+    from triton.runtime.jit import KernelInterface
+
+    class _Stub:
+        def __getitem__(self, grid):
+            return _noop
+
+    def _noop(*args, **kwargs):
+        return None
+
+    stubbed = 0
+    for name, value in vars(module).copy().items():
+        if isinstance(value, KernelInterface):
+            setattr(module, name, _Stub())
+            stubbed += 1
+    return stubbed
 
 
-def host_us(fn, repeats: int = 300) -> float:
-    """Mean wall time per call with the device kept busy enough never to starve (host-bound)."""
+def host_us(fn, repeats: int, sync, clock) -> float:
+    """Median over 7 rounds of the mean ``clock`` time per call of ``fn``, in microseconds."""
     for _ in range(20):
         fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / repeats * 1e6
+    sync()
+    rounds = []
+    for _ in range(7):
+        start = clock()
+        for _ in range(repeats):
+            fn()
+        rounds.append((clock() - start) / repeats * 1e6)
+        sync()
+    return statistics.median(rounds)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stub", action="store_true", help="CPU tensors, Triton launches replaced by no-ops")
     parser.add_argument("--n", type=int, default=2048)
     parser.add_argument("--d", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--json", type=Path, help="also write the timings here")
     args = parser.parse_args()
-    device = torch.device("cuda")
+    if args.stub:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: lets the backend take CPU tensors
+
+    import torch
+    import torch.nn.functional as F
+    import triton
+
+    from suncet import kernels
+    from suncet.kernels import triton_kernels
+
+    if args.stub:
+        stubbed = _stub_kernels(triton_kernels)
+        device = torch.device("cpu")
+        dtype = torch.float32
+        # The CPU time of this one thread: on a shared machine, wall time also counts the other
+        # processes' turns. One intra-op thread keeps the few CPU ops left on it.
+        torch.set_num_threads(1)
+        clock = time.thread_time
+
+        def sync():
+            return None
+    else:
+        stubbed = 0
+        device = torch.device("cuda")
+        dtype = torch.bfloat16
+        sync = torch.cuda.synchronize
+        clock = time.perf_counter
+    kernels.backend_status.cache_clear()
+
     n, d = args.n, args.d
+    half = n // 2  # the training layout: [unlabeled views; labeled rows], NT-Xent and SuNCEt in one launch
     gen = torch.Generator().manual_seed(0)
-    z = F.normalize(torch.randn(n, d, generator=gen), dim=1).to(device, torch.bfloat16).requires_grad_(True)
-    keys = torch.stack([torch.arange(n) % (n // 2), torch.randint(0, 100, (n,), generator=gen)], 1).to(device)
-    groups = torch.zeros(n, dtype=torch.long, device=device)
+    z = F.normalize(torch.randn(n, d, generator=gen), dim=1).to(device, dtype).requires_grad_(True)
+    ids = torch.arange(half) % (half // 2)
+    keys = torch.cat([ids, torch.randint(0, 100, (n - half,), generator=gen)]).to(device)
+    groups = torch.cat([torch.zeros(half, dtype=torch.long), torch.ones(n - half, dtype=torch.long)]).to(device)
 
-    def mean_valid(loss, valid):
-        return (loss * valid).sum(0) / valid.sum(0).clamp(min=1)
+    def fused_step():  # both losses as masked means inside the kernels, and their gradient
+        ntxent, suncet = kernels.multi_positive_mean(
+            z, z, keys, keys, groups, groups, 0, 0.1, boundary=half, backend="triton"
+        )
+        return torch.autograd.grad(ntxent + suncet, z)
 
-    def bench_step():
-        loss = mean_valid(*kernels.multi_positive(z, z, keys, keys, groups, groups, 0, 0.1, backend="triton")).sum()
-        return torch.autograd.grad(loss, z)
-
-    def op_step():
-        loss, _ = kernels.multi_positive(z, z, keys, keys, groups, groups, 0, 0.1, backend="triton")
-        return torch.autograd.grad(loss, z, torch.ones_like(loss))
+    def per_row_step():  # per-row losses, masked means in PyTorch (losses.masked_mean's arithmetic)
+        loss, valid = kernels.multi_positive(z, z, keys, keys, groups, groups, 0, 0.1, backend="triton")
+        means = [(part * ok).sum() / ok.sum().clamp(min=1) for part, ok in ((loss[:half], valid[:half]),
+                                                                            (loss[half:], valid[half:]))]
+        return torch.autograd.grad(means[0] + means[1], z)
 
     zd = z.detach()
-    stats = triton_kernels.forward(zd, zd, keys, keys, groups, groups, 0, 0.1, True)
-    grad = torch.ones_like(stats[0])
+    keys2 = keys[:, None]
+    _, state = triton_kernels.forward_mean(zd, zd, keys2, keys2, groups, groups, 0, 0.1, True, half)
+    grad = torch.ones((), device=device)
 
     def launch_forward():
-        return triton_kernels.forward(zd, zd, keys, keys, groups, groups, 0, 0.1, True)
+        return triton_kernels.forward_mean(zd, zd, keys2, keys2, groups, groups, 0, 0.1, True, half)
 
     def launch_backward():
-        return triton_kernels.backward(grad, zd, zd, keys, keys, groups, groups, stats[2], stats[3], 0, 0.1, True)
+        return triton_kernels.backward_mean((grad, grad), state, zd, zd, keys2, keys2, groups, groups, 0, True, half)
 
-    def custom_ops():  # the route torch.compile traces; eager mode bypasses it (suncet/kernels/op.py)
-        out = op.multi_positive_op(zd, zd, keys, keys, groups, groups, 0, 0.1, True, "triton")
-        return op.multi_positive_backward_op(grad, zd, zd, keys, keys, groups, groups, out[2], out[3], 0, 0.1, True, "triton")
+    class _Nothing(torch.autograd.Function):  # the floor: an autograd step that computes nothing
+        @staticmethod
+        def forward(ctx, x):
+            return x.new_empty(()), x.new_empty(())
 
-    empty = torch.empty(1, device=device)
+        @staticmethod
+        def backward(ctx, a, b):
+            return torch.empty_like(z)
+
+    def floor_step():
+        a, b = _Nothing.apply(z)
+        return torch.autograd.grad(a + b, z)
+
     timings = {
-        "empty triton launch": host_us(lambda: _empty_kernel[(1,)](empty, 1)),
-        "empty torch op (add_)": host_us(lambda: empty.add_(1)),
-        "forward launcher (triton_kernels.forward)": host_us(launch_forward),
-        "backward launcher (triton_kernels.backward)": host_us(launch_backward),
-        "forward + backward custom ops, no autograd": host_us(custom_ops),
-        "loss step (MultiPositive, eager; loss, grad)": host_us(op_step),
-        "bench step (mean over valid rows, sum, grad)": host_us(bench_step),
+        "floor: an autograd.Function computing nothing, two outputs, forward + gradient": host_us(
+            floor_step, args.repeats, sync, clock
+        ),
+        "fused step: multi_positive_mean (both means), forward + gradient": host_us(fused_step, args.repeats, sync, clock),
+        "per-row step: multi_positive + PyTorch masked means, forward + gradient": host_us(
+            per_row_step, args.repeats, sync, clock
+        ),
+        "forward_mean launcher (2 launches)": host_us(launch_forward, args.repeats, sync, clock),
+        "backward_mean launcher (1 launch)": host_us(launch_backward, args.repeats, sync, clock),
     }
+    if not args.stub:
+
+        @triton.jit
+        def _empty_kernel(x_ptr, n):
+            pass
+
+        empty = torch.empty(1, device=device)
+        timings["empty Triton launch"] = host_us(lambda: _empty_kernel[(1,)](empty, 1), args.repeats, sync, clock)
+        timings["empty PyTorch op (add_)"] = host_us(lambda: empty.add_(1), args.repeats, sync, clock)
+
+    where = "CPU, Triton launches stubbed" if args.stub else torch.cuda.get_device_name()
+    header = (
+        f"{where}; {platform.processor() or platform.machine()}, Python {sys.version.split()[0]}, torch "
+        f"{torch.__version__}, triton {triton.__version__}; N={n} D={d} {str(dtype).removeprefix('torch.')}, "
+        f"one tower, NT-Xent on the first {half} rows and SuNCEt on the others (one key set, two groups)"
+    )
     report = io.StringIO()
-    report.write(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, N={n} D={d} bf16\n\n")
-    report.write("host microseconds per call (mean of 300, device never waited for):\n")
+    measure = "CPU time of the calling thread" if args.stub else "wall time, the GPU never waited for"
+    report.write(f"{header}\n\nhost microseconds per call ({measure}; median of 7 rounds of {args.repeats}):\n")
     for name, us in timings.items():
         report.write(f"  {us:9.1f}  {name}\n")
-
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(200):
-        bench_step()
-    torch.cuda.synchronize()
-    profiler.disable()
-    for key in ("tottime", "cumulative"):
+    if args.stub:
+        report.write(f"  ({stubbed} Triton kernels stubbed)\n")
+    else:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(200):
+            fused_step()
+        sync()
+        profiler.disable()
         text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(30)
-        report.write(f"\ncProfile of 200 bench steps, by {key}:\n{text.getvalue()}")
-
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(50):
-            bench_step()
-        torch.cuda.synchronize()
-    report.write("\ntorch.profiler of 50 bench steps, by self CPU time:\n")
-    report.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
-
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        report.write(f"\ncProfile of 200 fused steps, by own time:\n{text.getvalue()}")
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        ) as prof:
+            for _ in range(50):
+                fused_step()
+            sync()
+        report.write("\ntorch.profiler of 50 fused steps, by self CPU time:\n")
+        report.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     print(report.getvalue())
+    if args.json:
+        args.json.write_text(json.dumps({"header": header, "host_us": timings}, indent=2))
 
 
 if __name__ == "__main__":

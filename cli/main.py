@@ -85,6 +85,7 @@ def doctor() -> None:
     import torch
 
     from suncet.kernels import backend_status, resolve_backend
+    from suncet.kernels.backends import RECORDS
 
     info = Table(title="suncet doctor", show_header=False)
     info.add_column("item")
@@ -113,9 +114,17 @@ def doctor() -> None:
     backends = Table(title="kernel backends")
     backends.add_column("backend")
     backends.add_column("usable")
+    backends.add_column("takes")
     backends.add_column("why")
-    for name, (usable, reason) in backend_status().items():
-        backends.add_row(name, "[green]yes[/green]" if usable else "[red]no[/red]", reason)
+    status = backend_status()
+    for record in RECORDS:
+        usable, reason = status[record.name]
+        devices = "/".join(record.devices) if record.devices else "any device"
+        dtypes = ", ".join(str(t).removeprefix("torch.") for t in record.dtypes) if record.dtypes else "any dtype"
+        width = f", D <= {record.max_dim}" if record.max_dim else ""
+        backends.add_row(
+            record.name, "[green]yes[/green]" if usable else "[red]no[/red]", f"{devices}; {dtypes}{width}", reason
+        )
     console.print(backends)
     device = torch.device("cuda" if gpus else "cpu")
     console.print(f"auto selects [bold]{resolve_backend('auto', device)}[/bold] on {device}")

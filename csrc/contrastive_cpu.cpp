@@ -177,6 +177,21 @@ std::vector<T> pack_panels(const S* src, int64_t cols, int64_t d) {
   return out;
 }
 
+// Whether every value of a packed buffer is finite. NaN and inf times 0 are NaN, so one
+// vector sum of x * 0 answers it; the op then returns NaN losses and gradients, because an
+// online maximum or a masked sum could otherwise turn a non-finite input into a finite loss.
+template <typename T>
+bool all_finite(const std::vector<T>& packed) {
+  using V = typename Simd<T>::V;
+  constexpr size_t L = Simd<T>::L;
+  V acc{};
+  size_t i = 0;
+  for (; i + L <= packed.size(); i += L) acc += load<V>(packed.data() + i) * T(0);
+  double tail = hsum(acc);
+  for (; i < packed.size(); ++i) tail += static_cast<double>(packed[i]) * 0.0;
+  return std::isfinite(tail);
+}
+
 // Equality-preserving maps of int64 keys to the vector lane integer type (int32 beside fp32):
 // a row attribute and its column counterpart are mapped together, so equal values stay equal.
 template <typename Id>
@@ -472,6 +487,14 @@ void forward_impl(const S* q_data, const S* k_data, int64_t d, const Attributes<
   const int64_t col_tiles = (n + kColTile<T> - 1) / kColTile<T>;
   const int64_t cols_pad = round_up(n, kPanel<T>);
 
+  if (!all_finite(rows) || !all_finite(panels)) {
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    std::fill(loss, loss + m * P, nan);
+    std::fill(lse_all, lse_all + m, nan);
+    std::fill(lse_pos, lse_pos + m * P, nan);
+    std::fill(valid, valid + m * P, false);
+    return;
+  }
   const int64_t per_task = tiles_per_task(row_tiles);
   const int64_t tasks = (row_tiles + per_task - 1) / per_task;
 
@@ -659,6 +682,10 @@ void gradient_pass(const S* a_data, int64_t a_count, const S* b_data, int64_t b_
   const int64_t col_tiles = (b_count + kColTile<T> - 1) / kColTile<T>;
   const int64_t cols_pad = round_up(b_count, kPanel<T>);
 
+  if (!all_finite(a_rows) || !all_finite(panels)) {
+    std::fill(out, out + a_count * d, static_cast<S>(std::numeric_limits<T>::quiet_NaN()));
+    return;
+  }
   const int64_t per_task = tiles_per_task(row_tiles);
   const int64_t tasks = (row_tiles + per_task - 1) / per_task;
 

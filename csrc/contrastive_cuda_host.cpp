@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <limits>
+
 #include "contrastive.h"
 #include "contrastive_cuda.h"
 
@@ -37,6 +39,14 @@ cuda::Attributes attributes(const at::Tensor& rk, const at::Tensor& ck, const at
 
 void check_launch(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "suncet CUDA kernel failed: ", cudaGetErrorString(err)); }
 
+// Whether q or k holds a NaN or an inf, as a 0-dim bool on the device (no host sync). The
+// losses and gradients are then NaN, as on the other backends: the kernels' running maxima and
+// masks could otherwise turn a non-finite input into a finite loss.
+at::Tensor non_finite(const at::Tensor& q, const at::Tensor& k, bool one_tower) {
+  const at::Tensor bad = at::isfinite(q).all().logical_not();
+  return one_tower ? bad : bad.logical_or(at::isfinite(k).all().logical_not());
+}
+
 }  // namespace
 
 std::vector<at::Tensor> multi_positive_forward_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -64,6 +74,9 @@ std::vector<at::Tensor> multi_positive_forward_cuda(const at::Tensor& q, const a
                                partial.data_ptr<float>(), ranges.data_ptr<int64_t>(), loss.data_ptr<float>(),
                                valid.data_ptr<bool>(), lse_all.data_ptr<float>(), lse_pos.data_ptr<float>()};
   check_launch(cuda::launch_forward(args, c10::cuda::getCurrentCUDAStream()));
+  const at::Tensor bad = non_finite(qc, kc, one_tower);
+  for (at::Tensor* t : {&loss, &lse_all, &lse_pos}) t->masked_fill_(bad, std::numeric_limits<float>::quiet_NaN());
+  valid.masked_fill_(bad, false);
   return {loss, valid, lse_all, lse_pos};
 }
 
@@ -94,6 +107,9 @@ std::vector<at::Tensor> multi_positive_backward_cuda(const at::Tensor& grad_loss
                                 one_tower ? nullptr : dk.data_ptr(), static_cast<int>(d), one_tower,
                                 attributes(rk, ck, rg, cg, self_offset), static_cast<float>(tau)};
   check_launch(cuda::launch_backward(args, c10::cuda::getCurrentCUDAStream()));
+  const at::Tensor bad = non_finite(qc, kc, one_tower);
+  dq.masked_fill_(bad, std::numeric_limits<float>::quiet_NaN());
+  if (!one_tower) dk.masked_fill_(bad, std::numeric_limits<float>::quiet_NaN());
   return {dq, dk};
 }
 

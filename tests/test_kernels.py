@@ -388,29 +388,180 @@ def test_triton_interpreter_split_columns_merge_exactly(triton_interpreter, tau)
             assert torch.allclose(a.float(), b.float(), atol=1e-5, equal_nan=True)
 
 
-def test_triton_backward_tunes_over_both_modes_where_tau_allows_the_bound():
+def _oracle_means(q, k, rk, ck, rg, cg, offset, tau, boundary, weights):
+    """float64 masked means per (segment, set) and d(sum_s,p weights_sp mean_sp)/d(q, k)."""
+    rows, sets = q.shape[0], rk.shape[1]
+    loss, valid, _, _ = oracle(q, k, rk, ck, rg, cg, offset, tau, np.zeros((rows, sets)))
+    seg = (np.arange(rows) >= boundary).astype(int)
+    means, grad = np.zeros((2, sets)), np.zeros((rows, sets))
+    for s in range(2):
+        rows_s = seg == s
+        counts = np.maximum(valid[rows_s].sum(0), 1)
+        means[s] = (loss[rows_s] * valid[rows_s]).sum(0) / counts
+        grad[rows_s] = valid[rows_s] * weights[s] / counts
+    _, _, dq, dk = oracle(q, k, rk, ck, rg, cg, offset, tau, grad)
+    return means, dq, dk
+
+
+MEAN_CASES = [
+    # layout, rows, dim, sets, tau, boundary (None: one segment)
+    ("two_block", 38, 64, 1, 0.1, 19),
+    ("one_tower", 37, 32, 2, 0.05, None),
+    ("one_tower", 29, 64, 2, 0.02, 10),
+    ("cross", 13, 64, 1, 0.1, None),
+    ("cross", 12, 32, 2, 0.01, 5),
+]
+
+
+def check_means_against_oracle(backend, layout, rows, dim, sets, tau, boundary, seed=0, splits=None):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, rk, ck, rg, cg, offset = make_problem(layout, rows, dim, sets, gen)
+    weights = torch.randn(2, sets, generator=gen, dtype=torch.float64).numpy()
+    qf = q.float().requires_grad_(True)
+    kf = qf if k is None else k.float().requires_grad_(True)
+    keys = (rk[:, 0], ck[:, 0]) if sets == 1 else (rk, ck)
+    means = kernels.multi_positive_mean(qf, kf, *keys, rg, cg, offset, tau, boundary=boundary, backend=backend)
+    segments = 1 if boundary is None else 2
+    assert len(means) == segments
+    total = sum((torch.as_tensor(weights[s]).float() * means[s]).sum() for s in range(segments))
+    inputs = (qf,) if k is None else (qf, kf)
+    grads = torch.autograd.grad(total, inputs)
+    want, want_dq, want_dk = _oracle_means(
+        q.double(), q.double() if k is None else k.double(), rk, ck, rg, cg, offset, tau,
+        rows if boundary is None else boundary, weights,
+    )  # fmt: skip
+    got = np.stack([np.atleast_1d(m.detach().double().numpy()) for m in means])
+    assert np.abs(got - want[:segments]).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    assert rel(grads[0].double().numpy(), want_dq + want_dk if k is None else want_dq) <= 1e-4
+    if k is not None:
+        assert rel(grads[1].double().numpy(), want_dk) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu_kernels), "reference"])
+@pytest.mark.parametrize("layout,rows,dim,sets,tau,boundary", MEAN_CASES[:3])
+def test_masked_means_match_float64(backend, layout, rows, dim, sets, tau, boundary):
+    check_means_against_oracle(backend, layout, rows, dim, sets, tau, boundary)
+
+
+@pytest.mark.parametrize("layout,rows,dim,sets,tau,boundary", MEAN_CASES)
+def test_triton_interpreter_fused_means_match_float64(triton_interpreter, layout, rows, dim, sets, tau, boundary):
+    check_means_against_oracle("triton", layout, rows, dim, sets, tau, boundary, seed=rows)
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.02])
+def test_triton_interpreter_ids_beyond_fp32_take_the_exact_path(triton_interpreter, tau):
+    # Fast tiles compare ids as fp32, exact up to 2^24: keys that differ only above that (same
+    # low words, or equal after rounding to fp32) must still be told apart.
+    gen = torch.Generator().manual_seed(23)
+    q, _, rk, _, _, _, _ = make_problem("one_tower", 40, 16, 2, gen, classes=3)
+    rows = torch.arange(40)
+    rk = rk + torch.stack([(rows % 2) * 2**32, (rows % 3 == 0) * 1 + 2**24], 1)
+    groups = torch.full((40,), 2**40, dtype=torch.long)
+    grad = torch.randn(40, 2, generator=gen, dtype=torch.float64)
+    loss, valid, dq, _ = run_backend("triton", q.float(), None, rk, rk, groups, groups, 0, tau, grad)
+    want = oracle(q, q, rk, rk, groups, groups, 0, tau, grad)
+    np.testing.assert_array_equal(valid.numpy(), want[1])
+    assert np.abs(loss.double().numpy() - want[0]).max() <= 1e-4 * max(1.0, np.abs(want[0]).max())
+    assert rel(dq.double().numpy(), want[2] + want[3]) <= 1e-4
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.02])
+def test_triton_interpreter_fused_means_merge_splits_and_repeat_exactly(triton_interpreter, tau):
+    # The finishing kernel merges column splits and reduces the blocks' sums after an int32
+    # ticket; the ticket is reset for the next call, so a second call must agree bitwise.
+    gen = torch.Generator().manual_seed(21)
+    q, _, rk, ck, rg, cg, _ = make_problem("two_block", 40, 32, 2, gen)
+    q = q.float()
+
+    def run(splits):
+        means, (buffer, _) = triton_interpreter.forward_mean(q, q, rk, ck, rg, cg, 0, tau, True, 20, splits=splits)
+        return means, buffer  # the means; all the statistics the backward reads, and (means, counts)
+
+    first, again, whole = run(3), run(3), run(1)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert torch.allclose(first[0], whole[0], atol=1e-5) and torch.allclose(first[1], whole[1], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite inputs: no kernel, mask or mean may turn them into a finite loss.
+
+
+def _non_finite_cases():
+    gen = torch.Generator().manual_seed(17)
+    cases = []
+    for name, value in (("nan", float("nan")), ("inf", float("inf")), ("-inf", float("-inf"))):
+        q, _, rk, ck, rg, cg, _ = make_problem("two_block", 24, 16, 1, gen)
+        q = q.float()
+        q[3, 5] = value  # a valid row
+        cases.append((f"{name}, valid row", q, None, rk[:, 0], rg))
+        q2, _, rk2, _, rg2, _, _ = make_problem("one_tower", 20, 16, 1, gen)
+        q2 = q2.float()
+        rk2 = rk2[:, 0].clone()
+        rg2 = rg2.clone()
+        rg2[7] = 9  # alone in its group: sees no column, invalid
+        q2[7, 2] = value
+        cases.append((f"{name}, isolated invalid row", q2, None, rk2, rg2))
+    q, k, rk, ck, rg, cg, offset = make_problem("cross", 8, 16, 1, gen)
+    k = k.float()
+    k[2, 4] = float("nan")  # another rank's column
+    cases.append(("nan in a column of k", q.float(), (k, ck[:, 0], cg, offset), rk[:, 0], rg))
+    return cases
+
+
+def check_non_finite(backend):
+    for label, q, cross, keys, groups in _non_finite_cases():
+        q = q.clone().requires_grad_(True)
+        if cross is None:
+            k, ck, cg, offset = q, keys, groups, 0
+        else:
+            k, ck, cg, offset = cross[0].clone().requires_grad_(True), cross[1], cross[2], cross[3]
+        inputs = (q,) if cross is None else (q, k)
+        loss, valid = kernels.multi_positive(q, k, keys, ck, groups, cg, offset, 0.1, backend=backend)
+        mean = (loss * valid).sum() / valid.sum().clamp(min=1)  # losses.masked_mean's arithmetic
+        assert not torch.isfinite(mean), f"{backend}, {label}: per-row loss, finite mean {mean}"
+        grads = torch.autograd.grad(loss.sum(), inputs)
+        assert not all(torch.isfinite(g).all() for g in grads), f"{backend}, {label}: finite gradient"
+        (fused,) = kernels.multi_positive_mean(q, k, keys, ck, groups, cg, offset, 0.1, backend=backend)
+        assert not torch.isfinite(fused), f"{backend}, {label}: finite fused mean {fused}"
+        grads = torch.autograd.grad(fused, inputs)
+        assert not all(torch.isfinite(g).all() for g in grads), f"{backend}, {label}: finite gradient of the mean"
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu_kernels), "reference"])
+def test_non_finite_inputs_give_non_finite_loss_and_gradient(backend):
+    check_non_finite(backend)
+
+
+def test_triton_interpreter_non_finite_inputs(triton_interpreter):
+    check_non_finite("triton")
+
+
+def test_triton_interpreter_losses_keep_non_finite(triton_interpreter):
+    from test_losses import check_losses_keep_non_finite
+
+    check_losses_keep_non_finite("triton")
+
+
+def test_triton_backward_mode_follows_tau_and_width():
     pytest.importorskip("triton")
     from suncet.kernels import triton_kernels as tk
 
+    assert tk.bounded_backward(0.1, 128) and tk.bounded_backward(0.0301, 64)
+    assert not tk.bounded_backward(0.02, 128)  # the bound would leave fp32's normal range
+    assert not tk.bounded_backward(0.1, 256)  # every bounded tile spills at D = 256
     if tk.INTERPRETING:
-        pytest.skip("the interpreter has one tile per mode")
+        return
     configs = tk._backward_kernel.configs
-
-    def modes(d, tau):
-        return {config.kwargs["BOUNDED"] for config in tk._prune_backward(configs, {"D": d, "scale2": tk._LOG2E / tau})}
-
-    assert modes(128, 0.1) == {True, False}  # the autotuner times the tiles of both
-    assert modes(128, 0.02) == {False}  # the bound would leave fp32's normal range
-    assert modes(256, 0.1) == {False}  # every bounded tile spills at D = 256
-    first = tk._backward_candidates(128, tk._LOG2E / 0.1)[0]
-    assert first == (tk._BOUNDED_BACKWARD_TABLE[128][0], True)  # untuned (SUNCET_TRITON_AUTOTUNE=0)
+    tiles = {tk._tile(c) for c in tk._prune_backward(configs, {"D": 128}, BOUNDED=True)}
+    assert tiles == set(tk._BOUNDED_BACKWARD_TABLE[128]) if tk.AUTOTUNE else {tk._BOUNDED_BACKWARD_TABLE[128][0]}
 
 
 def test_triton_interpreter_in_subprocess():
     rerun_under_triton_interpreter(
         __file__,
-        "interpreter_matches or interpreter_split or interpreter_extreme or interpreter_special",
-        passed=len(TRITON_CASES) + 4,
+        "interpreter_matches or interpreter_split or interpreter_extreme or interpreter_special"
+        " or interpreter_fused or interpreter_non_finite or interpreter_ids or interpreter_losses",
+        passed=len(TRITON_CASES) + 4 + len(MEAN_CASES) + 2 + 1 + 2 + 1,
     )
 
 
@@ -429,6 +580,21 @@ def test_resolve_backend_explains_what_cannot_run():
     if CPU_STATUS[0]:
         with pytest.raises(ConfigError, match="CPU tensors"):
             kernels.resolve_backend("cpu", "cuda")
+
+
+def test_backend_records_state_what_each_backend_takes():
+    from suncet.kernels.backends import BY_NAME, RECORDS
+
+    assert kernels.BACKENDS == tuple(record.name for record in RECORDS)
+    assert set(kernels.backend_status()) == set(kernels.BACKENDS)
+    cuda = torch.device("cuda")
+    assert "does not take torch.float32" in BY_NAME["cuda"].refuses(cuda, torch.float32, 128)
+    assert "D <= 256" in BY_NAME["triton"].refuses(cuda, torch.bfloat16, 512)
+    assert BY_NAME["triton"].refuses(cuda, torch.bfloat16, 256) == ""
+    assert "CUDA tensors" in BY_NAME["cuda"].refuses(torch.device("cpu"), torch.bfloat16, 128)
+    assert BY_NAME["reference"].refuses(torch.device("meta"), torch.float64, 10**6) == ""
+    # auto never picks a fused backend that refuses the inputs, whatever runs on this machine
+    assert kernels.resolve_backend("auto", "cpu", torch.int32) == "reference"
 
 
 @needs_cpu_kernels
@@ -479,6 +645,50 @@ def _check_gpu(backend, layout, rows, dim, sets, dtype, tol, seed=1, tau=0.1):
 @pytest.mark.parametrize("tau", [0.1, 0.02])  # exponents relative to the fixed bound; running maxima
 def test_gpu_triton_matches_float64(layout, dtype, tol, tau):
     _check_gpu("triton", layout, 1000, 128, 2, dtype, tol, tau=tau)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 3e-3)])
+@pytest.mark.parametrize("tau", [0.1, 0.02])
+def test_gpu_triton_fused_means_match_float64(dtype, tol, tau):
+    # The masked means reduced in the kernels (two segments, two key sets) against the cpu
+    # backend's float64 path on the same rounded inputs.
+    q, _, rk, ck, rg, cg, _ = _gpu_problem(1000, 128, 2, seed=3, layout="two_block")
+    weights = torch.tensor([[0.7, -1.3], [0.4, 2.0]], dtype=torch.float64)
+
+    def means_and_grad(z, backend):
+        z = z.detach().clone().requires_grad_(True)
+        keys, groups = rk.to(z.device), rg.to(z.device)
+        means = kernels.multi_positive_mean(z, z, keys, keys, groups, groups, 0, tau, boundary=500, backend=backend)
+        total = sum((weights[s].to(z.device, means[s].dtype) * means[s]).sum() for s in range(2))
+        (grad,) = torch.autograd.grad(total, z)
+        return torch.stack([m.detach().double().cpu() for m in means]), grad.double().cpu()
+
+    zd = q.to("cuda", dtype)
+    got, got_grad = means_and_grad(zd, "triton")
+    want, want_grad = means_and_grad(zd.double().cpu(), "cpu")
+    assert rel(got, want) <= tol and rel(got_grad, want_grad) <= tol
+    again, again_grad = means_and_grad(zd, "triton")
+    assert torch.equal(got, again) and torch.equal(got_grad, again_grad)  # fixed-order reductions
+
+
+@gpu
+@needs_cuda
+def test_gpu_non_finite_inputs():
+    for backend in ("triton", "cuda"):
+        if not kernels.backend_status()[backend][0]:
+            continue
+        for label, q, cross, keys, groups in _non_finite_cases():
+            to = lambda t: t.to("cuda", torch.bfloat16 if backend == "cuda" else torch.float32)  # noqa: E731
+            z = to(q).requires_grad_(True)
+            k = z if cross is None else to(cross[0]).requires_grad_(True)
+            ck, cg, offset = (keys, groups, 0) if cross is None else cross[1:]
+            args = (keys.cuda(), ck.cuda(), groups.cuda(), cg.cuda(), offset, 0.1)
+            (mean,) = kernels.multi_positive_mean(z, k, *args, backend=backend)
+            assert not torch.isfinite(mean), (backend, label)
+            grads = torch.autograd.grad(mean, (z,) if cross is None else (z, k))
+            assert not all(torch.isfinite(g).all() for g in grads), (backend, label)
 
 
 @gpu

@@ -23,16 +23,19 @@ import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
 
 from suncet.data import augment_triton as at
 from suncet.kernels import triton_kernels as tk
 
 ATTRIBUTES = ("q_ptr k_ptr row_keys_ptr col_keys_ptr row_groups_ptr col_groups_ptr partial_ptr loss_ptr valid_ptr "
-              "lse_all_ptr lse_pos_ptr a_ptr b_ptr out_ptr grad_ptr").split()
+              "lse_all_ptr lse_pos_ptr a_ptr b_ptr out_ptr grad_ptr gmean0_ptr gmean1_ptr means_ptr").split()
 
 
 def compile_one(kernel, table, types, constants):
     fn = kernel.fn
+    while not isinstance(fn, JITFunction):  # through the autotuner and heuristics wrappers
+        fn = fn.fn
     block_m, block_n, warps, stages = table[128 if constants["BLOCK_D"] <= 128 else 256][0]
     constants = {**constants, "BLOCK_M": block_m, "BLOCK_N": block_n}
     aligned = [n for n in types if n in ATTRIBUTES or (n == "D" and constants["EVEN_D"])]
@@ -54,12 +57,15 @@ def forward_types(dt):
 
 
 def backward_types(dt):
-    return dict(a_ptr=dt, b_ptr=dt, out_ptr=dt, grad_ptr="*fp32", lse_all_ptr="*fp32", lse_pos_ptr="*fp32",
-                row_keys_ptr="*i64", col_keys_ptr="*i64", row_groups_ptr="*i64", col_groups_ptr="*i64",
-                A_COUNT="i32", B_COUNT="i32", D="i32", self_offset="i32", scale2="fp32", inv_tau="fp32")
+    return dict(a_ptr=dt, b_ptr=dt, out_ptr=dt, grad_ptr="*fp32", gmean0_ptr="*fp32", gmean1_ptr="*fp32",
+                means_ptr="*fp32", lse_all_ptr="*fp32", lse_pos_ptr="*fp32", row_keys_ptr="*i64", col_keys_ptr="*i64",
+                row_groups_ptr="*i64", col_groups_ptr="*i64", A_COUNT="i32", B_COUNT="i32", D="i32",
+                self_offset="i32", boundary="i32", scale2="fp32", inv_tau="fp32")
 
 
 def compile_augment(fn, types, constants):
+    while not isinstance(fn, JITFunction):
+        fn = fn.fn
     source = ASTSource(fn=fn, signature={**types, **{name: "constexpr" for name in constants}}, constexprs=constants,
                        attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in types if n.endswith("_ptr")})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 1})
@@ -88,25 +94,32 @@ for along_h, finish in ((False, False), (True, True)):
     results[f"blur along_h={along_h} solarize/normalise={finish}"] = compile_augment(
         at._blur_kernel, dict(x_ptr="*fp32", params_ptr="*fp32", out_ptr="*fp32", H="i32", W="i32", **CHANNEL_CONSTANTS),
         dict(C=3, TAPS=23, ALONG_H=along_h, SOLARIZE=finish, NORMALIZE=finish, BLOCK=at._PIXELS))
-for dt, sets, bounded, block_d, even in (
-    ("*bf16", 2, True, 128, True), ("*bf16", 1, False, 128, True), ("*fp32", 2, False, 256, False),
-    ("*fp32", 1, True, 256, False),
+for dt, sets, bounded, block_d, even, stats, check_k in (
+    ("*bf16", 2, True, 128, True, 4, False), ("*bf16", 1, False, 128, True, 1, True),
+    ("*fp32", 2, False, 256, False, 2, True), ("*fp32", 1, True, 256, False, 1, False),
 ):
-    name = f"forward {dt[1:]} P={sets} bounded={bounded} BLOCK_D={block_d}"
+    name = f"forward {dt[1:]} P={sets} bounded={bounded} BLOCK_D={block_d} stats={stats} check_k={check_k}"
     results[name] = compile_one(tk._forward_kernel, tk._FORWARD_TABLE, forward_types(dt),
-                                dict(P=sets, BOUNDED=bounded, BLOCK_D=block_d, EVEN_D=even, PRECISION="tf32"))
-for dt, sets, bounded, block_d, even, row_side, col_side in (
-    ("*bf16", 2, True, 128, True, True, True),
-    ("*bf16", 2, False, 128, True, True, True),
-    ("*fp32", 1, True, 64, True, True, False),
-    ("*bf16", 2, False, 256, False, False, True),
-    ("*bf16", 1, True, 128, True, False, True),
+                                dict(P=sets, BOUNDED=bounded, INVERSE=bounded and block_d <= 128, STATS=stats,
+                                     CHECK_K=check_k, BLOCK_D=block_d, EVEN_D=even, PRECISION="tf32", EVEN_N=even))
+for dt, sets, bounded, block_d, even, row_side, col_side, mean, stats in (
+    ("*bf16", 2, True, 128, True, True, True, 1, 4),
+    ("*bf16", 2, False, 128, True, True, True, 2, 2),
+    ("*fp32", 1, True, 64, True, True, False, 0, 1),
+    ("*bf16", 2, False, 256, False, False, True, 0, 2),
+    ("*bf16", 1, True, 128, False, False, True, 2, 2),
 ):
-    name = f"backward {dt[1:]} P={sets} bounded={bounded} BLOCK_D={block_d} row={row_side} col={col_side}"
+    name = f"backward {dt[1:]} P={sets} bounded={bounded} BLOCK_D={block_d} row={row_side} col={col_side} mean={mean}"
     table = tk._BOUNDED_BACKWARD_TABLE if bounded else tk._BACKWARD_TABLE
     results[name] = compile_one(tk._backward_kernel, table, backward_types(dt),
-                                dict(P=sets, ROW_SIDE=row_side, COL_SIDE=col_side, BOUNDED=bounded, BLOCK_D=block_d,
-                                     EVEN_D=even, PRECISION="tf32"))
+                                dict(P=sets, ROW_SIDE=row_side, COL_SIDE=col_side, SYMMETRIC=row_side and col_side,
+                                     BOUNDED=bounded, STATS=stats, MEAN=mean, HAS=3 if mean else 0, BLOCK_D=block_d,
+                                     EVEN_D=even, PRECISION="tf32", EVEN_N=even))
+results["finish merge+means P=2"] = compile_augment(
+    tk._finish_kernel, dict(partial_ptr="*fp32", loss_ptr="*fp32", valid_ptr="*i1", lse_all_ptr="*fp32",
+                            lse_pos_ptr="*fp32", block_sums_ptr="*fp32", ticket_ptr="*i32", out_ptr="*fp32",
+                            M="i32", splits="i32", boundary="i32"),
+    dict(P=2, INVERSE=True, STATS=4, MERGE=True, MEANS=True, BLOCK=tk._FINISH_BLOCK))
 print(json.dumps(results))
 """
 

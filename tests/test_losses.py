@@ -145,3 +145,35 @@ def test_non_positive_tau_is_rejected(bad):
 def test_odd_rows_are_rejected_by_nt_xent():
     with pytest.raises(ValueError, match="even"):
         nt_xent(torch.randn(5, 3))
+
+
+def check_losses_keep_non_finite(backend):
+    """A NaN or an inf anywhere in the projections makes every loss that reads the row, and its
+    gradient, non-finite: the masked means must not hide it, even on a row without a positive."""
+    gen = torch.Generator().manual_seed(31)
+    labels = torch.tensor([0, 0, 1, 1, 2, 3])  # rows 4 and 5: singleton classes, no positive
+    for value in (float("nan"), float("inf")):
+        for row in (1, 5):
+            z_u = torch.randn(8, 6, generator=gen)
+            z_l = torch.randn(6, 6, generator=gen)
+            z_l[row, 2] = value
+            z_l.requires_grad_(True)
+            z_u.requires_grad_(True)
+            suncet = suncet_loss(z_l, labels, backend=backend)
+            assert not torch.isfinite(suncet), (backend, value, row)
+            (grad,) = torch.autograd.grad(suncet, z_l)
+            assert not torch.isfinite(grad).all(), (backend, value, row)
+            _, both = nt_xent_and_suncet(z_u, z_l, labels, backend=backend)
+            assert not torch.isfinite(both), (backend, value, row)
+            z_u2 = z_u.detach().clone()
+            z_u2[3, 0] = value
+            assert not torch.isfinite(nt_xent(z_u2, backend=backend)), (backend, value)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_non_finite_projections_give_non_finite_losses(backend):
+    from suncet.kernels import backend_status
+
+    if not backend_status()[backend][0]:
+        pytest.skip(backend_status()[backend][1])
+    check_losses_keep_non_finite(backend)

@@ -153,11 +153,9 @@ def _loss_fn(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     groups = torch.zeros_like(ids)
 
-    def mean_valid(loss, valid):
-        return (loss * valid).sum(0) / valid.sum(0).clamp(min=1)
-
-    def run(z, keys):
-        return mean_valid(*kernels.multi_positive(z, z, keys, keys, groups, groups, 0, TAU, backend=backend)).sum()
+    def run(z, keys):  # the masked means over the valid rows, as the losses take them
+        (means,) = kernels.multi_positive_mean(z, z, keys, keys, groups, groups, 0, TAU, backend=backend)
+        return means.sum()
 
     if kind == "ntxent":
         return lambda z: run(z, ids)

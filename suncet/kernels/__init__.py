@@ -14,77 +14,23 @@ only O(M) statistics for the backward, and are torch custom ops (suncet/kernels/
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
 from torch import Tensor
 
 from suncet.errors import ConfigError
-from suncet.kernels.op import MultiPositive
+from suncet.kernels.backends import BY_NAME, RECORDS
+from suncet.kernels.op import MultiPositive, MultiPositiveMean, traced
 from suncet.kernels.reference import multi_positive_reference
 
-BACKENDS = ("cpu", "triton", "cuda", "reference")
+BACKENDS = tuple(record.name for record in RECORDS)
 MAX_KEY_SETS = 2
-MAX_GPU_DIM = 256  # the GPU kernels hold a [rows, D] tile on chip
-
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
-_DTYPES = {
-    "cpu": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
-    "triton": (torch.float32, torch.bfloat16, torch.float16),
-    "cuda": (torch.bfloat16,),
-}
-
-
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _triton_status() -> tuple[bool, str]:
-    if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed"
-    if not torch.cuda.is_available() and not _triton_interpreting():
-        return False, "no CUDA device (TRITON_INTERPRET=1 runs the kernels in the slow CPU interpreter)"
-    try:
-        import triton
-
-        from suncet.kernels import triton_kernels
-    except Exception as exc:  # a triton that cannot compile our kernels must not break the package
-        return False, f"Triton kernels do not import: {type(exc).__name__}: {exc}"
-    if torch.cuda.is_available():
-        where = torch.cuda.get_device_name()
-        return True, f"Triton {triton.__version__} on {where}, fp32 dots as {triton_kernels.fp32_precision()}"
-    return True, f"Triton {triton.__version__} interpreter (TRITON_INTERPRET=1) on CPU tensors: slow, for tests"
 
 
 @functools.lru_cache(maxsize=1)
 def backend_status() -> dict[str, tuple[bool, str]]:
     """For each backend: whether it can run on this machine, and why (not)."""
-    from suncet.kernels import cpu, cuda
-
-    return {
-        "cpu": cpu.status(),
-        "triton": _triton_status(),
-        "cuda": cuda.status(),
-        "reference": (True, "PyTorch, any device; materialises the N x N matrix (the oracle)"),
-    }
-
-
-def _takes(name: str, device: torch.device, dtype: torch.dtype | None, dim: int | None) -> str:
-    """Why backend ``name`` cannot take [*, dim] tensors of ``dtype`` on ``device`` ('' when it can)."""
-    if name == "reference":
-        return ""
-    if name == "cpu" and device.type != "cpu":
-        return f"it takes CPU tensors, not {device.type}"
-    if name == "cuda" and device.type != "cuda":
-        return f"it takes CUDA tensors, not {device.type}"
-    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and _triton_interpreting()):
-        return f"it takes CUDA tensors, not {device.type} (unless TRITON_INTERPRET=1)"
-    if dtype is not None and dtype not in _DTYPES[name]:
-        return f"it does not take {dtype} (takes {', '.join(str(t).removeprefix('torch.') for t in _DTYPES[name])})"
-    if name in ("triton", "cuda") and dim is not None and dim > MAX_GPU_DIM:
-        return f"it takes D <= {MAX_GPU_DIM}, got {dim}"
-    return ""
+    return {record.name: record.status() for record in RECORDS}
 
 
 def resolve_backend(
@@ -92,24 +38,40 @@ def resolve_backend(
 ) -> str:
     """The backend that ``name`` (a backend or ``auto``) selects for tensors on ``device``.
 
-    ``auto`` picks the best usable one: on CPU tensors ``cpu`` when the extension has the
-    kernels, else ``reference``; on CUDA tensors ``triton``, else ``cuda``, else ``reference``
-    (skipping any that does not take ``dtype`` or width ``dim``, when given). An explicit
-    backend that cannot run raises ConfigError with the reason.
+    ``auto`` picks the first record (suncet/kernels/backends.py) that may be chosen on this
+    device type, runs here and takes ``dtype`` and width ``dim`` (when given): ``cpu`` then
+    ``reference`` on CPU tensors, ``triton``, ``cuda``, ``reference`` on CUDA tensors. An
+    explicit backend that cannot run raises ConfigError with the reason.
     """
-    if name not in (*BACKENDS, "auto"):
-        raise ConfigError(f"unknown kernel backend '{name}'; choose one of auto, {', '.join(BACKENDS)}")
     device = torch.device(device)
     status = backend_status()
+    if _RESOLVED.get("status") is not status:  # recomputed (cache cleared): decide afresh
+        _RESOLVED.clear()
+        _RESOLVED["status"] = status
+    key = (name, device.type, dtype, dim)
+    chosen = _RESOLVED.get(key)
+    if chosen is None:
+        chosen = _RESOLVED[key] = _resolve(name, device, dtype, dim, status)
+    return chosen
+
+
+_RESOLVED: dict = {}  # (name, device type, dtype, dim) -> backend, and the status they came from
+
+
+def _resolve(name: str, device: torch.device, dtype, dim, status) -> str:
+    if name not in (*BACKENDS, "auto"):
+        raise ConfigError(f"unknown kernel backend '{name}'; choose one of auto, {', '.join(BACKENDS)}")
     if name == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-            if status[candidate][0] and not _takes(candidate, device, dtype, dim):
-                return candidate
+        for record in RECORDS:
+            if record.auto_devices is not None and device.type not in record.auto_devices:
+                continue
+            if status[record.name][0] and not record.refuses(device, dtype, dim):
+                return record.name
         return "reference"
     usable, reason = status[name]
     if not usable:
         raise ConfigError(f"kernel backend '{name}' cannot run here: {reason}")
-    why_not = _takes(name, device, dtype, dim)
+    why_not = BY_NAME[name].refuses(device, dtype, dim)
     if why_not:
         raise ConfigError(f"kernel backend '{name}' cannot run these inputs: {why_not}")
     return name
@@ -131,7 +93,36 @@ def set_fp32_precision(mode: str) -> None:
 def _key_sets(name: str, keys: Tensor, rows: int) -> Tensor:
     if keys.dim() not in (1, 2) or keys.shape[0] != rows:
         raise ValueError(f"{name} must be [{rows}] or [{rows}, P], got shape {tuple(keys.shape)}")
-    return keys.reshape(rows, -1).to(torch.long).contiguous()
+    if keys.dtype != torch.long or not keys.is_contiguous():
+        keys = keys.to(torch.long).contiguous()
+    return keys.unsqueeze(1) if keys.dim() == 1 else keys
+
+
+def _groups(groups: Tensor, rows: int) -> Tensor:
+    if groups.dim() != 1 or groups.shape[0] != rows:
+        groups = groups.reshape(rows)
+    if groups.dtype != torch.long or not groups.is_contiguous():
+        groups = groups.to(torch.long).contiguous()
+    return groups
+
+
+def _prepare(q, k, row_keys, col_keys, row_groups, col_groups, backend):
+    """Checked inputs of the op: (backend, single, row keys [M, P], column keys [N, P], row
+    groups, column groups), the keys and groups as contiguous int64; tensors shared by rows and
+    columns stay shared (the kernels then know the problem is symmetric)."""
+    if q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1]:
+        raise ValueError(f"q and k must be [rows, D] with the same D, got {tuple(q.shape)} and {tuple(k.shape)}")
+    name = resolve_backend(backend, q.device, q.dtype, q.shape[1])
+    rows, cols = q.shape[0], k.shape[0]
+    if q.dtype != k.dtype:
+        raise ValueError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    rk = _key_sets("row_keys", row_keys, rows)
+    ck = rk if col_keys is row_keys else _key_sets("col_keys", col_keys, cols)
+    if rk.shape[1] != ck.shape[1] or rk.shape[1] > MAX_KEY_SETS:
+        raise ValueError(f"row and column keys must have the same number (<= {MAX_KEY_SETS}) of key sets")
+    rg = _groups(row_groups, rows)
+    cg = rg if col_groups is row_groups else _groups(col_groups, cols)
+    return name, row_keys.dim() == 1, rk, ck, rg, cg
 
 
 def multi_positive(
@@ -157,18 +148,12 @@ def multi_positive(
     cpu backend). Per-row weights: multiply the returned losses; the upstream gradient of each
     row then carries its weight into the backward. When ``k is q`` the fused backends use the
     one-tower backward (one pass, no atomics).
+
+    Non-finite inputs: every backend returns a NaN loss for a row of q holding a NaN or an inf,
+    valid or not, and a non-finite gradient; a non-finite row of k makes the losses of the rows
+    that see it (cpu: of all rows) NaN, and, where no row sees it, still one row tile's.
     """
-    if q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1]:
-        raise ValueError(f"q and k must be [rows, D] with the same D, got {tuple(q.shape)} and {tuple(k.shape)}")
-    name = resolve_backend(backend, q.device, q.dtype, q.shape[1])
-    rows, cols = q.shape[0], k.shape[0]
-    if q.dtype != k.dtype:
-        raise ValueError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
-    single = row_keys.dim() == 1
-    rk, ck = _key_sets("row_keys", row_keys, rows), _key_sets("col_keys", col_keys, cols)
-    if rk.shape[1] != ck.shape[1] or rk.shape[1] > MAX_KEY_SETS:
-        raise ValueError(f"row and column keys must have the same number (<= {MAX_KEY_SETS}) of key sets")
-    rg, cg = row_groups.reshape(rows).to(torch.long).contiguous(), col_groups.reshape(cols).to(torch.long).contiguous()
+    name, single, rk, ck, rg, cg = _prepare(q, k, row_keys, col_keys, row_groups, col_groups, backend)
     if name == "reference":
         outs = [
             multi_positive_reference(q, k, rk[:, p], ck[:, p], rg, cg, self_offset, tau) for p in range(rk.shape[1])
@@ -177,9 +162,47 @@ def multi_positive(
     else:
         one_tower = k is q
         loss, valid = MultiPositive.apply(
-            q, None if one_tower else k, rk, None if col_keys is row_keys else ck, rg,
-            None if col_groups is row_groups else cg, int(self_offset), float(tau), one_tower, name,
+            q, None if one_tower else k, rk, None if ck is rk else ck, rg, None if cg is rg else cg,
+            int(self_offset), float(tau), one_tower, name,
         )  # fmt: skip
     if single:
         return loss[:, 0], valid[:, 0]
     return loss, valid
+
+
+def multi_positive_mean(
+    q: Tensor,
+    k: Tensor,
+    row_keys: Tensor,
+    col_keys: Tensor,
+    row_groups: Tensor,
+    col_groups: Tensor,
+    self_offset: int,
+    tau: float,
+    boundary: int | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, ...]:
+    """Masked means of ``multi_positive``'s losses: the mean over the valid rows of
+    [0, boundary) and, when ``boundary`` is given, of [boundary, M); one output per segment,
+    a scalar for 1-D keys, else [P]. A segment without a valid row gives 0 with zero gradient;
+    a non-finite loss, even an invalid row's, makes its segment's mean non-finite.
+
+    Backends with fused means (triton) reduce inside the kernels: one forward launch plus a
+    small finishing one, one backward launch with one tower, no PyTorch kernel in between.
+    """
+    name, single, rk, ck, rg, cg = _prepare(q, k, row_keys, col_keys, row_groups, col_groups, backend)
+    rows = q.shape[0]
+    end = rows if boundary is None else int(boundary)
+    if not 0 <= end <= rows:
+        raise ValueError(f"boundary must be within [0, {rows}], got {boundary}")
+    segments = 1 if boundary is None else 2
+    if BY_NAME[name].forward_mean is not None and not traced(q):
+        one_tower = k is q
+        return MultiPositiveMean.apply(
+            q, None if one_tower else k, rk, None if ck is rk else ck, rg, None if cg is rg else cg,
+            int(self_offset), float(tau), one_tower, end, segments, single, name,
+        )  # fmt: skip
+    loss, valid = multi_positive(q, k, rk, ck, rg, cg, self_offset, tau, name)
+    parts = [(loss, valid)] if boundary is None else [(loss[:end], valid[:end]), (loss[end:], valid[end:])]
+    means = tuple((part * ok).sum(0) / ok.sum(0).clamp(min=1) for part, ok in parts)
+    return tuple(m[0] for m in means) if single else means

@@ -16,8 +16,6 @@ except ImportError as exc:  # an unbuilt checkout: the reference backend still w
 else:
     _IMPORT_ERROR = ""
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
 
 def status() -> tuple[bool, str]:
     if _C is None:

@@ -10,9 +10,6 @@ import torch
 
 from suncet.kernels import cpu
 
-DTYPES = (torch.bfloat16,)
-MAX_DIM = 256
-
 
 def status() -> tuple[bool, str]:
     built, reason = cpu.status()
@@ -22,7 +19,7 @@ def status() -> tuple[bool, str]:
         return False, "suncet._C was built without CUDA (needs nvcc and a GPU at build time, or SUNCET_WITH_CUDA=ON)"
     if not torch.cuda.is_available():
         return False, "built with CUDA, but no CUDA device is visible"
-    return True, f"CUDA C++ WMMA kernels on {torch.cuda.get_device_name()} (bf16, D <= {MAX_DIM})"
+    return True, f"CUDA C++ WMMA kernels on {torch.cuda.get_device_name()}"
 
 
 def forward(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower):

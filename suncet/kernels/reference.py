@@ -33,7 +33,8 @@ def multi_positive_reference(
     """Per-row ``LSE(allowed columns) - LSE(positive columns)`` of ``q k^T / tau``.
 
     q [M, D] and k [N, D] are already L2-normalised. Returns the per-row losses (fp32, or fp64
-    for fp64 inputs; 0 on rows without a positive) and the boolean valid flag of each row.
+    for fp64 inputs; 0 on rows without a positive) and the boolean valid flag of each row. A
+    non-finite value in q makes its row's loss NaN, one in k every row's, valid or not.
     """
     accumulate = torch.promote_types(q.dtype, torch.float32)  # fp32 for bf16/fp16, fp64 stays fp64
     s = (q.to(accumulate) @ k.to(accumulate).T) / tau
@@ -44,5 +45,8 @@ def multi_positive_reference(
     keep = valid[:, None]
     lse_all = torch.logsumexp(torch.where(keep, s.masked_fill(~allowed, float("-inf")), 0.0), dim=1)
     lse_pos = torch.logsumexp(torch.where(keep, s.masked_fill(~positive, float("-inf")), 0.0), dim=1)
-    loss = torch.where(valid, lse_all - lse_pos, 0.0)
+    # A non-finite input must not vanish behind a mask or an invalid row: x * (x.detach() * 0)
+    # is 0 with zero gradient where x is finite, and NaN (value and gradient) where it is not.
+    poison = (q * (q.detach() * 0)).sum(1) + (k * (k.detach() * 0)).sum()
+    loss = torch.where(valid, lse_all - lse_pos, 0.0) + poison
     return loss, valid

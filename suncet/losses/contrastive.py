@@ -8,6 +8,20 @@ from torch import Tensor
 
 from suncet import kernels
 from suncet.distributed import all_gather_plain, all_gather_rows, all_reduce_sum, is_distributed, rank, world_size
+from suncet.kernels.op import traced
+
+# Ids and groups that depend only on the batch layout, made once per (layout, device): a step
+# then launches no kernel to rebuild them.
+_LAYOUTS: dict[tuple, Tensor] = {}
+
+
+def _layout(key: tuple, like: Tensor, make) -> Tensor:
+    if traced(like):  # a tracer must see the tensor being made, and no fake tensor may be kept
+        return make()
+    value = _LAYOUTS.get(key)
+    if value is None:
+        value = _LAYOUTS[key] = make()
+    return value
 
 
 def _normalize(x: Tensor) -> Tensor:
@@ -86,11 +100,22 @@ def contrastive_loss(
     )
 
 
-def _view_ids(rows: int, device: torch.device) -> Tensor:
+def _view_ids(rows: int, like: Tensor) -> Tensor:
     """Image ids of a [view1; view2] layout of ``rows`` = 2B rows: i and i + B share an id."""
     if rows % 2:
         raise ValueError(f"NT-Xent needs [view1; view2] rows, an even count; got {rows}")
-    return torch.arange(rows, device=device) % (rows // 2)
+    return _layout(("view ids", rows, like.device), like, lambda: torch.arange(rows, device=like.device) % (rows // 2))
+
+
+def _means(z: Tensor, keys: Tensor, groups: Tensor, tau: float, boundary: int | None, backend: str) -> tuple[Tensor, ...]:
+    """Masked means of the one-tower losses of raw ``z`` (rows [0, boundary) and the others, or
+    all rows), reduced inside the kernels where the backend can (kernels.multi_positive_mean)."""
+    if not tau > 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    _check_rows("z", z)
+    _check_keys("keys", keys, z.shape[0])
+    zn = _normalize(z)
+    return kernels.multi_positive_mean(zn, zn, keys, keys, groups, groups, 0, float(tau), boundary, backend)
 
 
 def _gathered_view_ids(local_rows: int, total_rows: int, device: torch.device) -> Tensor:
@@ -111,9 +136,10 @@ def nt_xent(z: Tensor, tau: float = 0.1, *, backend: str = "auto", gather: str |
     torch.distributed (see ``suncet.distributed.all_gather_rows``).
     """
     rows = z.shape[0]
-    ids = _view_ids(rows, z.device)
+    ids = _view_ids(rows, z)
     if not _across_ranks(gather):
-        return masked_mean(*contrastive_loss(z, ids, tau=tau, backend=backend))
+        groups = _layout(("one group", rows, z.device), z, lambda: torch.zeros(rows, dtype=torch.long, device=z.device))
+        return _means(z, ids, groups, tau, None, backend)[0]
     columns = all_gather_rows(z, gather)
     loss, valid = contrastive_loss(
         z, ids + rank() * (rows // 2), k=columns, col_keys=_gathered_view_ids(rows, columns.shape[0], z.device),
@@ -130,9 +156,11 @@ def suncet_loss(
     Rows whose class appears nowhere else are left out of the mean; with no such row at all
     the loss is 0 with zero gradient. ``gather`` as for ``nt_xent``.
     """
-    if not _across_ranks(gather):
-        return masked_mean(*contrastive_loss(z, labels, tau=tau, backend=backend))
     labels = labels.to(device=z.device, dtype=torch.long)
+    if not _across_ranks(gather):
+        rows = z.shape[0]
+        groups = _layout(("one group", rows, z.device), z, lambda: torch.zeros(rows, dtype=torch.long, device=z.device))
+        return _means(z, labels, groups, tau, None, backend)[0]
     loss, valid = contrastive_loss(
         z, labels, k=all_gather_rows(z, gather), col_keys=all_gather_plain(labels),
         self_offset=rank() * z.shape[0], tau=tau, backend=backend,
@@ -154,22 +182,24 @@ def nt_xent_and_suncet(
     device = z_unlabeled.device
     labels = labels.to(device=device, dtype=torch.long)
     z = torch.cat([z_unlabeled, z_labeled])
-    groups = torch.cat([torch.zeros(rows_u, dtype=torch.long, device=device), torch.ones(rows_l, dtype=torch.long, device=device)])
-    ids = _view_ids(rows_u, device)
+    groups = _layout(
+        ("two groups", rows_u, rows_l, device), z,
+        lambda: torch.cat([torch.zeros(rows_u, dtype=torch.long, device=device), torch.ones(rows_l, dtype=torch.long, device=device)]),
+    )  # fmt: skip
+    ids = _view_ids(rows_u, z)
     if not _across_ranks(gather):
-        loss, valid = contrastive_loss(z, torch.cat([ids, labels]), row_groups=groups, tau=tau, backend=backend)
-    else:
-        local = rows_u + rows_l
-        columns = all_gather_rows(z, gather)
-        world = columns.shape[0] // local
-        col_ids = _gathered_view_ids(rows_u, world * rows_u, device).view(world, rows_u)
-        col_keys = torch.cat([col_ids, all_gather_plain(labels).view(world, rows_l)], dim=1).flatten()
-        loss, valid = contrastive_loss(
-            z, torch.cat([ids + rank() * (rows_u // 2), labels]), k=columns, col_keys=col_keys,
-            row_groups=groups, col_groups=groups.repeat(world), self_offset=rank() * local, tau=tau, backend=backend,
-        )
-    across = _across_ranks(gather)
+        ntxent, suncet = _means(z, torch.cat([ids, labels]), groups, tau, rows_u, backend)
+        return ntxent, suncet
+    local = rows_u + rows_l
+    columns = all_gather_rows(z, gather)
+    world = columns.shape[0] // local
+    col_ids = _gathered_view_ids(rows_u, world * rows_u, device).view(world, rows_u)
+    col_keys = torch.cat([col_ids, all_gather_plain(labels).view(world, rows_l)], dim=1).flatten()
+    loss, valid = contrastive_loss(
+        z, torch.cat([ids + rank() * (rows_u // 2), labels]), k=columns, col_keys=col_keys,
+        row_groups=groups, col_groups=groups.repeat(world), self_offset=rank() * local, tau=tau, backend=backend,
+    )  # fmt: skip
     return (
-        masked_mean(loss[:rows_u], valid[:rows_u], across_ranks=across),
-        masked_mean(loss[rows_u:], valid[rows_u:], across_ranks=across),
+        masked_mean(loss[:rows_u], valid[:rows_u], across_ranks=True),
+        masked_mean(loss[rows_u:], valid[rows_u:], across_ranks=True),
     )
