@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import os
 import platform
 import pstats
@@ -67,25 +66,14 @@ def host_us(fn, repeats: int, sync, clock) -> float:
     return statistics.median(rounds)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stub", action="store_true", help="CPU tensors, Triton launches replaced by no-ops")
-    parser.add_argument("--n", type=int, default=2048)
-    parser.add_argument("--d", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=300)
-    parser.add_argument("--json", type=Path, help="also write the timings here")
-    args = parser.parse_args()
-    if args.stub:
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: lets the backend take CPU tensors
-
+def _machine(stub: bool):
+    """(device, dtype, sync, clock, kernels stubbed) for the chosen mode."""
     import torch
-    import torch.nn.functional as F
-    import triton
 
     from suncet import kernels
     from suncet.kernels import triton_kernels
 
-    if args.stub:
+    if stub:
         stubbed = _stub_kernels(triton_kernels)
         device = torch.device("cpu")
         dtype = torch.float32
@@ -103,8 +91,17 @@ def main() -> None:
         sync = torch.cuda.synchronize
         clock = time.perf_counter
     kernels.backend_status.cache_clear()
+    return device, dtype, sync, clock, stubbed
 
-    n, d = args.n, args.d
+
+def _steps(n: int, d: int, device, dtype) -> dict:
+    """The callables timed: floor, fused step, per-row step, and the two launchers alone."""
+    import torch
+    import torch.nn.functional as F
+
+    from suncet import kernels
+    from suncet.kernels import triton_kernels
+
     half = n // 2  # the training layout: [unlabeled views; labeled rows], NT-Xent and SuNCEt in one launch
     gen = torch.Generator().manual_seed(0)
     z = F.normalize(torch.randn(n, d, generator=gen), dim=1).to(device, dtype).requires_grad_(True)
@@ -148,17 +145,58 @@ def main() -> None:
         a, b = _Nothing.apply(z)
         return torch.autograd.grad(a + b, z)
 
-    timings = {
-        "floor: an autograd.Function computing nothing, two outputs, forward + gradient": host_us(
-            floor_step, args.repeats, sync, clock
-        ),
-        "fused step: multi_positive_mean (both means), forward + gradient": host_us(fused_step, args.repeats, sync, clock),
-        "per-row step: multi_positive + PyTorch masked means, forward + gradient": host_us(
-            per_row_step, args.repeats, sync, clock
-        ),
-        "forward_mean launcher (2 launches)": host_us(launch_forward, args.repeats, sync, clock),
-        "backward_mean launcher (1 launch)": host_us(launch_backward, args.repeats, sync, clock),
+    return {
+        "floor: an autograd.Function computing nothing, two outputs, forward + gradient": floor_step,
+        "fused step: multi_positive_mean (both means), forward + gradient": fused_step,
+        "per-row step: multi_positive + PyTorch masked means, forward + gradient": per_row_step,
+        "forward_mean launcher (2 launches)": launch_forward,
+        "backward_mean launcher (1 launch)": launch_backward,
     }
+
+
+def _profiles(fused_step, sync) -> str:
+    """cProfile and torch.profiler of the fused step (on a GPU)."""
+    import torch
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(200):
+        fused_step()
+    sync()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+    report = f"\ncProfile of 200 fused steps, by own time:\n{text.getvalue()}"
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
+        for _ in range(50):
+            fused_step()
+        sync()
+    report += "\ntorch.profiler of 50 fused steps, by self CPU time:\n"
+    return report + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stub", action="store_true", help="CPU tensors, Triton launches replaced by no-ops")
+    parser.add_argument("--n", type=int, default=2048)
+    parser.add_argument("--d", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--json", type=Path, help="also write the timings here")
+    args = parser.parse_args()
+    if args.stub:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: lets the backend take CPU tensors
+
+    import torch
+    import triton
+
+    from suncet.engine.rundir import write_json
+
+    device, dtype, sync, clock, stubbed = _machine(args.stub)
+    n, d, half = args.n, args.d, args.n // 2
+    steps = _steps(n, d, device, dtype)
+    timings = {name: host_us(step, args.repeats, sync, clock) for name, step in steps.items()}
     if not args.stub:
 
         @triton.jit
@@ -183,26 +221,10 @@ def main() -> None:
     if args.stub:
         report.write(f"  ({stubbed} Triton kernels stubbed)\n")
     else:
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(200):
-            fused_step()
-        sync()
-        profiler.disable()
-        text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
-        report.write(f"\ncProfile of 200 fused steps, by own time:\n{text.getvalue()}")
-        with torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        ) as prof:
-            for _ in range(50):
-                fused_step()
-            sync()
-        report.write("\ntorch.profiler of 50 fused steps, by self CPU time:\n")
-        report.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        report.write(_profiles(steps["fused step: multi_positive_mean (both means), forward + gradient"], sync))
     print(report.getvalue())
     if args.json:
-        args.json.write_text(json.dumps({"header": header, "host_us": timings}, indent=2))
+        write_json(args.json, {"header": header, "host_us": timings})
 
 
 if __name__ == "__main__":

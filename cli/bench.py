@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from suncet.bench import write_report
+from suncet.engine.rundir import write_json
 from suncet.errors import ConfigError
 
 # Wide when written to a log or pipe, so that the figures table is not folded into slivers.
@@ -72,6 +73,41 @@ def kernels_command(
     dev = torch.device(device)
     if fp32_precision:
         kernels.set_fp32_precision(fp32_precision)
+    chosen = _grid(dev, sizes, dims, dtypes, backends, losses)
+    info = kb.machine_info(dev)
+    console.print(
+        f"[bold]suncet bench kernels[/bold] on {info['device']} (torch {info['torch']}, triton {info['triton']})"
+    )
+
+    command = shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
+    done = []
+
+    def save(results) -> None:
+        if json_path:
+            write_json(Path(json_path), kb.as_json(results, info, command))
+
+    def progress(r):
+        """Print each row as it lands and rewrite the JSON, so a run cut short keeps what it measured."""
+        status = r.error or f"step {_fmt(r.step_ms)} ms"
+        notes = f" ({'; '.join(r.notes)})" if r.notes else ""
+        console.print(f"  N={r.n} D={r.d} {r.dtype} {r.loss} {r.backend}: {status}{notes}", highlight=False)
+        done.append(r)
+        save(done)
+
+    results = kb.run_grid(
+        **chosen, device=dev, repeats=repeats, warmup=warmup, cuda_graph=cuda_graph, progress=progress
+    )
+    _print_results(results, cuda_graph, repeats)
+    if json_path:
+        save(results)  # now with the speedups over eager
+        console.print(f"wrote {json_path}")
+
+
+def _grid(dev, sizes, dims, dtypes, backends, losses) -> dict[str, list]:
+    """The checked grid of sizes, widths, dtypes, backends and losses (defaults per device)."""
+    from suncet import kernels
+    from suncet.bench import kernels as kb
+
     grid = kb.default_grid(dev)
     chosen = {
         "n": _csv(int, sizes) or grid["n"],
@@ -90,30 +126,11 @@ def kernels_command(
             raise ConfigError(f"unknown --{name} {', '.join(unknown)}; choose from {', '.join(allowed)}")
     if any(n % 2 for n in chosen["n"]):
         raise ConfigError("--n must be even: rows are [view1; view2]")
+    return chosen
 
-    info = kb.machine_info(dev)
-    console.print(
-        f"[bold]suncet bench kernels[/bold] on {info['device']} (torch {info['torch']}, triton {info['triton']})"
-    )
 
-    command = shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
-    done = []
-
-    def write_json(results) -> None:
-        if json_path:
-            write_report(json_path, kb.as_json(results, info, command))
-
-    def progress(r):
-        """Print each row as it lands and rewrite the JSON, so a run cut short keeps what it measured."""
-        status = r.error or f"step {_fmt(r.step_ms)} ms"
-        notes = f" ({'; '.join(r.notes)})" if r.notes else ""
-        console.print(f"  N={r.n} D={r.d} {r.dtype} {r.loss} {r.backend}: {status}{notes}", highlight=False)
-        done.append(r)
-        write_json(done)
-
-    results = kb.run_grid(
-        **chosen, device=dev, repeats=repeats, warmup=warmup, cuda_graph=cuda_graph, progress=progress
-    )
+def _print_results(results, cuda_graph: bool, repeats: int) -> None:
+    from suncet.bench import kernels as kb
 
     table = Table(title=f"fused contrastive losses, tau={kb.TAU}, {kb.CLASSES} classes, median of {repeats}")
     columns = ["N", "D", "dtype", "loss", "backend", "fwd ms", "bwd ms", "step ms"]
@@ -137,9 +154,6 @@ def kernels_command(
     for r in results:
         if r.error:
             console.print(f"N={r.n} D={r.d} {r.dtype} {r.loss} {r.backend}: {r.error}", highlight=False, soft_wrap=True)
-    if json_path:
-        write_json(results)  # now with the speedups over eager
-        console.print(f"wrote {json_path}")
 
 
 def _register_data_command() -> None:
