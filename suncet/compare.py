@@ -23,7 +23,8 @@ DESCRIBING = ("method", "suncet_weight", "labels", "epochs", "dataset", "backbon
 # Settings that change where or how a run executes, not what it learns: runs differing only in
 # these (and the seed) are seeds of one group.
 NOT_RECIPE = {"seed", "run_dir", "device", "data", "download", "num_workers", "data_pipeline", "kernel",
-              "checkpoint_every", "keep_checkpoints", "monitor_every", "probe_every", "final_eval", "deterministic"}
+              "checkpoint_every", "keep_checkpoints", "monitor_every", "probe_every", "final_eval", "deterministic",
+              "loggers"}
 
 
 @dataclass
