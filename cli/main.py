@@ -120,11 +120,13 @@ def _register_subcommands() -> None:
     from suncet.cli.bench import bench
     from suncet.cli.evaluate import eval_command
     from suncet.cli.export import export_command
+    from suncet.cli.runs import runs_command
     from suncet.cli.train import train
 
     main.add_command(train)
     main.add_command(eval_command)
     main.add_command(export_command)
+    main.add_command(runs_command)
     main.add_command(bench)
     main.add_command(compare)
     main.add_command(sweep)

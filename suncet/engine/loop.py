@@ -326,6 +326,7 @@ def train(run: Run, state: dict | None = None, console: Console | None = None) -
     pipeline = make_pipeline(run)
     if main_process:
         rundir.write_run_files(run.run_dir, cfg, run.labeled, fresh=state is None)
+        rundir.write_status(run.run_dir, "running")
     progress, meters = Progress(), Meters()
     if state is not None:
         saved_progress, saved_meters = restore(run, state, pipeline)
