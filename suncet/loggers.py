@@ -36,11 +36,10 @@ class Loggers:
     def __init__(self, config: TrainConfig, run_dir: Path, epoch: int, step: int, build: bool = True):
         from suncet.registry import LOGGERS
 
-        names = list(dict.fromkeys(["csv", *config.loggers]))
-        infos = [LOGGERS.get(name) for name in names]  # an unknown name fails on every rank alike
+        names = list(dict.fromkeys(["csv", *config.loggers])) if build else []
         self.loggers: list[Logger] = [
-            info.obj(run_dir=run_dir, config=config, epoch=epoch, step=step) for info in infos
-        ] if build else []
+            LOGGERS.get(name).obj(run_dir=run_dir, config=config, epoch=epoch, step=step) for name in names
+        ]
 
     def log_step(self, step: int, scalars: dict[str, float]) -> None:
         for logger in self.loggers:

@@ -22,7 +22,7 @@ from suncet.errors import ConfigError
 from suncet.kernels import resolve_backend
 from suncet.methods import Method, MethodConfig
 from suncet.optim import parameter_groups
-from suncet.registry import BACKBONES, DATASETS, METHODS, OPTIMIZERS
+from suncet.registry import BACKBONES, DATASETS, LOGGERS, METHODS, OPTIMIZERS
 
 
 @dataclass
@@ -101,6 +101,8 @@ def assemble(config: TrainConfig, run_dir: Path, labeled: Tensor | None = None) 
     if device.type == "cuda":
         method = method.to(memory_format=torch.channels_last)
     resolve_backend(config.backend, device)
+    for name in config.loggers:
+        LOGGERS.get(name)  # an unknown name fails here, on every rank, before any file is written
     labeled_sampler = _labeled_sampler(config, dataset, labeled, method)
     optimizer = OPTIMIZERS.create(
         config.optimizer, parameter_groups(method, config.weight_decay), lr=config.lr,
