@@ -57,7 +57,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 @main.command()
 def plugins() -> None:
-    """List the methods, datasets, backbones and optimizers that are installed."""
+    """List the methods, datasets, backbones, optimizers and loggers that are installed."""
     from suncet.registry import REGISTRIES
 
     table = Table(title="suncet plugins")
@@ -134,10 +134,14 @@ def _register_subcommands() -> None:
     from suncet.cli.analysis import compare, sweep
     from suncet.cli.bench import bench
     from suncet.cli.evaluate import eval_command
+    from suncet.cli.export import export_command
+    from suncet.cli.runs import runs_command
     from suncet.cli.train import train
 
     main.add_command(train)
     main.add_command(eval_command)
+    main.add_command(export_command)
+    main.add_command(runs_command)
     main.add_command(bench)
     main.add_command(compare)
     main.add_command(sweep)

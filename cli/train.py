@@ -43,6 +43,8 @@ def config_options(command):
             option = click.option(f"--{flag}/--no-{flag}", f.name, default=None, help=help_text)
         elif kind is dict:
             option = click.option(name, f.name, multiple=True, metavar="KEY=VALUE", help=help_text)
+        elif kind is list:
+            option = click.option(name, f.name, multiple=True, metavar="NAME", help=help_text)
         else:
             option = click.option(name, f.name, type={int: int, float: float}.get(kind, str), help=help_text)
         command = option(command)
@@ -56,7 +58,8 @@ def overrides_from(flags: dict) -> dict:
         value = flags.get(f.name)
         if f.name in _NOT_FLAGS or value is None or value == ():
             continue
-        overrides[f.name] = parse_key_values(value, _flag_name(f)) if _base_type(_TYPES[f.name]) is dict else value
+        kind = _base_type(_TYPES[f.name])
+        overrides[f.name] = parse_key_values(value, _flag_name(f)) if kind is dict else list(value) if kind is list else value
     return overrides
 
 

@@ -9,12 +9,13 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["RunResult", "TrainConfig", "__version__", "load_backbone", "train"]
+__all__ = ["RunResult", "TrainConfig", "__version__", "export_backbone", "load_backbone", "train"]
 
 _API = {
     "train": "suncet.engine.api",
     "RunResult": "suncet.engine.api",
-    "load_backbone": "suncet.engine.evaluate",
+    "load_backbone": "suncet.engine.export",
+    "export_backbone": "suncet.engine.export",
     "TrainConfig": "suncet.config",
 }
 

@@ -25,7 +25,7 @@ DESCRIBING = ("method", "suncet_weight", "labels", "epochs", "dataset", "backbon
 # these (and the seed) are seeds of one group.
 NOT_RECIPE = {"seed", "run_dir", "device", "data", "download", "num_workers", "data_pipeline", "kernel", "backend",
               "compile", "sync_every", "checkpoint_every", "keep_checkpoints", "monitor_every", "probe_every",
-              "final_eval", "deterministic"}
+              "final_eval", "deterministic", "loggers"}
 
 
 @dataclass

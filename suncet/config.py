@@ -22,8 +22,9 @@ from suncet.data.labels import parse_label_spec
 def setting(default: Any = None, help: str = "", *, flag: str | None = None, factory: Any = None) -> Any:
     """A TrainConfig field with its command-line help: the CLI's flags are generated from these.
 
-    ``flag`` names a dict field's repeatable ``KEY=VALUE`` flag (``--backbone-opt``); other
-    fields get ``--field-name`` (``--x/--no-x`` for booleans).
+    ``flag`` names a dict field's repeatable ``KEY=VALUE`` flag (``--backbone-opt``) or a list
+    field's repeatable flag (``--logger``); other fields get ``--field-name`` (``--x/--no-x`` for
+    booleans).
     """
     metadata = {"help": help, "flag": flag}
     if factory is not None:
@@ -103,6 +104,9 @@ class TrainConfig:
     monitor_every: int = setting(1, "Epochs between kNN monitors (0: off).")
     probe_every: int = setting(0, "Epochs between linear-probe monitors (0: off).")
     final_eval: str = setting("linear", "Evaluation after training: linear, knn, finetune or none.")
+    loggers: list[str] = setting(
+        help="Logger plugin besides metrics.csv, e.g. tensorboard (repeatable).", flag="--logger", factory=list
+    )
     preset: str | None = setting(
         None, "Recipe preset: digits, cifar10, paper-imagenet-10pct, paper-imagenet-1pct, paper-swav-imagenet-10pct, "
         "paper-cifar10 (docs/recipes.md)."
@@ -255,6 +259,8 @@ def _check_type(key: str, value: Any, source: str | None = None) -> Any:
             return value
         if base is dict and isinstance(value, dict):
             return dict(value)
+        if base is list and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
     names = " or ".join(getattr(typing.get_origin(k) or k, "__name__", str(k)) for k in allowed)
     raise ConfigError(f"config key '{key}' must be {names}, got {shown(value)}" + (f" (from {source})" if source else ""))
 
@@ -343,7 +349,15 @@ def build_config(
         values["method_options"] = {**method_defaults[method], **values.get("method_options", {})}
     config = TrainConfig(**values)
     validate(config, sources)
+    # Not a field: config.yaml and checkpoint comparisons hold settings, not where they came from.
+    config._given = frozenset(file_values) | frozenset(overrides)
     return config
+
+
+def given_settings(config: TrainConfig) -> frozenset[str]:
+    """The settings the user gave (file, flags or keywords) to build_config; none for any other
+    config (read back from a run, built by hand, or copied with dataclasses.replace)."""
+    return getattr(config, "_given", frozenset())
 
 
 def renamed_keys(values: dict[str, Any]) -> dict[str, Any]:

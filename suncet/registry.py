@@ -1,11 +1,11 @@
-"""Plugin registry for methods, datasets, backbones and optimizers.
+"""Plugin registry for methods, datasets, backbones, optimizers and loggers.
 
 In-tree code registers with a decorator (``@register_method("simclr")``). Packages, the
 built-in ``suncet.plugins`` included, announce plugins through entry points in the groups
-``suncet.methods``, ``suncet.datasets``, ``suncet.backbones`` and ``suncet.optimizers``;
-a group is loaded the first time its registry is looked up. An entry point may name a
-module whose import runs the decorators, or a single object, registered under the entry
-point's name.
+``suncet.methods``, ``suncet.datasets``, ``suncet.backbones``, ``suncet.optimizers`` and
+``suncet.loggers``; a group is loaded the first time its registry is looked up. An entry point
+may name a module whose import runs the decorators, or a single object, registered under the
+entry point's name.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from suncet.errors import ConfigError, SuncetError, shown
 __all__ = [
     "BACKBONES",
     "DATASETS",
+    "LOGGERS",
     "METHODS",
     "OPTIMIZERS",
     "REGISTRIES",
@@ -35,6 +36,7 @@ __all__ = [
     "UnknownPluginError",
     "register_backbone",
     "register_dataset",
+    "register_logger",
     "register_method",
     "register_optimizer",
 ]
@@ -287,9 +289,11 @@ METHODS = Registry("method", "suncet.methods")
 DATASETS = Registry("dataset", "suncet.datasets")
 BACKBONES = Registry("backbone", "suncet.backbones")
 OPTIMIZERS = Registry("optimizer", "suncet.optimizers")
-REGISTRIES = {r.kind: r for r in (METHODS, DATASETS, BACKBONES, OPTIMIZERS)}
+LOGGERS = Registry("logger", "suncet.loggers")
+REGISTRIES = {r.kind: r for r in (METHODS, DATASETS, BACKBONES, OPTIMIZERS, LOGGERS)}
 
 register_method = METHODS.register
 register_dataset = DATASETS.register
 register_backbone = BACKBONES.register
 register_optimizer = OPTIMIZERS.register
+register_logger = LOGGERS.register

@@ -18,6 +18,7 @@ class TorchvisionResNet(nn.Module):
 
     def __init__(self, arch: str, in_channels: int, cifar_stem: bool):
         super().__init__()
+        self.arch, self.in_channels, self.cifar_stem = arch, in_channels, cifar_stem
         net = getattr(torchvision.models, arch)(weights=None)
         if cifar_stem:
             net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -30,6 +31,22 @@ class TorchvisionResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    @property
+    def equivalents(self) -> dict[str, str]:
+        """How to build this network in torchvision and in timm (`suncet export --format`); timm's
+        ResNets name their weights as torchvision's do, so one state_dict serves both."""
+        if self.cifar_stem:
+            stem = f"; model.conv1 = torch.nn.Conv2d({self.in_channels}, 64, 3, 1, 1, bias=False); model.maxpool = torch.nn.Identity()"
+        elif self.in_channels != 3:
+            stem = f"; model.conv1 = torch.nn.Conv2d({self.in_channels}, 64, 7, 2, 3, bias=False)"
+        else:
+            stem = ""
+        return {"torchvision": f"model = torchvision.models.{self.arch}(){stem}",
+                "timm": f"model = timm.create_model('{self.arch}'){stem}"}
+
+    def equivalent_state_dict(self) -> dict[str, Tensor]:
+        return self.net.state_dict()  # fc is an Identity here: the library's classifier stays unset
 
 
 def _cifar_stem(option: bool | None, image_size: int) -> bool:

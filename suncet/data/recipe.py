@@ -40,6 +40,10 @@ class AugmentRecipe:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     blur_sigma: tuple[float, float] = (0.1, 2.0)
 
+    def normalisation(self) -> dict[str, list[float]]:
+        """The per-channel mean and std (of 0..1 pixels) a network trained with this recipe expects."""
+        return {"mean": list(self.mean), "std": list(self.std)}
+
 
 def override_recipe(recipe: AugmentRecipe, overrides: dict) -> AugmentRecipe:
     """A recipe with some fields replaced: ``global_crop_size``, ``global_crop_scale``,

@@ -4,7 +4,8 @@
     loop.py       train(run) -> train_one_epoch(...) -> step(...)
     state.py      checkpoint contents, restore, compatibility, checkpoint files
     rundir.py     the run directory's files; start_or_resume
-    evaluate.py   evaluation of a run; load_trained, load_backbone
+    evaluate.py   evaluation of a run; load_trained
+    export.py     load_backbone; export_backbone to torchvision, timm, safetensors
     protocols.py  kNN, linear probe, fine-tuning, raw-pixel baseline
     api.py        suncet.train(...) -> RunResult
 """

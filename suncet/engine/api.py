@@ -18,8 +18,9 @@ from suncet import distributed
 from suncet.config import TrainConfig, build_config
 from suncet.engine.evaluate import final_evaluation
 from suncet.engine.loop import train_run
+from suncet.engine import rundir
 from suncet.engine.rundir import Start, last_metrics, start_or_resume
-from suncet.errors import TrainingStopped
+from suncet.errors import SuncetError, TrainingStopped
 
 
 @dataclass
@@ -32,21 +33,41 @@ class RunResult:
 
 
 def run_start(start: Start, console: Console | None = None) -> RunResult:
-    """Train from ``start`` (see ``start_or_resume``) and evaluate as the config asks (rank 0)."""
+    """Train from ``start`` (see ``start_or_resume``) and evaluate as the config asks (rank 0);
+    the run directory's lock is released at the end, whatever happens."""
     try:
-        try:
-            metrics = train_run(start.config, start.run_dir, state=start.checkpoint, console=console)
-        except TrainingStopped:
-            distributed.shutdown()  # every rank agreed to stop: no collective is pending
-            raise
-        metrics = metrics or last_metrics(start.run_dir)  # a finished run resumed trains nothing
-        main_process = distributed.is_main_process()
-        evaluation = final_evaluation(start.run_dir, start.config) if main_process else None
-        distributed.shutdown()
+        return _train_and_evaluate(start, console)
     finally:
         if start.lock is not None:
             start.lock.release()
+
+
+def _train_and_evaluate(start: Start, console: Console | None) -> RunResult:
+    try:
+        metrics = train_run(start.config, start.run_dir, state=start.checkpoint, console=console)
+        metrics = metrics or last_metrics(start.run_dir)  # a finished run resumed trains nothing
+        main_process = distributed.is_main_process()
+        evaluation = final_evaluation(start.run_dir, start.config) if main_process else None
+    except TrainingStopped as exc:
+        _record_end(start.run_dir, "interrupted", str(exc))
+        distributed.shutdown()  # every rank agreed to stop: no collective is pending
+        raise
+    except KeyboardInterrupt:
+        _record_end(start.run_dir, "interrupted", "interrupted at once (a second Ctrl-C), after the last checkpoint")
+        raise
+    except Exception as exc:
+        _record_end(start.run_dir, "failed", str(exc) if isinstance(exc, SuncetError) else f"{type(exc).__name__}: {exc}")
+        raise
+    _record_end(start.run_dir, "finished")
+    distributed.shutdown()
     return RunResult(start.run_dir, start.config, metrics, evaluation, main_process)
+
+
+def _record_end(run_dir: Path, state: str, reason: str | None = None) -> None:
+    """The run's status.json, where this process started training it (errors before that,
+    such as a refused resume, leave the run's last status as it was)."""
+    if distributed.is_main_process() and rundir.owns_status(run_dir):
+        rundir.write_status(run_dir, state, reason)
 
 
 def train(

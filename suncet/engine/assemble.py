@@ -17,11 +17,12 @@ from suncet.data.recipe import override_recipe
 from suncet.data.samplers import ClassStratifiedSampler, UnlabeledSampler
 from suncet.data.sources import on_device
 from suncet.data.worker_pipeline import WorkerPipeline
+from suncet.engine.fit import fit_to_data
 from suncet.errors import ConfigError
 from suncet.kernels import resolve_backend
 from suncet.methods import Method, MethodConfig, parse_options
 from suncet.optim import parameter_groups
-from suncet.registry import BACKBONES, DATASETS, METHODS, OPTIMIZERS
+from suncet.registry import BACKBONES, DATASETS, LOGGERS, METHODS, OPTIMIZERS
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Run:
     unlabeled_sampler: UnlabeledSampler
     labeled_sampler: ClassStratifiedSampler | None
     backbone_args: dict  # what builds the backbone again without the dataset (load_backbone)
+    adapted: list[str]  # settings fitted to the data (engine/fit.py), to report once
 
 
 # Stands in for the dataset's own recipe when augmentation overrides are checked before any
@@ -104,11 +106,9 @@ def _labeled_sampler(config: TrainConfig, dataset: ImageDataset, labeled: Tensor
         raise ConfigError(f"method '{config.method}' trains on labeled images only, but --labels {config.labels} selects none")
     if not method.wants_labeled(0) or len(labeled) == 0:
         return None
-    classes = dataset.train.labels[labeled]
-    # A tiny subset (0.5% of digits) may cover fewer classes than a step asks for.
-    per_step = min(config.classes_per_step, len(torch.unique(classes)))
     return ClassStratifiedSampler(
-        classes, per_step, config.images_per_class, config.seed, distributed.rank(), distributed.world_size()
+        dataset.train.labels[labeled], config.classes_per_step, config.images_per_class, config.seed,
+        distributed.rank(), distributed.world_size(),
     )
 
 
@@ -119,16 +119,17 @@ def assemble(config: TrainConfig, run_dir: Path, labeled: Tensor | None = None) 
         raise ConfigError("--sync-bn with several processes needs CUDA devices (SyncBatchNorm has no CPU implementation)")
     torch.manual_seed(config.seed)
     dataset = load_dataset(config)
-    if config.classes_per_step > dataset.num_classes:
-        raise ConfigError(f"--classes-per-step {config.classes_per_step} is more than the {dataset.num_classes} classes of {dataset.name}")
     if labeled is None:
         labeled = choose_labeled(config, dataset)
     unlabeled = dataset.train if dataset.extra_unlabeled is None else ConcatImages(dataset.train, dataset.extra_unlabeled)
+    config, adapted = fit_to_data(config, dataset, labeled, len(unlabeled), distributed.world_size())
     unlabeled_sampler = UnlabeledSampler(len(unlabeled), config.batch_size, config.seed, distributed.rank(), distributed.world_size())
     method = build_method(config, dataset, unlabeled_sampler.steps_per_epoch).to(device)
     if device.type == "cuda":
         method = method.to(memory_format=torch.channels_last)
     resolve_backend(config.backend, device)
+    for name in config.loggers:
+        LOGGERS.get(name)  # an unknown name fails here, on every rank, before any file is written
     labeled_sampler = _labeled_sampler(config, dataset, labeled, method)
     optimizer = OPTIMIZERS.create(
         config.optimizer, parameter_groups(method, config.weight_decay), lr=config.lr,
@@ -140,7 +141,7 @@ def assemble(config: TrainConfig, run_dir: Path, labeled: Tensor | None = None) 
     return Run(
         config=config, run_dir=run_dir, device=device, dataset=dataset, labeled=labeled, method=method,
         optimizer=optimizer, unlabeled=unlabeled, train_images=train_images, unlabeled_sampler=unlabeled_sampler,
-        labeled_sampler=labeled_sampler, backbone_args=backbone_args_of(config, dataset),
+        labeled_sampler=labeled_sampler, backbone_args=backbone_args_of(config, dataset), adapted=adapted,
     )
 
 

@@ -1,4 +1,5 @@
-"""Evaluating what a run trained: the protocols applied to a run, and a trained run loaded back."""
+"""Evaluating what a run trained: the protocols applied to a run, and a trained run loaded back
+(its backbone alone: engine/export.py)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from suncet.config import TrainConfig
 from suncet.data import InMemoryImages
 from suncet.engine import rundir
-from suncet.engine.assemble import Run, assemble, backbone_args_of, build_backbone, load_dataset
+from suncet.engine.assemble import Run, assemble
 from suncet.engine.protocols import extract_features, finetune, knn_classify, linear_probe, raw_pixel_baseline
 from suncet.engine.state import load_checkpoint
 from suncet.errors import ConfigError, NonFiniteError
@@ -79,23 +80,6 @@ def check_finite(weights: dict[str, Tensor], run_dir: Path) -> None:
     if bad is not None:
         raise NonFiniteError(f"the weights in {run_dir / rundir.LAST_CHECKPOINT} are not finite ({bad}); "
                                  "the training diverged, there is nothing to evaluate")
-
-
-def load_backbone(run_dir: Path | str, device: str | torch.device = "cpu") -> nn.Module:
-    """The pre-trained backbone of a run (its last checkpoint), in eval mode on ``device``.
-
-    Built from the run's settings and the checkpoint alone; only checkpoints of runs from
-    before suncet recorded the backbone's input shape load the dataset to learn it.
-    """
-    run_dir = Path(run_dir)
-    config = rundir.load_run_config(run_dir)
-    state = load_checkpoint(run_dir / rundir.LAST_CHECKPOINT)
-    check_finite(state["model"], run_dir)
-    args = state.get("backbone_args") or backbone_args_of(config, load_dataset(config))
-    backbone = build_backbone(config, args)
-    prefix = "backbone."
-    backbone.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)})
-    return backbone.to(device).eval()
 
 
 def final_evaluation(run_dir: Path, config: TrainConfig) -> dict | None:

@@ -35,6 +35,7 @@ from suncet.engine.evaluate import evaluate_run
 from suncet.engine.state import check_compatible, checkpoint_state, restore, save_rotating
 from suncet.engine.stopping import EXIT_PREEMPTED, StopRequests
 from suncet.errors import NonFiniteError, TrainingStopped
+from suncet.loggers import Loggers
 from suncet.methods import TrainBatch
 from suncet.optim import warmup_cosine
 
@@ -131,6 +132,7 @@ class Loop:
     progress: Progress
     meters: Meters
     bar: ProgressBar
+    loggers: Loggers
     task: int = 0
     lr: float = 0.0
     last_loss: float = math.nan
@@ -146,6 +148,10 @@ class Loop:
         cfg, total = self.run.config, self.run.config.epochs * self.steps_per_epoch
         warmup = min(total, round(cfg.warmup_epochs * self.steps_per_epoch))
         return warmup_cosine(global_step, total, warmup, cfg.lr, cfg.start_lr, cfg.final_lr)
+
+    def rate(self) -> float:
+        """Images per second over the epoch so far."""
+        return (self.progress.images_seen - self.epoch_images) / max(self.epoch_seconds + time.perf_counter() - self.mark, 1e-9)
 
     def lap(self) -> None:
         """Count the time since the last lap as training time."""
@@ -243,7 +249,9 @@ def sync(loop: Loop, terms: dict[str, Tensor] | None) -> tuple[bool, bool]:
     if nonfinite:
         raise nonfinite_error(loop, loop.meters.describe_first_bad() if loop.meters.nonfinite(device).item() else "on another rank")
     if terms is not None:
-        loop.last_loss = terms["loss"].item()
+        values = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
+        loop.last_loss = values["loss"]
+        loop.loggers.log_step(loop.progress.global_step, {**values, "lr": loop.lr, "images_per_second": loop.rate()})
     return stopping, due
 
 
@@ -273,9 +281,8 @@ def train_one_epoch(loop: Loop, epoch: int) -> tuple[dict, bool]:
                 loop.checkpoint(sampler_at_start)
                 if stopping:
                     loop.stop_run(f"at epoch {epoch + 1}, step {progress.global_step}")
-        rate = (progress.images_seen - loop.epoch_images) / max(loop.epoch_seconds + time.perf_counter() - loop.mark, 1e-9)
         loop.bar.update(loop.task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs}",
-                        status=f"loss {loop.last_loss:.3f} lr {loop.lr:.3g} {rate:,.0f} img/s")
+                        status=f"loss {loop.last_loss:.3f} lr {loop.lr:.3g} {loop.rate():,.0f} img/s")
     loop.lap()
     row = {"epoch": epoch + 1, "step": progress.global_step, **loop.meters.means(run.device), "lr": loop.lr,
            "images_seen": progress.images_seen, "train_seconds": round(progress.train_seconds, 3),
@@ -299,7 +306,7 @@ def finish_epoch(loop: Loop, epoch: int, row: dict, due: bool) -> None:
     run, cfg = loop.run, loop.run.config
     if distributed.is_main_process():
         monitor(run, row, epoch)
-        rundir.append_metrics_row(run.run_dir, row)
+        loop.loggers.log_epoch(epoch + 1, row)
     loop.console.print(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(
         f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step", "train_seconds", "images_seen")))
     loop.progress.epoch, loop.progress.step_in_epoch = epoch + 1, 0
@@ -321,14 +328,15 @@ def train(run: Run, state: dict | None = None, console: Console | None = None) -
     pipeline = make_pipeline(run)
     if main_process:
         rundir.write_run_files(run.run_dir, cfg, run.labeled, fresh=state is None)
+        rundir.write_status(run.run_dir, "running")
     progress, meters = Progress(), Meters()
     if state is not None:
         saved_progress, saved_meters = restore(run, state, pipeline)
         progress, meters = Progress(**saved_progress), Meters(saved_meters)
         console.print(f"resuming {run.run_dir} at epoch {progress.epoch}, step {progress.step_in_epoch}")
-    if main_process:
-        # Rows written after the checkpoint (or by a replaced run) describe epochs that run again.
-        rundir.truncate_metrics(run.run_dir, progress.epoch)
+    loggers = Loggers(cfg, run.run_dir, progress.epoch, progress.global_step, build=main_process)
+    for note in run.adapted:
+        console.print(f"[yellow]fitted to the data:[/yellow] {note}")
     console.print(
         f"[bold]{cfg.method}[/bold] on {cfg.dataset}: {len(run.unlabeled)} unlabeled, {len(run.labeled)} labeled "
         f"({cfg.labels}), {cfg.backbone}, {cfg.epochs} epochs x {run.unlabeled_sampler.steps_per_epoch} steps, "
@@ -341,8 +349,9 @@ def train(run: Run, state: dict | None = None, console: Console | None = None) -
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
     row: dict = {}
     with StopRequests(announce=console.print) as stop, ProgressBar(*columns, console=console, transient=True) as bar, \
-            contextlib.closing(pipeline):
-        loop = Loop(run, wrap_model(run), pipeline, console, stop, CheckpointPolicy(cfg.checkpoint_every), progress, meters, bar)
+            contextlib.closing(pipeline), contextlib.closing(loggers):
+        loop = Loop(run, wrap_model(run), pipeline, console, stop, CheckpointPolicy(cfg.checkpoint_every), progress, meters,
+                    bar, loggers)
         loop.task = bar.add_task("train", total=cfg.epochs * loop.steps_per_epoch, completed=progress.global_step, status="")
         run.method.train()
         for epoch in range(progress.epoch, cfg.epochs):
@@ -354,7 +363,7 @@ def train(run: Run, state: dict | None = None, console: Console | None = None) -
 
 def train_run(config, run_dir, state: dict | None = None, console: Console | None = None) -> dict:
     """Assemble the run of ``config`` in ``run_dir`` and train it (from ``state`` when given)."""
-    if state is not None:
-        check_compatible(config, state, run_dir)
     run = assemble(config, run_dir, labeled=state["labeled"] if state else None)
+    if state is not None:
+        check_compatible(run.config, state, run_dir)  # as fitted to the data, as the checkpoint's was
     return train(run, state, console)

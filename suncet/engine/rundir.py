@@ -5,6 +5,7 @@
     RUN/metrics.csv        one row per epoch (loss terms, lr, images/s, monitors)
     RUN/checkpoints/       step-numbered checkpoints and last.pt (engine/state.py)
     RUN/eval_<protocol>.json
+    RUN/status.json        running, finished, interrupted or failed, with the one-line reason
 
 ``start_or_resume`` is the one place that decides whether a command starts a run, continues
 one or refuses: ``suncet train``, ``suncet sweep`` and ``suncet.train`` all call it.
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -37,6 +39,8 @@ LABELS_FILE = "labels.txt"
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = Path(CHECKPOINTS) / "last.pt"
 LOCK_FILE = ".lock"
+STATUS_FILE = "status.json"
+STATES = ("running", "finished", "interrupted", "failed")
 
 
 def write_text(path: Path, text: str) -> None:
@@ -117,6 +121,32 @@ def read_labels(run_dir: Path) -> list[int]:
     """The labeled training indices a run wrote to labels.txt."""
     text = (Path(run_dir) / LABELS_FILE).read_text(encoding="utf-8")
     return [int(line) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def read_status(run_dir: Path) -> dict | None:
+    """The run's status.json (None for runs from before suncet wrote one, or an unreadable file)."""
+    try:
+        status = json.loads((Path(run_dir) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) and status.get("state") in STATES else None
+
+
+def write_status(run_dir: Path, state: str, reason: str | None = None) -> None:
+    """Record where the run stands. 'running' names this process, so that a later reader can tell
+    a live run from one whose process was killed before it could say so."""
+    first_line = reason.strip().splitlines()[0] if reason and reason.strip() else None
+    write_json(Path(run_dir) / STATUS_FILE, {
+        "state": state, "reason": first_line, "pid": os.getpid(), "host": socket.gethostname(),
+        "time": datetime.now().astimezone().isoformat(timespec="seconds"),
+    })
+
+
+def owns_status(run_dir: Path) -> bool:
+    """Whether this process is the one that marked the run as running."""
+    status = read_status(run_dir)
+    return bool(status and status["state"] == "running" and status["pid"] == os.getpid()
+                and status["host"] == socket.gethostname())
 
 
 def default_run_dir(config: TrainConfig) -> Path:

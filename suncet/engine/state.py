@@ -104,6 +104,7 @@ def checkpoint_state(run: Run, pipeline: Pipeline, progress: dict, meters: dict,
         "labeled": run.labeled.clone(),
         "progress": progress,
         "backbone_args": run.backbone_args,
+        "normalisation": run.dataset.recipe.normalisation(),  # what an exported backbone's inputs need
         "rng": {"torch": torch.get_rng_state()},
         # Per rank: the augmentation generator, the labeled sampler's position at the start of the
         # checkpoint's epoch (the epoch's plan is drawn again from there on resume), and the
@@ -136,7 +137,8 @@ def restore(run: Run, state: dict, pipeline: Pipeline) -> tuple[dict, dict]:
 
 def check_compatible(config: TrainConfig, state: dict, source: Path) -> None:
     """A checkpoint must come from a run with this very configuration."""
-    saved = renamed_keys(state["config"])
+    # A setting added after the checkpoint was written held its default in that run.
+    saved = {**dataclasses.asdict(TrainConfig()), **renamed_keys(state["config"])}
     current = dataclasses.asdict(config)
     differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if differing:

@@ -1,0 +1,47 @@
+"""`suncet runs`: the runs under a folder, where each stands and what it reached."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from suncet.cli.main_console import console
+
+STATE_STYLES = {"finished": "green", "running": "cyan", "failed": "red"}
+
+
+def _pair(best, last) -> str:
+    return "-" if best is None else f"{best:.4f} / {last:.4f}"
+
+
+@click.command("runs")
+@click.argument("folder", type=click.Path(path_type=Path), default="runs")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of the runs instead of a table.")
+def runs_command(folder, as_json):
+    """List the runs under FOLDER (default: runs/): settings, progress, state and accuracies."""
+    from suncet.engine.runs import find_runs, summarise
+
+    summaries = [summarise(run_dir) for run_dir in find_runs(folder)]
+    if as_json:
+        click.echo(json.dumps(summaries, indent=2))
+        return
+    if not summaries:
+        console.print(f"no runs under {escape(str(folder))}")
+        return
+    table = Table(title=f"runs under {escape(str(folder))}")
+    for column in ("run", "method", "dataset", "labels", "epochs", "state", "kNN best / last", "linear best / last", "img/s"):
+        table.add_column(column, justify="right" if column in ("epochs", "img/s") else "left")
+    for s in summaries:
+        style = STATE_STYLES.get(s["state"], "yellow")
+        state = f"[{style}]{escape(s['state'])}[/{style}]" + (f": {escape(s['reason'])}" if s["reason"] else "")
+        table.add_row(
+            escape(str(Path(s["run"]).relative_to(folder))), s["method"], s["dataset"], s["labels"],
+            f"{s['epochs_done']}/{s['epochs']}", state, _pair(s["knn_top1_best"], s["knn_top1_last"]),
+            _pair(s["linear_top1_best"], s["linear_top1_last"]),
+            "-" if s["images_per_second"] is None else f"{s['images_per_second']:,.0f}",
+        )
+    console.print(table)

@@ -1,0 +1,68 @@
+"""Settings bounded by the data: defaults shrink to a small image folder and say so; values the
+user gave are refused in one line with the largest that works."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torchvision.io import encode_png, write_file
+
+CLASSES = ("ant", "bee", "cow")
+PER_CLASS = 8  # 24 training images; 25% labels: 2 of each class
+
+
+def write_image_folder(root: Path) -> Path:
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", PER_CLASS), ("val", 2)):
+        for c, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=generator)
+                image[c] = 255  # each class its own dominant channel
+                write_file(str(folder / f"{i}.png"), encode_png(image))
+    return root
+
+
+@pytest.fixture
+def folder_args(tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    return ("train", "--dataset", "imagefolder", "--data", str(data), "--labels", "25%", "--dataset-opt", "size=16",
+            "--augment", "global_crop_size=16", "--augment", "local_crop_size=8", "--backbone", "small_resnet",
+            "--backbone-opt", "width=8", "--proj-hidden", "32", "--epochs", "1", "--warmup-epochs", "1",
+            "--monitor-every", "0", "--final-eval", "none")
+
+
+def test_defaults_fit_a_three_class_folder_and_say_so_once(cli, folder_args, tmp_path):
+    run = tmp_path / "run"
+    result = cli(*folder_args, "--out", str(run))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("--classes-per-step 3 (not 10): the 3 classes with labeled images in imagefolder") == 1
+    assert result.stdout.count("--batch-size 24 (not 256): the 24 unlabeled images of imagefolder") == 1
+    assert "has 2 labeled image(s) per rank, fewer than --images-per-class 4" in result.stdout
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["classes_per_step"], saved["batch_size"], saved["images_per_class"]) == (3, 24, 4)
+    # The same command again continues the run: its fitted settings match the checkpoint's.
+    again = cli(*folder_args, "--out", str(run), "--resume", "auto")
+    assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.parametrize("given,message", [
+    (("--classes-per-step", "10"), "--classes-per-step 10 is more than the 3 classes with labeled images in imagefolder; at most 3 works"),
+    (("--batch-size", "100"), "--batch-size 100 is more than the 24 unlabeled images of imagefolder; at most 24 works"),
+])
+def test_values_the_user_gave_are_refused_with_the_largest_that_works(cli, folder_args, tmp_path, given, message):
+    result = cli(*folder_args, *given, "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {message}"]
+
+
+def test_a_config_file_counts_as_given(cli, folder_args, tmp_path):
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("classes_per_step: 5\n")
+    result = cli(*folder_args, "--config", str(settings), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2 and "--classes-per-step 5 is more than the 3 classes" in result.stderr
+    assert "at most 3 works" in result.stderr and "Traceback" not in result.stderr
