@@ -1,6 +1,7 @@
 """Wall time and images/s of the README's main command with and without --compile.
 
     python benchmarks/bench_compile.py [--modes none,default] [--epochs N] [--json FILE]
+    python benchmarks/bench_compile.py --modes none,reduce-overhead --train-args "--backbone resnet18 --sync-every 16"
 
 Runs `suncet train --method simclr --labels 10%` (the digits preset) once per mode as a user
 would, in a fresh process with its own run directory, and reports for each: the whole
@@ -14,6 +15,7 @@ import argparse
 import csv
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -30,9 +32,9 @@ SUNCET = str(Path(sys.executable).parent / "suncet")
 MAIN_COMMAND = ["train", "--method", "simclr", "--labels", "10%"]
 
 
-def measure(mode: str, epochs: int | None, scratch: Path) -> dict:
+def measure(mode: str, epochs: int | None, scratch: Path, extra: list[str]) -> dict:
     run_dir = scratch / f"compile-{mode}"
-    command = [SUNCET, *MAIN_COMMAND, "--compile", mode, "--out", str(run_dir)]
+    command = [SUNCET, *MAIN_COMMAND, *extra, "--compile", mode, "--out", str(run_dir)]
     if epochs is not None:
         command += ["--epochs", str(epochs)]
     start = time.perf_counter()
@@ -57,6 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default="none,default")
     parser.add_argument("--epochs", type=int, help="Override the preset's 200 epochs (a shorter check).")
+    parser.add_argument("--train-args", default="", help="More `suncet train` flags, e.g. for a GPU run.")
     parser.add_argument("--json", default="benchmarks/results/cpu_compile.json")
     args = parser.parse_args()
     report = {
@@ -67,7 +70,7 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="suncet-compile-"))
     try:
         for mode in args.modes.split(","):
-            result = measure(mode, args.epochs, scratch)
+            result = measure(mode, args.epochs, scratch, shlex.split(args.train_args))
             report["results"].append(result)
             print(result, flush=True)
             write_json(Path(args.json), report)

@@ -5,7 +5,8 @@
 # time the Triton backend from Python, eager and as CUDA graphs, at N = 8192 / 32768 / 2048 in
 # bf16 and fp32, then the host time of a fused-loss step (benchmarks/profile_host.py, with real
 # launches and with stubbed ones). That is the default run, at most 480 s. --all adds the cuda
-# backend and eager PyTorch to the Python-side benchmark, a torchrun-against-plain training check
+# backend and eager PyTorch to the Python-side benchmark, a training step eager against
+# torch.compile with CUDA graphs (benchmarks/bench_compile.py), a torchrun-against-plain training check
 # (30 epochs, median epoch rates), the data pipeline check (benchmarks/gpu_data_check.sh), and the
 # torch.compile and per-loss variant benchmarks, within 575 s. Every step tees into
 # $OUT/gpu_check.log; the JSON figures land in $OUT too, each rewritten after every row it
@@ -123,6 +124,14 @@ fi
 run "profile host, launches stubbed" 30 "$PY" benchmarks/profile_host.py --stub
 
 if ((ALL)); then
+step "training step under torch.compile: eager against CUDA graphs (reduce-overhead), host synced every 16 steps"
+if ((NO_GPU)); then
+  run "bench compile" 200 "$PY" benchmarks/bench_compile.py --epochs 2 --json "$(mktemp -d)/compile.json"
+else
+  run "bench compile" 150 "$PY" benchmarks/bench_compile.py --modes none,reduce-overhead --epochs 12 \
+    --train-args "--backbone resnet18 --sync-every 16 --final-eval none" --json "$(mktemp -d)/compile.json"  # figures in the log: the device returns at most 8 files
+fi
+
 step "training: torchrun --nproc-per-node 1 equals a plain run; throughput of both paths"
 TRAIN_ARGS=(train --dataset digits --backbone resnet18 --batch-size 128 --epochs 30 --labels 10%
             --monitor-every 0 --final-eval none --seed 0)
