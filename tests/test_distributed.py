@@ -114,7 +114,7 @@ def test_two_process_training_writes_one_run_and_resumes(tmp_path):
     done = subprocess.run([SUNCET, "train", "--nproc-per-node", "2", "--epochs", "2", *SMALL, "--out", str(whole)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert sorted(p.name for p in whole.iterdir()) == ["checkpoints", "config.yaml", "labels.txt", "metrics.csv", "status.json"]
+    assert sorted(p.name for p in whole.iterdir()) == [".lock", "checkpoints", "config.yaml", "labels.txt", "metrics.csv", "status.json"]
     assert '"state": "finished"' in (whole / "status.json").read_text()
     assert done.stdout.count("epoch 2/2") == 1  # rank 0 alone reports
 
