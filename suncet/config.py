@@ -83,7 +83,8 @@ class TrainConfig:
         "none", "Run the step under torch.compile: none, default, or reduce-overhead (CUDA graphs on GPUs)."
     )
     sync_every: int = setting(
-        1, "Steps between host synchronisations (loss terms, NaN check, stop requests); more lets a GPU run ahead."
+        10, "Steps between host synchronisations (loss terms, NaN check, stop requests; also at each epoch's end "
+        "and step checkpoint); more lets a GPU run ahead. A NaN is still reported with its own step."
     )
     data_pipeline: str = setting(
         "device", "device (batched augmentation on the training device) or workers (torchvision per image in loader processes)."
