@@ -34,7 +34,7 @@ from suncet.kernels import triton_kernels as tk
 
 _ALIGNED = {
     "q_ptr", "k_ptr", "row_keys_ptr", "col_keys_ptr", "row_groups_ptr", "col_groups_ptr", "partial_ptr", "loss_ptr",
-    "valid_ptr", "lse_all_ptr", "lse_pos_ptr", "a_ptr", "b_ptr", "out_ptr", "grad_ptr", "gmean0_ptr", "gmean1_ptr",
+    "valid_ptr", "lse_all_ptr", "lse_pos_ptr", "dq_ptr", "dk_ptr", "tickets_ptr", "grad_ptr", "gmean0_ptr", "gmean1_ptr",
     "means_ptr", "D",
 }  # fmt: skip
 _TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -48,15 +48,21 @@ def _types(kernel, dtype: str) -> dict[str, str]:
         return {"q_ptr": dtype, "k_ptr": dtype, **ids, "partial_ptr": "*fp32", "loss_ptr": "*fp32",
                 "valid_ptr": "*i1", **stats, "M": "i32", "N": "i32", "D": "i32", "self_offset": "i32",
                 "scale2": "fp32"}  # fmt: skip
-    return {"a_ptr": dtype, "b_ptr": dtype, "out_ptr": dtype, "grad_ptr": "*fp32", "gmean0_ptr": "*fp32",
-            "gmean1_ptr": "*fp32", "means_ptr": "*fp32", **stats, **ids, "A_COUNT": "i32", "B_COUNT": "i32",
-            "D": "i32", "self_offset": "i32", "boundary": "i32", "scale2": "fp32", "inv_tau": "fp32"}  # fmt: skip
+    return {"q_ptr": dtype, "k_ptr": dtype, "dq_ptr": dtype, "dk_ptr": dtype, "partial_ptr": "*fp32",
+            "tickets_ptr": "*i32", "grad_ptr": "*fp32", "gmean0_ptr": "*fp32", "gmean1_ptr": "*fp32",
+            "means_ptr": "*fp32", **stats, **ids, "M": "i32", "N": "i32", "D": "i32", "self_offset": "i32",
+            "boundary": "i32", "scale2": "fp32", "inv_tau": "fp32"}  # fmt: skip
 
 
-def _main_loop(sass: str) -> tuple[collections.Counter, collections.Counter]:
-    """Opcodes of the main loop (the longest span that branches back to its start and holds a
-    tensor-core product), all of them and those on its shortest path: the tile that takes no
-    runtime branch into optional work, i.e. a full, group-uniform tile off the self diagonal."""
+def _main_loop(sass: str) -> tuple[collections.Counter, list[collections.Counter]]:
+    """Opcodes of the main loop (the longest span that branches back to its start, holds a
+    tensor-core product and no EXIT), all of them, and those on its shortest paths for a full,
+    group-uniform tile off the self diagonal (the fast tile) that matches 0, 1, ... key sets.
+
+    A key set's matches are optional work: the kernels skip them on tiles where the set's keys
+    cannot meet (a conditional forward branch over a block with no exponential and no product).
+    Entry k of the list is the shortest path that takes none of those skips but the first
+    len - 1 - k, so entry 0 skips them all and the last takes every key set's work."""
     lines = sass.splitlines()
     labels = {line.strip().rstrip(":"): i for i, line in enumerate(lines) if re.match(r"^\s*\.L_x_\d+:", line)}
     span = (0, -1)
@@ -64,34 +70,55 @@ def _main_loop(sass: str) -> tuple[collections.Counter, collections.Counter]:
         target = re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)
         if target and labels.get(target.group(1), i) < i:
             start = labels[target.group(1)]
-            if any("HGMMA" in b for b in lines[start : i + 1]) and i - start > span[1] - span[0]:
+            inside = lines[start : i + 1]
+            # A branch back from past an EXIT returns from an out-of-line block (a warp-divergent
+            # reduction's fallback, say) into the loop: not a loop of its own.
+            loop = any("HGMMA" in b for b in inside) and not any(re.search(r"\bEXIT\b", b) for b in inside)
+            if loop and i - start > span[1] - span[0]:
                 span = (start, i)
     body = [(i, m.group(1)) for i in range(span[0], span[1] + 1) if (m := _INSTRUCTION.search(lines[i]))]
     every = collections.Counter(op for _, op in body)
     if not body:
-        return every, every
-    # Shortest path (fewest instructions) from the loop's first instruction to its back branch:
-    # each instruction falls through to the next unless it is an unconditional branch, and a
-    # branch also leads to its target.
+        return every, [every]
     label_at = {name: next((n for n, (line, _) in enumerate(body) if line > at), len(body)) for name, at in labels.items()}
-    best = [None] * len(body)
-    best[0] = [0]
-    for n in range(len(body)):  # forward branches only inside the span, so one sweep suffices
-        if best[n] is None:
-            continue
-        text = lines[body[n][0]]
-        target = re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)
-        successors = []
-        unconditional = target and not re.search(r"@!?U?P[T0-9]+\s+BRA", text)
-        if not unconditional and n + 1 < len(body):
-            successors.append(n + 1)
-        if target and label_at.get(target.group(1), -1) > n:
-            successors.append(label_at[target.group(1)])
-        for succ in successors:
-            if succ < len(body) and (best[succ] is None or len(best[n]) + 1 < len(best[succ])):
-                best[succ] = best[n] + [succ]
-    path = best[-1] or list(range(len(body)))
-    return every, collections.Counter(body[n][1] for n in path)
+    branches = {}  # body index -> (target index, conditional)
+    for n, (line, _) in enumerate(body):
+        target = re.search(r"BRA\s+`\((\.L_x_\d+)\)", lines[line])
+        if target:
+            branches[n] = (label_at.get(target.group(1), -1), bool(re.search(r"@!?U?P[T0-9]+\s+BRA", lines[line])))
+    def falls_through_to(n: int, to: int) -> bool:
+        """Whether the code after branch n, followed through unconditional branches only, comes
+        to ``to`` with no exponential and no product on the way: the branch skips optional work."""
+        at = n + 1
+        while n < at < len(body) and at != to:
+            if body[at][1] in ("MUFU", "HGMMA"):
+                return False
+            jump, conditional = branches.get(at, (-1, True))
+            at = at + 1 if conditional else jump
+        return at == to
+
+    optional = sorted(n for n, (to, conditional) in branches.items() if conditional and to > n and falls_through_to(n, to))
+
+    def shortest(skippable: set[int]) -> list[int]:
+        # Fewest instructions from the loop's first instruction to its back branch: each
+        # instruction falls through to the next unless it is an unconditional branch, and a
+        # branch also leads to its target (an optional skip only where allowed).
+        best = [None] * len(body)
+        best[0] = [0]
+        for n in range(len(body)):  # forward branches only inside the span, so one sweep suffices
+            if best[n] is None:
+                continue
+            to, conditional = branches.get(n, (-1, True))
+            successors = [n + 1] if conditional and n + 1 < len(body) else []
+            if to > n and (n not in optional or n in skippable):
+                successors.append(to)
+            for succ in successors:
+                if succ < len(body) and (best[succ] is None or len(best[n]) + 1 < len(best[succ])):
+                    best[succ] = best[n] + [succ]
+        return best[-1] or list(range(len(body)))
+
+    paths = [shortest(set(optional[: len(optional) - k])) for k in range(len(optional) + 1)]
+    return every, [collections.Counter(body[n][1] for n in path) for path in paths]
 
 
 def analyse(kernel, dtype: str, constants: dict, tile: tuple[int, int, int, int]) -> dict:
@@ -116,7 +143,8 @@ def analyse(kernel, dtype: str, constants: dict, tile: tuple[int, int, int, int]
         ).stderr
         sass = subprocess.run([_TOOLS / "nvdisasm", "-c", cubin], capture_output=True, text=True, check=True).stdout
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
-    loop, fast = _main_loop(sass)
+    loop, paths = _main_loop(sass)
+    fast = paths[0]
     entries = block_m * block_n / (32 * warps)  # similarity entries per thread and column tile
     return {
         "tile": list(tile),
@@ -129,6 +157,8 @@ def analyse(kernel, dtype: str, constants: dict, tile: tuple[int, int, int, int]
         "fast_path_instructions": sum(fast.values()),
         "instructions_per_entry": round(sum(fast.values()) / entries, 2),
         "exp2_per_entry": round(fast["MUFU"] / entries, 2),
+        # per entry with 0, 1, ... key sets matched on the tile (the first of these is the one above)
+        "instructions_per_entry_by_sets_matched": [round(sum(p.values()) / entries, 2) for p in paths],
     }
 
 
@@ -155,7 +185,7 @@ def main() -> None:
                          "EVEN_N": True}  # fmt: skip
             rows.append({"kernel": f"forward ({mode})", **analyse(tk._forward_kernel, dtype, constants, tile)})
         for tile in tk.backward_tiles(128, bounded):
-            constants = {**common, **mean, "BOUNDED": bounded, "STATS": stats, "ROW_SIDE": True, "COL_SIDE": True,
+            constants = {**common, **mean, "BOUNDED": bounded, "STATS": stats, "TWO_SIDES": False,
                          "SYMMETRIC": True, "EVEN_N": True}  # fmt: skip
             rows.append({"kernel": f"one-tower backward ({mode})", **analyse(tk._backward_kernel, dtype, constants, tile)})
     print(f"sm_90, D = 128, {args.dtype}, P = {args.sets}, backward upstream: {args.upstream}, "

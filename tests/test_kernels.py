@@ -388,6 +388,37 @@ def test_triton_interpreter_split_columns_merge_exactly(triton_interpreter, tau)
             assert torch.allclose(a.float(), b.float(), atol=1e-5, equal_nan=True)
 
 
+@pytest.mark.parametrize("layout,rows", [("one_tower", 40), ("two_block", 38), ("cross", 12)])
+@pytest.mark.parametrize("tau", [0.1, 0.02])  # the fixed bound; running maxima
+def test_triton_interpreter_backward_column_splits_add_in_order(triton_interpreter, layout, rows, tau):
+    # Each split stores its partial gradient and the last to take a row tile's ticket adds them
+    # in split order: any split count (5 leaves some splits without a column tile) must match
+    # float64, repeat bitwise, and leave every ticket at 0 for the next launch.
+    gen = torch.Generator().manual_seed(31)
+    q, k, rk, ck, rg, cg, offset = make_problem(layout, rows, 32, 2, gen)
+    one_tower = k is None
+    q, k = q.float(), (q.float() if one_tower else k.float())
+    grad = torch.randn(rows, 2, generator=gen, dtype=torch.float64)
+    _, _, stats_all, stats_pos = triton_interpreter.forward(q, k, rk, ck, rg, cg, offset, tau, one_tower, splits=1)
+    want = oracle(q.double(), k.double(), rk, ck, rg, cg, offset, tau, grad)
+    want_dq = want[2] + want[3] if one_tower else want[2]
+
+    def run(splits):
+        return triton_interpreter.backward(
+            grad.float(), q, k, rk, ck, rg, cg, stats_all, stats_pos, offset, tau, one_tower, splits=splits
+        )
+
+    for splits in (1, 2, 3, 5):
+        dq, dk = run(splits)
+        assert rel(dq.double().numpy(), want_dq) <= 1e-4
+        if not one_tower:
+            assert rel(dk.double().numpy(), want[3]) <= 1e-4
+    first, again = run(3), run(3)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    for plan in triton_interpreter._PLANS.values():
+        assert not plan.backward_tickets.any()
+
+
 def _oracle_means(q, k, rk, ck, rg, cg, offset, tau, boundary, weights):
     """float64 masked means per (segment, set) and d(sum_s,p weights_sp mean_sp)/d(q, k)."""
     rows, sets = q.shape[0], rk.shape[1]
@@ -460,6 +491,30 @@ def test_triton_interpreter_ids_beyond_fp32_take_the_exact_path(triton_interpret
     grad = torch.randn(40, 2, generator=gen, dtype=torch.float64)
     loss, valid, dq, _ = run_backend("triton", q.float(), None, rk, rk, groups, groups, 0, tau, grad)
     want = oracle(q, q, rk, rk, groups, groups, 0, tau, grad)
+    np.testing.assert_array_equal(valid.numpy(), want[1])
+    assert np.abs(loss.double().numpy() - want[0]).max() <= 1e-4 * max(1.0, np.abs(want[0]).max())
+    assert rel(dq.double().numpy(), want[2] + want[3]) <= 1e-4
+
+
+@pytest.mark.parametrize("ids", ["across", "scattered", "chained"])
+def test_triton_interpreter_key_sets_skipped_only_where_they_cannot_meet(triton_interpreter, ids):
+    # NT-Xent's instance ids meet on few column tiles, and full tiles skip a key set whose
+    # column keys lie outside the rows' range. "across": ids i mod 32 put each positive 32 rows
+    # away, on the tile across; "scattered": ids (17 i mod 64) // 2 - 7 pair rows far apart,
+    # negative ids among them, so that ranges overlap on tiles that hold no positive;
+    # "chained": 16-row tiles (the interpreter's) hold ids 15 t ... 15 t + 15, so that the only
+    # positives sit at the ends of adjacent tiles' ranges. Set 1 holds classes, which meet on
+    # every tile. Against float64, losses, valid flags and gradients.
+    rows = 64
+    gen = torch.Generator().manual_seed(len(ids))
+    row = torch.arange(rows)
+    ids = {"across": row % 32, "scattered": (row * 17) % rows // 2 - 7, "chained": 15 * (row // 16) + row % 16}[ids]
+    q = _unit(rows, 16, gen).float()
+    keys = torch.stack([ids, torch.randint(0, 3, (rows,), generator=gen)], 1).contiguous()
+    groups = torch.zeros(rows, dtype=torch.long)
+    grad = torch.randn(rows, 2, generator=gen, dtype=torch.float64)
+    loss, valid, dq, _ = run_backend("triton", q, None, keys, keys, groups, groups, 0, 0.1, grad)
+    want = oracle(q.double(), q.double(), keys, keys, groups, groups, 0, 0.1, grad)
     np.testing.assert_array_equal(valid.numpy(), want[1])
     assert np.abs(loss.double().numpy() - want[0]).max() <= 1e-4 * max(1.0, np.abs(want[0]).max())
     assert rel(dq.double().numpy(), want[2] + want[3]) <= 1e-4

@@ -57,10 +57,10 @@ def forward_types(dt):
 
 
 def backward_types(dt):
-    return dict(a_ptr=dt, b_ptr=dt, out_ptr=dt, grad_ptr="*fp32", gmean0_ptr="*fp32", gmean1_ptr="*fp32",
-                means_ptr="*fp32", lse_all_ptr="*fp32", lse_pos_ptr="*fp32", row_keys_ptr="*i64", col_keys_ptr="*i64",
-                row_groups_ptr="*i64", col_groups_ptr="*i64", A_COUNT="i32", B_COUNT="i32", D="i32",
-                self_offset="i32", boundary="i32", scale2="fp32", inv_tau="fp32")
+    return dict(q_ptr=dt, k_ptr=dt, dq_ptr=dt, dk_ptr=dt, partial_ptr="*fp32", tickets_ptr="*i32", grad_ptr="*fp32",
+                gmean0_ptr="*fp32", gmean1_ptr="*fp32", means_ptr="*fp32", lse_all_ptr="*fp32", lse_pos_ptr="*fp32",
+                row_keys_ptr="*i64", col_keys_ptr="*i64", row_groups_ptr="*i64", col_groups_ptr="*i64", M="i32",
+                N="i32", D="i32", self_offset="i32", boundary="i32", scale2="fp32", inv_tau="fp32")
 
 
 def compile_augment(fn, types, constants):
@@ -102,18 +102,18 @@ for dt, sets, bounded, block_d, even, stats, check_k in (
     results[name] = compile_one(tk._forward_kernel, tk._FORWARD_TABLE, forward_types(dt),
                                 dict(P=sets, BOUNDED=bounded, INVERSE=bounded and block_d <= 128, STATS=stats,
                                      CHECK_K=check_k, BLOCK_D=block_d, EVEN_D=even, PRECISION="tf32", EVEN_N=even))
-for dt, sets, bounded, block_d, even, row_side, col_side, mean, stats in (
-    ("*bf16", 2, True, 128, True, True, True, 1, 4),
-    ("*bf16", 2, False, 128, True, True, True, 2, 2),
-    ("*fp32", 1, True, 64, True, True, False, 0, 1),
-    ("*bf16", 2, False, 256, False, False, True, 0, 2),
-    ("*bf16", 1, True, 128, False, False, True, 2, 2),
+for dt, sets, bounded, block_d, even, two_sides, mean, stats in (
+    ("*bf16", 2, True, 128, True, False, 1, 4),
+    ("*bf16", 2, False, 128, True, False, 2, 2),
+    ("*fp32", 1, True, 64, True, True, 0, 1),
+    ("*bf16", 2, False, 256, False, True, 0, 2),
+    ("*bf16", 1, True, 128, False, True, 2, 2),
 ):
-    name = f"backward {dt[1:]} P={sets} bounded={bounded} BLOCK_D={block_d} row={row_side} col={col_side} mean={mean}"
+    name = f"backward {dt[1:]} P={sets} bounded={bounded} BLOCK_D={block_d} two_sides={two_sides} mean={mean}"
     table = tk._BOUNDED_BACKWARD_TABLE if bounded else tk._BACKWARD_TABLE
     results[name] = compile_one(tk._backward_kernel, table, backward_types(dt),
-                                dict(P=sets, ROW_SIDE=row_side, COL_SIDE=col_side, SYMMETRIC=row_side and col_side,
-                                     BOUNDED=bounded, STATS=stats, MEAN=mean, HAS=3 if mean else 0, BLOCK_D=block_d,
+                                dict(P=sets, TWO_SIDES=two_sides, SYMMETRIC=not two_sides, BOUNDED=bounded,
+                                     STATS=stats, MEAN=mean, HAS=3 if mean else 0, BLOCK_D=block_d,
                                      EVEN_D=even, PRECISION="tf32", EVEN_N=even))
 results["finish merge+means P=2"] = compile_augment(
     tk._finish_kernel, dict(partial_ptr="*fp32", loss_ptr="*fp32", valid_ptr="*i1", lse_all_ptr="*fp32",

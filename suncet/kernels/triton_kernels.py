@@ -235,16 +235,42 @@ def _load_rows(ptr, idx, ok, dims, D, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _key_matches(key_words, key0_f, key1_f, P: tl.constexpr):
-    """Matches (``_match``) of rows with keys key0_f/key1_f against a column tile whose keys'
-    low words start at ``key_words``. With two sets the tile's [BLOCK_N, 2] words are loaded as
-    one block, which Triton reads coalesced rather than as one load per column and set."""
+def _column_keys(key_words, P: tl.constexpr):
+    """The low words (int32) of each key set of a column tile whose keys' words start at
+    ``key_words`` (set 0's again when P == 1). With two sets the tile's [BLOCK_N, 2] words are
+    loaded as one block, which Triton reads coalesced rather than as one load per column and set."""
     if P == 2:
-        c0, c1 = tl.split(tl.load(key_words[:, None] + 2 * tl.arange(0, 2)[None, :]))
-        return _match(key0_f, c0.to(tl.float32)), _match(key1_f, c1.to(tl.float32))
+        return tl.split(tl.load(key_words[:, None] + 2 * tl.arange(0, 2)[None, :]))
     else:
-        m0 = _match(key0_f, tl.load(key_words).to(tl.float32))
-        return m0, m0
+        c0 = tl.load(key_words)
+        return c0, c0
+
+
+@triton.jit
+def _key_matches(key_words, key0_f, key1_f, P: tl.constexpr):
+    """Matches (``_match``) of rows with keys key0_f/key1_f against a column tile (``_column_keys``)."""
+    c0, c1 = _column_keys(key_words, P)
+    m0 = _match(key0_f, c0.to(tl.float32))
+    m1 = m0
+    if P == 2:
+        m1 = _match(key1_f, c1.to(tl.float32))
+    return m0, m1
+
+
+@triton.jit
+def _key_range(keys, ok):
+    """The smallest and largest of ``keys`` where ``ok``, as int32 (exact where the fast tiles use it)."""
+    lo = tl.min(tl.where(ok, keys, 2147483647), 0).to(tl.int32)
+    hi = tl.max(tl.where(ok, keys, -2147483647), 0).to(tl.int32)
+    return lo, hi
+
+
+@triton.jit
+def _may_match(col_keys32, lo, hi):
+    """Whether some key of a column tile lies in the rows' range [lo, hi]. Where none does, the
+    set's matches on the tile are all 0 and the tile skips them: NT-Xent's instance ids, for
+    one, meet on few tiles."""
+    return (tl.min(col_keys32, 0) <= hi) & (lo <= tl.max(col_keys32, 0))
 
 
 @triton.jit
@@ -352,6 +378,8 @@ def _forward_kernel(
     row_group, rg_lo, rg_hi, key0, key1, rows_wide = _row_attributes(row_keys_ptr, row_groups_ptr, rows, row_ok, P)
     key0_f = key0.to(tl.float32)
     key1_f = key1.to(tl.float32)
+    key0_lo, key0_hi = _key_range(key0, row_ok)
+    key1_lo, key1_hi = _key_range(key1, row_ok)
     col_keys32_ptr = _low_words(col_keys_ptr)
     col_groups32_ptr = _low_words(col_groups_ptr)
 
@@ -390,14 +418,17 @@ def _forward_kernel(
         off_diagonal = (col0 + BLOCK_N <= row0 + self_offset) | (row0 + BLOCK_M + self_offset <= col0)
         fast = narrow & (col0 + BLOCK_N <= N) & off_diagonal & _tile_is_group(group_words, col_ok, rg_lo.to(tl.int32))
         if fast:
-            match0, match1 = _key_matches(key_words, key0_f, key1_f, P)
             if BOUNDED:
+                c0, c1 = _column_keys(key_words, P)
                 e = tl.exp2(s2)
                 sum_all += tl.sum(e, 1)
-                sum0 += tl.sum(e * match0, 1)
+                if _may_match(c0, key0_lo, key0_hi):
+                    sum0 += tl.sum(e * _match(key0_f, c0.to(tl.float32)), 1)
                 if P == 2:
-                    sum1 += tl.sum(e * match1, 1)
+                    if _may_match(c1, key1_lo, key1_hi):
+                        sum1 += tl.sum(e * _match(key1_f, c1.to(tl.float32)), 1)
             else:
+                match0, match1 = _key_matches(key_words, key0_f, key1_f, P)
                 max_all, sum_all, max0, sum0, max1, sum1 = _accumulate(
                     s2, match0 > 0.5, match1 > 0.5, max_all, sum_all, max0, sum0, max1, sum1, P, BOUNDED
                 )
@@ -693,30 +724,84 @@ def _weight(s2, member0, member1, f0, f1, f2, f3, c0, c1, c2, c3, P: tl.constexp
         return coef * tl.exp2(s2 - offset)
 
 
+@triton.jit
+def _store_gradient(out_ptr, rows, row_ok, dims, D, value, EVEN_D: tl.constexpr):
+    out = value.to(out_ptr.dtype.element_ty)
+    if EVEN_D:
+        tl.store(out_ptr + rows[:, None] * D + dims[None, :], out, mask=row_ok[:, None])
+    else:
+        tl.store(out_ptr + rows[:, None] * D + dims[None, :], out, mask=row_ok[:, None] & (dims < D)[None, :])
+
+
 @triton.autotune(
     configs=_backward_configs(),
-    key=["A_COUNT", "B_COUNT", "D", "P", "BOUNDED", "MEAN"],
+    key=["M", "N", "D", "P", "BOUNDED", "MEAN", "TWO_SIDES"],
     prune_configs_by={"early_config_prune": _prune_backward},
 )
-@triton.heuristics({"EVEN_N": lambda args: args["B_COUNT"] % args["BLOCK_N"] == 0})
+@triton.heuristics({"EVEN_N": lambda args: args["M"] % args["BLOCK_N"] == 0 and args["N"] % args["BLOCK_N"] == 0})
 @triton.jit(do_not_specialize=["self_offset", "boundary"])
 def _backward_kernel(
-    a_ptr, b_ptr, out_ptr, grad_ptr, gmean0_ptr, gmean1_ptr, means_ptr, lse_all_ptr, lse_pos_ptr,
-    row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
+    q_ptr, k_ptr, dq_ptr, dk_ptr, partial_ptr, tickets_ptr, grad_ptr, gmean0_ptr, gmean1_ptr, means_ptr,
+    lse_all_ptr, lse_pos_ptr, row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
+    M, N, D, self_offset, boundary, scale2, inv_tau,
+    P: tl.constexpr, TWO_SIDES: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BOUNDED: tl.constexpr, STATS: tl.constexpr, MEAN: tl.constexpr, HAS: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+):  # fmt: skip
+    """dq and dk in one launch. One tower (not TWO_SIDES): each program takes a row tile of q
+    through both sides, dq = (G + G^T) q / tau. Two towers: the first programs take q's row
+    tiles (row side, dq = G k / tau), the others k's (column side, dk = G^T q / tau). Column
+    splits (grid axis 1) walk shares of the column tiles; each stores its fp32 partial sum, and
+    the last split of a row tile to arrive (an int32 ticket per row tile) adds them in split
+    order, so the result does not depend on the order the splits ran in, and resets its ticket
+    for the next launch. Every output element is written by one program: deterministic."""
+    pid = tl.program_id(0)
+    q_tiles = tl.cdiv(M, BLOCK_M)
+    if not TWO_SIDES:
+        _backward_tile(
+            pid, q_ptr, k_ptr, dq_ptr, partial_ptr, tickets_ptr + pid, grad_ptr, gmean0_ptr, gmean1_ptr, means_ptr,
+            lse_all_ptr, lse_pos_ptr, row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
+            M, M, D, self_offset, boundary, scale2, inv_tau, P, True, True, SYMMETRIC,
+            BOUNDED, STATS, MEAN, HAS, BLOCK_D, EVEN_D, PRECISION, BLOCK_M, BLOCK_N, EVEN_N,
+        )  # fmt: skip
+    elif pid < q_tiles:
+        _backward_tile(
+            pid, q_ptr, k_ptr, dq_ptr, partial_ptr, tickets_ptr + pid, grad_ptr, gmean0_ptr, gmean1_ptr, means_ptr,
+            lse_all_ptr, lse_pos_ptr, row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
+            M, N, D, self_offset, boundary, scale2, inv_tau, P, True, False, False,
+            BOUNDED, STATS, MEAN, HAS, BLOCK_D, EVEN_D, PRECISION, BLOCK_M, BLOCK_N, EVEN_N,
+        )  # fmt: skip
+    else:  # k's partial sums after q's
+        _backward_tile(
+            pid - q_tiles, k_ptr, q_ptr, dk_ptr, partial_ptr + tl.num_programs(1) * M * BLOCK_D, tickets_ptr + pid,
+            grad_ptr, gmean0_ptr, gmean1_ptr, means_ptr, lse_all_ptr, lse_pos_ptr,
+            row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
+            N, M, D, self_offset, boundary, scale2, inv_tau, P, False, True, False,
+            BOUNDED, STATS, MEAN, HAS, BLOCK_D, EVEN_D, PRECISION, BLOCK_M, BLOCK_N, EVEN_N,
+        )  # fmt: skip
+
+
+@triton.jit
+def _backward_tile(
+    pid, a_ptr, b_ptr, out_ptr, partial_ptr, ticket_ptr, grad_ptr, gmean0_ptr, gmean1_ptr, means_ptr, lse_all_ptr,
+    lse_pos_ptr, row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
     A_COUNT, B_COUNT, D, self_offset, boundary, scale2, inv_tau,
     P: tl.constexpr, ROW_SIDE: tl.constexpr, COL_SIDE: tl.constexpr, SYMMETRIC: tl.constexpr,
     BOUNDED: tl.constexpr, STATS: tl.constexpr, MEAN: tl.constexpr, HAS: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
-    """d a = (1/tau) sum_b H_ab b_b. Row side: a are rows of q (keys row_keys), b are
-    columns of k. Column side: a are columns of k, b are rows of q (the transposed term).
-    The upstream gradient is per row (grad_ptr, MEAN = 0) or, with MEAN = 1 or 2 segments, that
-    of the masked means (gmean0/gmean1 per segment, means_ptr holding the forward's (means,
-    counts)). SYMMETRIC
-    (one tower, row and column keys and groups the same arrays): both sides' memberships are
-    one match per entry."""
-    pid = tl.program_id(0)
+    """Row tile ``pid`` of d a = (1/tau) sum_b H_ab b_b. Row side: a are rows of q (keys
+    row_keys), b are columns of k. Column side: a are columns of k, b are rows of q (the
+    transposed term). The upstream gradient is per row (grad_ptr, MEAN = 0) or, with MEAN = 1 or
+    2 segments, that of the masked means (gmean0/gmean1 per segment, means_ptr holding the
+    forward's (means, counts)). SYMMETRIC (one tower, row and column keys and groups the same
+    arrays): both sides' memberships are one match per entry. This split's share of the column
+    tiles goes to ``out_ptr``, or to ``partial_ptr`` for the last split to add (see
+    ``_backward_kernel``)."""
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
     row0 = pid * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < A_COUNT
@@ -756,10 +841,15 @@ def _backward_kernel(
     narrow = narrow & ((c_lo == c_hi) | (not COL_SIDE))
     r_key0_f = r_key0.to(tl.float32)
     r_key1_f = r_key1.to(tl.float32)
+    key0_lo, key0_hi = _key_range(r_key0, row_ok)
+    key1_lo, key1_hi = _key_range(r_key1, row_ok)
     c_key0_f = c_key0.to(tl.float32)
     c_key1_f = c_key1.to(tl.float32)
+    per_split = tl.cdiv(last - first, splits)
+    t_begin = first + split * per_split
+    t_end = tl.minimum(t_begin + per_split, last)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for t in range(first, last):
+    for t in range(t_begin, t_end):
         col0 = t * BLOCK_N
         cols = col0 + tl.arange(0, BLOCK_N)
         col_ok = cols < B_COUNT
@@ -795,20 +885,25 @@ def _backward_kernel(
                 fast = fast & _tile_is_group(row_group_words, col_ok, c_lo.to(tl.int32))
         if fast:
             h = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            if ROW_SIDE:
-                rm0, rm1 = _key_matches(col_key_words, r_key0_f, r_key1_f, P)
-            if COL_SIDE:
-                if SYMMETRIC:
-                    cm0 = rm0
-                    cm1 = rm1
-                else:
-                    cm0, cm1 = _key_matches(row_key_words, c_key0_f, c_key1_f, P)
             if BOUNDED and SYMMETRIC:
-                # all_i + all_j - [same key 0] (pos0_i + pos0_j) - [same key 1] (pos1_i + pos1_j)
-                h = (r0[:, None] + q0[None, :]) - rm0 * (r1[:, None] + q1[None, :])
+                # all_i + all_j - [same key 0] (pos0_i + pos0_j) - [same key 1] (pos1_i + pos1_j),
+                # a key set's term only on tiles where its keys can meet
+                k0, k1 = _column_keys(col_key_words, P)
+                h = r0[:, None] + q0[None, :]
+                if _may_match(k0, key0_lo, key0_hi):
+                    h -= _match(r_key0_f, k0.to(tl.float32)) * (r1[:, None] + q1[None, :])
                 if P == 2:
-                    h -= rm1 * (r2[:, None] + q2[None, :])
+                    if _may_match(k1, key1_lo, key1_hi):
+                        h -= _match(r_key1_f, k1.to(tl.float32)) * (r2[:, None] + q2[None, :])
             else:
+                if ROW_SIDE:
+                    rm0, rm1 = _key_matches(col_key_words, r_key0_f, r_key1_f, P)
+                if COL_SIDE:
+                    if SYMMETRIC:
+                        cm0 = rm0
+                        cm1 = rm1
+                    else:
+                        cm0, cm1 = _key_matches(row_key_words, c_key0_f, c_key1_f, P)
                 if ROW_SIDE:
                     h += _weight(
                         s2, rm0 > 0.5, rm1 > 0.5, r0[:, None], r1[:, None], r2[:, None], r3[:, None],
@@ -857,11 +952,21 @@ def _backward_kernel(
             # One exponential per entry serves both sides: their offsets are all scale2.
             h *= tl.exp2(s2 - scale2)
         acc += tl.dot(h.to(b.dtype), b, input_precision=PRECISION)
-    out = (acc * inv_tau + poison[:, None]).to(out_ptr.dtype.element_ty)
-    if EVEN_D:
-        tl.store(out_ptr + rows[:, None] * D + dims[None, :], out, mask=row_ok[:, None])
+    if splits == 1:
+        _store_gradient(out_ptr, rows, row_ok, dims, D, acc * inv_tau + poison[:, None], EVEN_D)
     else:
-        tl.store(out_ptr + rows[:, None] * D + dims[None, :], out, mask=row_ok[:, None] & (dims < D)[None, :])
+        partial = partial_ptr + rows[:, None] * BLOCK_D + dims[None, :]
+        tl.store(partial + split * A_COUNT * BLOCK_D, acc, mask=row_ok[:, None])
+        tl.debug_barrier()  # every thread's share is stored before the ticket is taken
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+        if ticket == splits - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            for s in range(0, splits):
+                total += tl.load(partial + s * A_COUNT * BLOCK_D, mask=row_ok[:, None], other=0.0)
+            _store_gradient(out_ptr, rows, row_ok, dims, D, total * inv_tau + poison[:, None], EVEN_D)
+            tl.atomic_xchg(ticket_ptr, 0)
+
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -898,29 +1003,44 @@ def _precision(dtype: torch.dtype) -> str:
     return _fp32_precision if dtype == torch.float32 else "tf32"
 
 
-def _forward_splits(m: int, n: int, device: torch.device) -> int:
+def _forward_splits(m: int, n: int, sms: int) -> int:
     """Column splits that bring the forward grid to about four 128-row programs per
     multiprocessor, each split keeping at least 1,024 columns: several waves of programs keep
-    the last one's idle share small whatever the autotuned tile fits per multiprocessor."""
-    if device.type != "cuda":
+    the last one's idle share small whatever the autotuned tile fits per multiprocessor. No
+    multiprocessors (``sms`` 0): not a GPU, one split."""
+    if sms == 0:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     row_tiles = triton.cdiv(m, 128)
     return max(1, min(triton.cdiv(4 * sms, row_tiles), n // 1024, 8))
 
 
+def _backward_splits(rows: int, cols: int, sms: int, meta: dict) -> int:
+    """Column splits that bring the backward's row tiles (``rows`` in all, both sides of a
+    two-tower launch) to about one full wave: the multiprocessors times the programs that fit on
+    one (by registers, at ~250 a thread: one 8-warp program or two 4-warp ones), each split
+    keeping at least 512 columns so that its fixed costs stay small beside its loop."""
+    if sms == 0:
+        return 1
+    row_tiles = triton.cdiv(rows, meta["BLOCK_M"])
+    per_sm = 2 if meta["num_warps"] <= 4 else 1
+    return max(1, min(per_sm * sms // row_tiles, cols // 512, _MAX_BACKWARD_SPLITS))
+
+
+_MAX_BACKWARD_SPLITS = 8
 _FINISH_BLOCK = 1024  # rows per program of the finishing kernel
 
 
 class _Plan:
     """What a launch needs that depends only on shapes, dtype, device, tau and layout, made once
     per such combination: grids, compile-time constants, and scratch buffers that live only
-    between the forward kernel and the finishing one of the same call (stream order keeps one
-    call's use of them before the next call's). A step then spends its host time on launches."""
+    within one kernel or between the forward kernel and the finishing one of the same call
+    (stream order keeps one call's use of them before the next call's). A step then spends its
+    host time on launches. ``splits`` overrides the column splits of both directions."""
 
     def __init__(self, m, n, d, p, dtype, device, tau, one_tower, splits):
         f32 = dict(device=device, dtype=torch.float32)
-        self.splits = splits or _forward_splits(m, n, device)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+        self.splits = splits or _forward_splits(m, n, sms)
         self.bounded_backward = bounded_backward(tau, d)
         self.scale2, self.inv_tau = _LOG2E / tau, 1.0 / tau
         common = dict(P=p, BLOCK_D=_block_d(d), EVEN_D=_block_d(d) == d, PRECISION=_precision(dtype))
@@ -935,8 +1055,21 @@ class _Plan:
         self.finish = dict(P=p, INVERSE=self.bounded_backward, BLOCK=_FINISH_BLOCK)
         self.forward_grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), self.splits)
         self.finish_grid = (triton.cdiv(m, _FINISH_BLOCK),)
-        self.row_grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
-        self.col_grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)
+        # The backward: q's row tiles, then (two towers) k's, by column splits; the partial sums
+        # are sized for the candidate tile that splits most.
+        backward_rows = m if one_tower else m + n
+
+        def split_count(meta):
+            return splits or _backward_splits(backward_rows, min(m, n), sms, meta)
+
+        self.backward_grid = lambda meta: (
+            triton.cdiv(m, meta["BLOCK_M"]) + (0 if one_tower else triton.cdiv(n, meta["BLOCK_M"])),
+            split_count(meta),
+        )
+        candidates = [_INTERPRETER_TILE] if INTERPRETING else backward_tiles(d, self.bounded_backward)
+        most = max(split_count({"BLOCK_M": tile[0], "num_warps": tile[2]}) for tile in candidates)
+        self.backward_partial = torch.empty(most * backward_rows * _block_d(d) if most > 1 else 1, **f32)
+        self.backward_tickets = torch.zeros(backward_rows, device=device, dtype=torch.int32)
         self.partial = torch.empty((self.splits, 2 + 2 * p, m), **f32) if self.splits > 1 else torch.empty(1, **f32)
         self.loss = torch.empty((m, p), **f32)
         self.valid = torch.empty((m, p), device=device, dtype=torch.bool)
@@ -1007,42 +1140,32 @@ def forward_mean(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, 
 
 
 def _launch_backward(plan, upstream, q, k, keys, lse_all, lse_pos, stats, self_offset, boundary, one_tower, mean):
-    """(dq, dk), dk None with one tower."""
+    """(dq, dk), dk None with one tower: one launch."""
     m, d = q.shape
-    n = k.shape[0]
     symmetric = one_tower and keys[0] is keys[1] and keys[2] is keys[3]
     constants = plan.backward_variants.get((mean, symmetric, stats))
     if constants is None:
         constants = plan.backward_variants[(mean, symmetric, stats)] = dict(
-            MEAN=mean[0], HAS=mean[1], SYMMETRIC=symmetric, STATS=stats, **plan.backward_constants
-        )
-    dq = torch.empty_like(q)
-    args = (*upstream, lse_all, lse_pos, *keys)
-    if one_tower:
-        _backward_kernel[plan.row_grid](
-            q, q, dq, *args, m, m, d, self_offset, boundary, plan.scale2, plan.inv_tau,
-            ROW_SIDE=True, COL_SIDE=True, **constants,
+            MEAN=mean[0], HAS=mean[1], SYMMETRIC=symmetric, STATS=stats, TWO_SIDES=not one_tower,
+            **plan.backward_constants,
         )  # fmt: skip
-        return dq, None
-    dk = torch.empty_like(k)
-    _backward_kernel[plan.row_grid](
-        q, k, dq, *args, m, n, d, self_offset, boundary, plan.scale2, plan.inv_tau,
-        ROW_SIDE=True, COL_SIDE=False, **constants,
-    )  # fmt: skip
-    _backward_kernel[plan.col_grid](
-        k, q, dk, *args, n, m, d, self_offset, boundary, plan.scale2, plan.inv_tau,
-        ROW_SIDE=False, COL_SIDE=True, **constants,
+    dq = torch.empty_like(q)
+    dk = None if one_tower else torch.empty_like(k)
+    _backward_kernel[plan.backward_grid](
+        q, k, dq, dq if one_tower else dk, plan.backward_partial, plan.backward_tickets, *upstream, lse_all, lse_pos,
+        *keys, m, k.shape[0], d, self_offset, boundary, plan.scale2, plan.inv_tau, **constants,
     )  # fmt: skip
     return dq, dk
 
 
 def backward(
-    grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower
-):
+    grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower,
+    *, splits=None,
+):  # fmt: skip
     """(dq, dk); dk is empty with one_tower, where dq already holds (G + G^T) q / tau."""
     q = q.contiguous()
     k = q if one_tower else k.contiguous()
-    plan = _plan(q, k.shape[0], row_keys.shape[1], tau, one_tower)
+    plan = _plan(q, k.shape[0], row_keys.shape[1], tau, one_tower, splits)
     grad = grad_loss.float().contiguous()
     keys = (row_keys, col_keys, row_groups, col_groups)
     upstream = (grad, grad, grad, grad)  # the mean-gradient pointers go unread without MEAN
