@@ -10,7 +10,8 @@ one in our forward, two in our one-tower backward, two in attention's forward, s
 forward + backward. Each tile runs at tau = 0.1, where the kernels take exponents relative to
 the fixed bound of s (unit rows), and at tau = 0.02, where they keep running maxima; the
 backward's tiles are those of its mode at that tau. Both run the losses' path: the forward with
-the masked means reduced by its finishing kernel, the backward from the means' gradient.
+the masked means reduced by its finishing kernel, the backward from the means' gradient. First,
+the backward with its column splits forced to 1, 2, 4 and 8 against the launcher's choice.
 
     python benchmarks/kernel_anatomy.py --json FILE [--n 8192] [--d 128]   # on a CUDA machine
 """
@@ -100,6 +101,15 @@ def main() -> None:
             record("flash attention forward + backward", graph_ms(attention_step), 7)
     except RuntimeError as exc:  # a reference that cannot run here must not cost the tile rows
         print(f"flash attention reference skipped: {str(exc).splitlines()[0]}")
+
+    # The backward's column splits first (the launcher picks them per tile to fill one wave),
+    # each count forced in turn with the autotuner's tile for it; "auto" is the launcher's choice.
+    for splits in (None, 1, 2, 4, 8):
+        tk._backward_kernel.cache.clear()
+        _, state = tk.forward_mean(z, z, keys, keys, groups, groups, 0, 0.1, True, n, splits=splits)
+        backward = functools.partial(tk.backward_mean, (grad, None), state, z, z, keys, keys, groups, groups, 0, True, n)
+        ms = graph_ms(backward)
+        record(f"suncet backward (bounded, tau 0.1), column splits {splits or 'auto'}, {', '.join(tk.last_configs())}", ms, 2)
 
     width = tk._width(d)
     for tau in (0.1, 0.02):

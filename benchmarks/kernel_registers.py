@@ -8,7 +8,10 @@ stores, about how many programs fit on a multiprocessor by registers (65,536 of 
 SASS instructions of the main loop as laid out: the longest span that ends in a branch back to
 its start and holds a tensor-core product (masked path included); then, per similarity entry a
 thread holds (BLOCK_M x BLOCK_N / threads), the instructions and exponentials (MUFU) on the
-loop's shortest path, the one a full, group-uniform tile off the self diagonal takes.
+loop's shortest path, the one a full, group-uniform tile off the self diagonal takes, and the
+instructions on that tile's path with 0, 1, ... key sets matched: a key set's work is skipped on
+tiles where its keys cannot meet (NT-Xent's instance ids meet on few tiles, class labels on
+every one), so `bench kernels --loss both` runs the one-set path on almost every tile.
 Static figures: what they predict about speed is for kernel_anatomy.py to confirm on a card.
 
     python benchmarks/kernel_registers.py [--json FILE] [--dtype bf16] [--sets 2] [--upstream mean]
@@ -191,12 +194,12 @@ def main() -> None:
     print(f"sm_90, D = 128, {args.dtype}, P = {args.sets}, backward upstream: {args.upstream}, "
           f"triton {triton.__version__}; tile = (BLOCK_M, BLOCK_N, warps, stages)")  # fmt: skip
     print(f"{'kernel':34} {'tile':18} {'regs':>5} {'spill':>6} {'progs/SM':>8} {'loop instr':>10} {'exp2':>5} "
-          f"{'wgmma':>6} {'fast path':>9} {'instr/entry':>11} {'exp2/entry':>10}")  # fmt: skip
+          f"{'wgmma':>6} {'fast path':>9} {'instr/entry':>11} {'exp2/entry':>10}  instr/entry by key sets matched 0/1/..")  # fmt: skip
     for r in rows:
         print(f"{r['kernel']:34} {tuple(r['tile'])!s:18} {r['registers']:5d} {r['spill_bytes']:6d} "
               f"{r['programs_per_sm_by_registers']:8d} {r['loop_instructions']:10d} {r['loop_exp2']:5d} "
               f"{r['loop_tensor_core']:6d} {r['fast_path_instructions']:9d} {r['instructions_per_entry']:11.2f} "
-              f"{r['exp2_per_entry']:10.2f}")  # fmt: skip
+              f"{r['exp2_per_entry']:10.2f}  {'/'.join(f'{x:.2f}' for x in r['instructions_per_entry_by_sets_matched'])}")  # fmt: skip
     if args.json:
         report = {"target": "sm_90", "dtype": args.dtype, "sets": args.sets, "upstream": args.upstream, "rows": rows}
         args.json.write_text(json.dumps(report, indent=2))

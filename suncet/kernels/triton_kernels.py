@@ -79,7 +79,7 @@ _BACKWARD_TABLE = {
 # attention's layout). Tiles with BLOCK_N = 64 spill here, and at D = 256 every candidate does,
 # so D > 128 keeps the running-maxima backward.
 _BOUNDED_BACKWARD_TABLE = {
-    128: [(128, 32, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2), (128, 16, 8, 3), (128, 16, 8, 2)],
+    128: [(64, 32, 4, 3), (128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2), (128, 16, 8, 3), (128, 16, 8, 2)],
 }
 # (128, 16, 8, 2), last in both backward tables, is there for sm_80 (A100, mma.sync), where it is
 # the one tile that spills in neither mode.
