@@ -109,7 +109,8 @@ def main() -> None:
         _, state = tk.forward_mean(z, z, keys, keys, groups, groups, 0, 0.1, True, n, splits=splits)
         backward = functools.partial(tk.backward_mean, (grad, None), state, z, z, keys, keys, groups, groups, 0, True, n)
         ms = graph_ms(backward)
-        record(f"suncet backward (bounded, tau 0.1), column splits {splits or 'auto'}, {', '.join(tk.last_configs())}", ms, 2)
+        tile = ", ".join(tk.last_configs())
+        record(f"suncet backward (bounded, tau 0.1), column splits {splits or 'auto'}, {tile}", ms, 2)
 
     width = tk._width(d)
     for tau in (0.1, 0.02):

@@ -8,8 +8,9 @@ stores, about how many programs fit on a multiprocessor by registers (65,536 of 
 SASS instructions of the main loop as laid out: the longest span that ends in a branch back to
 its start and holds a tensor-core product (masked path included); then, per similarity entry a
 thread holds (BLOCK_M x BLOCK_N / threads), the instructions and exponentials (MUFU) on the
-loop's shortest path, the one a full, group-uniform tile off the self diagonal takes, and the
-instructions on that tile's path with 0, 1, ... key sets matched: a key set's work is skipped on
+loop's shortest path with every key set matched, the one a full, group-uniform tile off the
+self diagonal takes, and the instructions on that tile's path with 0, 1, ... key sets matched
+(the sets' skips taken in the order of the code): a key set's work is skipped on
 tiles where its keys cannot meet (NT-Xent's instance ids meet on few tiles, class labels on
 every one), so `bench kernels --loss both` runs the one-set path on almost every tile.
 Static figures: what they predict about speed is for kernel_anatomy.py to confirm on a card.
@@ -100,7 +101,9 @@ def _main_loop(sass: str) -> tuple[collections.Counter, list[collections.Counter
             at = at + 1 if conditional else jump
         return at == to
 
-    optional = sorted(n for n, (to, conditional) in branches.items() if conditional and to > n and falls_through_to(n, to))
+    optional = sorted(
+        n for n, (to, conditional) in branches.items() if conditional and to > n and falls_through_to(n, to)
+    )
 
     def shortest(skippable: set[int]) -> list[int]:
         # Fewest instructions from the loop's first instruction to its back branch: each
@@ -147,7 +150,9 @@ def analyse(kernel, dtype: str, constants: dict, tile: tuple[int, int, int, int]
         sass = subprocess.run([_TOOLS / "nvdisasm", "-c", cubin], capture_output=True, text=True, check=True).stdout
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     loop, paths = _main_loop(sass)
-    fast = paths[0]
+    if len(paths) - 1 not in (0, constants["P"]):  # key-set skips: one per set in the bounded kernels
+        raise RuntimeError(f"found {len(paths) - 1} optional branches in the main loop, expected 0 or {constants['P']}")
+    fast = paths[-1]  # every key set matched: the most a fast tile does
     entries = block_m * block_n / (32 * warps)  # similarity entries per thread and column tile
     return {
         "tile": list(tile),
@@ -187,10 +192,13 @@ def main() -> None:
             constants = {**common, "BOUNDED": bounded, "INVERSE": bounded, "STATS": stats, "CHECK_K": False,
                          "EVEN_N": True}  # fmt: skip
             rows.append({"kernel": f"forward ({mode})", **analyse(tk._forward_kernel, dtype, constants, tile)})
-        for tile in tk.backward_tiles(128, bounded):
-            constants = {**common, **mean, "BOUNDED": bounded, "STATS": stats, "TWO_SIDES": False,
-                         "SYMMETRIC": True, "EVEN_N": True}  # fmt: skip
-            rows.append({"kernel": f"one-tower backward ({mode})", **analyse(tk._backward_kernel, dtype, constants, tile)})
+        for two_sides in (False, True):  # one tower; q and k apart (distributed), both sides in one kernel
+            layout = "two-tower" if two_sides else "one-tower"
+            for tile in tk.backward_tiles(128, bounded):
+                constants = {**common, **mean, "BOUNDED": bounded, "STATS": stats, "TWO_SIDES": two_sides,
+                             "SYMMETRIC": not two_sides, "EVEN_N": True}  # fmt: skip
+                result = analyse(tk._backward_kernel, dtype, constants, tile)
+                rows.append({"kernel": f"{layout} backward ({mode})", **result})
     print(f"sm_90, D = 128, {args.dtype}, P = {args.sets}, backward upstream: {args.upstream}, "
           f"triton {triton.__version__}; tile = (BLOCK_M, BLOCK_N, warps, stages)")  # fmt: skip
     print(f"{'kernel':34} {'tile':18} {'regs':>5} {'spill':>6} {'progs/SM':>8} {'loop instr':>10} {'exp2':>5} "

@@ -732,6 +732,36 @@ def test_gpu_triton_fused_means_match_float64(dtype, tol, tau):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("layout", ["one_tower", "cross"])
+def test_gpu_triton_backward_column_splits_match_float64_and_repeat(layout):
+    # The launcher's own split count (None: 2 to 4 at 2,048 rows on an H100/H200) and forced ones.
+    from suncet.kernels import triton_kernels as tk
+
+    q, k, rk, ck, rg, cg, offset = _gpu_problem(2048, 128, 2, 5, layout)
+    grad = torch.randn(2048, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    one_tower = k is None
+    qd = q.to("cuda", torch.bfloat16)
+    kd = qd if one_tower else k.to("cuda", torch.bfloat16)
+    ids = [t.cuda() for t in (rk, ck, rg, cg)]
+    _, _, stats_all, stats_pos = tk.forward(qd, kd, *ids, offset, 0.1, one_tower)
+    k64 = None if one_tower else kd.double().cpu()
+    want = run_backend("cpu", qd.double().cpu(), k64, rk, ck, rg, cg, offset, 0.1, grad)
+    for splits in (None, 3, 8):
+
+        def run():
+            stats = (stats_all, stats_pos, offset, 0.1, one_tower)
+            return tk.backward(grad.cuda().float(), qd, kd, *ids, *stats, splits=splits)
+
+        dq, dk = run()
+        assert rel(dq.double().cpu(), want[2]) <= 1e-2
+        if not one_tower:
+            assert rel(dk.double().cpu(), want[3]) <= 1e-2
+        again = run()
+        assert torch.equal(dq, again[0]) and torch.equal(dk, again[1])
+
+
+@gpu
+@needs_cuda
 def test_gpu_non_finite_inputs():
     for backend in ("triton", "cuda"):
         if not kernels.backend_status()[backend][0]:

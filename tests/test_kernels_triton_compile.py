@@ -29,7 +29,7 @@ from suncet.data import augment_triton as at
 from suncet.kernels import triton_kernels as tk
 
 ATTRIBUTES = ("q_ptr k_ptr row_keys_ptr col_keys_ptr row_groups_ptr col_groups_ptr partial_ptr loss_ptr valid_ptr "
-              "lse_all_ptr lse_pos_ptr a_ptr b_ptr out_ptr grad_ptr gmean0_ptr gmean1_ptr means_ptr").split()
+              "lse_all_ptr lse_pos_ptr dq_ptr dk_ptr tickets_ptr grad_ptr gmean0_ptr gmean1_ptr means_ptr").split()
 
 
 def compile_one(kernel, table, types, constants):

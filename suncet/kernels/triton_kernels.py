@@ -1014,16 +1014,15 @@ def _forward_splits(m: int, n: int, sms: int) -> int:
     return max(1, min(triton.cdiv(4 * sms, row_tiles), n // 1024, 8))
 
 
-def _backward_splits(rows: int, cols: int, sms: int, meta: dict) -> int:
+def _backward_splits(rows: int, cols: int, sms: int, block_m: int) -> int:
     """Column splits that bring the backward's row tiles (``rows`` in all, both sides of a
-    two-tower launch) to about one full wave: the multiprocessors times the programs that fit on
-    one (by registers, at ~250 a thread: one 8-warp program or two 4-warp ones), each split
-    keeping at least 512 columns so that its fixed costs stay small beside its loop."""
+    two-tower launch) to about two programs per multiprocessor: one full wave of 4-warp programs
+    or two of 8-warp ones (about 250 registers a thread: two or one fit), each split keeping at
+    least 512 columns so that its fixed costs stay small beside its loop. No multiprocessors
+    (``sms`` 0): not a GPU, one split."""
     if sms == 0:
         return 1
-    row_tiles = triton.cdiv(rows, meta["BLOCK_M"])
-    per_sm = 2 if meta["num_warps"] <= 4 else 1
-    return max(1, min(per_sm * sms // row_tiles, cols // 512, _MAX_BACKWARD_SPLITS))
+    return max(1, min(2 * sms // triton.cdiv(rows, block_m), cols // 512, _MAX_BACKWARD_SPLITS))
 
 
 _MAX_BACKWARD_SPLITS = 8
@@ -1034,8 +1033,8 @@ class _Plan:
     """What a launch needs that depends only on shapes, dtype, device, tau and layout, made once
     per such combination: grids, compile-time constants, and scratch buffers that live only
     within one kernel or between the forward kernel and the finishing one of the same call
-    (stream order keeps one call's use of them before the next call's). A step then spends its
-    host time on launches. ``splits`` overrides the column splits of both directions."""
+    (stream order keeps one call's use of them before the next call's: calls of one shape on two
+    streams at once would share them). A step then spends its host time on launches. ``splits`` overrides the column splits of both directions."""
 
     def __init__(self, m, n, d, p, dtype, device, tau, one_tower, splits):
         f32 = dict(device=device, dtype=torch.float32)
@@ -1059,15 +1058,17 @@ class _Plan:
         # are sized for the candidate tile that splits most.
         backward_rows = m if one_tower else m + n
 
-        def split_count(meta):
-            return splits or _backward_splits(backward_rows, min(m, n), sms, meta)
+        def split_count(block_m):
+            return splits or _backward_splits(backward_rows, min(m, n), sms, block_m)
 
         self.backward_grid = lambda meta: (
             triton.cdiv(m, meta["BLOCK_M"]) + (0 if one_tower else triton.cdiv(n, meta["BLOCK_M"])),
-            split_count(meta),
+            split_count(meta["BLOCK_M"]),
         )
         candidates = [_INTERPRETER_TILE] if INTERPRETING else backward_tiles(d, self.bounded_backward)
-        most = max(split_count({"BLOCK_M": tile[0], "num_warps": tile[2]}) for tile in candidates)
+        most = max(split_count(tile[0]) for tile in candidates)
+        if most * backward_rows * _block_d(d) >= 2**31:  # the kernel's int32 offsets into the partial sums
+            raise ValueError(f"{most} column splits of {backward_rows} rows exceed the backward's int32 offsets")
         self.backward_partial = torch.empty(most * backward_rows * _block_d(d) if most > 1 else 1, **f32)
         self.backward_tickets = torch.zeros(backward_rows, device=device, dtype=torch.int32)
         self.partial = torch.empty((self.splits, 2 + 2 * p, m), **f32) if self.splits > 1 else torch.empty(1, **f32)
