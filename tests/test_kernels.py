@@ -498,6 +498,29 @@ def test_triton_interpreter_ids_beyond_fp32_take_the_exact_path(triton_interpret
     assert rel(dq.double().numpy(), want[2] + want[3]) <= 1e-4
 
 
+@pytest.mark.parametrize("layout,rows", [("one_tower", 40), ("cross", 32)])
+def test_triton_interpreter_launcher_splits_columns_on_a_gpu_sized_grid(triton_interpreter, monkeypatch, layout, rows):
+    # The launcher's own split count, as on a GPU: the grid function sees only the kernel's
+    # arguments (the interpreter passes it the same), here with 16 multiprocessors and splits of
+    # 16 columns, so that a few 16-row tiles split.
+    monkeypatch.setattr(triton_interpreter, "_PLANS", {})
+    monkeypatch.setattr(triton_interpreter, "_multiprocessors", lambda device: 16)
+    monkeypatch.setattr(triton_interpreter, "_SPLIT_COLUMNS", 16)
+    gen = torch.Generator().manual_seed(rows)
+    q, k, rk, ck, rg, cg, offset = make_problem(layout, rows, 32, 2, gen)
+    grad = torch.randn(rows, 2, generator=gen, dtype=torch.float64)
+    k32 = None if k is None else k.float()
+    loss, valid, dq, dk = run_backend("triton", q.float(), k32, rk, ck, rg, cg, offset, 0.1, grad)
+    want = oracle(q.double(), q.double() if k is None else k.double(), rk, ck, rg, cg, offset, 0.1, grad)
+    np.testing.assert_array_equal(valid.reshape(rows, 2).numpy(), want[1])
+    assert np.abs(loss.reshape(rows, 2).double().numpy() - want[0]).max() <= 1e-4 * max(1.0, np.abs(want[0]).max())
+    assert rel(dq.double().numpy(), want[2] + want[3] if k is None else want[2]) <= 1e-4
+    if k is not None:
+        assert rel(dk.double().numpy(), want[3]) <= 1e-4
+    (plan,) = triton_interpreter._PLANS.values()
+    assert plan.backward_grid({"BLOCK_M": 16})[1] > 1
+
+
 @pytest.mark.parametrize("ids", ["across", "scattered", "chained"])
 def test_triton_interpreter_key_sets_skipped_only_where_they_cannot_meet(triton_interpreter, ids):
     # NT-Xent's instance ids meet on few column tiles, and full tiles skip a key set whose

@@ -1018,14 +1018,20 @@ def _backward_splits(rows: int, cols: int, sms: int, block_m: int) -> int:
     """Column splits that bring the backward's row tiles (``rows`` in all, both sides of a
     two-tower launch) to about two programs per multiprocessor: one full wave of 4-warp programs
     or two of 8-warp ones (about 250 registers a thread: two or one fit), each split keeping at
-    least 512 columns so that its fixed costs stay small beside its loop. No multiprocessors
-    (``sms`` 0): not a GPU, one split."""
+    least _SPLIT_COLUMNS columns so that its fixed costs stay small beside its loop. No
+    multiprocessors (``sms`` 0): not a GPU, one split."""
     if sms == 0:
         return 1
-    return max(1, min(2 * sms // triton.cdiv(rows, block_m), cols // 512, _MAX_BACKWARD_SPLITS))
+    return max(1, min(2 * sms // triton.cdiv(rows, block_m), cols // _SPLIT_COLUMNS, _MAX_BACKWARD_SPLITS))
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """The device's multiprocessors, 0 where it is not a GPU."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
 _MAX_BACKWARD_SPLITS = 8
+_SPLIT_COLUMNS = 512
 _FINISH_BLOCK = 1024  # rows per program of the finishing kernel
 
 
@@ -1038,7 +1044,7 @@ class _Plan:
 
     def __init__(self, m, n, d, p, dtype, device, tau, one_tower, splits):
         f32 = dict(device=device, dtype=torch.float32)
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+        sms = _multiprocessors(device)
         self.splits = splits or _forward_splits(m, n, sms)
         self.bounded_backward = bounded_backward(tau, d)
         self.scale2, self.inv_tau = _LOG2E / tau, 1.0 / tau
