@@ -522,27 +522,34 @@ def test_triton_interpreter_launcher_splits_columns_on_a_gpu_sized_grid(triton_i
 
 
 @pytest.mark.parametrize("ids", ["across", "scattered", "chained"])
-def test_triton_interpreter_key_sets_skipped_only_where_they_cannot_meet(triton_interpreter, ids):
+@pytest.mark.parametrize("towers", [1, 2])
+def test_triton_interpreter_key_sets_skipped_only_where_they_cannot_meet(triton_interpreter, ids, towers):
     # NT-Xent's instance ids meet on few column tiles, and full tiles skip a key set whose
     # column keys lie outside the rows' range. "across": ids i mod 32 put each positive 32 rows
     # away, on the tile across; "scattered": ids (17 i mod 64) // 2 - 7 pair rows far apart,
     # negative ids among them, so that ranges overlap on tiles that hold no positive;
     # "chained": 16-row tiles (the interpreter's) hold ids 15 t ... 15 t + 15, so that the only
     # positives sit at the ends of adjacent tiles' ranges. Set 1 holds classes, which meet on
-    # every tile. Against float64, losses, valid flags and gradients.
+    # every tile. Two towers: rows 16 to 47 against all 64 as columns (a rank's rows against the
+    # gathered ones), each side of the backward skipping on its own. Against float64, losses,
+    # valid flags and gradients.
     rows = 64
     gen = torch.Generator().manual_seed(len(ids))
     row = torch.arange(rows)
     ids = {"across": row % 32, "scattered": (row * 17) % rows // 2 - 7, "chained": 15 * (row // 16) + row % 16}[ids]
-    q = _unit(rows, 16, gen).float()
+    z = _unit(rows, 16, gen).float()
     keys = torch.stack([ids, torch.randint(0, 3, (rows,), generator=gen)], 1).contiguous()
     groups = torch.zeros(rows, dtype=torch.long)
-    grad = torch.randn(rows, 2, generator=gen, dtype=torch.float64)
-    loss, valid, dq, _ = run_backend("triton", q, None, keys, keys, groups, groups, 0, 0.1, grad)
-    want = oracle(q.double(), q.double(), keys, keys, groups, groups, 0, 0.1, grad)
+    mine = slice(0, rows) if towers == 1 else slice(16, 48)
+    q, rk, rg, offset = z[mine], keys[mine].contiguous(), groups[mine], mine.start
+    grad = torch.randn(len(q), 2, generator=gen, dtype=torch.float64)
+    loss, valid, dq, dk = run_backend("triton", q, None if towers == 1 else z, rk, keys, rg, groups, offset, 0.1, grad)
+    want = oracle(q.double(), z.double(), rk, keys, rg, groups, offset, 0.1, grad)
     np.testing.assert_array_equal(valid.numpy(), want[1])
     assert np.abs(loss.double().numpy() - want[0]).max() <= 1e-4 * max(1.0, np.abs(want[0]).max())
-    assert rel(dq.double().numpy(), want[2] + want[3]) <= 1e-4
+    assert rel(dq.double().numpy(), want[2] + want[3] if towers == 1 else want[2]) <= 1e-4
+    if towers == 2:
+        assert rel(dk.double().numpy(), want[3]) <= 1e-4
 
 
 @pytest.mark.parametrize("tau", [0.1, 0.02])

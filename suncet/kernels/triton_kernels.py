@@ -693,6 +693,23 @@ def _bounded_weight(member0, member1, all_, pos0, pos1, P: tl.constexpr):
 
 
 @triton.jit
+def _bounded_side(key_words, key0_f, key1_f, lo0, hi0, lo1, hi1, all_, pos0, pos1, P: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """One side's bounded weight on a fast tile, ``all - [same key 0] pos0 - [same key 1] pos1``
+    (the factors broadcast to the tile), matching this program's row keys key0_f/key1_f (range
+    [lo, hi] per set) against the tile's (at ``key_words``), a key set's term only where its keys
+    can meet (``_may_match``)."""
+    k0, k1 = _column_keys(key_words, P)
+    w = tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + all_
+    if _may_match(k0, lo0, hi0):
+        w -= _match(key0_f, k0.to(tl.float32)) * pos0
+    if P == 2:
+        if _may_match(k1, lo1, hi1):
+            w -= _match(key1_f, k1.to(tl.float32)) * pos1
+    return w
+
+
+@triton.jit
 def _mean_coefficients(gmean0_ptr, gmean1_ptr, out_ptr, P: tl.constexpr, HAS: tl.constexpr):
     """d mean / d loss of a valid row, per (segment, set): the mean's upstream gradient (0 for a
     mean that received none, bit s of HAS clear) over the segment's valid count."""
@@ -843,6 +860,8 @@ def _backward_tile(
     r_key1_f = r_key1.to(tl.float32)
     key0_lo, key0_hi = _key_range(r_key0, row_ok)
     key1_lo, key1_hi = _key_range(r_key1, row_ok)
+    c_key0_lo, c_key0_hi = _key_range(c_key0, row_ok)
+    c_key1_lo, c_key1_hi = _key_range(c_key1, row_ok)
     c_key0_f = c_key0.to(tl.float32)
     c_key1_f = c_key1.to(tl.float32)
     per_split = tl.cdiv(last - first, splits)
@@ -895,6 +914,17 @@ def _backward_tile(
                 if P == 2:
                     if _may_match(k1, key1_lo, key1_hi):
                         h -= _match(r_key1_f, k1.to(tl.float32)) * (r2[:, None] + q2[None, :])
+            elif BOUNDED:  # each side on its own keys: all - [same key 0] pos0 - [same key 1] pos1
+                if ROW_SIDE:
+                    h += _bounded_side(
+                        col_key_words, r_key0_f, r_key1_f, key0_lo, key0_hi, key1_lo, key1_hi,
+                        r0[:, None], r1[:, None], r2[:, None], P, BLOCK_M, BLOCK_N,
+                    )  # fmt: skip
+                if COL_SIDE:
+                    h += _bounded_side(
+                        row_key_words, c_key0_f, c_key1_f, c_key0_lo, c_key0_hi, c_key1_lo, c_key1_hi,
+                        q0[None, :], q1[None, :], q2[None, :], P, BLOCK_M, BLOCK_N,
+                    )  # fmt: skip
             else:
                 if ROW_SIDE:
                     rm0, rm1 = _key_matches(col_key_words, r_key0_f, r_key1_f, P)
