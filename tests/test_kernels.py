@@ -647,8 +647,9 @@ def test_triton_interpreter_in_subprocess():
     rerun_under_triton_interpreter(
         __file__,
         "interpreter_matches or interpreter_split or interpreter_extreme or interpreter_special"
-        " or interpreter_fused or interpreter_non_finite or interpreter_ids or interpreter_losses",
-        passed=len(TRITON_CASES) + 4 + len(MEAN_CASES) + 2 + 1 + 2 + 1,
+        " or interpreter_fused or interpreter_non_finite or interpreter_ids or interpreter_losses"
+        " or interpreter_backward or interpreter_launcher or interpreter_key",
+        passed=len(TRITON_CASES) + 4 + len(MEAN_CASES) + 2 + 1 + 2 + 1 + 6 + 2 + 6,
     )
 
 
