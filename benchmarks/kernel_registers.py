@@ -90,41 +90,44 @@ def _main_loop(sass: str) -> tuple[collections.Counter, list[collections.Counter
         target = re.search(r"BRA\s+`\((\.L_x_\d+)\)", lines[line])
         if target:
             branches[n] = (label_at.get(target.group(1), -1), bool(re.search(r"@!?U?P[T0-9]+\s+BRA", lines[line])))
-    def falls_through_to(n: int, to: int) -> bool:
-        """Whether the code after branch n, followed through unconditional branches only, comes
-        to ``to`` with no exponential and no product on the way: the branch skips optional work."""
-        at = n + 1
-        while n < at < len(body) and at != to:
-            if body[at][1] in ("MUFU", "HGMMA"):
-                return False
-            jump, conditional = branches.get(at, (-1, True))
-            at = at + 1 if conditional else jump
-        return at == to
-
     optional = sorted(
-        n for n, (to, conditional) in branches.items() if conditional and to > n and falls_through_to(n, to)
+        n for n, (to, conditional) in branches.items() if conditional and to > n and _skips_work(body, branches, n, to)
     )
-
-    def shortest(skippable: set[int]) -> list[int]:
-        # Fewest instructions from the loop's first instruction to its back branch: each
-        # instruction falls through to the next unless it is an unconditional branch, and a
-        # branch also leads to its target (an optional skip only where allowed).
-        best = [None] * len(body)
-        best[0] = [0]
-        for n in range(len(body)):  # forward branches only inside the span, so one sweep suffices
-            if best[n] is None:
-                continue
-            to, conditional = branches.get(n, (-1, True))
-            successors = [n + 1] if conditional and n + 1 < len(body) else []
-            if to > n and (n not in optional or n in skippable):
-                successors.append(to)
-            for succ in successors:
-                if succ < len(body) and (best[succ] is None or len(best[n]) + 1 < len(best[succ])):
-                    best[succ] = best[n] + [succ]
-        return best[-1] or list(range(len(body)))
-
-    paths = [shortest(set(optional[: len(optional) - k])) for k in range(len(optional) + 1)]
+    paths = [
+        _shortest_path(body, branches, optional, set(optional[: len(optional) - k])) for k in range(len(optional) + 1)
+    ]
     return every, [collections.Counter(body[n][1] for n in path) for path in paths]
+
+
+def _skips_work(body: list, branches: dict, n: int, to: int) -> bool:
+    """Whether the code after branch n, followed through unconditional branches only, comes to
+    ``to`` with no exponential and no product on the way: the branch skips optional work."""
+    at = n + 1
+    while n < at < len(body) and at != to:
+        if body[at][1] in ("MUFU", "HGMMA"):
+            return False
+        jump, conditional = branches.get(at, (-1, True))
+        at = at + 1 if conditional else jump
+    return at == to
+
+
+def _shortest_path(body: list, branches: dict, optional: list[int], skippable: set[int]) -> list[int]:
+    """Fewest instructions from the loop's first instruction to its back branch: each
+    instruction falls through to the next unless it is an unconditional branch, and a branch
+    also leads to its target (an optional skip only where ``skippable``)."""
+    best = [None] * len(body)
+    best[0] = [0]
+    for n in range(len(body)):  # forward branches only inside the span, so one sweep suffices
+        if best[n] is None:
+            continue
+        to, conditional = branches.get(n, (-1, True))
+        successors = [n + 1] if conditional and n + 1 < len(body) else []
+        if to > n and (n not in optional or n in skippable):
+            successors.append(to)
+        for succ in successors:
+            if succ < len(body) and (best[succ] is None or len(best[n]) + 1 < len(best[succ])):
+                best[succ] = best[n] + [succ]
+    return best[-1] or list(range(len(body)))
 
 
 def analyse(kernel, dtype: str, constants: dict, tile: tuple[int, int, int, int]) -> dict:

@@ -700,7 +700,7 @@ def _bounded_side(key_words, key0_f, key1_f, lo0, hi0, lo1, hi1, all_, pos0, pos
     [lo, hi] per set) against the tile's (at ``key_words``), a key set's term only where its keys
     can meet (``_may_match``)."""
     k0, k1 = _column_keys(key_words, P)
-    w = tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + all_
+    w = tl.broadcast_to(all_, (BLOCK_M, BLOCK_N))
     if _may_match(k0, lo0, hi0):
         w -= _match(key0_f, k0.to(tl.float32)) * pos0
     if P == 2:
@@ -905,15 +905,12 @@ def _backward_tile(
         if fast:
             h = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             if BOUNDED and SYMMETRIC:
-                # all_i + all_j - [same key 0] (pos0_i + pos0_j) - [same key 1] (pos1_i + pos1_j),
-                # a key set's term only on tiles where its keys can meet
-                k0, k1 = _column_keys(col_key_words, P)
-                h = r0[:, None] + q0[None, :]
-                if _may_match(k0, key0_lo, key0_hi):
-                    h -= _match(r_key0_f, k0.to(tl.float32)) * (r1[:, None] + q1[None, :])
-                if P == 2:
-                    if _may_match(k1, key1_lo, key1_hi):
-                        h -= _match(r_key1_f, k1.to(tl.float32)) * (r2[:, None] + q2[None, :])
+                # one match per key set serves both sides: the factors add,
+                # all_i + all_j - [same key 0] (pos0_i + pos0_j) - [same key 1] (pos1_i + pos1_j)
+                h = _bounded_side(
+                    col_key_words, r_key0_f, r_key1_f, key0_lo, key0_hi, key1_lo, key1_hi,
+                    r0[:, None] + q0[None, :], r1[:, None] + q1[None, :], r2[:, None] + q2[None, :], P, BLOCK_M, BLOCK_N,
+                )  # fmt: skip
             elif BOUNDED:  # each side on its own keys: all - [same key 0] pos0 - [same key 1] pos1
                 if ROW_SIDE:
                     h += _bounded_side(
@@ -1070,7 +1067,8 @@ class _Plan:
     per such combination: grids, compile-time constants, and scratch buffers that live only
     within one kernel or between the forward kernel and the finishing one of the same call
     (stream order keeps one call's use of them before the next call's: calls of one shape on two
-    streams at once would share them). A step then spends its host time on launches. ``splits`` overrides the column splits of both directions."""
+    streams at once would share them). A step then spends its host time on launches.
+    ``splits`` overrides the column splits of both directions."""
 
     def __init__(self, m, n, d, p, dtype, device, tau, one_tower, splits):
         f32 = dict(device=device, dtype=torch.float32)
