@@ -74,7 +74,7 @@ CASES = [
     (["--resume", "{tmp}/nothing-here"], "no such run directory"),
     (["--resume", "{tmp}", "--epochs", "3"], "--resume RUN_DIR continues a run with its saved config"),
     (["--resume", "auto"], "--resume auto needs --out RUN_DIR"),
-    (["--method", "supervised", "--labels", "0%"], "trains on labeled images only"),
+    (["--method", "supervised", "--labels", "0%"], "trains on labeled images, but --labels 0% selects none"),
     (["--dataset", "cifar10", "--data", "{tmp}/nothing"], "no cifar10 data in {tmp}/nothing: expected"),
     (["--dataset", "stl10", "--data", "{tmp}"], "no STL-10 data in {tmp}: expected"),
     (["--dataset", "imagefolder"], "dataset imagefolder needs --data DIR"),

@@ -47,6 +47,17 @@ def test_example_plugin_trains_and_evaluates(cli, plugin_env, tmp_path):
     assert 0.0 <= json.loads(result.stdout)["top1"] <= 1.0
 
 
+def test_example_plugin_honours_label_loss_ce(cli, plugin_env, tmp_path):
+    run = tmp_path / "run"
+    result = cli(
+        "train", "--method", "barlow_twins", "--labels", "10%", "--label-loss", "ce", "--epochs", "1", "--batch-size", "64",
+        "--proj-hidden", "64", "--final-eval", "none", "--out", str(run), env=plugin_env,
+    )
+    assert result.returncode == 0, result.stderr
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "ce" in header and "barlow" in header and "suncet" not in header
+
+
 def test_unknown_option_of_the_plugin_is_a_clear_error(cli, plugin_env, tmp_path):
     result = cli("train", "--method", "barlow_twins", "--method-opt", "lambda=1", "--out", str(tmp_path / "r"), env=plugin_env)
     assert result.returncode == 2

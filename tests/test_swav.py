@@ -127,10 +127,10 @@ def test_queue_fills_with_the_newest_embeddings_and_changes_the_codes():
     method(b)
     assert int(method.queue_filled) == 24
     with torch.no_grad():
-        newest = method.embed(method.backbone(torch.cat(b.global_views)))[:12]  # the same batch, so the same BN statistics
+        newest = method.project(method.backbone(torch.cat(b.global_views)))[:12]  # the same batch, so the same BN statistics
     torch.testing.assert_close(method.queue[0][:12], newest)
     scores = newest @ method.prototypes.weight.T
-    with_queue = method._codes(0, newest, scores, epoch=1)
+    with_queue = method.swav_loss.codes(scores, method._queued_scores(2, epoch=1)[0])
     assert not torch.allclose(with_queue, sinkhorn(scores, 0.05, 3))
 
 

@@ -1,25 +1,26 @@
-"""Supervised baseline: cross-entropy on the labeled subset only, no unlabeled images."""
+"""Supervised baseline: the labeled term alone, no unlabeled images."""
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from suncet.methods import Method, MethodConfig, TrainBatch
+from suncet.methods import Method, MethodConfig, projection_head
 from suncet.registry import register_method
 
 
-@register_method("supervised", description="cross-entropy on the labeled subset only (baseline)")
+@register_method(
+    "supervised", description="the labeled term alone, no unlabeled images (baseline): --label-loss ce or suncet"
+)
 class Supervised(Method):
+    """No objective of its own: the base class's labeled term is the whole loss, the
+    cross-entropy of a linear classifier (``--label-loss ce``) or SuNCEt on a projection head."""
+
     global_views = 0
 
     def __init__(self, backbone, config: MethodConfig):
         super().__init__(backbone, config)
-        self.classifier = nn.Linear(backbone.feature_dim, config.num_classes)
+        if self.label_loss == "suncet":
+            self.head = projection_head(backbone.feature_dim, config.train.proj_hidden, config.train.proj_dim)
 
-    def wants_labeled(self, epoch: int) -> bool:
-        return True
-
-    def forward(self, batch: TrainBatch) -> dict[str, Tensor]:
-        loss = F.cross_entropy(self.classifier(self.backbone(batch.labeled)).float(), batch.labels)
-        return {"loss": loss, "cross_entropy": loss}
+    def project(self, features: Tensor) -> Tensor:
+        return self.head(features)

@@ -1,4 +1,4 @@
-"""SwAV (Caron et al. 2020) with multi-crop, plus the SuNCEt term on labeled images."""
+"""SwAV (Caron et al. 2020) with multi-crop; the base class adds SuNCEt or cross-entropy."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from suncet.errors import ConfigError
-from suncet.losses.swav import sinkhorn, swapped_prediction_loss
-from suncet.methods import Method, MethodConfig, TrainBatch, labeled_term, projection_head
+from suncet.losses import SwAVLoss
+from suncet.methods import Method, MethodConfig, Views, projection_head
 from suncet.registry import register_method
 
 
 @register_method("swav", description="SwAV (Sinkhorn codes, swapped prediction, multi-crop) + SuNCEt (or cross-entropy)")
 class SwAV(Method):
     """Codes of the two large crops (Sinkhorn-Knopp, no gradient) are predicted from every other
-    crop through K prototypes; SuNCEt acts on the labeled images' normalised embeddings."""
+    crop through K prototypes; SuNCEt compares the labeled images' normalised embeddings."""
 
     may_skip_parameters = True  # the prototypes while frozen
 
@@ -45,7 +45,7 @@ class SwAV(Method):
         self.head = projection_head(backbone.feature_dim, config.train.proj_hidden, config.train.proj_dim)
         self.prototypes = nn.Linear(config.train.proj_dim, o.prototypes or 3 * config.num_classes, bias=False)
         self.freeze_iters = round(o.freeze_prototypes_epochs * config.steps_per_epoch)
-        self.uses_labels = config.train.suncet_weight > 0
+        self.swav_loss = SwAVLoss(o.temperature, o.sinkhorn_iters, o.sinkhorn_eps)
         # Past embeddings of the two large crops, used only to compute codes for small batches.
         self.register_buffer("queue", torch.zeros(2, o.queue_length, config.train.proj_dim))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
@@ -66,46 +66,36 @@ class SwAV(Method):
         self.queue.copy_(state["queue"])
         self.queue_filled.copy_(state["queue_filled"])
 
-    def embed(self, features: Tensor) -> Tensor:
+    def project(self, features: Tensor) -> Tensor:
         return F.normalize(self.head(features).float(), dim=1)
 
-    def forward(self, batch: TrainBatch) -> dict[str, Tensor]:
-        sizes = [v.shape[0] for v in batch.global_views]
-        labeled = [batch.labeled] if batch.labeled is not None else []
-        # One pass per resolution: the large crops with the labeled view, then the small crops.
-        features = self.backbone(torch.cat([*batch.global_views, *labeled]))
-        embeddings = list(self.embed(features).split(sizes + [v.shape[0] for v in labeled]))
-        z_labeled = embeddings.pop() if labeled else None
-        if batch.local_views:
-            local_sizes = [v.shape[0] for v in batch.local_views]
-            embeddings += list(self.embed(self.backbone(torch.cat(batch.local_views))).split(local_sizes))
-
+    def objective(self, views: Views) -> dict[str, Tensor]:
+        embeddings = list(self.project(views.global_features).chunk(self.global_views))
+        if views.local_views:
+            local_sizes = [v.shape[0] for v in views.local_views]
+            embeddings += list(self.project(self.encode(torch.cat(views.local_views))).split(local_sizes))
         # Frozen prototypes get no gradient at all, so the optimizer leaves them untouched.
-        weight = self.prototypes.weight.detach() if batch.step < self.freeze_iters else self.prototypes.weight
+        weight = self.prototypes.weight.detach() if views.step < self.freeze_iters else self.prototypes.weight
         scores = [z @ weight.float().T for z in embeddings]
-        codes = [self._codes(i, embeddings[i], scores[i], batch.epoch) for i in range(len(batch.global_views))]
-        swav = swapped_prediction_loss(scores, codes, self.options.temperature)
-        terms = {"swav": swav}
-        loss = swav
-        if z_labeled is not None:
-            label = labeled_term(self, features[sum(sizes):], z_labeled, batch.labels)
-            terms.update(label)
-            loss = loss + self.config.train.suncet_weight * next(iter(label.values()))
-        return {"loss": loss, **terms}
+        assigned = len(views.global_views)
+        swav = self.swav_loss(scores[:assigned], scores[assigned:], self._queued_scores(assigned, views.epoch))
+        self._enqueue_all(embeddings[:assigned], views.epoch)
+        return {"loss": swav, "swav": swav}
 
     @torch.no_grad()
-    def _codes(self, crop: int, z: Tensor, scores: Tensor, epoch: int) -> Tensor:
+    def _queued_scores(self, crops: int, epoch: int) -> list[Tensor | None]:
+        """Each large crop's queued embeddings as prototype scores, once the queue is full."""
         o = self.options
-        scores = scores.detach()
-        use_queue = o.queue_length > 0 and epoch >= o.queue_start_epoch
-        if use_queue and int(self.queue_filled) >= o.queue_length:
-            queued = self.queue[crop] @ self.prototypes.weight.float().T
-            codes = sinkhorn(torch.cat([queued, scores]), o.sinkhorn_eps, o.sinkhorn_iters)[-scores.shape[0]:]
-        else:
-            codes = sinkhorn(scores, o.sinkhorn_eps, o.sinkhorn_iters)
-        if use_queue and self.training:
-            self._enqueue(crop, z.detach())
-        return codes
+        if not (o.queue_length > 0 and epoch >= o.queue_start_epoch and int(self.queue_filled) >= o.queue_length):
+            return [None] * crops
+        return [self.queue[crop] @ self.prototypes.weight.float().T for crop in range(crops)]
+
+    @torch.no_grad()
+    def _enqueue_all(self, embeddings: list[Tensor], epoch: int) -> None:
+        o = self.options
+        if o.queue_length > 0 and epoch >= o.queue_start_epoch and self.training:
+            for crop, z in enumerate(embeddings):
+                self._enqueue(crop, z.detach())
 
     @torch.no_grad()
     def _enqueue(self, crop: int, z: Tensor) -> None:

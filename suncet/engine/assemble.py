@@ -20,6 +20,7 @@ from suncet.data.worker_pipeline import WorkerPipeline
 from suncet.engine.fit import fit_to_data
 from suncet.errors import ConfigError
 from suncet.kernels import resolve_backend
+from suncet.losses import ContrastiveLosses
 from suncet.methods import Method, MethodConfig, parse_options
 from suncet.optim import parameter_groups
 from suncet.registry import BACKBONES, DATASETS, LOGGERS, METHODS, OPTIMIZERS
@@ -94,16 +95,16 @@ def build_backbone(config: TrainConfig, backbone_args: dict) -> nn.Module:
 
 def build_method(config: TrainConfig, dataset: ImageDataset, steps_per_epoch: int) -> Method:
     backbone = build_backbone(config, backbone_args_of(config, dataset))
-    gather = None if distributed.world_size() == 1 else ("detached" if config.detach_remote_keys else "grad")
-    method = METHODS.get(config.method).obj(backbone, MethodConfig(config, dataset.num_classes, steps_per_epoch, gather))
+    losses = ContrastiveLosses.build(config.tau, config.backend, "detached" if config.detach_remote_keys else "grad")
+    method = METHODS.get(config.method).obj(backbone, MethodConfig(config, dataset.num_classes, steps_per_epoch, losses))
     if not isinstance(method, Method):
         raise ConfigError(f"method plugin '{config.method}' did not build a suncet.methods.Method")
     return method
 
 
 def _labeled_sampler(config: TrainConfig, dataset: ImageDataset, labeled: Tensor, method: Method) -> ClassStratifiedSampler | None:
-    if len(labeled) == 0 and not (method.global_views or method.local_views):
-        raise ConfigError(f"method '{config.method}' trains on labeled images only, but --labels {config.labels} selects none")
+    if len(labeled) == 0 and method.needs_labels:
+        raise ConfigError(f"method '{config.method}' trains on labeled images, but --labels {config.labels} selects none")
     if not method.wants_labeled(0) or len(labeled) == 0:
         return None
     return ClassStratifiedSampler(

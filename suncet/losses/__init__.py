@@ -1,10 +1,40 @@
-"""Contrastive losses: NT-Xent (SimCLR), SuNCEt, and the general multi-positive form.
+"""Contrastive losses: NT-Xent (SimCLR), SuNCEt, their fused pair, the general multi-positive
+form, and SwAV's swapped prediction.
 
-All take raw projections and L2-normalise them; all reduce to one operation (per row: LSE
-over the columns it may see minus LSE over its positives) that the kernels implement.
+As modules that hold their settings, for any training loop (``modules.py``)::
+
+    from suncet.losses import NTXentLoss, SuNCEtLoss
+    ntxent, suncet = NTXentLoss(temperature=0.1), SuNCEtLoss(temperature=0.1)
+    loss = ntxent(out0, out1) + suncet(labeled_out, labels)
+
+and as functions, the one implementation underneath (``contrastive.py``, ``swav.py``). The
+contrastive ones take raw projections and L2-normalise them, and reduce to one operation (per
+row: LSE over the columns it may see minus LSE over its positives) that the kernels implement.
 """
 
-from suncet.losses.contrastive import contrastive_loss, nt_xent, nt_xent_and_suncet, suncet_loss
+from suncet.losses.contrastive import contrastive_loss, multi_positive_loss, nt_xent, nt_xent_and_suncet, suncet_loss
+from suncet.losses.modules import (
+    ContrastiveLosses,
+    MultiPositiveContrastiveLoss,
+    NTXentLoss,
+    NTXentSuNCEtLoss,
+    SuNCEtLoss,
+    SwAVLoss,
+)
 from suncet.losses.swav import sinkhorn, swapped_prediction_loss
 
-__all__ = ["contrastive_loss", "nt_xent", "nt_xent_and_suncet", "sinkhorn", "suncet_loss", "swapped_prediction_loss"]
+__all__ = [
+    "ContrastiveLosses",
+    "MultiPositiveContrastiveLoss",
+    "NTXentLoss",
+    "NTXentSuNCEtLoss",
+    "SuNCEtLoss",
+    "SwAVLoss",
+    "contrastive_loss",
+    "multi_positive_loss",
+    "nt_xent",
+    "nt_xent_and_suncet",
+    "sinkhorn",
+    "suncet_loss",
+    "swapped_prediction_loss",
+]

@@ -168,6 +168,30 @@ def suncet_loss(
     return masked_mean(loss, valid, across_ranks=True)
 
 
+def multi_positive_loss(
+    embeddings: Tensor, labels: Tensor, tau: float = 0.1, *, ref: Tensor | None = None, ref_labels: Tensor | None = None,
+    backend: str = "auto", gather: str | None = None,
+) -> Tensor:
+    """Mean, over the rows of ``embeddings`` that have a positive, of the multi-positive loss:
+    positives (equal labels) summed inside the log. Without ``ref`` the rows are compared with
+    each other (``suncet_loss``); with ``ref`` [N, D] and ``ref_labels`` [N] with those rows, under
+    torchrun with every rank's (``gather`` as for ``nt_xent``).
+    """
+    if ref is None:
+        if ref_labels is not None:
+            raise ValueError("ref_labels is given without ref_emb")
+        return suncet_loss(embeddings, labels, tau, backend=backend, gather=gather)
+    if ref_labels is None:
+        raise ValueError("ref_emb is given without ref_labels")
+    device = embeddings.device
+    labels = labels.to(device=device, dtype=torch.long)
+    ref_labels = ref_labels.to(device=device, dtype=torch.long)
+    across = _across_ranks(gather)
+    columns, col_keys = (all_gather_rows(ref, gather), all_gather_plain(ref_labels)) if across else (ref, ref_labels)
+    loss, valid = contrastive_loss(embeddings, labels, k=columns, col_keys=col_keys, tau=tau, backend=backend)
+    return masked_mean(loss, valid, across_ranks=across)
+
+
 def nt_xent_and_suncet(
     z_unlabeled: Tensor, z_labeled: Tensor, labels: Tensor, tau: float = 0.1, *, backend: str = "auto",
     gather: str | None = None,

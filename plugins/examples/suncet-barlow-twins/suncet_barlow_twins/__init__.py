@@ -1,7 +1,8 @@
 """Barlow Twins as a suncet method plugin.
 
 The loss pushes the cross-correlation matrix of the two views' standardised embeddings
-towards the identity: invariance on the diagonal, redundancy reduction off it.
+towards the identity: invariance on the diagonal, redundancy reduction off it. The labeled
+term (SuNCEt or cross-entropy, ``--label-loss``) is added by ``suncet.methods.Method``.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from suncet.losses import suncet_loss
-from suncet.methods import Method, MethodConfig, TrainBatch, forward_in_one_pass
+from suncet.methods import Method, MethodConfig, Views
 
 
 def barlow_twins_loss(z1: Tensor, z2: Tensor, redundancy_weight: float) -> Tensor:
@@ -26,7 +26,7 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, redundancy_weight: float) -> Tenso
 
 
 class BarlowTwins(Method):
-    """Barlow Twins (cross-correlation to identity) + SuNCEt on the labeled subset."""
+    """Barlow Twins (cross-correlation to identity) + SuNCEt or cross-entropy on the labeled subset."""
 
     @dataclass
     class Options:
@@ -41,16 +41,11 @@ class BarlowTwins(Method):
             nn.ReLU(inplace=True),
             nn.Linear(hidden, out),
         )
-        self.uses_labels = config.train.suncet_weight > 0
 
-    def forward(self, batch: TrainBatch) -> dict[str, Tensor]:
-        parts = list(batch.global_views) + ([batch.labeled] if batch.labeled is not None else [])
-        z = forward_in_one_pass(self.backbone, self.head, parts)
-        barlow = barlow_twins_loss(z[0], z[1], self.options.redundancy_weight)
-        terms = {"barlow": barlow}
-        loss = barlow
-        if batch.labeled is not None:
-            suncet = suncet_loss(z[2], batch.labels, self.config.train.tau, backend=self.config.train.backend, gather=self.config.gather)
-            terms["suncet"] = suncet
-            loss = loss + self.config.train.suncet_weight * suncet
-        return {"loss": loss, **terms}
+    def project(self, features: Tensor) -> Tensor:
+        return self.head(features)
+
+    def objective(self, views: Views) -> dict[str, Tensor]:
+        z1, z2 = self.head(views.global_features).chunk(2)
+        barlow = barlow_twins_loss(z1, z2, self.options.redundancy_weight)
+        return {"loss": barlow, "barlow": barlow}

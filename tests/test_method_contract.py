@@ -1,0 +1,181 @@
+"""The method-plugin contract: a method implements its objective on the unlabeled views, the base
+class adds the labeled term exactly as the settings name it, for every registered method and the
+example package, and plugins of the earlier contract never get the labeled term twice."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import warnings
+
+import pytest
+import torch
+
+from conftest import REPO
+from suncet.config import TrainConfig
+from suncet.errors import ConfigError
+from suncet.methods import Method, MethodConfig, TrainBatch
+from suncet.plugins.backbones.resnet import small_resnet
+from suncet.registry import METHODS
+
+EXAMPLE = REPO / "plugins" / "examples" / "suncet-barlow-twins"
+NUM_CLASSES = 4
+
+
+def _load(name: str, path) -> type:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def example_method() -> type[Method]:
+    return _load("suncet_barlow_twins", EXAMPLE / "suncet_barlow_twins" / "__init__.py").BarlowTwins
+
+
+def earlier_contract_method() -> type[Method]:
+    return _load("earlier_contract_barlow_twins", REPO / "tests" / "data" / "earlier_contract_barlow_twins.py").BarlowTwins
+
+
+METHOD_CLASSES = {name: METHODS.get(name).obj for name in METHODS.names()} | {"barlow_twins (example)": example_method()}
+# Options that make every parameter train from the first step (SwAV freezes its prototypes at first).
+OPTIONS = {"swav": {"local_crops": 1, "freeze_prototypes_epochs": 0.0}}
+
+
+def build(name: str, **settings) -> Method:
+    torch.manual_seed(0)
+    settings = {"backend": "reference", **settings}
+    train = TrainConfig(proj_hidden=32, proj_dim=16, tau=0.5, epochs=10, method_options=OPTIONS.get(name, {}), **settings)
+    return METHOD_CLASSES[name](small_resnet(in_channels=1, image_size=8, width=4), MethodConfig(train, NUM_CLASSES))
+
+
+def batch_for(method: Method, epoch: int = 0) -> TrainBatch:
+    """A step as the engine builds it: a labeled batch only where the method wants one."""
+    g = torch.Generator().manual_seed(epoch)
+    views = [torch.randn(8, 1, 8, 8, generator=g) for _ in range(method.global_views)]
+    local = [torch.randn(8, 1, 8, 8, generator=g) for _ in range(method.local_views)]
+    labeled = method.wants_labeled(epoch)
+    return TrainBatch(views, local, torch.randn(8, 1, 8, 8, generator=g) if labeled else None,
+                      torch.arange(8) % NUM_CLASSES if labeled else None, epoch=epoch, step=epoch)
+
+
+def step_terms(method: Method, epoch: int = 0) -> dict[str, torch.Tensor]:
+    terms = method(batch_for(method, epoch))
+    method.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    return terms
+
+
+def assert_every_parameter_trains(method: Method) -> None:
+    unused = [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, f"parameters without gradient (DDP would need find_unused_parameters): {unused}"
+
+
+@pytest.mark.parametrize("name", METHOD_CLASSES)
+@pytest.mark.parametrize("label_loss", ["suncet", "ce"])
+def test_the_labeled_term_is_the_one_label_loss_names(name, label_loss):
+    method = build(name, label_loss=label_loss, suncet_weight=0.7)
+    terms = step_terms(method)
+    other = {"suncet": "ce", "ce": "suncet"}[label_loss]
+    assert label_loss in terms and other not in terms
+    own = {k: v for k, v in terms.items() if k not in ("loss", label_loss)}
+    if method.needs_labels:
+        assert not own
+        torch.testing.assert_close(terms["loss"], 0.7 * terms[label_loss])
+    else:
+        assert own  # the method logs its own terms beside the labeled one
+    assert (method.label_head is not None) == (label_loss == "ce")
+    assert_every_parameter_trains(method)
+
+
+@pytest.mark.parametrize("name", [n for n, cls in METHOD_CLASSES.items() if cls.global_views or cls.local_views])
+def test_weight_zero_loads_no_labeled_batch_and_adds_nothing(name):
+    for label_loss in ("suncet", "ce"):
+        method = build(name, label_loss=label_loss, suncet_weight=0.0)
+        assert not method.wants_labeled(0) and method.label_head is None
+        terms = step_terms(method)
+        assert "suncet" not in terms and "ce" not in terms
+        assert_every_parameter_trains(method)
+
+
+@pytest.mark.parametrize("name", [n for n, cls in METHOD_CLASSES.items() if cls.global_views or cls.local_views])
+@pytest.mark.parametrize("label_loss", ["suncet", "ce"])
+def test_the_labeled_term_stops_at_its_switch_off_epoch(name, label_loss):
+    method = build(name, label_loss=label_loss, suncet_epochs=3)
+    assert method.wants_labeled(2) and not method.wants_labeled(3)
+    assert label_loss in step_terms(method, epoch=2)
+    after = step_terms(method, epoch=3)
+    assert "suncet" not in after and "ce" not in after
+    # The classifier of ce is then idle: DDP is told to look for unused parameters.
+    assert method.may_skip_parameters == (label_loss == "ce" or type(method).may_skip_parameters)
+
+
+@pytest.mark.parametrize("name", [n for n, cls in METHOD_CLASSES.items() if cls.global_views or cls.local_views])
+def test_the_total_is_the_objective_plus_the_weighted_labeled_term(name):
+    method = build(name, suncet_weight=0.3)
+    method.eval()  # BatchNorm by running statistics: the same images give the same features in any batch
+    batch = batch_for(method)
+    terms = method(batch)
+    own = method(TrainBatch(batch.global_views, batch.local_views, epoch=batch.epoch, step=batch.step))
+    suncet = method.losses.suncet(method.project(method.encode(batch.labeled)), batch.labels)
+    torch.testing.assert_close(terms["suncet"], suncet, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(terms["loss"], own["loss"] + 0.3 * suncet, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_fused_objective_equals_its_terms_computed_apart(backend):
+    fused = [name for name, cls in METHOD_CLASSES.items() if cls.objective_with_suncet is not Method.objective_with_suncet]
+    assert "simclr" in fused
+    for name in fused:
+        method = build(name, backend=backend)
+        method.eval()
+        batch = batch_for(method)
+        together = method(batch)
+        method._fuses_suncet = False  # the base class's own path: objective(views), then SuNCEt
+        apart = method(batch)
+        assert set(together) == set(apart)
+        for key in together:
+            torch.testing.assert_close(together[key], apart[key], rtol=1e-5, atol=1e-6)
+
+
+def test_methods_without_unlabeled_views_refuse_to_lose_their_labels():
+    with pytest.raises(ConfigError, match="--suncet-weight 0"):
+        build("supervised", suncet_weight=0.0)
+    with pytest.raises(ConfigError, match="--suncet-epochs"):
+        build("supervised", suncet_epochs=5)
+    assert build("supervised", suncet_epochs=10).wants_labeled(9)  # epochs is 10: never switched off
+
+
+def test_a_plugin_without_an_objective_or_projection_is_refused_in_one_line():
+    class NoObjective(Method):
+        pass
+
+    class NoProjection(Method):
+        def objective(self, views):
+            return {"loss": views.global_features.sum()}
+
+    config = MethodConfig(TrainConfig(proj_hidden=32, proj_dim=16), NUM_CLASSES)
+    backbone = small_resnet(in_channels=1, image_size=8, width=4)
+    with pytest.raises(ConfigError, match="defines no objective"):
+        NoObjective(backbone, config)
+    with pytest.raises(ConfigError, match="defines no project"):
+        NoProjection(backbone, config)
+    ce = MethodConfig(TrainConfig(proj_hidden=32, proj_dim=16, label_loss="ce"), NUM_CLASSES)
+    assert NoProjection(backbone, ce).label_head is not None  # cross-entropy needs no projection
+
+
+def test_a_plugin_of_the_earlier_contract_keeps_its_one_labeled_term():
+    earlier = earlier_contract_method()
+    train = TrainConfig(proj_hidden=32, proj_dim=16, backend="reference", suncet_weight=0.7)
+    with pytest.warns(FutureWarning, match="earlier method contract"):
+        method = earlier(small_resnet(in_channels=1, image_size=8, width=4), MethodConfig(train, NUM_CLASSES))
+    method.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # it reads MethodConfig.gather, deprecated
+        terms = method(batch_for(method))
+    assert set(terms) == {"loss", "barlow", "suncet"}
+    torch.testing.assert_close(terms["loss"], terms["barlow"] + 0.7 * terms["suncet"])  # added once, by itself
+    ce = TrainConfig(proj_hidden=32, proj_dim=16, label_loss="ce")
+    with pytest.raises(ConfigError, match="may ignore --label-loss ce; implement objective"):
+        earlier(small_resnet(in_channels=1, image_size=8, width=4), MethodConfig(ce, NUM_CLASSES))
