@@ -18,7 +18,18 @@ from torch import nn
 from conftest import SUNCET
 from suncet.distributed import shutdown
 from suncet.kernels import backend_status
-from suncet.losses import nt_xent, nt_xent_and_suncet, sinkhorn, suncet_loss, swapped_prediction_loss
+from suncet.losses import (
+    MultiPositiveContrastiveLoss,
+    NTXentLoss,
+    NTXentSuNCEtLoss,
+    SuNCEtLoss,
+    SwAVLoss,
+    nt_xent,
+    nt_xent_and_suncet,
+    sinkhorn,
+    suncet_loss,
+    swapped_prediction_loss,
+)
 
 WORLD = 2
 CPU_BACKENDS = [name for name in ("reference", "cpu") if backend_status().get(name, (False,))[0]]
@@ -32,6 +43,8 @@ def whole_batch(seed=0):
         "x2": torch.randn(8, 6, generator=g, dtype=torch.float64),  # the same images, view 2
         "xl": torch.randn(10, 6, generator=g, dtype=torch.float64),  # labeled images
         "y": torch.tensor([0, 1, 1, 2, 3, 0, 2, 4, 4, 1]),  # class 3 is a singleton
+        "k1": torch.tensor([0, 1, 1, 2, 0, 3, 2, 1]),  # keys of x1's rows and x2's rows, for the
+        "k2": torch.tensor([1, 1, 0, 2, 5, 0, 4, 2]),  # multi-positive loss against reference rows
         "prototypes": torch.nn.functional.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1),
     }
 
@@ -41,7 +54,7 @@ def share(t, r):
     return t[r * n : (r + 1) * n]
 
 
-def objectives(model, x1, x2, xl, y, prototypes, backend, gather):
+def objectives(model, x1, x2, xl, y, k1, k2, prototypes, backend, gather):
     """Every distributed loss of the engine on one (local or global) batch."""
     z1, z2, zl = model(x1), model(x2), model(xl)
     ntxent = nt_xent(torch.cat([z1, z2]), 0.2, backend=backend, gather=gather)
@@ -49,7 +62,19 @@ def objectives(model, x1, x2, xl, y, prototypes, backend, gather):
     both = sum(nt_xent_and_suncet(torch.cat([z1, z2]), zl, y, 0.2, backend=backend, gather=gather))
     p1, p2 = (nn.functional.normalize(z[:, :4], dim=1) @ prototypes.T for z in (z1, z2))
     swav = swapped_prediction_loss([p1, p2], [sinkhorn(p1, 0.05, 3), sinkhorn(p2, 0.05, 3)], 0.1)
-    return {"ntxent": ntxent, "suncet": suncet, "both": both, "swav": swav}
+    # The modules as a user's own loop calls them: under torchrun their denominators span every rank.
+    modules = {
+        "NTXentLoss": NTXentLoss(0.2, backend=backend)(z1, z2),
+        "SuNCEtLoss": SuNCEtLoss(0.2, backend=backend)(zl, y),
+        "NTXentSuNCEtLoss": sum(NTXentSuNCEtLoss(0.2, backend=backend)(z1, z2, zl, y)),
+        "MultiPositiveContrastiveLoss": MultiPositiveContrastiveLoss(0.2, backend=backend)(z1, k1, z2, k2),
+        "SwAVLoss": SwAVLoss()([p1, p2]),
+    }
+    return {"ntxent": ntxent, "suncet": suncet, "both": both, "swav": swav, **modules}
+
+
+OBJECTIVES = ("ntxent", "suncet", "both", "swav", "NTXentLoss", "SuNCEtLoss", "NTXentSuNCEtLoss",
+              "MultiPositiveContrastiveLoss", "SwAVLoss")
 
 
 def model_for_test():
@@ -61,7 +86,7 @@ def rank_worker(r, init_file, backend, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=r, world_size=WORLD)
     data = whole_batch()
     out = {}
-    for name in ("ntxent", "suncet", "both", "swav"):
+    for name in OBJECTIVES:
         model = nn.parallel.DistributedDataParallel(model_for_test())
         local = {k: share(v, r) if k != "prototypes" else v for k, v in data.items()}
         loss = objectives(model, **local, backend=backend, gather="grad")[name]
@@ -87,7 +112,7 @@ def test_two_ranks_on_halves_equal_one_rank_on_the_whole(tmp_path, backend):
         p.join(timeout=60)
         assert p.exitcode == 0
     data = whole_batch()
-    for name in ("ntxent", "suncet", "both", "swav"):
+    for name in OBJECTIVES:
         model = model_for_test()
         loss = objectives(model, **data, backend=backend, gather=None)[name]
         loss.backward()

@@ -188,7 +188,10 @@ def multi_positive_loss(
     ref_labels = ref_labels.to(device=device, dtype=torch.long)
     across = _across_ranks(gather)
     columns, col_keys = (all_gather_rows(ref, gather), all_gather_plain(ref_labels)) if across else (ref, ref_labels)
-    loss, valid = contrastive_loss(embeddings, labels, k=columns, col_keys=col_keys, tau=tau, backend=backend)
+    # An offset past the last column: no reference row is any row's own.
+    loss, valid = contrastive_loss(
+        embeddings, labels, k=columns, col_keys=col_keys, self_offset=columns.shape[0], tau=tau, backend=backend
+    )
     return masked_mean(loss, valid, across_ranks=across)
 
 
