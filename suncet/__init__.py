@@ -4,6 +4,10 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch  # noqa: F401  (loads libtorch before the C++ extension needs it)
 
+from suncet import moved
+
+moved.install()
+
 try:
     __version__ = version("suncet")
 except PackageNotFoundError:  # running from a source tree that was never installed
