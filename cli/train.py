@@ -16,8 +16,10 @@ import click
 
 from suncet.cli.evaluate import print_scores
 from suncet.cli.main_console import console
-from suncet.config import TrainConfig, build_config, load_yaml, parse_key_values, to_yaml
-from suncet.errors import ConfigError
+import yaml
+
+from suncet.config import TrainConfig, build_config, load_yaml, to_yaml, yaml_number
+from suncet.errors import ConfigError, shown
 
 # Settings with a flag of their own elsewhere: run_dir is --out.
 _NOT_FLAGS = {"run_dir"}
@@ -51,6 +53,22 @@ def config_options(command):
     return command
 
 
+def parse_key_values(pairs: tuple[str, ...] | list[str], option: str) -> dict:
+    """``key=value`` strings to a dict, values read as YAML scalars (3000 -> int, true -> bool)."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"{option} expects KEY=VALUE, got {shown(pair)}")
+        key, raw = pair.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        number = yaml_number(value)
+        out[key.strip()] = number if number is not None and not str(value).isidentifier() else value
+    return out
+
+
 def overrides_from(flags: dict) -> dict:
     """The config keys the user set on the command line."""
     overrides = {}
@@ -82,7 +100,7 @@ def train(config_file, out_dir, resume, overwrite, nproc_per_node, nnodes, print
     """
     from suncet import distributed
     from suncet.engine.api import run_start
-    from suncet.engine.assemble import validate_plugins
+    from suncet.engine.assemble import check_settings
     from suncet.engine.rundir import start_or_resume
 
     launching = nproc_per_node is not None and not distributed.launched_by_torchrun()
@@ -96,13 +114,12 @@ def train(config_file, out_dir, resume, overwrite, nproc_per_node, nnodes, print
         world = (nproc_per_node or 1) * (nnodes or 1) if (launching or print_config) else None
         config = build_config(load_yaml(config_file) if config_file else None, overrides, world_size=world,
                               file_name=config_file)
+    if config is not None and (print_config or launching):
+        check_settings(config)  # everything that can be checked once, before anything starts
     if print_config:
         click.echo(to_yaml(config), nl=False)
         return
     if launching:
-        # Everything that can be checked once is checked here, before any worker starts.
-        if config is not None:
-            validate_plugins(config)
         if resume is None:
             start_or_resume(config, out_dir, None, overwrite, lock=False)
         launch_torchrun(nproc_per_node)

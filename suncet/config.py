@@ -1,10 +1,15 @@
-"""Training configuration: one flat dataclass, filled from defaults < preset < YAML file < flags."""
+"""Training settings: the schema (one flat dataclass whose fields are the CLI's flags), how a
+configuration is built from defaults < preset < YAML file < flags, and its validation.
+
+What uses a setting holds its rules: presets are plugins (suncet/registry.py, plugins/presets/),
+learning rates scale in suncet/optim.py, label specs parse in suncet/data/labels.py, checkpoint
+intervals in suncet/engine/state.py, KEY=VALUE flags in cli/train.py.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import types
 import typing
@@ -14,9 +19,12 @@ from typing import Any
 
 import yaml
 
+from suncet.data.labels import is_label_file, parse_label_spec
+from suncet.distributed import world_size_from_environment
 from suncet.errors import ConfigError, shown
 from suncet.kernels import BACKENDS
-from suncet.data.labels import parse_label_spec
+from suncet.optim import LR_BATCH_COUNTS, RATES, scale_learning_rates
+from suncet.registry import PRESETS
 
 
 def setting(default: Any = None, help: str = "", *, flag: str | None = None, factory: Any = None) -> Any:
@@ -71,8 +79,13 @@ class TrainConfig:
     start_lr: float = setting(0.0, "Learning rate at the start of the warm-up.")
     final_lr: float = setting(0.0, "Learning rate at the end of the cosine decay.")
     lr_batch: int | None = setting(
-        None, "Global unlabeled batch (processes x batch size) that lr, start-lr and final-lr are stated for: they "
-        "scale linearly to the run's own (a preset's --lr-batch 256: per 256 images; an --lr you give stays as given)."
+        None, "Global batch (processes x images per step, counted as --lr-batch-counts says) that lr, start-lr and "
+        "final-lr are stated for: they scale linearly to the run's own (a preset's --lr-batch 256: per 256 images; an "
+        "--lr you give without --lr-batch is the run's own)."
+    )
+    lr_batch_counts: str = setting(
+        "unlabeled", "What --lr-batch counts: unlabeled (the unlabeled images of a step) or views (two per unlabeled "
+        "image plus the labeled images: the paper's count)."
     )
     warmup_epochs: float = setting(2.0, "Linear warm-up length in epochs.")
     weight_decay: float = setting(1e-5, "Weight decay (not applied to biases and norms).")
@@ -109,109 +122,10 @@ class TrainConfig:
         help="Logger plugin besides metrics.csv, e.g. tensorboard (repeatable).", flag="--logger", factory=list
     )
     preset: str | None = setting(
-        None, "Recipe preset: digits, cifar10, paper-imagenet-10pct, paper-imagenet-1pct, paper-swav-imagenet-10pct, "
-        "paper-cifar10 (docs/recipes.md)."
+        None, "Recipe preset (suncet plugins lists them): digits, cifar10, paper-imagenet-10pct, paper-imagenet-1pct, "
+        "paper-swav-imagenet-10pct, paper-cifar10, ... (docs/recipes.md); a dataset's own preset applies by default."
     )
 
-
-# Recipes, applied by name (--preset) or, without one, by dataset name. Learning rates are
-# stated per 256 unlabeled images of the global batch (lr_batch 256) and scale with it.
-# "digits" is tuned for 2 CPU cores; the paper-* presets are the paper's runs (docs/recipes.md).
-_PAPER_SIMCLR: dict[str, Any] = {
-    "method": "simclr",
-    "dataset": "imagefolder",
-    "backbone": "resnet50",
-    "epochs": 500,
-    "suncet_epochs": 250,
-    # per process (x 64 GPUs in the paper): 44 unlabeled x 2 views + 20 classes x 2 labeled
-    "batch_size": 44,
-    "classes_per_step": 20,
-    "images_per_class": 2,
-    "proj_hidden": 2048,
-    "proj_dim": 128,
-    "tau": 0.1,
-    "optimizer": "lars",
-    "optimizer_options": {"trust_coefficient": 0.001},
-    "lr": 0.3,
-    "start_lr": 0.0375,  # 0.6 at 4.8: the warm-up starts at an eighth of the peak
-    "final_lr": 0.0,
-    "lr_batch": 256,
-    "warmup_epochs": 10,
-    "weight_decay": 1e-6,
-    "momentum": 0.9,
-    "sync_bn": True,
-    "monitor_every": 10,
-    "final_eval": "finetune",
-}
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "digits": {
-        "backbone": "small_resnet",
-        "epochs": 200,
-        "batch_size": 128,
-        "classes_per_step": 10,
-        "images_per_class": 4,
-        "proj_hidden": 512,
-        # 8x8 digits give an easy instance task: a warm temperature keeps SimCLR from
-        # separating every image and lets classes cluster (docs/data.md, Recipes).
-        "tau": 0.5,
-        "lr": 2.0,
-        "lr_batch": 256,
-        "warmup_epochs": 2,
-        "weight_decay": 1e-5,
-        # A preset's options for one method only (other methods would reject them).
-        "method_defaults": {"swav": {"local_crops": 2}},
-    },
-    "cifar10": {
-        "dataset": "cifar10",
-        "backbone": "resnet18",
-        "epochs": 200,
-        "batch_size": 256,
-        "classes_per_step": 10,
-        "images_per_class": 8,
-        "proj_hidden": 2048,
-        "lr": 1.2,
-        "start_lr": 0.0,
-        "lr_batch": 256,
-        "warmup_epochs": 10,
-        "weight_decay": 1e-6,
-        "tau": 0.5,
-    },
-    "paper-imagenet-10pct": {**_PAPER_SIMCLR, "labels": "10%"},
-    "paper-imagenet-1pct": {**_PAPER_SIMCLR, "labels": "1%"},
-    "paper-swav-imagenet-10pct": {
-        **_PAPER_SIMCLR,
-        "method": "swav",
-        "labels": "10%",
-        # SwAV's batch-4096 ImageNet script: 64 images per GPU, LARS, 4.8 -> 0.0048, no warm-up
-        "epochs": 800,
-        "suncet_epochs": None,
-        "batch_size": 64,
-        "lr": 0.3,
-        "start_lr": 0.0,
-        "final_lr": 0.0003,
-        "warmup_epochs": 0,
-        "augment": {"global_crop_scale": [0.14, 1.0]},
-        "method_options": {
-            "prototypes": 3000, "temperature": 0.1, "local_crops": 6, "sinkhorn_eps": 0.05, "sinkhorn_iters": 3,
-            "freeze_prototypes_epochs": 1.0, "queue_length": 3840, "queue_start_epoch": 15,
-        },
-    },
-    "paper-cifar10": {
-        # The reference code's December 2020 CIFAR-10 run: its one optimisation recipe (LARS,
-        # trust 0.001, weight decay 1e-6, 10 warm-up epochs, cosine) on ResNet-50 with the CIFAR
-        # stem; the cifar10 dataset's recipe is its augmentation (crop 32 at 0.08-1, colour 0.5,
-        # grayscale 0.2, no blur).
-        **_PAPER_SIMCLR,
-        "dataset": "cifar10",
-        "labels": "400/class",
-        "backbone_options": {"cifar_stem": True},
-        "batch_size": 256,
-        "classes_per_step": 10,
-        "images_per_class": 8,
-        "monitor_every": 10,
-    },
-}
 
 FINAL_EVALS = ("linear", "knn", "finetune", "none")
 LABEL_LOSSES = ("suncet", "ce")
@@ -227,7 +141,7 @@ def config_fields() -> dict[str, dataclasses.Field]:
 _FIELD_TYPES = typing.get_type_hints(TrainConfig)
 
 
-def _float_text(value: Any) -> float | None:
+def yaml_number(value: Any) -> float | None:
     """YAML 1.1 reads ``1e-5`` (no dot) as a string; such text is still a number to a user."""
     if isinstance(value, str):
         try:
@@ -254,8 +168,8 @@ def _check_type(key: str, value: Any, source: str | None = None) -> Any:
             return value
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if base is float and _float_text(value) is not None:
-            return _float_text(value)
+        if base is float and yaml_number(value) is not None:
+            return yaml_number(value)
         if base is str and isinstance(value, str):
             return value
         if base is dict and isinstance(value, dict):
@@ -289,28 +203,6 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def world_size_from_environment() -> int:
-    """The number of processes torchrun started (1 outside torchrun)."""
-    from suncet.distributed import launched_by_torchrun
-
-    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
-
-
-def _scale_learning_rates(values: dict[str, Any], given: set[str], world_size: int) -> None:
-    """lr, start_lr, final_lr stated for ``lr_batch`` images, scaled to the run's global batch;
-    a rate the user gave without also giving lr_batch is taken as it is."""
-    stated_for = values.get("lr_batch")
-    if stated_for is None:
-        return
-    if not isinstance(stated_for, int) or isinstance(stated_for, bool) or not 1 <= stated_for <= 2**63 - 1:
-        raise ConfigError(f"lr-batch must be > 0 and at most {2**63 - 1}, got {shown(stated_for)}")
-    batch = world_size * values.get("batch_size", TrainConfig.batch_size)
-    for key in ("lr", "start_lr", "final_lr"):
-        if key not in given or "lr_batch" in given:
-            values[key] = values.get(key, getattr(TrainConfig, key)) * batch / stated_for
-    values["lr_batch"] = batch
-
-
 def build_config(
     file_values: dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
@@ -326,17 +218,11 @@ def build_config(
     """
     file_values = dict(file_values or {})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    known = config_fields()
     for source, values in (("config file", file_values), ("options", overrides)):
-        for key in values:
-            if key not in known:
-                raise ConfigError(f"unknown {source} key {shown(key)}; known keys: {', '.join(known)}")
+        _check_keys(values, source)
     dataset = overrides.get("dataset", file_values.get("dataset", TrainConfig.dataset))
     preset = overrides.get("preset", file_values.get("preset"))
-    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
-        raise ConfigError(f"unknown preset {shown(preset)}; available: {', '.join(PRESETS)}")
-    preset_name = preset if preset is not None else dataset if isinstance(dataset, str) else None
-    values: dict[str, Any] = dict(PRESETS.get(preset_name, {}))
+    values, preset_name = _preset_values(preset, dataset)
     method_defaults = values.pop("method_defaults", {})
     sources = {k: f"preset {preset_name}" for k in values}
     sources.update({k: f"config file {file_name}" if file_name else "config file" for k in file_values})
@@ -344,15 +230,43 @@ def build_config(
     values.update(file_values)
     values.update(overrides)
     values = {k: _check_type(k, v, sources.get(k)) for k, v in values.items()}
-    _scale_learning_rates(values, set(file_values) | set(overrides), world_size or world_size_from_environment())
     method = values.get("method", TrainConfig.method)
     if method in method_defaults:
         values["method_options"] = {**method_defaults[method], **values.get("method_options", {})}
     config = TrainConfig(**values)
     validate(config, sources)
+    given = frozenset(file_values) | frozenset(overrides)
+    config = scale_learning_rates(
+        config, world_size or world_size_from_environment(), keep=frozenset() if "lr_batch" in given else given & set(RATES)
+    )
     # Not a field: config.yaml and checkpoint comparisons hold settings, not where they came from.
-    config._given = frozenset(file_values) | frozenset(overrides)
+    config._given = given
     return config
+
+
+def _check_keys(values: dict[str, Any], source: str) -> None:
+    known = config_fields()
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"unknown {source} key {shown(key)}; known keys: {', '.join(known)}")
+
+
+def _preset_values(preset: Any, dataset: Any) -> tuple[dict[str, Any], str | None]:
+    """The settings of the preset named, else of the dataset's own preset (none: no settings)."""
+    if preset is None:
+        if not isinstance(dataset, str) or dataset not in PRESETS:
+            return {}, None
+        preset = dataset
+    elif not isinstance(preset, str):
+        raise ConfigError(f"unknown preset {shown(preset)}; available: {', '.join(PRESETS.names())}")
+    info = PRESETS.get(preset)
+    values = info.obj()
+    if not isinstance(values, dict):
+        raise ConfigError(f"preset '{preset}' from package '{info.source}' returned {type(values).__name__}, not a dict of settings")
+    values = dict(values)
+    method_defaults = values.pop("method_defaults", {})
+    _check_keys(values, f"preset '{preset}' (package '{info.source}')")
+    return {**values, "method_defaults": method_defaults}, preset
 
 
 def given_settings(config: TrainConfig) -> frozenset[str]:
@@ -388,6 +302,7 @@ _NON_NEGATIVE = ("suncet_weight", "weight_decay", "warmup_epochs", "start_lr", "
                  "skip_nonfinite", "label_seed", "seed", "num_workers")
 _CHOICES = {
     "compile": COMPILE_MODES, "data_pipeline": DATA_PIPELINES, "label_loss": LABEL_LOSSES, "final_eval": FINAL_EVALS,
+    "lr_batch_counts": LR_BATCH_COUNTS,
 }
 
 
@@ -416,7 +331,6 @@ def validate(config: TrainConfig, sources: dict[str, str] | None = None) -> None
         refuse("lr_batch", "a positive integer")
     if not is_label_file(config.labels):
         parse_label_spec(config.labels)
-    parse_every(config.checkpoint_every)
     if config.backend not in ("auto", *BACKENDS):
         raise ConfigError(f"unknown contrastive backend {shown(config.backend)}; choose one of auto, {', '.join(BACKENDS)}")
     for name, choices in _CHOICES.items():
@@ -426,41 +340,7 @@ def validate(config: TrainConfig, sources: dict[str, str] | None = None) -> None
         refuse("device", "auto, cpu, cuda or cuda:N")
 
 
-def is_label_file(labels: str) -> bool:
-    """``--labels`` names a subset file (a path, or a name with an extension) rather than a spec."""
-    if re.fullmatch(r"-?[\d.]+%|-?\d+/class", labels.strip()):
-        return False
-    return "/" in labels or os.sep in labels or bool(re.search(r"\.[A-Za-z]\w*$", labels))
-
-
-_EVERY = re.compile(r"^\s*(\d+)\s*(epochs?|steps?|min|minutes?)\s*$")
-
-
-def parse_every(text: str) -> tuple[int, str]:
-    """``'2epochs'``, ``'500steps'``, ``'10min'`` -> (count, unit) with unit epoch, step or min."""
-    m = _EVERY.match(str(text))
-    if not m or int(m.group(1)) < 1:
-        raise ConfigError(
-            f"checkpoint-every must be a positive count of epochs, steps or minutes (1epoch, 500steps, 10min), got {shown(text)}"
-        )
-    return int(m.group(1)), {"e": "epoch", "s": "step", "m": "min"}[m.group(2)[0]]
-
-
 def to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
 
 
-def parse_key_values(pairs: tuple[str, ...] | list[str], option: str) -> dict[str, Any]:
-    """``key=value`` strings to a dict, values read as YAML scalars (3000 -> int, true -> bool)."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"{option} expects KEY=VALUE, got {shown(pair)}")
-        key, raw = pair.split("=", 1)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        number = _float_text(value)
-        out[key.strip()] = number if number is not None and not str(value).isidentifier() else value
-    return out

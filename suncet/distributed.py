@@ -39,6 +39,11 @@ def launched_by_torchrun() -> bool:
     return True
 
 
+def world_size_from_environment() -> int:
+    """The number of processes torchrun started (1 outside torchrun)."""
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``."""
     if name == "auto":

@@ -1,9 +1,9 @@
-"""Plugin registry for methods, datasets, backbones, optimizers and loggers.
+"""Plugin registry for methods, datasets, backbones, optimizers, loggers and presets.
 
 In-tree code registers with a decorator (``@register_method("simclr")``). Packages, the
 built-in ``suncet.plugins`` included, announce plugins through entry points in the groups
-``suncet.methods``, ``suncet.datasets``, ``suncet.backbones``, ``suncet.optimizers`` and
-``suncet.loggers``; a group is loaded the first time its registry is looked up. An entry point
+``suncet.methods``, ``suncet.datasets``, ``suncet.backbones``, ``suncet.optimizers``,
+``suncet.loggers`` and ``suncet.presets``; a group is loaded the first time its registry is looked up. An entry point
 may name a module whose import runs the decorators, or a single object, registered under the
 entry point's name.
 """
@@ -27,6 +27,7 @@ __all__ = [
     "LOGGERS",
     "METHODS",
     "OPTIMIZERS",
+    "PRESETS",
     "REGISTRIES",
     "DuplicatePluginError",
     "PluginError",
@@ -39,6 +40,7 @@ __all__ = [
     "register_logger",
     "register_method",
     "register_optimizer",
+    "register_preset",
 ]
 
 
@@ -290,10 +292,12 @@ DATASETS = Registry("dataset", "suncet.datasets")
 BACKBONES = Registry("backbone", "suncet.backbones")
 OPTIMIZERS = Registry("optimizer", "suncet.optimizers")
 LOGGERS = Registry("logger", "suncet.loggers")
-REGISTRIES = {r.kind: r for r in (METHODS, DATASETS, BACKBONES, OPTIMIZERS, LOGGERS)}
+PRESETS = Registry("preset", "suncet.presets")
+REGISTRIES = {r.kind: r for r in (METHODS, DATASETS, BACKBONES, OPTIMIZERS, LOGGERS, PRESETS)}
 
 register_method = METHODS.register
 register_dataset = DATASETS.register
 register_backbone = BACKBONES.register
 register_optimizer = OPTIMIZERS.register
 register_logger = LOGGERS.register
+register_preset = PRESETS.register

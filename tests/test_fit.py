@@ -66,3 +66,18 @@ def test_a_config_file_counts_as_given(cli, folder_args, tmp_path):
     result = cli(*folder_args, "--config", str(settings), "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and "--classes-per-step 5 is more than the 3 classes" in result.stderr
     assert "at most 3 works" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_learning_rate_follows_the_fitted_batch(cli, folder_args, tmp_path):
+    """The digits preset states lr 2.0 per 256 images for a batch of 128; fitted to 24 images, the
+    run trains at 2.0 x 24 / 256, says so, and records the rate and batch it used."""
+    run = tmp_path / "run"
+    result = cli(*folder_args, "--preset", "digits", "--out", str(run))
+    assert result.returncode == 0, result.stderr
+    assert "--batch-size 24 (not 128)" in result.stdout
+    assert "--lr 0.1875 (not 1): the rates follow the global batch, now 24 (unlabeled)" in result.stdout
+    assert "lr 0.1875 (for a global batch of 24)" in " ".join(result.stdout.split())
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["batch_size"], saved["lr"], saved["lr_batch"]) == (24, 0.1875, 24)
+    again = cli(*folder_args, "--preset", "digits", "--out", str(run), "--resume", "auto")
+    assert again.returncode == 0, again.stderr  # the same fit and scale on resume: the checkpoint matches

@@ -16,16 +16,24 @@ from suncet.plugins.methods.swav import SwAV
 
 
 @pytest.mark.parametrize("world", [1, 8, 64])
-def test_paper_imagenet_presets_scale_the_learning_rate_with_the_global_batch(world):
+def test_paper_imagenet_presets_count_the_batch_as_the_paper_did(world):
+    """The paper's 4.8 from 0.6 on 64 GPUs: each GPU's 44 x 2 unlabeled and 40 labeled views counted
+    as 64 images, 4,096 in all; 0.3 per 256 such images (512 views) at any world size."""
     for preset, labels in (("paper-imagenet-10pct", "10%"), ("paper-imagenet-1pct", "1%")):
         config = build_config(overrides={"preset": preset}, world_size=world)
-        batch = 44 * world
+        views = (2 * 44 + 20 * 2) * world
         assert config.labels == labels and config.method == "simclr" and config.backbone == "resnet50"
-        assert config.lr == pytest.approx(0.3 * batch / 256) and config.start_lr == pytest.approx(0.6 * batch / 4096)
-        assert config.lr_batch == batch and config.final_lr == 0.0
+        assert config.lr == pytest.approx(0.3 * views / 512) and config.start_lr == pytest.approx(0.6 * views / 8192)
+        assert config.lr_batch == views and config.lr_batch_counts == "views" and config.final_lr == 0.0
         assert (config.epochs, config.suncet_epochs, config.classes_per_step, config.images_per_class) == (500, 250, 20, 2)
         assert config.sync_bn and config.optimizer == "lars" and config.optimizer_options == {"trust_coefficient": 0.001}
         assert (config.weight_decay, config.warmup_epochs, config.tau, config.final_eval) == (1e-6, 10, 0.1, "finetune")
+    assert build_config(overrides={"preset": "paper-imagenet-10pct"}, world_size=64).lr == pytest.approx(4.8)
+
+
+def test_the_labeled_views_count_only_while_the_labeled_term_is_on():
+    config = build_config(overrides={"preset": "paper-imagenet-10pct", "suncet_weight": 0.0}, world_size=64)
+    assert config.lr_batch == 88 * 64 and config.lr == pytest.approx(0.3 * 88 * 64 / 512)
 
 
 def test_swav_preset_is_swavs_own_imagenet_script_at_4096_images():
@@ -48,12 +56,13 @@ def test_paper_cifar10_preset_is_the_reference_codes_cifar_run():
     recipe = cifar_recipe((0.5,) * 3, (0.25,) * 3)
     assert (recipe.global_crop.size, recipe.global_crop.scale) == (32, (0.08, 1.0))
     assert (recipe.color_strength, recipe.grayscale_p, recipe.blur_p) == (0.5, 0.2, 0.0)
-    assert config.lr == pytest.approx(0.3) and config.sync_bn  # 256 images on one process
+    # the SimCLR + SuNCEt recipe's count: 256 x 2 unlabeled + 10 x 8 labeled views on one process
+    assert config.lr == pytest.approx(0.3 * 592 / 512) and config.sync_bn
 
 
 def test_an_explicit_learning_rate_wins_and_lr_batch_scales_what_the_user_states():
     config = build_config(overrides={"preset": "paper-imagenet-10pct", "lr": 2.0}, world_size=8)
-    assert config.lr == 2.0 and config.start_lr == pytest.approx(0.6 * 352 / 4096)
+    assert config.lr == 2.0 and config.start_lr == pytest.approx(0.6 * 1024 / 8192)
     config = build_config(overrides={"lr": 0.5, "lr_batch": 256, "batch_size": 64}, world_size=2)
     assert config.lr == pytest.approx(0.25) and config.lr_batch == 128
     plain = build_config({"preset": "cifar10", "lr_batch": None}, world_size=4)  # lr_batch: null in a file
@@ -76,7 +85,8 @@ def test_print_config_resolves_the_preset_for_the_given_processes(cli):
     result = cli("train", "--preset", "paper-imagenet-10pct", "--print-config", "--nproc-per-node", "8", "--nnodes", "8")
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
-    assert printed["lr"] == pytest.approx(3.3) and printed["lr_batch"] == 2816 and printed["sync_bn"] is True
+    assert printed["lr"] == pytest.approx(4.8) and printed["start_lr"] == pytest.approx(0.6)
+    assert printed["lr_batch"] == 8192 and printed["sync_bn"] is True
     refused = cli("train", "--nnodes", "2")
     assert refused.returncode == 2 and "--nnodes only sizes --print-config" in refused.stderr
 

@@ -126,3 +126,77 @@ def test_create_rejects_unknown_options():
     assert registry.create("maker", options={"size": 3}) == (3, "red")
     with pytest.raises(Exception, match=r"thing 'maker' has no option 'shape'; its options: size, colour"):
         registry.create("maker", options={"shape": 2})
+
+
+TOY_PACKAGE = '''
+"""A dataset package outside suncet that ships its own preset."""
+
+import torch
+
+from suncet.data import AugmentRecipe, CropSpec, ImageDataset, InMemoryImages
+
+
+def toyset(*, root=None, download=False):
+    """Twelve random 8x8 images in three classes."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, 1, 8, 8), dtype=torch.uint8, generator=g)
+    labels = torch.arange(12) % 3
+    split = InMemoryImages(images, labels)
+    recipe = AugmentRecipe(CropSpec(8, (0.5, 1.0)), CropSpec(6, (0.2, 0.5)), 0.5, 0.0, (0.5,), (0.25,), flip_p=0.0)
+    return ImageDataset(name="toyset", train=split, test=split, num_classes=3, channels=1, image_size=8, recipe=recipe)
+
+
+def toyset_preset():
+    """The toy set's recipe."""
+    return {"backbone": "small_resnet", "backbone_options": {"width": 4}, "proj_hidden": 16, "proj_dim": 8,
+            "batch_size": 6, "classes_per_step": 3, "images_per_class": 2, "epochs": 1, "tau": 0.7, "lr": 0.5,
+            "lr_batch": 12, "method_defaults": {"swav": {"local_crops": 0}}}
+'''
+
+
+def test_a_dataset_package_ships_a_preset_that_its_dataset_picks_up(cli, tmp_path):
+    import subprocess
+
+    source = tmp_path / "src"
+    (source / "suncet_toyset").mkdir(parents=True)
+    (source / "suncet_toyset" / "__init__.py").write_text(TOY_PACKAGE)
+    (source / "pyproject.toml").write_text(textwrap.dedent("""
+        [build-system]
+        requires = ["setuptools>=64"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "suncet-toyset"
+        version = "1.0"
+        [project.entry-points."suncet.datasets"]
+        toyset = "suncet_toyset:toyset"
+        [project.entry-points."suncet.presets"]
+        toyset = "suncet_toyset:toyset_preset"
+        [tool.setuptools]
+        packages = ["suncet_toyset"]
+    """))
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(source)], check=True, capture_output=True, text=True)
+    env = {"PYTHONPATH": str(target)}
+    listed = cli("plugins", env=env)
+    assert any("toyset" in line and "preset" in line and "suncet-toyset" in line for line in listed.stdout.splitlines())
+    printed = cli("train", "--dataset", "toyset", "--print-config", env=env)
+    assert printed.returncode == 0, printed.stderr
+    assert "batch_size: 6\n" in printed.stdout and "tau: 0.7\n" in printed.stdout and "lr: 0.25\n" in printed.stdout
+    run = tmp_path / "run"
+    trained = cli("train", "--dataset", "toyset", "--method", "swav", "--final-eval", "knn", "--out", str(run), env=env)
+    assert trained.returncode == 0, trained.stderr
+    assert "local_crops: 0" in (run / "config.yaml").read_text()
+
+
+def test_a_preset_with_an_unknown_key_names_its_package(site):
+    from suncet.config import build_config
+    from suncet.errors import ConfigError
+    from suncet.registry import PRESETS
+
+    PRESETS.add("typo-preset", lambda: {"epoch": 3}, source="typo-package")
+    try:
+        with pytest.raises(ConfigError, match="unknown preset 'typo-preset' \\(package 'typo-package'\\) key 'epoch'"):
+            build_config(overrides={"preset": "typo-preset"}, world_size=1)
+    finally:
+        PRESETS._plugins.pop("typo-preset")

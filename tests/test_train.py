@@ -114,13 +114,13 @@ def test_zero_labels_is_plain_simclr_and_supervised_needs_labels(cli, tmp_path):
 
 def test_supervised_baseline_and_config_file(cli, tmp_path):
     config = tmp_path / "config.yaml"
-    config.write_text("method: supervised\nepochs: 3\nlabels: 4/class\nbatch_size: 64\noptimizer: sgd\nlr: 0.1\n")
+    config.write_text("method: supervised\nlabel_loss: ce\nepochs: 3\nlabels: 4/class\nbatch_size: 64\noptimizer: sgd\nlr: 0.1\n")
     run = tmp_path / "run"
     result = cli("train", "--config", str(config), "--epochs", "1", "--backbone-opt", "width=8", "--final-eval", "none", "--out", str(run))
     assert result.returncode == 0, result.stderr
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["method"] == "supervised" and saved["epochs"] == 1 and saved["optimizer"] == "sgd"
-    assert "cross_entropy" in rows(run)[0]
+    assert "ce" in rows(run)[0] and "suncet" not in rows(run)[0]
 
 
 def test_bad_config_key_is_one_line(cli, tmp_path):

@@ -3,6 +3,7 @@ or read a subset file (training indices, or file names as SimCLR's ImageNet 1%/1
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -28,6 +29,13 @@ class LabelSpec:
     text: str
     fraction: float | None = None
     per_class: int | None = None
+
+
+def is_label_file(labels: str) -> bool:
+    """``--labels`` names a subset file (a path, or a name with an extension) rather than a spec."""
+    if re.fullmatch(r"-?[\d.]+%|-?\d+/class", labels.strip()):
+        return False
+    return "/" in labels or os.sep in labels or bool(re.search(r"\.[A-Za-z]\w*$", labels))
 
 
 def parse_label_spec(text: str) -> LabelSpec:

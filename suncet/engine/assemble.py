@@ -9,15 +9,16 @@ import torch
 from torch import Tensor, nn
 
 from suncet import distributed
-from suncet.config import TrainConfig, is_label_file
+from suncet.config import TrainConfig
 from suncet.data import AugmentRecipe, ConcatImages, CropSpec, ImageDataset, ImageSource
-from suncet.data.labels import parse_label_spec, read_subset_file, select_labeled
+from suncet.data.labels import is_label_file, parse_label_spec, read_subset_file, select_labeled
 from suncet.data.pipeline import DevicePipeline, Pipeline
 from suncet.data.recipe import override_recipe
 from suncet.data.samplers import ClassStratifiedSampler, UnlabeledSampler
 from suncet.data.sources import on_device
 from suncet.data.worker_pipeline import WorkerPipeline
 from suncet.engine.fit import fit_to_data
+from suncet.engine.state import parse_every
 from suncet.errors import ConfigError
 from suncet.kernels import resolve_backend
 from suncet.losses import ContrastiveLosses
@@ -50,9 +51,11 @@ class Run:
 _ANY_RECIPE = AugmentRecipe(CropSpec(224, (0.08, 1.0)), CropSpec(96, (0.05, 0.14)), 1.0, 0.5, (0.5,) * 3, (0.25,) * 3)
 
 
-def validate_plugins(config: TrainConfig) -> None:
-    """Every plugin named by ``config`` exists and takes its options (names, types, finite
-    numbers, declared ranges); nothing is built or read."""
+def check_settings(config: TrainConfig) -> None:
+    """What the engine itself checks of a config, before anything is built, read or written:
+    every plugin named exists and takes its options (names, types, finite numbers, declared
+    ranges), and the checkpoint interval parses."""
+    parse_every(config.checkpoint_every)
     method = METHODS.get(config.method).obj
     if hasattr(method, "Options"):
         parse_options(method.Options, config.method_options, method.__name__)
@@ -114,7 +117,7 @@ def _labeled_sampler(config: TrainConfig, dataset: ImageDataset, labeled: Tensor
 
 
 def assemble(config: TrainConfig, run_dir: Path, labeled: Tensor | None = None) -> Run:
-    validate_plugins(config)
+    check_settings(config)
     device = distributed.init_from_environment(config.device)
     if config.sync_bn and distributed.world_size() > 1 and device.type != "cuda":
         raise ConfigError("--sync-bn with several processes needs CUDA devices (SyncBatchNorm has no CPU implementation)")

@@ -4,6 +4,8 @@ what the dataset allows and says so; one the user gave is refused with the large
     batch_size         at most the unlabeled images per rank
     classes_per_step   at most the classes that have labeled images
 
+The learning rates then follow the fitted global batch (suncet/optim.py, the linear scaling rule).
+
 ``images_per_class`` has no bound: a class with fewer labeled images repeats them within a step
 under other augmentations (samplers.py), which keeps SuNCEt's positive pairs in a class that has
 a single labeled image; that repetition is reported.
@@ -19,6 +21,7 @@ from torch import Tensor
 from suncet.config import TrainConfig, given_settings
 from suncet.data import ImageDataset
 from suncet.errors import ConfigError
+from suncet.optim import scale_learning_rates
 
 
 def _bounds(dataset: ImageDataset, labeled: Tensor, unlabeled: int, world_size: int) -> dict[str, tuple[int, str]]:
@@ -59,5 +62,9 @@ def fit_to_data(
         changes[key] = largest
         notes.append(f"{flag} {largest} (not {value}): {bound}")
     if changes:
-        config = dataclasses.replace(config, **changes)
+        fitted = scale_learning_rates(dataclasses.replace(config, **changes), world_size)
+        if fitted.lr != config.lr:
+            notes.append(f"--lr {fitted.lr:.4g} (not {config.lr:.4g}): the rates follow the global batch, now "
+                         f"{fitted.lr_batch} ({fitted.lr_batch_counts})")
+        config = fitted
     return config, notes + _repetition_note(config, dataset, labeled, world_size)

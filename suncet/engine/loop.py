@@ -27,12 +27,11 @@ from rich.progress import Progress as ProgressBar
 from torch import Tensor, nn
 
 from suncet import distributed
-from suncet.config import parse_every
 from suncet.data.pipeline import Pipeline, StepPlan, images_in
 from suncet.engine import rundir
 from suncet.engine.assemble import Run, assemble, make_pipeline, wrap_model
 from suncet.engine.evaluate import evaluate_run
-from suncet.engine.state import check_compatible, checkpoint_state, restore, save_rotating
+from suncet.engine.state import CheckpointPolicy, check_compatible, checkpoint_state, restore, save_rotating
 from suncet.engine.stopping import EXIT_PREEMPTED, StopRequests
 from suncet.errors import NonFiniteError, TrainingStopped
 from suncet.loggers import Loggers
@@ -97,26 +96,6 @@ class Meters:
     def state_dict(self) -> dict:
         values = self.sums.tolist() if self.sums is not None else []
         return {"sums": dict(zip(self.names, values)), "steps": self.steps}
-
-
-class CheckpointPolicy:
-    """When to write a checkpoint: every N epochs, every N steps, or every N minutes."""
-
-    def __init__(self, every: str):
-        self.count, self.unit = parse_every(every)
-        self.last_save = time.monotonic()
-
-    def step_due(self, global_step: int) -> bool:
-        return self.unit == "step" and global_step % self.count == 0
-
-    def minutes_due(self) -> bool:
-        return self.unit == "min" and time.monotonic() - self.last_save >= 60 * self.count
-
-    def after_epoch(self, epoch: int) -> bool:
-        return self.unit == "epoch" and epoch % self.count == 0
-
-    def saved(self) -> None:
-        self.last_save = time.monotonic()
 
 
 @dataclass

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import pickle
 import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,7 @@ import torch
 from suncet import distributed
 from suncet.config import TrainConfig, renamed_keys
 from suncet.engine.files import fsync_directory, write_atomic
-from suncet.errors import CheckpointError, shown
+from suncet.errors import CheckpointError, ConfigError, shown
 
 if TYPE_CHECKING:
     from suncet.data.pipeline import Pipeline
@@ -23,6 +24,39 @@ if TYPE_CHECKING:
 
 LAST = "last.pt"
 _NUMBERED = re.compile(r"^step-(\d+)\.pt$")
+
+
+_EVERY = re.compile(r"^\s*(\d+)\s*(epochs?|steps?|min|minutes?)\s*$")
+
+
+def parse_every(text: str) -> tuple[int, str]:
+    """``'2epochs'``, ``'500steps'``, ``'10min'`` -> (count, unit) with unit epoch, step or min."""
+    m = _EVERY.match(str(text))
+    if not m or int(m.group(1)) < 1:
+        raise ConfigError(
+            f"checkpoint-every must be a positive count of epochs, steps or minutes (1epoch, 500steps, 10min), got {shown(text)}"
+        )
+    return int(m.group(1)), {"e": "epoch", "s": "step", "m": "min"}[m.group(2)[0]]
+
+
+class CheckpointPolicy:
+    """When to write a checkpoint: every N epochs, every N steps, or every N minutes."""
+
+    def __init__(self, every: str):
+        self.count, self.unit = parse_every(every)
+        self.last_save = time.monotonic()
+
+    def step_due(self, global_step: int) -> bool:
+        return self.unit == "step" and global_step % self.count == 0
+
+    def minutes_due(self) -> bool:
+        return self.unit == "min" and time.monotonic() - self.last_save >= 60 * self.count
+
+    def after_epoch(self, epoch: int) -> bool:
+        return self.unit == "epoch" and epoch % self.count == 0
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
