@@ -24,7 +24,10 @@ def report(run_dirs: list[Path], metric: str, x: str, target: float | None, plot
            json_path: Path | None, title: str | None = None) -> dict:
     from suncet.compare import compare_table, group_runs, load_curve, per_seed_table, plot_groups, slowest_best
 
-    groups = group_runs([load_curve(d, metric) for d in run_dirs])
+    named = {}
+    for run_dir in run_dirs:  # the same run named twice (or by two paths) counts once
+        named.setdefault(Path(run_dir).resolve(), run_dir)
+    groups = group_runs([load_curve(d, metric) for d in named.values()])
     if target is None:
         target = slowest_best(groups)
     rows = compare_table(groups, target)
@@ -67,11 +70,18 @@ def report(run_dirs: list[Path], metric: str, x: str, target: float | None, plot
 @click.option("--target", type=click.FloatRange(0, 1), help="Accuracy to reach (default: the best of the slowest run).")
 @click.option("--plot", type=click.Path(path_type=Path), help="Write the learning curves to this PNG file.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the table as JSON.")
-def compare(run_dirs, metric, x_axis, target, plot, json_path):
+@click.option("--overwrite", is_flag=True, help="Replace the --plot or --json file if it exists.")
+def compare(run_dirs, metric, x_axis, target, plot, json_path, overwrite):
     """Learning curves of runs, and the epochs, images and seconds each needs to reach an accuracy.
 
-    Runs that differ only in their seed are grouped (mean ± standard deviation).
+    Runs that differ only in their seed are grouped (mean ± standard deviation); a run named
+    twice counts once. The files written go outside every run directory.
     """
+    from suncet.engine.rundir import check_output_file
+
+    for path, flag in ((plot, "--plot"), (json_path, "--json")):
+        if path is not None:
+            check_output_file(path, overwrite, flag)
     report(list(run_dirs), metric, x_axis, target, plot, json_path)
 
 

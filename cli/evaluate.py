@@ -46,14 +46,16 @@ def eval_command(run_dir, protocol, labels, knn_k, finetune_epochs, device, as_j
 
     from suncet.engine.assemble import choose_labeled
     from suncet.engine.evaluate import evaluate_run, load_trained
+    from suncet.engine.stopping import stop_at_once
 
-    run = load_trained(run_dir, device=device)
-    if knn_k is not None:
-        run.config = dataclasses.replace(run.config, knn_k=knn_k)
-    labeled = None
-    if labels is not None:
-        labeled = choose_labeled(dataclasses.replace(run.config, labels=labels), run.dataset)
-    result = evaluate_run(run, protocol, labeled=labeled, finetune_epochs=finetune_epochs, baseline=True)
+    with stop_at_once("the evaluation"):
+        run = load_trained(run_dir, device=device)
+        if knn_k is not None:
+            run.config = dataclasses.replace(run.config, knn_k=knn_k)
+        labeled = None
+        if labels is not None:
+            labeled = choose_labeled(dataclasses.replace(run.config, labels=labels), run.dataset)
+        result = evaluate_run(run, protocol, labeled=labeled, finetune_epochs=finetune_epochs, baseline=True)
     result["run"] = str(run_dir)
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))

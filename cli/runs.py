@@ -11,11 +11,11 @@ from rich.table import Table
 
 from suncet.cli.main_console import console
 
-STATE_STYLES = {"finished": "green", "running": "cyan", "failed": "red"}
+STATE_STYLES = {"finished": "green", "running": "cyan", "failed": "red", "damaged": "red"}
 
 
 def _pair(best, last) -> str:
-    return "-" if best is None else f"{best:.4f} / {last:.4f}"
+    return "-" if best is None else f"{best:.4f} / {'-' if last is None else f'{last:.4f}'}"
 
 
 @click.command("runs")
@@ -27,7 +27,7 @@ def runs_command(folder, as_json):
 
     summaries = [summarise(run_dir) for run_dir in find_runs(folder)]
     if as_json:
-        click.echo(json.dumps(summaries, indent=2))
+        click.echo(json.dumps(summaries, indent=2, allow_nan=False))
         return
     if not summaries:
         console.print(f"no runs under {escape(str(folder))}")
@@ -40,7 +40,7 @@ def runs_command(folder, as_json):
         state = f"[{style}]{escape(s['state'])}[/{style}]" + (f": {escape(s['reason'])}" if s["reason"] else "")
         table.add_row(
             escape(str(Path(s["run"]).relative_to(folder))), s["method"], s["dataset"], s["labels"],
-            f"{s['epochs_done']}/{s['epochs']}", state, _pair(s["knn_top1_best"], s["knn_top1_last"]),
+            f"{s['epochs_done'] if s['epochs_done'] is not None else '-'}/{s['epochs'] if s['epochs'] is not None else '-'}", state, _pair(s["knn_top1_best"], s["knn_top1_last"]),
             _pair(s["linear_top1_best"], s["linear_top1_last"]),
             "-" if s["images_per_second"] is None else f"{s['images_per_second']:,.0f}",
         )

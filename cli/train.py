@@ -92,7 +92,8 @@ def overrides_from(flags: dict) -> dict:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Run directory (default: runs/<name>-<time>).")
 @click.option("--resume", "resume", help="RUN_DIR: continue that run. 'auto' (with --out): continue the run there "
               "from its newest loadable checkpoint if it has one, else start it.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
+@click.option("--overwrite", is_flag=True, help="Start afresh in --out, which holds a run; its files are moved "
+              "into --out/replaced-<time>/, nothing is deleted.")
 def train(config_file, out_dir, resume, overwrite, nproc_per_node, nnodes, print_config, **flags):
     """Pre-train a backbone; ends with a semi-supervised evaluation.
 
@@ -100,7 +101,7 @@ def train(config_file, out_dir, resume, overwrite, nproc_per_node, nnodes, print
     """
     from suncet import distributed
     from suncet.engine.api import run_start
-    from suncet.engine.assemble import check_settings
+    from suncet.engine.assemble import check_data, check_settings
     from suncet.engine.rundir import start_or_resume
 
     launching = nproc_per_node is not None and not distributed.launched_by_torchrun()
@@ -122,6 +123,8 @@ def train(config_file, out_dir, resume, overwrite, nproc_per_node, nnodes, print
     if launching:
         if resume is None:
             start_or_resume(config, out_dir, None, overwrite, lock=False)
+        if config is not None:
+            check_data(config, nproc_per_node)
         launch_torchrun(nproc_per_node)
     start = start_or_resume(config, out_dir, resume, overwrite, report=console.print)
     result = run_start(start, console)

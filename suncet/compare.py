@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from suncet.config import load_yaml
+from suncet.engine.files import write_atomic
 from suncet.errors import ConfigError
 
 METRICS = ("linear_top1", "knn_top1")
@@ -214,5 +215,5 @@ def plot_groups(groups: list[Group], metric: str, x: str, target: float, path: P
         axes.set_title(title, fontsize=10)
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    write_atomic(Path(path), lambda handle: figure.savefig(handle, format=Path(path).suffix.lstrip(".").lower() or "png"))
     plt.close(figure)

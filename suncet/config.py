@@ -183,17 +183,47 @@ def _check_type(key: str, value: Any, source: str | None = None) -> Any:
 MAX_YAML_BYTES = 1 << 20
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a mapping that names a key twice (YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                repeated = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base loader says so
+                break
+            if repeated:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, line):
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
-    """A YAML file of settings: at most 1 MiB of UTF-8 text, loaded safely (no Python objects)."""
+    """A YAML file of settings: a regular file of at most 1 MiB of UTF-8 text, loaded safely (no
+    Python objects, no key given twice)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; name a YAML file of settings")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a regular file (a pipe or a device?); name a YAML file of settings")
     if path.stat().st_size > MAX_YAML_BYTES:
         raise ConfigError(f"config file {path} is {path.stat().st_size:,} bytes; a settings file is at most 1 MiB")
     try:
-        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        data = yaml.load(path.read_bytes().decode("utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
+    except _DuplicateKey as exc:
+        raise ConfigError(f"config file {path} sets {shown(exc.key)} twice (again on line {exc.line}); keep one") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if data is None:

@@ -11,10 +11,14 @@ GPU: for the device pipeline, whose augmentation runs there.
 
 from __future__ import annotations
 
+import io
 import os
+import warnings
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torchvision.datasets.folder import find_classes, make_dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
@@ -24,7 +28,7 @@ from suncet.data.recipe import AugmentRecipe, CropSpec
 from suncet.data import ImageDataset
 from suncet.errors import ConfigError, shown
 from suncet.data.image_batch import ImageBatch
-from suncet.registry import register_dataset
+from suncet.registry import Range, register_dataset
 
 # The formats torchvision.io decodes (make_dataset compares lower-cased suffixes).
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
@@ -34,6 +38,9 @@ DECODE_DEVICES = ("cpu", "cuda")
 # ImageNet photograph (500 x 375) stays as decoded, and a multi-megapixel one does not pad every
 # image of its batch to its size.
 MAX_SHORT_SIDE = 512
+# An image whose header declares more pixels is refused before decoding (PIL's own default
+# bound on decompression bombs); the dataset option max_pixels raises it.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
 # method.md section 5 (ImageNet): RandomResizedCrop(224, 0.08-1), flip, jitter strength 1 with
 # p 0.8, grayscale p 0.2, blur (sigma 0.1-2) p 0.5; SwAV's local crops 96 px, area 0.05-0.14.
@@ -51,21 +58,42 @@ RECIPE = AugmentRecipe(
 class FolderImages:
     """One split of an image folder: file names relative to ``root``, decoded on ``load``."""
 
-    def __init__(self, root: Path, names: list[str], labels: Tensor, size: int | None, decode_device: str = "cpu"):
+    def __init__(self, root: Path, names: list[str], labels: Tensor, size: int | None, decode_device: str = "cpu",
+                 max_pixels: int = MAX_PIXELS):
         self.root = Path(root)
         self.names = names
         self.labels = labels
         self.size = size
         self.decode_device = decode_device
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.names)
 
     def _read(self, name: str) -> Tensor:
         try:
-            return read_file(str(self.root / name))
+            data = read_file(str(self.root / name))
         except (OSError, RuntimeError) as exc:
             raise ConfigError(f"cannot read image {self.root / name}: {exc}") from None
+        self._check_pixels(name, data)
+        return data
+
+    def _check_pixels(self, name: str, data: Tensor) -> None:
+        """Refuse an image whose header declares more than ``max_pixels``, before it is decoded:
+        a small file must not decode to gigabytes."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                with Image.open(io.BytesIO(data.numpy().tobytes())) as header:
+                    width, height = header.size
+            except Image.DecompressionBombError:  # beyond PIL's own hard bound, which no option lifts
+                raise ConfigError(f"image {self.root / name} declares more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels "
+                                  "(PIL's bound on decompression bombs); it is not decoded") from None
+            except (UnidentifiedImageError, OSError):
+                return  # not identified from its header: decoding reports what is wrong with it
+        if width * height > self.max_pixels:
+            raise ConfigError(f"image {self.root / name} declares {width} x {height} pixels, more than max_pixels "
+                              f"{self.max_pixels:,}; raise it with --dataset-opt max_pixels=N if the image is genuine")
 
     def _decode(self, name: str, data: Tensor) -> Tensor:
         try:
@@ -123,7 +151,8 @@ def _classes(directory: Path) -> tuple[list[str], dict[str, int]]:
 
 @register_dataset("imagefolder", description="class folders DIR/train/<class>/*.jpg and DIR/val/<class>/ (ImageNet); --data DIR")
 def imagefolder(
-    *, root: str | None = None, download: bool = False, size: int | None = MAX_SHORT_SIDE, decode_device: str = "cpu"
+    *, root: str | None = None, download: bool = False, size: int | None = MAX_SHORT_SIDE, decode_device: str = "cpu",
+    max_pixels: Annotated[int, Range(1)] = MAX_PIXELS,
 ) -> ImageDataset:
     if download:
         raise ConfigError("dataset imagefolder cannot be downloaded: pass --data DIR holding train/ and val/")
@@ -146,8 +175,8 @@ def imagefolder(
     val_names, val_labels = _scan(val_dir, class_to_idx, require_every_class=False)
     return ImageDataset(
         name="imagefolder",
-        train=FolderImages(train_dir, train_names, train_labels, size, decode_device),
-        test=FolderImages(val_dir, val_names, val_labels, size, decode_device),
+        train=FolderImages(train_dir, train_names, train_labels, size, decode_device, max_pixels),
+        test=FolderImages(val_dir, val_names, val_labels, size, decode_device, max_pixels),
         num_classes=len(class_names),
         channels=3,
         image_size=RECIPE.global_crop.size,

@@ -20,6 +20,7 @@ from suncet.engine.evaluate import final_evaluation
 from suncet.engine.loop import train_run
 from suncet.engine import rundir
 from suncet.engine.rundir import Start, last_metrics, start_or_resume
+from suncet.engine.stopping import stop_at_once
 from suncet.errors import SuncetError, TrainingStopped
 
 
@@ -47,7 +48,8 @@ def _train_and_evaluate(start: Start, console: Console | None) -> RunResult:
         metrics = train_run(start.config, start.run_dir, state=start.checkpoint, console=console)
         metrics = metrics or last_metrics(start.run_dir)  # a finished run resumed trains nothing
         main_process = distributed.is_main_process()
-        evaluation = final_evaluation(start.run_dir, start.config) if main_process else None
+        with stop_at_once(f"the final evaluation (training finished; it runs again with --resume {start.run_dir})"):
+            evaluation = final_evaluation(start.run_dir, start.config) if main_process else None
     except TrainingStopped as exc:
         _record_end(start.run_dir, "interrupted", str(exc))
         distributed.shutdown()  # every rank agreed to stop: no collective is pending

@@ -18,7 +18,7 @@ from suncet.data.samplers import ClassStratifiedSampler, UnlabeledSampler
 from suncet.data.sources import on_device
 from suncet.data.worker_pipeline import WorkerPipeline
 from suncet.engine.fit import fit_to_data
-from suncet.engine.state import parse_every
+from suncet.engine.state import check_compatible, check_state_matches, parse_every
 from suncet.errors import ConfigError
 from suncet.kernels import resolve_backend
 from suncet.losses import ContrastiveLosses
@@ -88,6 +88,16 @@ def choose_labeled(config: TrainConfig, dataset: ImageDataset) -> Tensor:
     return labeled
 
 
+def check_data(config: TrainConfig, world_size: int) -> None:
+    """What can only be checked with the data, for a launcher before its workers start: the
+    dataset loads, the labeled subset is drawn, and the settings fit the data on ``world_size``
+    processes (engine/fit.py)."""
+    dataset = load_dataset(config)
+    labeled = choose_labeled(config, dataset)
+    unlabeled = len(dataset.train) + (len(dataset.extra_unlabeled) if dataset.extra_unlabeled is not None else 0)
+    fit_to_data(config, dataset, labeled, unlabeled, world_size)
+
+
 def backbone_args_of(config: TrainConfig, dataset: ImageDataset) -> dict:
     return {"in_channels": dataset.channels, "image_size": dataset.recipe.global_crop.size}
 
@@ -116,7 +126,14 @@ def _labeled_sampler(config: TrainConfig, dataset: ImageDataset, labeled: Tensor
     )
 
 
-def assemble(config: TrainConfig, run_dir: Path, labeled: Tensor | None = None) -> Run:
+def assemble(
+    config: TrainConfig, run_dir: Path, labeled: Tensor | None = None, checkpoint: dict | None = None,
+    checkpoint_path: Path | None = None, resuming: bool = False,
+) -> Run:
+    """The run of ``config``, to be loaded from ``checkpoint`` (read from ``checkpoint_path``)
+    when given: resuming, the checkpoint must come from these very settings; in any case its
+    tensors are checked against a meta-device build first, so no size in the settings can
+    allocate more than the checkpoint holds."""
     check_settings(config)
     device = distributed.init_from_environment(config.device)
     if config.sync_bn and distributed.world_size() > 1 and device.type != "cuda":
@@ -128,6 +145,12 @@ def assemble(config: TrainConfig, run_dir: Path, labeled: Tensor | None = None) 
     unlabeled = dataset.train if dataset.extra_unlabeled is None else ConcatImages(dataset.train, dataset.extra_unlabeled)
     config, adapted = fit_to_data(config, dataset, labeled, len(unlabeled), distributed.world_size())
     unlabeled_sampler = UnlabeledSampler(len(unlabeled), config.batch_size, config.seed, distributed.rank(), distributed.world_size())
+    if checkpoint is not None:
+        if resuming:
+            check_compatible(config, checkpoint, run_dir)  # as fitted to the data, as the checkpoint's was
+        with torch.device("meta"):
+            shell = build_method(config, dataset, unlabeled_sampler.steps_per_epoch)
+        check_state_matches(shell.state_dict(), checkpoint["model"], checkpoint_path)
     method = build_method(config, dataset, unlabeled_sampler.steps_per_epoch).to(device)
     if device.type == "cuda":
         method = method.to(memory_format=torch.channels_last)

@@ -63,23 +63,25 @@ def _with_device(config: TrainConfig, device: str | None) -> TrainConfig:
 
 
 def load_trained(run_dir: Path | str, device: str | None = None) -> Run:
-    """A finished or interrupted run, rebuilt from its directory with its last checkpoint's weights."""
+    """A finished or interrupted run, rebuilt from its directory with its last checkpoint's weights
+    (which must be finite, and match the run's config.yaml tensor for tensor)."""
     run_dir = Path(run_dir)
     config = _with_device(rundir.load_run_config(run_dir), device)
-    state = load_checkpoint(run_dir / rundir.LAST_CHECKPOINT)
-    check_finite(state["model"], run_dir)
-    run = assemble(config, run_dir, labeled=state["labeled"])
+    checkpoint = run_dir / rundir.LAST_CHECKPOINT
+    state = load_checkpoint(checkpoint)
+    check_finite(state["model"], checkpoint)
+    run = assemble(config, run_dir, labeled=state["labeled"], checkpoint=state, checkpoint_path=checkpoint)
     run.method.load_state_dict(state["model"])
     run.method.eval()
     return run
 
 
-def check_finite(weights: dict[str, Tensor], run_dir: Path) -> None:
+def check_finite(weights: dict[str, Tensor], source: Path) -> None:
     """Refuse weights holding NaN or inf: any accuracy measured on them would be meaningless."""
     bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
-        raise NonFiniteError(f"the weights in {run_dir / rundir.LAST_CHECKPOINT} are not finite ({bad}); "
-                                 "the training diverged, there is nothing to evaluate")
+        raise NonFiniteError(f"the weights in {source} are not finite ({bad}); "
+                             "the training diverged, there is nothing to evaluate")
 
 
 def final_evaluation(run_dir: Path, config: TrainConfig) -> dict | None:

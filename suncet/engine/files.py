@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import IO, Callable
 
@@ -34,13 +36,14 @@ def _disk_full(exc: BaseException, directory: Path) -> bool:
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write`` on a new temporary file beside ``path``, then rename it over ``path``: a
-    crash leaves the old file whole. The temporary file is created exclusively and never
-    through a symbolic link; a full disk raises DiskFullError naming ``path``."""
+    crash leaves the old file whole. The temporary file gets an unpredictable name and is
+    created exclusively, never through a symbolic link (a link planted beside ``path`` is
+    neither followed nor removed); the rename replaces ``path`` itself, never what a link
+    there points to. A full disk raises DiskFullError naming ``path``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}{TEMPORARY_MARK}", dir=path.parent)
+    tmp = Path(name)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -55,12 +58,24 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     fsync_directory(path.parent)
 
 
-def remove_partial_writes(directory: Path) -> list[Path]:
-    """Delete the temporary files of writes that a crash interrupted (call with the run's lock held)."""
+# The temporary names this module and checkpoint rotation give the files they write: nothing
+# else is ever removed as a leftover.
+TEMPORARY_MARK = ".tmp-"
+_PARTIAL_WRITE = re.compile(r"^\.(?P<name>.+)\.tmp-\w{8}$|^\.last\.pt\.link-\w{8}$")
+
+
+def remove_partial_writes(directory: Path, written_by_suncet: Callable[[str], bool]) -> list[Path]:
+    """Delete the temporary files of writes that a crash interrupted (call with the run's lock
+    held): regular files named as ``write_atomic`` names them, for a file name that
+    ``written_by_suncet`` says is one of suncet's own."""
     removed = []
-    for pattern in (".*.tmp-*", ".*.link-*"):
-        for leftover in Path(directory).glob(pattern):
-            if leftover.is_file() or leftover.is_symlink():
-                leftover.unlink()
-                removed.append(leftover)
+    if not Path(directory).is_dir():
+        return removed
+    for leftover in Path(directory).iterdir():
+        match = _PARTIAL_WRITE.match(leftover.name)
+        if match is None or leftover.is_symlink() or not leftover.is_file():
+            continue
+        if match.group("name") is None or written_by_suncet(match.group("name")):
+            leftover.unlink()
+            removed.append(leftover)
     return removed

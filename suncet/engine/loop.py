@@ -31,7 +31,7 @@ from suncet.data.pipeline import Pipeline, StepPlan, images_in
 from suncet.engine import rundir
 from suncet.engine.assemble import Run, assemble, make_pipeline, wrap_model
 from suncet.engine.evaluate import evaluate_run
-from suncet.engine.state import CheckpointPolicy, check_compatible, checkpoint_state, restore, save_rotating
+from suncet.engine.state import CheckpointPolicy, checkpoint_state, restore, save_rotating
 from suncet.engine.stopping import EXIT_PREEMPTED, StopRequests
 from suncet.errors import NonFiniteError, TrainingStopped
 from suncet.loggers import Loggers
@@ -306,7 +306,9 @@ def train(run: Run, state: dict | None = None, console: Console | None = None) -
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     pipeline = make_pipeline(run)
     if main_process:
-        rundir.write_run_files(run.run_dir, cfg, run.labeled, fresh=state is None)
+        aside = rundir.write_run_files(run.run_dir, cfg, run.labeled, fresh=state is None)
+        if aside is not None:
+            console.print(f"moved what {run.run_dir} held to {aside} (nothing deleted)")
         rundir.write_status(run.run_dir, "running")
     progress, meters = Progress(), Meters()
     if state is not None:
@@ -342,7 +344,6 @@ def train(run: Run, state: dict | None = None, console: Console | None = None) -
 
 def train_run(config, run_dir, state: dict | None = None, console: Console | None = None) -> dict:
     """Assemble the run of ``config`` in ``run_dir`` and train it (from ``state`` when given)."""
-    run = assemble(config, run_dir, labeled=state["labeled"] if state else None)
-    if state is not None:
-        check_compatible(run.config, state, run_dir)  # as fitted to the data, as the checkpoint's was
+    run = assemble(config, run_dir, labeled=state["labeled"] if state else None, checkpoint=state,
+                   checkpoint_path=run_dir / rundir.CHECKPOINTS, resuming=True)
     return train(run, state, console)

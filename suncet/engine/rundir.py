@@ -17,8 +17,9 @@ import csv
 import io
 import json
 import math
+import itertools
 import os
-import shutil
+import re
 import socket
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,7 +32,7 @@ from suncet.config import TrainConfig, config_from_saved, load_yaml, to_yaml
 from suncet.data.labels import labels_text
 from suncet.engine.files import remove_partial_writes, write_atomic
 from suncet.engine.state import find_checkpoint
-from suncet.errors import ConfigError
+from suncet.errors import ConfigError, shown
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
@@ -41,6 +42,8 @@ LAST_CHECKPOINT = Path(CHECKPOINTS) / "last.pt"
 LOCK_FILE = ".lock"
 STATUS_FILE = "status.json"
 STATES = ("running", "finished", "interrupted", "failed")
+REPLACED_PREFIX = "replaced-"
+_SUNCET_FILE = re.compile(r"^(eval_\w+\.json|step-\d+\.pt|backbone[\w.-]*\.(safetensors|pt))$")
 
 
 def write_text(path: Path, text: str) -> None:
@@ -103,18 +106,73 @@ def truncate_metrics(run_dir: Path, completed_epochs: int) -> None:
         write_csv(Path(run_dir) / METRICS_FILE, [r for r in read_metrics(run_dir) if int(r["epoch"]) <= completed_epochs])
 
 
-def write_run_files(run_dir: Path, config: TrainConfig, labeled: Tensor, fresh: bool) -> None:
-    """config.yaml and labels.txt, once the run is assembled (so its settings are valid); a fresh
-    run first removes a replaced run's checkpoints (their step numbers would outrank its own in
-    the rotation), metrics and evaluations."""
+def write_run_files(run_dir: Path, config: TrainConfig, labeled: Tensor, fresh: bool) -> Path | None:
+    """config.yaml and labels.txt, once the run is assembled (so its settings are valid). A fresh
+    start in a directory that holds files first moves them aside (``move_aside``): an earlier
+    run's checkpoints would outrank the new run's in the rotation. Returns where they went."""
     run_dir = Path(run_dir)
-    if fresh:
-        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
-        for replaced in [run_dir / METRICS_FILE, *run_dir.glob("eval_*.json")]:
-            replaced.unlink(missing_ok=True)
+    aside = move_aside(run_dir) if fresh else None
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / CONFIG_FILE, to_yaml(config))
     write_text(run_dir / LABELS_FILE, labels_text(labeled, config.labels))
+    return aside
+
+
+def move_aside(run_dir: Path) -> Path | None:
+    """Every entry of ``run_dir`` (but its lock and earlier set-aside folders) moved into a new
+    ``RUN/replaced-<time>/``: a fresh start never deletes what was there. None when it was empty."""
+    entries = [p for p in Path(run_dir).iterdir() if p.name != LOCK_FILE and not p.name.startswith(REPLACED_PREFIX)] \
+        if Path(run_dir).is_dir() else []
+    if not entries:
+        return None
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for attempt in itertools.count():
+        aside = Path(run_dir) / f"{REPLACED_PREFIX}{stamp}{f'-{attempt}' if attempt else ''}"
+        try:
+            aside.mkdir()
+            break
+        except FileExistsError:
+            continue
+    for entry in entries:
+        entry.rename(aside / entry.name)
+    return aside
+
+
+def is_run_directory(folder: Path) -> bool:
+    """Whether ``folder`` holds a suncet run (its settings and labels, written together at start)."""
+    return (Path(folder) / CONFIG_FILE).is_file() and (Path(folder) / LABELS_FILE).is_file()
+
+
+def check_output_file(out: Path | str, overwrite: bool, flag: str, own_run: Path | None = None) -> Path:
+    """A file an export or a plot may be written to, checked before any work: named, not a
+    directory or a link, not an existing file unless ``overwrite``, and inside no run directory
+    but the top level of ``own_run`` (never in its checkpoints, nor over its own files)."""
+    if str(out).strip() in ("", "."):
+        raise ConfigError(f"{flag} must name a file")
+    out = Path(out)
+    if out.is_symlink():
+        raise ConfigError(f"{flag} {out} is a symbolic link; name a file (suncet never writes through a link)")
+    if out.is_dir():
+        raise ConfigError(f"{flag} {out} is a directory; name a file")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{flag} {out} exists; choose another file or add --overwrite to replace it")
+    folder = out.absolute().parent
+    own = Path(own_run).absolute() if own_run is not None else None
+    for ancestor in (folder, *folder.parents):
+        if not is_run_directory(ancestor):
+            continue
+        if ancestor == own and folder == own and not (is_suncet_file(out.name) and not out.name.startswith("backbone")):
+            break
+        if ancestor == own:
+            raise ConfigError(f"{flag} {out} is one of the run's own files or folders; write beside them in {own} "
+                              "under another name, or outside the run")
+        raise ConfigError(f"{flag} {out} is inside another run directory, {ancestor}; choose a file outside it")
+    return out
+
+
+def is_suncet_file(name: str) -> bool:
+    """Whether ``name`` is a file name suncet gives a file it writes in a run or its checkpoints."""
+    return name in (CONFIG_FILE, LABELS_FILE, METRICS_FILE, STATUS_FILE, "last.pt") or bool(_SUNCET_FILE.match(name))
 
 
 def read_labels(run_dir: Path) -> list[int]:
@@ -123,13 +181,27 @@ def read_labels(run_dir: Path) -> list[int]:
     return [int(line) for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
+_STATUS_FIELDS = {"state": str, "reason": (str, type(None)), "pid": int, "host": str, "time": str}
+
+
 def read_status(run_dir: Path) -> dict | None:
-    """The run's status.json (None for runs from before suncet wrote one, or an unreadable file)."""
-    try:
-        status = json.loads((Path(run_dir) / STATUS_FILE).read_text())
-    except (OSError, ValueError):
+    """The run's status.json; None for a run from before suncet wrote one, a ConfigError naming
+    what is wrong when it is damaged."""
+    path = Path(run_dir) / STATUS_FILE
+    if not path.exists():
         return None
-    return status if isinstance(status, dict) and status.get("state") in STATES else None
+    try:
+        status = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{STATUS_FILE} cannot be read as JSON ({str(exc)[:60]})") from None
+    if not isinstance(status, dict):
+        raise ConfigError(f"{STATUS_FILE} holds no mapping")
+    for name, kind in _STATUS_FIELDS.items():
+        if not isinstance(status.get(name), kind) or isinstance(status.get(name), bool):
+            raise ConfigError(f"{STATUS_FILE} lacks a valid '{name}'")
+    if status["state"] not in STATES:
+        raise ConfigError(f"{STATUS_FILE} names state {shown(status['state'])}, not one of {', '.join(STATES)}")
+    return status
 
 
 def write_status(run_dir: Path, state: str, reason: str | None = None) -> None:
@@ -144,7 +216,10 @@ def write_status(run_dir: Path, state: str, reason: str | None = None) -> None:
 
 def owns_status(run_dir: Path) -> bool:
     """Whether this process is the one that marked the run as running."""
-    status = read_status(run_dir)
+    try:
+        status = read_status(run_dir)
+    except ConfigError:
+        return False
     return bool(status and status["state"] == "running" and status["pid"] == os.getpid()
                 and status["host"] == socket.gethostname())
 
@@ -217,9 +292,11 @@ def check_own_files(run_dir: Path) -> None:
     would change files outside the run."""
     run_dir = Path(run_dir)
     entries = list(run_dir.iterdir()) if run_dir.is_dir() else []
-    checkpoints = run_dir / CHECKPOINTS
-    if checkpoints.is_dir() and not checkpoints.is_symlink():
-        entries += list(checkpoints.iterdir())
+    # The folders suncet writes into: checkpoints, and the event files of the tensorboard logger,
+    # whose writer opens its files itself.
+    for folder in (run_dir / CHECKPOINTS, run_dir / "tensorboard"):
+        if folder.is_dir() and not folder.is_symlink():
+            entries += list(folder.iterdir())
     for entry in entries:
         if entry.is_symlink():
             raise ConfigError(f"{entry} is a symbolic link; a run directory's files must be its own (remove the link)")
@@ -246,7 +323,7 @@ def _take(run_dir: Path, lock: bool, report: Callable[[str], None]) -> RunLock |
     if not lock or os.environ.get("RANK", "0") != "0":
         return None
     taken = RunLock(run_dir).acquire()
-    for leftover in remove_partial_writes(run_dir) + remove_partial_writes(run_dir / CHECKPOINTS):
+    for leftover in remove_partial_writes(run_dir, is_suncet_file) + remove_partial_writes(run_dir / CHECKPOINTS, is_suncet_file):
         report(f"removed {leftover.name}, left by an interrupted write")
     return taken
 
@@ -279,7 +356,7 @@ def start_or_resume(
         if out is None or config is None:
             raise ConfigError("--resume auto needs --out RUN_DIR: the run directory to continue or start")
         run_dir = Path(out)
-        if not (run_dir / CONFIG_FILE).exists() and not (run_dir / CHECKPOINTS).exists():
+        if not (run_dir / CONFIG_FILE).exists():  # not a run: refused or started exactly as a new --out
             _check_new_run_dir(run_dir, overwrite)
         taken = _take(run_dir, lock, report)
         checkpoint = None if overwrite else find_checkpoint(run_dir / CHECKPOINTS, fallback=True, report=report)

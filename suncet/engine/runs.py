@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import math
 import os
 import socket
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 from suncet.config import load_yaml
 from suncet.engine import rundir
 from suncet.engine.state import numbered_checkpoints
-from suncet.errors import ConfigError
+from suncet.errors import ConfigError, shown
 
 MONITORS = ("knn_top1", "linear_top1")
 
@@ -19,7 +21,14 @@ def find_runs(folder: Path | str) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"{folder}: no such folder of runs")
-    return sorted(path.parent for path in folder.rglob(rundir.CONFIG_FILE))
+    found = (path.parent for path in folder.rglob(rundir.CONFIG_FILE))
+    return sorted(run for run in found if not _set_aside(run))
+
+
+def _set_aside(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is an earlier run moved aside inside a run (rundir.move_aside)."""
+    return any(part.name.startswith(rundir.REPLACED_PREFIX) and (part.parent / rundir.CONFIG_FILE).is_file()
+               for part in (run_dir, *run_dir.parents))
 
 
 def _alive(status: dict) -> bool:
@@ -53,29 +62,62 @@ def _state(run_dir: Path, epochs_done: int, planned: int) -> tuple[str, str | No
     return state, reason
 
 
-def _best_and_last(rows: list[dict], column: str) -> tuple[float, float] | None:
-    values = [float(r[column]) for r in rows if r.get(column)]
-    return (max(values), values[-1]) if values else None
+def _number(text: object, where: str) -> float | None:
+    """A metrics cell as a finite number; empty or not finite: None (never a best value)."""
+    if text in (None, ""):
+        return None
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} holds {shown(text)}, not a number") from None
+    return value if math.isfinite(value) else None
+
+
+def _best_and_last(rows: list[dict], column: str) -> tuple[float | None, float | None]:
+    """The best finite value of a monitor and its last value (None where not finite)."""
+    values = [_number(r[column], f"{rundir.METRICS_FILE} column {column}") for r in rows if r.get(column)]
+    finite = [v for v in values if v is not None]
+    return (max(finite) if finite else None), (values[-1] if values else None)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    try:
+        rows = rundir.read_metrics(run_dir)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"{rundir.METRICS_FILE} cannot be read as suncet's metrics ({str(exc)[:60]})") from None
+    if rows and "epoch" not in rows[0]:
+        raise ConfigError(f"{rundir.METRICS_FILE} has no epoch column")
+    return rows
+
+
+def _epochs_done(rows: list[dict]) -> int:
+    if not rows:
+        return 0
+    text = rows[-1]["epoch"]
+    if not (isinstance(text, str) and text.isdigit()):
+        raise ConfigError(f"{rundir.METRICS_FILE} ends with epoch {shown(text)}, not a whole number")
+    return int(text)
 
 
 def summarise(run_dir: Path) -> dict:
-    """One run's line in ``suncet runs``."""
+    """One run's line in ``suncet runs``; a damaged run is reported in its own line, never fatal
+    to the listing (state "damaged", the reason naming the file)."""
+    summary = {"run": str(run_dir), "method": None, "dataset": None, "labels": None, "epochs_done": None,
+               "epochs": None, "state": "damaged", "reason": None, "images_per_second": None}
+    for monitor in MONITORS:
+        summary[f"{monitor}_best"] = summary[f"{monitor}_last"] = None
     try:
         config = load_yaml(run_dir / rundir.CONFIG_FILE)
-    except ConfigError as exc:  # one damaged run is reported in its row, not fatal to the listing
-        config = {"state": "unreadable", "reason": str(exc)}
-    rows = rundir.read_metrics(run_dir)
-    epochs_done = int(rows[-1]["epoch"]) if rows else 0
-    state, reason = config.get("state") or None, config.get("reason")
-    if state is None:
-        state, reason = _state(run_dir, epochs_done, int(config.get("epochs", 0)))
-    summary = {
-        "run": str(run_dir), "method": config.get("method"), "dataset": config.get("dataset"),
-        "labels": config.get("labels"), "epochs_done": epochs_done, "epochs": config.get("epochs"),
-        "state": state, "reason": reason,
-        "images_per_second": float(rows[-1]["images_per_second"]) if rows and rows[-1].get("images_per_second") else None,
-    }
-    for monitor in MONITORS:
-        best_last = _best_and_last(rows, monitor)
-        summary[f"{monitor}_best"], summary[f"{monitor}_last"] = best_last or (None, None)
+        summary.update({k: config.get(k) for k in ("method", "dataset", "labels", "epochs")})
+        if not isinstance(summary["epochs"], int) or isinstance(summary["epochs"], bool):
+            raise ConfigError(f"{rundir.CONFIG_FILE} has no whole number of epochs")
+        rows = _metrics(run_dir)
+        summary["epochs_done"] = _epochs_done(rows)
+        if rows:
+            summary["images_per_second"] = _number(rows[-1].get("images_per_second"), f"{rundir.METRICS_FILE} images_per_second")
+        for monitor in MONITORS:
+            summary[f"{monitor}_best"], summary[f"{monitor}_last"] = _best_and_last(rows, monitor)
+        summary["state"], summary["reason"] = _state(run_dir, summary["epochs_done"], summary["epochs"])
+    except ConfigError as exc:
+        summary["reason"] = str(exc)
     return summary

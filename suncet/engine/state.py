@@ -7,6 +7,7 @@ import dataclasses
 import os
 import pickle
 import re
+import secrets
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,8 +99,8 @@ def save_rotating(directory: Path, step: int, state: dict[str, Any], keep: int) 
     directory = Path(directory)
     path = directory / f"step-{step:09d}.pt"
     save_checkpoint(path, state)
-    link = directory / f".{LAST}.link-{os.getpid()}"
-    link.unlink(missing_ok=True)
+    # An unpredictable name, made by os.link itself (which never replaces anything).
+    link = directory / f".{LAST}.link-{secrets.token_hex(4)}"
     os.link(path, link)
     os.replace(link, directory / LAST)
     fsync_directory(directory)
@@ -181,6 +182,26 @@ def check_compatible(config: TrainConfig, state: dict, source: Path) -> None:
             f"checkpoint in {source} belongs to another configuration: {key} is {shown(saved.get(key))} there "
             f"but {shown(current.get(key))} here" + (f" (and {len(differing) - 1} more)" if len(differing) > 1 else "")
         )
+
+
+def check_state_matches(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse, in one line, a checkpoint whose tensors are not the ones the model its settings
+    describe has (names and shapes; ``expected`` may be a meta-device model's state)."""
+    missing = [k for k in expected if k not in saved]
+    extra = [k for k in saved if k not in expected]
+    shapes = [k for k in expected if k in saved and tuple(expected[k].shape) != tuple(saved[k].shape)]
+    if not (missing or extra or shapes):
+        return
+    if shapes:
+        key = shapes[0]
+        first = f"{key} is {list(saved[key].shape)} there but {list(expected[key].shape)} here"
+    elif missing:
+        first = f"it has no {missing[0]}"
+    else:
+        first = f"it holds {extra[0]}, which the model does not have"
+    more = len(missing) + len(extra) + len(shapes) - 1
+    raise CheckpointError(f"{source} does not match the model its settings describe: {first}"
+                          + (f" (and {more} more)" if more else "") + " (settings edited, or written by another version?)")
 
 
 def find_checkpoint(directory: Path, fallback: bool, report=None) -> dict | None:

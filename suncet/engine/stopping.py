@@ -2,13 +2,19 @@
 
 SIGTERM and SIGUSR1 (SLURM's warning before preemption) ask for a checkpoint and an exit with
 ``EXIT_PREEMPTED``; the first SIGINT (Ctrl-C) asks for the same, a second one stops at once.
+Outside the training loop (the final evaluation, an export) they stop the work at once, with
+the same exit code and a line saying what was interrupted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType
+
+from suncet.errors import TrainingStopped
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the job can be requeued and resumed with --resume auto
 EXIT_INTERRUPTED = 130
@@ -46,3 +52,21 @@ class StopRequests:
     @property
     def requested(self) -> bool:
         return self.reason is not None
+
+
+@contextlib.contextmanager
+def stop_at_once(what: str) -> Iterator[None]:
+    """SIGTERM or SIGUSR1 during ``what`` (an evaluation, an export: no step boundary to wait
+    for) ends it at once with ``EXIT_PREEMPTED`` and a line saying what was interrupted."""
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        raise TrainingStopped(f"{signal.Signals(signum).name}: {what} interrupted", EXIT_PREEMPTED)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
