@@ -1,7 +1,7 @@
 """Kernel time of each Triton tile configuration of the fused loss, against tuned references.
 
 `suncet bench kernels` times whole steps with the autotuner's choice. To tune the tables in
-suncet/kernels/triton_kernels.py this script replays, as CUDA graphs (kernel time only, no
+suncet/kernels/triton_tiles.py this script replays, as CUDA graphs (kernel time only, no
 launch overhead), the forward and the backward launchers with each candidate configuration
 forced in turn, beside two references on the same card and shape: cuBLAS's ``z @ z.T`` (the
 GEMM floor) and PyTorch's flash attention on ``q = k = v = z`` (a tuned fused kernel doing
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from suncet.kernels import triton_kernels as tk
+from suncet.kernels import triton_kernels, triton_launch, triton_tiles
 
 
 def graph_ms(fn, replays: int = 10, repeats: int = 15) -> float:
@@ -55,7 +55,7 @@ def graph_ms(fn, replays: int = 10, repeats: int = 15) -> float:
 
 def forced(kernel, table: list, entry: tuple) -> None:
     """Make ``kernel`` run ``entry`` of ``table`` (autotuning off, entry first, cache cleared)."""
-    tk.AUTOTUNE = False
+    triton_tiles.AUTOTUNE = False
     table.remove(entry)
     table.insert(0, entry)
     kernel.cache.clear()
@@ -105,28 +105,32 @@ def main() -> None:
     # The backward's column splits first (the launcher picks them per tile to fill one wave),
     # each count forced in turn with the autotuner's tile for it; "auto" is the launcher's choice.
     for splits in (None, 1, 2, 4, 8):
-        tk._backward_kernel.cache.clear()
-        _, state = tk.forward_mean(z, z, keys, keys, groups, groups, 0, 0.1, True, n, splits=splits)
-        backward = functools.partial(tk.backward_mean, (grad, None), state, z, z, keys, keys, groups, groups, 0, True, n)
+        triton_kernels.backward_kernel.cache.clear()
+        _, state = triton_launch.forward_mean(z, z, keys, keys, groups, groups, 0, 0.1, True, n, splits=splits)
+        backward = functools.partial(
+            triton_launch.backward_mean, (grad, None), state, z, z, keys, keys, groups, groups, 0, True, n
+        )
         ms = graph_ms(backward)
-        tile = ", ".join(tk.last_configs())
+        tile = ", ".join(triton_launch.last_configs())
         record(f"suncet backward (bounded, tau 0.1), column splits {splits or 'auto'}, {tile}", ms, 2)
 
-    width = tk._width(d)
+    width = triton_tiles.width(d)
     for tau in (0.1, 0.02):
         # The losses' path: masked means in the kernels (forward + finishing kernel; one backward launch).
-        forward = functools.partial(tk.forward_mean, z, z, keys, keys, groups, groups, 0, tau, True, n)
+        forward = functools.partial(triton_launch.forward_mean, z, z, keys, keys, groups, groups, 0, tau, True, n)
         _, state = forward()
-        backward = functools.partial(tk.backward_mean, (grad, None), state, z, z, keys, keys, groups, groups, 0, True, n)
-        mode = "bounded" if tk._bounded(tau) else "running maxima"
-        for entry in list(tk._FORWARD_TABLE[width]):
-            forced(tk._forward_kernel, tk._FORWARD_TABLE[width], entry)
+        backward = functools.partial(
+            triton_launch.backward_mean, (grad, None), state, z, z, keys, keys, groups, groups, 0, True, n
+        )
+        mode = "bounded" if triton_tiles.bounded(tau) else "running maxima"
+        for entry in list(triton_tiles.FORWARD_TABLE[width]):
+            forced(triton_kernels.forward_kernel, triton_tiles.FORWARD_TABLE[width], entry)
             record(f"suncet forward + means ({mode}, tau {tau}), tile {entry}", graph_ms(forward), 1)
-        bounded = tk.bounded_backward(tau, d)
+        bounded = triton_tiles.bounded_backward(tau, d)
         mode = "bounded" if bounded else "running maxima"
-        table = tk.backward_tiles(d, bounded)
+        table = triton_tiles.backward_tiles(d, bounded)
         for entry in list(table):
-            forced(tk._backward_kernel, table, entry)
+            forced(triton_kernels.backward_kernel, table, entry)
             record(f"suncet backward ({mode}, tau {tau}), tile {entry}", graph_ms(backward), 2)
 
 if __name__ == "__main__":

@@ -1,19 +1,20 @@
 """Registers, spills and main-loop SASS size of the Triton loss kernels for Hopper, without a GPU.
 
-Compiles each tile configuration of suncet/kernels/triton_kernels.py ahead of time for sm_90
-(``triton.compile`` with a ``GPUTarget``, as the JIT would specialise it: 16-byte aligned
-pointers, D divisible by 16), assembles the PTX with Triton's ``ptxas`` and disassembles the
-cubin with its ``nvdisasm``. Per configuration it reports the registers a thread, the spill
-stores, about how many programs fit on a multiprocessor by registers (65,536 of them), and the
-SASS instructions of the main loop as laid out: the longest span that ends in a branch back to
-its start and holds a tensor-core product (masked path included); then, per similarity entry a
-thread holds (BLOCK_M x BLOCK_N / threads), the instructions and exponentials (MUFU) on the
-loop's shortest path with every key set matched, the one a full, group-uniform tile off the
-self diagonal takes, and the instructions on that tile's path with 0, 1, ... key sets matched
-(the sets' skips taken in the order of the code): a key set's work is skipped on
-tiles where its keys cannot meet (NT-Xent's instance ids meet on few tiles, class labels on
-every one), so `bench kernels --loss both` runs the one-set path on almost every tile.
-Static figures: what they predict about speed is for kernel_anatomy.py to confirm on a card.
+Compiles the kernels of suncet/kernels/triton_kernels.py in each tile configuration of
+triton_tiles.py ahead of time for sm_90 (``triton.compile`` with a ``GPUTarget``, as the JIT
+would specialise it: 16-byte aligned pointers, D divisible by 16), assembles the PTX with
+Triton's ``ptxas`` and disassembles the cubin with its ``nvdisasm``. Per configuration it
+reports the registers a thread, the spill stores, about how many programs fit on a
+multiprocessor by registers (65,536 of them), and the SASS instructions of the main loop as laid
+out: the longest span that ends in a branch back to its start and holds a tensor-core product
+(masked path included); then, per similarity entry a thread holds (BLOCK_M x BLOCK_N / threads),
+the instructions and exponentials (MUFU) on the loop's shortest path with every key set matched,
+the one a full, group-uniform tile off the self diagonal takes, and the instructions on that
+tile's path with 0, 1, ... key sets matched (the sets' skips taken in the order of the code): a
+key set's work is skipped on tiles where its keys cannot meet (NT-Xent's instance ids meet on
+few tiles, class labels on every one), so `bench kernels --loss both` runs the one-set path on
+almost every tile. Static figures: what they predict about speed is for kernel_anatomy.py to
+confirm on a card.
 
     python benchmarks/kernel_registers.py [--json FILE] [--dtype bf16] [--sets 2] [--upstream mean]
 """
@@ -35,11 +36,12 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 from suncet.kernels import triton_kernels as tk
+from suncet.kernels import triton_tiles as tiles
 
 _ALIGNED = {
     "q_ptr", "k_ptr", "row_keys_ptr", "col_keys_ptr", "row_groups_ptr", "col_groups_ptr", "partial_ptr", "loss_ptr",
-    "valid_ptr", "lse_all_ptr", "lse_pos_ptr", "dq_ptr", "dk_ptr", "tickets_ptr", "grad_ptr", "gmean0_ptr", "gmean1_ptr",
-    "means_ptr", "D",
+    "valid_ptr", "stats_all_ptr", "stats_pos_ptr", "dq_ptr", "dk_ptr", "tickets_ptr", "grad_ptr", "gmean0_ptr",
+    "gmean1_ptr", "means_ptr", "D",
 }  # fmt: skip
 _TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
@@ -47,8 +49,8 @@ _INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z
 
 def _types(kernel, dtype: str) -> dict[str, str]:
     ids = {name: "*i64" for name in ("row_keys_ptr", "col_keys_ptr", "row_groups_ptr", "col_groups_ptr")}
-    stats = {"lse_all_ptr": "*fp32", "lse_pos_ptr": "*fp32"}
-    if kernel is tk._forward_kernel:
+    stats = {"stats_all_ptr": "*fp32", "stats_pos_ptr": "*fp32"}
+    if kernel is tk.forward_kernel:
         return {"q_ptr": dtype, "k_ptr": dtype, **ids, "partial_ptr": "*fp32", "loss_ptr": "*fp32",
                 "valid_ptr": "*i1", **stats, "M": "i32", "N": "i32", "D": "i32", "self_offset": "i32",
                 "scale2": "fp32"}  # fmt: skip
@@ -190,17 +192,17 @@ def main() -> None:
     mean = {"MEAN": 1 if means else 0, "HAS": 1 if means else 0}
     for bounded in (True, False):
         mode = "bounded" if bounded else "running maxima"
-        stats = 2 * args.sets if bounded and means else args.sets  # as the launchers choose (_Plan.mean_stats)
-        for tile in tk._FORWARD_TABLE[128]:
+        stats = 2 * args.sets if bounded and means else args.sets  # as triton_launch._Plan.mean_stats
+        for tile in tiles.FORWARD_TABLE[128]:
             constants = {**common, "BOUNDED": bounded, "INVERSE": bounded, "STATS": stats, "CHECK_K": False,
                          "EVEN_N": True}  # fmt: skip
-            rows.append({"kernel": f"forward ({mode})", **analyse(tk._forward_kernel, dtype, constants, tile)})
+            rows.append({"kernel": f"forward ({mode})", **analyse(tk.forward_kernel, dtype, constants, tile)})
         for two_sides in (False, True):  # one tower; q and k apart (distributed), both sides in one kernel
             layout = "two-tower" if two_sides else "one-tower"
-            for tile in tk.backward_tiles(128, bounded):
+            for tile in tiles.backward_tiles(128, bounded):
                 constants = {**common, **mean, "BOUNDED": bounded, "STATS": stats, "TWO_SIDES": two_sides,
                              "SYMMETRIC": not two_sides, "EVEN_N": True}  # fmt: skip
-                result = analyse(tk._backward_kernel, dtype, constants, tile)
+                result = analyse(tk.backward_kernel, dtype, constants, tile)
                 rows.append({"kernel": f"{layout} backward ({mode})", **result})
     print(f"sm_90, D = 128, {args.dtype}, P = {args.sets}, backward upstream: {args.upstream}, "
           f"triton {triton.__version__}; tile = (BLOCK_M, BLOCK_N, warps, stages)")  # fmt: skip

@@ -2,13 +2,13 @@
 
 Two modes.
 
-``--stub`` (any machine, no GPU): every Triton kernel of suncet/kernels/triton_kernels.py is
-replaced by a launch that does nothing, and the triton backend runs on small CPU tensors
-(TRITON_INTERPRET=1 only lets it take them; nothing is interpreted). What remains is the host
-work of a step without Triton's own launch cost: argument checks, plans, allocations, autograd.
-It times the fused masked-means step (``kernels.multi_positive_mean`` and its gradient), the
-per-row step with the masked mean in PyTorch (the path before the means were fused), and the
-launchers alone.
+``--stub`` (any machine, no GPU): every Triton kernel of suncet/kernels/triton_kernels.py, where
+the launchers of triton_launch.py look them up, is replaced by a launch that does nothing, and
+the triton backend runs on small CPU tensors (TRITON_INTERPRET=1 only lets it take them; nothing
+is interpreted). What remains is the host work of a step without Triton's own launch cost:
+argument checks, plans, allocations, autograd. It times the fused masked-means step
+(``kernels.multi_positive_mean`` and its gradient), the per-row step with the masked mean in
+PyTorch (the path before the means were fused), and the launchers alone.
 
 Default (a CUDA device): the same steps with real launches and the GPU never waited for, an
 empty Triton launch and an empty PyTorch op for scale, then cProfile and torch.profiler of the
@@ -100,7 +100,7 @@ def _steps(n: int, d: int, device, dtype) -> dict:
     import torch.nn.functional as F
 
     from suncet import kernels
-    from suncet.kernels import triton_kernels
+    from suncet.kernels import triton_launch
 
     half = n // 2  # the training layout: [unlabeled views; labeled rows], NT-Xent and SuNCEt in one launch
     gen = torch.Generator().manual_seed(0)
@@ -123,14 +123,14 @@ def _steps(n: int, d: int, device, dtype) -> dict:
 
     zd = z.detach()
     keys2 = keys[:, None]
-    _, state = triton_kernels.forward_mean(zd, zd, keys2, keys2, groups, groups, 0, 0.1, True, half)
+    _, state = triton_launch.forward_mean(zd, zd, keys2, keys2, groups, groups, 0, 0.1, True, half)
     grad = torch.ones((), device=device)
 
     def launch_forward():
-        return triton_kernels.forward_mean(zd, zd, keys2, keys2, groups, groups, 0, 0.1, True, half)
+        return triton_launch.forward_mean(zd, zd, keys2, keys2, groups, groups, 0, 0.1, True, half)
 
     def launch_backward():
-        return triton_kernels.backward_mean((grad, grad), state, zd, zd, keys2, keys2, groups, groups, 0, True, half)
+        return triton_launch.backward_mean((grad, grad), state, zd, zd, keys2, keys2, groups, groups, 0, True, half)
 
     class _Nothing(torch.autograd.Function):  # the floor: an autograd step that computes nothing
         @staticmethod

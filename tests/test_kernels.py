@@ -339,11 +339,11 @@ def test_fake_tensors_trace_through_the_ops():
 def triton_interpreter():
     skip_unless_triton_interpreter()
     kernels.backend_status.cache_clear()
-    from suncet.kernels import triton_kernels
+    from suncet.kernels import triton_launch
 
-    triton_kernels.set_fp32_precision("ieee")
-    yield triton_kernels
-    triton_kernels.set_fp32_precision("tf32")
+    triton_launch.set_fp32_precision("ieee")
+    yield triton_launch
+    triton_launch.set_fp32_precision("tf32")
 
 
 TRITON_CASES = [
@@ -503,9 +503,11 @@ def test_triton_interpreter_launcher_splits_columns_on_a_gpu_sized_grid(triton_i
     # The launcher's own split count, as on a GPU: the grid function sees only the kernel's
     # arguments (the interpreter passes it the same), here with 16 multiprocessors and splits of
     # 16 columns, so that a few 16-row tiles split.
+    from suncet.kernels import triton_tiles
+
     monkeypatch.setattr(triton_interpreter, "_PLANS", {})
     monkeypatch.setattr(triton_interpreter, "_multiprocessors", lambda device: 16)
-    monkeypatch.setattr(triton_interpreter, "_SPLIT_COLUMNS", 16)
+    monkeypatch.setattr(triton_tiles, "SPLIT_COLUMNS", 16)
     gen = torch.Generator().manual_seed(rows)
     q, k, rk, ck, rg, cg, offset = make_problem(layout, rows, 32, 2, gen)
     grad = torch.randn(rows, 2, generator=gen, dtype=torch.float64)
@@ -631,16 +633,17 @@ def test_triton_interpreter_losses_keep_non_finite(triton_interpreter):
 
 def test_triton_backward_mode_follows_tau_and_width():
     pytest.importorskip("triton")
-    from suncet.kernels import triton_kernels as tk
+    from suncet.kernels import triton_kernels, triton_tiles
 
-    assert tk.bounded_backward(0.1, 128) and tk.bounded_backward(0.0301, 64)
-    assert not tk.bounded_backward(0.02, 128)  # the bound would leave fp32's normal range
-    assert not tk.bounded_backward(0.1, 256)  # every bounded tile spills at D = 256
-    if tk.INTERPRETING:
+    assert triton_tiles.bounded_backward(0.1, 128) and triton_tiles.bounded_backward(0.0301, 64)
+    assert not triton_tiles.bounded_backward(0.02, 128)  # the bound would leave fp32's normal range
+    assert not triton_tiles.bounded_backward(0.1, 256)  # every bounded tile spills at D = 256
+    if triton_tiles.INTERPRETING:
         return
-    configs = tk._backward_kernel.configs
-    tiles = {tk._tile(c) for c in tk._prune_backward(configs, {"D": 128}, BOUNDED=True)}
-    assert tiles == set(tk._BOUNDED_BACKWARD_TABLE[128]) if tk.AUTOTUNE else {tk._BOUNDED_BACKWARD_TABLE[128][0]}
+    configs = triton_kernels.backward_kernel.configs
+    tiles = {triton_tiles.tile_of(c) for c in triton_tiles.prune_backward(configs, {"D": 128}, BOUNDED=True)}
+    table = triton_tiles.BOUNDED_BACKWARD_TABLE[128]
+    assert tiles == (set(table) if triton_tiles.AUTOTUNE else {table[0]})
 
 
 def test_triton_interpreter_in_subprocess():
@@ -766,7 +769,7 @@ def test_gpu_triton_fused_means_match_float64(dtype, tol, tau):
 @pytest.mark.parametrize("layout", ["one_tower", "cross"])
 def test_gpu_triton_backward_column_splits_match_float64_and_repeat(layout):
     # The launcher's own split count (None: 2 to 4 at 2,048 rows on an H100/H200) and forced ones.
-    from suncet.kernels import triton_kernels as tk
+    from suncet.kernels import triton_launch
 
     q, k, rk, ck, rg, cg, offset = _gpu_problem(2048, 128, 2, 5, layout)
     grad = torch.randn(2048, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -774,14 +777,14 @@ def test_gpu_triton_backward_column_splits_match_float64_and_repeat(layout):
     qd = q.to("cuda", torch.bfloat16)
     kd = qd if one_tower else k.to("cuda", torch.bfloat16)
     ids = [t.cuda() for t in (rk, ck, rg, cg)]
-    _, _, stats_all, stats_pos = tk.forward(qd, kd, *ids, offset, 0.1, one_tower)
+    _, _, stats_all, stats_pos = triton_launch.forward(qd, kd, *ids, offset, 0.1, one_tower)
     k64 = None if one_tower else kd.double().cpu()
     want = run_backend("cpu", qd.double().cpu(), k64, rk, ck, rg, cg, offset, 0.1, grad)
     for splits in (None, 3, 8):
 
         def run():
             stats = (stats_all, stats_pos, offset, 0.1, one_tower)
-            return tk.backward(grad.cuda().float(), qd, kd, *ids, *stats, splits=splits)
+            return triton_launch.backward(grad.cuda().float(), qd, kd, *ids, *stats, splits=splits)
 
         dq, dk = run()
         assert rel(dq.double().cpu(), want[2]) <= 1e-2

@@ -226,9 +226,9 @@ def measure(
         if cuda_graph and device.type == "cuda" and backend in FUSED:
             result.step_graph_ms = _graph_step_ms(step, repeats)
         if backend == "triton" and device.type == "cuda":
-            from suncet.kernels import triton_kernels
+            from suncet.kernels import triton_launch
 
-            result.notes += triton_kernels.last_configs()  # what the autotuner chose for this shape
+            result.notes += triton_launch.last_configs()  # what the autotuner chose for this shape
     except Exception as exc:  # one backend failing (out of memory, a compile error) must not stop the grid
         result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
         if device.type == "cuda":
@@ -251,9 +251,9 @@ def run_grid(
     if device.type == "cpu":
         _release_large_allocations()
     if device.type == "cuda" and "triton" in backend:
-        from suncet.kernels import triton_kernels
+        from suncet.kernels import triton_launch
 
-        if triton_kernels.fp32_precision() == "tf32":
+        if triton_launch.fp32_precision() == "tf32":
             # The floor of a tf32 kernel is a tf32 product.
             torch.backends.cuda.matmul.allow_tf32 = True
     results = []
@@ -297,10 +297,10 @@ def machine_info(device: torch.device) -> dict:
     except ImportError:
         info["triton"] = None
     if device.type == "cuda" and kernels.backend_status()["triton"][0]:
-        from suncet.kernels import triton_kernels
+        from suncet.kernels import triton_launch, triton_tiles
 
-        info["triton_fp32_precision"] = triton_kernels.fp32_precision()
-        info["triton_autotune"] = triton_kernels.AUTOTUNE
+        info["triton_fp32_precision"] = triton_launch.fp32_precision()
+        info["triton_autotune"] = triton_tiles.AUTOTUNE
     info["backends"] = {name: {"usable": ok, "why": why} for name, (ok, why) in kernels.backend_status().items()}
     return info
 

@@ -85,9 +85,9 @@ resolve_backend._dynamo_marked_constant = True
 
 def set_fp32_precision(mode: str) -> None:
     """How the triton backend feeds fp32 inputs to the tensor cores: "tf32" (default) or "ieee"."""
-    from suncet.kernels import triton_kernels
+    from suncet.kernels import triton_launch
 
-    triton_kernels.set_fp32_precision(mode)
+    triton_launch.set_fp32_precision(mode)
 
 
 def _key_sets(name: str, keys: Tensor, rows: int) -> Tensor:

@@ -63,12 +63,12 @@ def _triton_status() -> tuple[bool, str]:
     try:
         import triton
 
-        from suncet.kernels import triton_kernels
+        from suncet.kernels import triton_launch
     except Exception as exc:  # a triton that cannot compile our kernels must not break the package
         return False, f"Triton kernels do not import: {type(exc).__name__}: {exc}"
     if torch.cuda.is_available():
         where = torch.cuda.get_device_name()
-        return True, f"Triton {triton.__version__} on {where}, fp32 dots as {triton_kernels.fp32_precision()}"
+        return True, f"Triton {triton.__version__} on {where}, fp32 dots as {triton_launch.fp32_precision()}"
     return True, f"Triton {triton.__version__} interpreter (TRITON_INTERPRET=1) on CPU tensors: slow, for tests"
 
 
@@ -99,27 +99,27 @@ def _cpu_backward(*args):
 
 
 def _triton_forward(*args):
-    from suncet.kernels import triton_kernels
+    from suncet.kernels import triton_launch
 
-    return triton_kernels.forward(*args)
+    return triton_launch.forward(*args)
 
 
 def _triton_backward(*args):
-    from suncet.kernels import triton_kernels
+    from suncet.kernels import triton_launch
 
-    return triton_kernels.backward(*args)
+    return triton_launch.backward(*args)
 
 
 def _triton_forward_mean(*args):
-    from suncet.kernels import triton_kernels
+    from suncet.kernels import triton_launch
 
-    return triton_kernels.forward_mean(*args)
+    return triton_launch.forward_mean(*args)
 
 
 def _triton_backward_mean(*args):
-    from suncet.kernels import triton_kernels
+    from suncet.kernels import triton_launch
 
-    return triton_kernels.backward_mean(*args)
+    return triton_launch.backward_mean(*args)
 
 
 def _cuda_forward(*args):
