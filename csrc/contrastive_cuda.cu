@@ -43,7 +43,9 @@ __device__ __forceinline__ bool meets(int64_t lo, int64_t hi, int64_t lo2, int64
 template <int DP>
 __device__ void load_tile(bf16* dst, const bf16* src, int64_t first, int64_t count, int dim) {
   constexpr int ld = kLd<DP>;
-  if (dim % 8 == 0) {
+  // 16-byte vector loads need whole 8-element rows and a 16-byte aligned base: a contiguous view
+  // into a larger tensor may start anywhere. Otherwise one element at a time.
+  if (dim % 8 == 0 && (reinterpret_cast<uintptr_t>(src) & 15) == 0) {
     constexpr int chunks = DP / 8;
     for (int idx = threadIdx.x; idx < kTile * chunks; idx += kThreads) {
       const int r = idx / chunks, c = (idx % chunks) * 8;
@@ -469,6 +471,7 @@ cudaError_t launch_pass(const BackwardParams& prm, cudaStream_t stream) {
   const size_t smem = backward_smem<DP, P>();
   cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
+  if (prm.a_count == 0) return cudaSuccess;  // no rows to write (an empty k): a zero-block grid is an error
   kernel<<<static_cast<unsigned>(cdiv(prm.a_count, kTile)), kThreads, smem, stream>>>(prm);
   return cudaGetLastError();
 }

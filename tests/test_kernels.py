@@ -631,6 +631,12 @@ def test_triton_interpreter_losses_keep_non_finite(triton_interpreter):
     check_losses_keep_non_finite("triton")
 
 
+def test_triton_interpreter_losses_nan_every_row_that_sees_a_non_finite_row(triton_interpreter):
+    from test_losses import check_rows_that_see_a_non_finite_row_are_nan
+
+    check_rows_that_see_a_non_finite_row_are_nan("triton")
+
+
 def test_triton_backward_mode_follows_tau_and_width():
     pytest.importorskip("triton")
     from suncet.kernels import triton_kernels, triton_tiles
@@ -652,7 +658,7 @@ def test_triton_interpreter_in_subprocess():
         "interpreter_matches or interpreter_split or interpreter_extreme or interpreter_special"
         " or interpreter_fused or interpreter_non_finite or interpreter_ids or interpreter_losses"
         " or interpreter_backward or interpreter_launcher or interpreter_key",
-        passed=len(TRITON_CASES) + 4 + len(MEAN_CASES) + 2 + 1 + 2 + 1 + 6 + 2 + 6,
+        passed=len(TRITON_CASES) + 4 + len(MEAN_CASES) + 2 + 1 + 3 + 1 + 6 + 2 + 6,
     )
 
 
@@ -871,3 +877,111 @@ def test_gpu_large_n_is_finite_deterministic_and_small():
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     # O(N D): the bf16 gradient (8 MiB here) plus O(N) statistics, never an N x N matrix (2 GiB).
     assert extra < 32 * 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe across streams, graph capture and large shapes (reliability round three).
+
+
+def test_triton_plans_are_bounded_and_offsets_past_int32_are_refused():
+    pytest.importorskip("triton")
+    from suncet.kernels import triton_launch
+
+    triton_launch._PLANS.clear()
+    for rows in range(8, 8 + 2 * triton_launch.MAX_PLANS):
+        triton_launch._plan(torch.zeros(rows, 16), rows, 1, 0.1, True)
+    assert len(triton_launch._PLANS) == triton_launch.MAX_PLANS
+    newest = next(reversed(triton_launch._PLANS))
+    assert newest[0] == 7 + 2 * triton_launch.MAX_PLANS  # the most recent plans are the ones kept
+    triton_launch.check_int32_offsets(2**24 - 1, 2**24 - 1, 128, 2, 1)  # just inside: 2^31 - 128
+    for m, n, d, p, splits in ((2**24, 8, 128, 1, 1), (8, 2**24, 128, 1, 1), (2**25, 8, 64, 2, 8)):
+        with pytest.raises(ValueError, match="exceed the triton kernels' int32 offsets"):
+            triton_launch.check_int32_offsets(m, n, d, p, splits)
+
+
+def _fresh_problem(seed):
+    q, k, rk, ck, rg, cg, offset = _gpu_problem(700, 128, 2, seed, "cross")
+    return [t.to("cuda") if t is not None else None for t in (q.bfloat16(), k.bfloat16(), rk, ck, rg, cg)] + [offset]
+
+
+@gpu
+@needs_cuda
+def test_gpu_triton_launches_on_two_streams_at_once_keep_their_own_scratch():
+    """Two overlapping launches of one shape on two streams: each gradient equals the same
+    launch alone (shared tickets or partial sums would leave rows unwritten or mixed)."""
+    problems = [_fresh_problem(seed) for seed in (11, 12)]
+    grad = torch.randn(700, 2, device="cuda")
+    alone = [run_backend("triton", *p[:6], p[6], 0.1, grad) for p in problems]
+    streams = [torch.cuda.Stream() for _ in problems]
+    torch.cuda.synchronize()
+    together = [None, None]
+    for repeat in range(20):
+        for i, (problem, stream) in enumerate(zip(problems, streams)):
+            with torch.cuda.stream(stream):
+                together[i] = run_backend("triton", *problem[:6], problem[6], 0.1, grad)
+        torch.cuda.synchronize()
+        for got, want in zip(together, alone):
+            for g, w in zip(got, want):
+                assert torch.equal(g, w), f"repeat {repeat}"
+
+
+@gpu
+@needs_cuda
+def test_gpu_triton_plan_made_during_graph_capture_leaves_eager_launches_correct():
+    from suncet.kernels import triton_launch
+
+    triton_launch._PLANS.clear()
+    problem = _fresh_problem(13)
+    grad = torch.randn(700, 2, device="cuda")
+    side = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        run_backend("triton", *problem[:6], problem[6], 0.1, grad)  # warm-up: compile, autotune
+        torch.cuda.synchronize()
+        triton_launch._PLANS.clear()
+        with torch.cuda.graph(graph):
+            captured = run_backend("triton", *problem[:6], problem[6], 0.1, grad)
+    graph.replay()
+    eager = run_backend("triton", *problem[:6], problem[6], 0.1, grad)
+    torch.cuda.synchronize()
+    for g, e in zip(captured, eager):
+        assert torch.equal(g, e)
+    want = run_backend("cpu", *[t.cpu().double() if t is not None and t.is_floating_point() else (t.cpu() if t is not None else None) for t in problem[:6]], problem[6], 0.1, grad.cpu().double())
+    assert rel(eager[2].double().cpu(), want[2]) <= 1e-2
+
+
+@gpu
+@needs_cuda
+def test_gpu_large_offsets_are_refused_before_any_launch():
+    q = torch.empty((2**24, 128), device="meta")
+    with pytest.raises(ValueError, match="int32 offsets"):
+        from suncet.kernels import triton_launch
+
+        triton_launch.check_int32_offsets(q.shape[0], q.shape[0], q.shape[1], 1, 1)
+    big = torch.zeros((2**24 + 8, 128), device="cuda", dtype=torch.bfloat16)  # 4 GiB of bf16 rows
+    keys = torch.zeros(big.shape[0], dtype=torch.long, device="cuda")
+    with pytest.raises(ValueError, match="int32 offsets"):
+        kernels.multi_positive(big, big, keys, keys, keys, keys, 0, 0.1, "triton")
+
+
+@gpu
+@needs_cuda
+def test_gpu_cuda_backend_takes_an_empty_column_set_and_unaligned_rows():
+    if not kernels.backend_status()["cuda"][0]:
+        pytest.skip(kernels.backend_status()["cuda"][1])
+    q = torch.nn.functional.normalize(torch.randn(40, 64, device="cuda"), dim=1).bfloat16().requires_grad_(True)
+    empty = torch.empty((0, 64), device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    keys = torch.zeros(40, dtype=torch.long, device="cuda")
+    none = torch.zeros(0, dtype=torch.long, device="cuda")
+    loss, valid = kernels.multi_positive(q, empty, keys, none, keys, none, 40, 0.1, "cuda")
+    assert not valid.any() and torch.equal(loss, torch.zeros_like(loss))
+    loss.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q.grad))
+    # A contiguous view starting 4 elements (8 bytes) into its storage: no 16-byte vector loads.
+    storage = torch.nn.functional.normalize(torch.randn(41 * 64, device="cuda"), dim=0).bfloat16()
+    shifted = storage[4 : 4 + 40 * 64].view(40, 64)
+    assert shifted.data_ptr() % 16 != 0
+    keys = torch.arange(40, device="cuda") % 5
+    got = kernels.multi_positive(shifted, shifted, keys, keys, keys * 0, keys * 0, 0, 0.1, "cuda")[0]
+    want = kernels.multi_positive(shifted.clone(), shifted.clone(), keys, keys, keys * 0, keys * 0, 0, 0.1, "cuda")[0]
+    assert torch.equal(got, want)

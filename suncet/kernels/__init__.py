@@ -149,9 +149,11 @@ def multi_positive(
     row then carries its weight into the backward. When ``k is q`` the fused backends use the
     one-tower backward (one pass, no atomics).
 
-    Non-finite inputs: every backend returns a NaN loss for a row of q holding a NaN or an inf,
-    valid or not, and a non-finite gradient; a non-finite row of k makes the losses of the rows
-    that see it (cpu: of all rows) NaN, and, where no row sees it, still one row tile's.
+    Non-finite inputs (docs/kernels.md has the table): every backend returns a NaN loss for a
+    row of q holding a NaN or an inf, valid or not, and a non-finite gradient; a row of k holding
+    a NaN makes NaN the losses of every row that sees it (reference, cpu, cuda: of every row),
+    and always those of one row tile. An infinite coordinate is not a unit row: the losses
+    normalise first, which turns it into NaN.
     """
     name, single, rk, ck, rg, cg = _prepare(q, k, row_keys, col_keys, row_groups, col_groups, backend)
     if name == "reference":

@@ -289,6 +289,7 @@ def _accumulate(s2, member0, member1, max_all, sum_all, max0, sum0, max1, sum1, 
     configs=tiles.forward_configs(),
     key=["M", "N", "D", "P", "BOUNDED"],
     prune_configs_by={"early_config_prune": tiles.prune_forward},
+    cache_results=True,  # the tile chosen once is read back by later processes: the same sums, in the same order
 )
 @triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
 @triton.jit(do_not_specialize=["self_offset"])  # one compilation for every rank's offset
@@ -755,6 +756,7 @@ def _store_split(
     configs=tiles.backward_configs(),
     key=["M", "N", "D", "P", "BOUNDED", "MEAN", "TWO_SIDES"],
     prune_configs_by={"early_config_prune": tiles.prune_backward},
+    cache_results=True,
 )
 @triton.heuristics({"EVEN_N": lambda args: args["M"] % args["BLOCK_N"] == 0 and args["N"] % args["BLOCK_N"] == 0})
 @triton.jit(do_not_specialize=["self_offset", "boundary"])

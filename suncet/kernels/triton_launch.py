@@ -12,6 +12,7 @@ and is part of each plan's key.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 
 import torch
 import triton
@@ -57,14 +58,16 @@ class _Plan:
     """What a launch needs that depends only on shapes, dtype, device, tau and layout, made once
     per such combination: grids, compile-time constants, and scratch buffers that live only
     within one kernel or between the forward kernel and the finishing one of the same call
-    (stream order keeps one call's use of them before the next call's: calls of one shape on two
-    streams at once would share them). A step then spends its host time on launches.
+    (stream order keeps one call's use of them before the next call's; calls on another stream,
+    or while a graph is captured, get plans of their own: ``_plan``). A step then spends its host
+    time on launches.
     ``splits`` overrides the column splits of both directions."""
 
     def __init__(self, m, n, d, p, dtype, device, tau, one_tower, splits):
         f32 = dict(device=device, dtype=torch.float32)
         sms = _multiprocessors(device)
         self.splits = splits or tiles.forward_splits(m, n, sms)
+        check_int32_offsets(m, n, d, p, self.splits)
         self.bounded_backward = tiles.bounded_backward(tau, d)
         self.scale2, self.inv_tau = tiles.LOG2E / tau, 1.0 / tau
         common = dict(P=p, BLOCK_D=tiles.block_d(d), EVEN_D=tiles.block_d(d) == d, PRECISION=_precision(dtype))
@@ -103,15 +106,39 @@ class _Plan:
         self.ticket = torch.zeros(1, device=device, dtype=torch.int32)
 
 
-_PLANS: dict[tuple, _Plan] = {}
+def check_int32_offsets(m: int, n: int, d: int, p: int, splits: int) -> None:
+    """The kernels index rows (``row * D``) and the forward's partial statistics in int32:
+    refuse shapes whose offsets would pass 2^31 rather than read or write the wrong memory."""
+    largest = max(max(m, n) * tiles.block_d(d), splits * (2 + 2 * p) * m)
+    if largest >= 2**31:
+        raise ValueError(f"{m} x {n} rows of width {d} exceed the triton kernels' int32 offsets (2^31); "
+                         "split the batch, or use the cpu or reference backend")
+
+
+# Plans hold scratch buffers and split tickets that a launch uses from start to end: two
+# overlapping launches must not share them. The key therefore holds the CUDA stream and whether
+# it is capturing a graph (a buffer made during capture is zeroed only when the graph replays),
+# and the cache keeps the most recent plans only.
+_PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
+MAX_PLANS = 32
+
+
+def _stream_key(device: torch.device) -> tuple:
+    if device.type != "cuda":
+        return ()
+    return torch.cuda.current_stream(device).cuda_stream, torch.cuda.is_current_stream_capturing()
 
 
 def _plan(q: torch.Tensor, n: int, p: int, tau: float, one_tower: bool, splits: int | None = None) -> _Plan:
     m, d = q.shape
-    key = (m, n, d, p, q.dtype, q.device, tau, one_tower, splits, _fp32_precision)
+    key = (m, n, d, p, q.dtype, q.device, tau, one_tower, splits, _fp32_precision, *_stream_key(q.device))
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = _Plan(m, n, d, p, q.dtype, q.device, tau, one_tower, splits)
+        if len(_PLANS) > MAX_PLANS:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
     return plan
 
 
