@@ -4,13 +4,14 @@
 # pipeline), time each Triton tile configuration as kernel time (benchmarks/kernel_anatomy.py),
 # time the Triton backend from Python, eager and as CUDA graphs, at N = 8192 / 32768 / 2048 in
 # bf16 and fp32, then the host time of a fused-loss step (benchmarks/profile_host.py, with real
-# launches and with stubbed ones). That is the default run, at most 480 s. --all adds the cuda
+# launches and with stubbed ones), then PAWS's soft nearest neighbour each way (suncet bench
+# snn). That is the default run, at most 480 s. --all adds the cuda
 # backend and eager PyTorch to the Python-side benchmark, a training step eager against
 # torch.compile with CUDA graphs (benchmarks/bench_compile.py), a torchrun-against-plain training check
 # (30 epochs, median epoch rates), the data pipeline check (benchmarks/gpu_data_check.sh), and the
 # torch.compile and per-loss variant benchmarks, within 575 s. Every step tees into
 # $OUT/gpu_check.log; the JSON figures land in $OUT too, each rewritten after every row it
-# measures (4 files, 8 with --all: the device returns at most 8). Each step has a time cap, cut to
+# measures (5 files, 8 with --all: the device returns at most 8). Each step has a time cap, cut to
 # what is left of the total, and a failing step does not stop the ones after it, so a run always
 # ends in time and returns its log.
 #
@@ -122,6 +123,15 @@ else
   run "profile host" 45 env SUNCET_TRITON_AUTOTUNE=0 "$PY" benchmarks/profile_host.py "${PROFILE_JSON[@]}"
 fi
 run "profile host, launches stubbed" 30 "$PY" benchmarks/profile_host.py --stub
+
+step "PAWS's soft nearest neighbour: GEMMs + softmax against scaled_dot_product_attention, fp32 and bf16"
+SNN_JSON=(--json "$OUT/bench_snn.json")
+if ((ALL)); then SNN_JSON=(); fi  # in the log only: --all fills the 8 files
+if ((NO_GPU)); then
+  run "bench snn" 60 "${SUNCET[@]}" bench snn --device cpu --shape 256,40,64,10 --repeats 3 "${SNN_JSON[@]}"
+else
+  run "bench snn" 40 "${SUNCET[@]}" bench snn --dtype fp32,bf16 --repeats 10 "${SNN_JSON[@]}"
+fi
 
 if ((ALL)); then
 step "training step under torch.compile: eager against CUDA graphs (reduce-overhead), host synced every 16 steps"

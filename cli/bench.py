@@ -1,4 +1,4 @@
-"""`suncet bench`: micro-benchmarks of the fused kernels and of the data pipelines."""
+"""`suncet bench`: micro-benchmarks of the fused kernels, PAWS's soft nearest neighbour and the data pipelines."""
 
 from __future__ import annotations
 
@@ -100,6 +100,55 @@ def kernels_command(
     _print_results(results, cuda_graph, repeats)
     if json_path:
         save(results)  # now with the speedups over eager
+        console.print(f"wrote {json_path}")
+
+
+@bench.command("snn")
+@click.option("--shape", "shapes", multiple=True, metavar="A,S,D,C",
+              help="Anchors, supports, width, classes (repeatable) [default: digits, CIFAR-10 and ImageNet-like shapes].")
+@click.option("--dtype", "dtypes", default="fp32", show_default=True, help="Among fp32, bf16, fp16, comma-separated.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1), help="Timed runs (median).")
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the figures and the machine here.")
+def snn_command(shapes, dtypes, device, repeats, warmup, json_path):
+    """Time PAWS's soft nearest-neighbour product each way (GEMMs + softmax, or attention)."""
+    import torch
+
+    from suncet.bench import kernels as kb
+    from suncet.bench import snn
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible")
+    dev = torch.device(device)
+    chosen = [tuple(_csv(int, text)) for text in shapes] or snn.default_shapes(dev)
+    if any(len(shape) != 4 or min(shape) < 1 for shape in chosen):
+        raise ConfigError("--shape takes four positive integers: anchors,supports,width,classes")
+    kinds = _csv(str, dtypes)
+    if not kinds or any(kind not in kb.DTYPES for kind in kinds):
+        raise ConfigError(f"--dtype must list some of {', '.join(kb.DTYPES)}, got '{dtypes}'")
+    console.print(f"[bold]suncet bench snn[/bold] on {kb.machine_info(dev)['device']}")
+    command = shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
+    done = []
+
+    def progress(r):
+        status = r.error or f"{_fmt(r.step_ms)} ms, max rel error {r.max_rel_error:.1e}"
+        console.print(f"  A={r.anchors} S={r.supports} D={r.dim} C={r.classes} {r.dtype} {r.method}: {status}", highlight=False)
+        done.append(r)
+        if json_path:
+            write_json(Path(json_path), snn.as_json(done, dev, command))
+
+    results = snn.run(chosen, kinds, dev, repeats, warmup, progress)
+    table = Table(title="soft nearest neighbour, forward + backward (median ms)")
+    for column in ("A", "S", "D", "C", "dtype", "method", "step ms", "max rel error"):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(str(r.anchors), str(r.supports), str(r.dim), str(r.classes), r.dtype, r.method,
+                      r.error or _fmt(r.step_ms), "-" if r.max_rel_error is None else f"{r.max_rel_error:.1e}")
+    console.print(table)
+    if json_path:
         console.print(f"wrote {json_path}")
 
 

@@ -31,7 +31,8 @@ def print_scores(result: dict, title: str) -> None:
 
 @click.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--protocol", type=click.Choice(["linear", "knn", "finetune"]), default="linear", show_default=True)
+@click.option("--protocol", type=click.Choice(["linear", "knn", "snn", "finetune"]), default="linear", show_default=True,
+              help="snn: PAWS's soft nearest neighbour over the labeled images (no training).")
 @click.option("--labels", help="Evaluate with another labeled subset (spec or index file); default: the run's own.")
 @click.option("--k", "knn_k", type=click.IntRange(min=1), help="Neighbours for --protocol knn (default: the run's).")
 @click.option("--finetune-epochs", type=click.IntRange(min=1), help="Epochs for --protocol finetune (default 60 when the labeled images are at most 2% of the training set, else 30).")

@@ -117,7 +117,7 @@ class TrainConfig:
     knn_k: int = setting(20, "Neighbours of the kNN monitor.")
     monitor_every: int = setting(1, "Epochs between kNN monitors (0: off).")
     probe_every: int = setting(0, "Epochs between linear-probe monitors (0: off).")
-    final_eval: str = setting("linear", "Evaluation after training: linear, knn, finetune or none.")
+    final_eval: str = setting("linear", "Evaluation after training: linear, knn, snn, finetune or none.")
     loggers: list[str] = setting(
         help="Logger plugin besides metrics.csv, e.g. tensorboard (repeatable).", flag="--logger", factory=list
     )
@@ -127,7 +127,7 @@ class TrainConfig:
     )
 
 
-FINAL_EVALS = ("linear", "knn", "finetune", "none")
+FINAL_EVALS = ("linear", "knn", "snn", "finetune", "none")
 LABEL_LOSSES = ("suncet", "ce")
 COMPILE_MODES = ("none", "default", "reduce-overhead")
 # device: uint8 batches augmented on the training device; workers: torchvision per image in loader processes

@@ -84,7 +84,7 @@ class MethodConfig:
         """Deprecated: the losses in ``losses`` already see other ranks' rows as the run needs."""
         warnings.warn("MethodConfig.gather is deprecated: use the losses in MethodConfig.losses, which hold it",
                       DeprecationWarning, stacklevel=2)
-        return self.losses.suncet.gather
+        return self.losses.gather
 
 
 class Method(nn.Module):
@@ -123,6 +123,8 @@ class Method(nn.Module):
         train, name = config.train, type(self).__name__
         self._returns_whole_loss = type(self).forward is not Method.forward
         self._fuses_suncet = type(self).objective_with_suncet is not Method.objective_with_suncet
+        if self.objective_uses_labels and train.label_loss != "suncet":
+            raise ConfigError(f"method {name} uses the labels in its own objective; --label-loss does not apply to it")
         if self.needs_labels:
             if train.suncet_weight == 0:
                 raise ConfigError(f"method {name} trains on labeled images, but --suncet-weight 0 turns them off")

@@ -22,6 +22,7 @@ from suncet.losses import (
     MultiPositiveContrastiveLoss,
     NTXentLoss,
     NTXentSuNCEtLoss,
+    PAWSLoss,
     SuNCEtLoss,
     SwAVLoss,
     nt_xent,
@@ -69,12 +70,15 @@ def objectives(model, x1, x2, xl, y, k1, k2, prototypes, backend, gather):
         "NTXentSuNCEtLoss": sum(NTXentSuNCEtLoss(0.2, backend=backend)(z1, z2, zl, y)),
         "MultiPositiveContrastiveLoss": MultiPositiveContrastiveLoss(0.2, backend=backend)(z1, k1, z2, k2),
         "SwAVLoss": SwAVLoss()([p1, p2]),
+        # supports gathered with gradient, me-max over every rank's anchors
+        "PAWSLoss": sum(PAWSLoss(0.2, multicrop=0, num_classes=5)(
+            torch.cat([z1, z2]), zl, y, torch.cat([z2, z1]).detach(), zl.detach(), y)),
     }
     return {"ntxent": ntxent, "suncet": suncet, "both": both, "swav": swav, **modules}
 
 
 OBJECTIVES = ("ntxent", "suncet", "both", "swav", "NTXentLoss", "SuNCEtLoss", "NTXentSuNCEtLoss",
-              "MultiPositiveContrastiveLoss", "SwAVLoss")
+              "MultiPositiveContrastiveLoss", "SwAVLoss", "PAWSLoss")
 
 
 def model_for_test():

@@ -16,8 +16,10 @@ from suncet.losses import (
     MultiPositiveContrastiveLoss,
     NTXentLoss,
     NTXentSuNCEtLoss,
+    PAWSLoss,
     SuNCEtLoss,
     SwAVLoss,
+    soft_nearest_neighbours,
 )
 
 CPU_BACKENDS = [b for b in ("reference", "cpu") if backend_status()[b][0]]
@@ -280,3 +282,80 @@ def test_a_nan_stays_visible():
     scores = torch.randn(8, 5)
     scores[0, 0] = float("nan")
     assert torch.isnan(SwAVLoss()([scores, torch.randn(8, 5)]))
+
+
+# ---------------------------------------------------------------------------------------------
+# PAWS: a float64 transcription of method.md section 9.
+
+
+def paws_reference(anchor_views, anchor_supports, support_rows, target_views, target_supports, tau, sharpen_t, multicrop):
+    """Loops over rows: soft nearest neighbours, sharpened swapped targets, multi-crop targets,
+    entries below 1e-4 zeroed, cross-entropy and me-max."""
+
+    def unit(x):
+        return x / x.norm(dim=1, keepdim=True)
+
+    def snn(x, s):
+        x, s = unit(x), unit(s)
+        rows = []
+        for i in range(len(x)):
+            w = torch.softmax(torch.stack([x[i] @ s[j] / tau for j in range(len(s))]), 0)
+            rows.append(sum(w[j] * support_rows[j] for j in range(len(s))))
+        return torch.stack(rows)
+
+    def sharp(p):
+        p = p ** (1 / sharpen_t)
+        return p / p.sum(1, keepdim=True)
+
+    batch = len(anchor_views) // (2 + multicrop)
+    probs = snn(anchor_views, anchor_supports)
+    with torch.no_grad():
+        targets = sharp(snn(target_views, target_supports))
+        targets = torch.cat([targets] + [0.5 * (targets[:batch] + targets[batch:])] * multicrop)
+        targets = torch.where(targets < 1e-4, 0.0, targets)
+    cross_entropy = torch.stack([-(targets[i] * torch.log(probs[i])).sum() for i in range(len(probs))]).mean()
+    pbar = sharp(probs).mean(0)
+    return cross_entropy + (pbar * torch.log(pbar)).sum()
+
+
+@pytest.mark.parametrize("multicrop", [0, 2])
+@pytest.mark.parametrize("snn", ["matmul", "attention"])
+def test_paws_loss_equals_method_md_in_float64(multicrop, snn):
+    batch, classes = 4, 3
+    g = torch.Generator().manual_seed(7 + multicrop)
+    anchors = torch.randn((2 + multicrop) * batch, 6, generator=g, dtype=torch.float64)
+    supports = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    targets = torch.randn(2 * batch, 6, generator=g, dtype=torch.float64)
+    labels = torch.arange(9) % classes
+    rows = torch.nn.functional.one_hot(labels, classes).double() * 0.9 + 0.1 / classes
+    loss = PAWSLoss(0.1, 0.25, multicrop, label_smoothing=0.1, num_classes=classes, snn=snn)
+    assert_value_and_grad(
+        lambda a, s: sum(loss(a, s, labels, targets.float(), s.detach(), labels)),
+        lambda a, s: paws_reference(a, s, rows, targets, s.detach(), 0.1, 0.25, multicrop),
+        [anchors, supports], rtol=1e-4,
+    )  # fmt: skip
+
+
+def test_soft_nearest_neighbours_by_attention_equals_the_matmul_path_past_the_fused_width():
+    from suncet.losses.paws import ATTENTION_MAX_CLASSES
+
+    g = torch.Generator().manual_seed(3)
+    queries, supports = torch.randn(50, 32, generator=g), torch.randn(700, 32, generator=g)
+    labels = torch.nn.functional.one_hot(torch.arange(700) % 600, 600).float()  # more classes than one call takes
+    assert labels.shape[1] > ATTENTION_MAX_CLASSES
+    torch.testing.assert_close(soft_nearest_neighbours(queries, supports, labels, 0.1, "attention"),
+                               soft_nearest_neighbours(queries, supports, labels, 0.1, "matmul"), rtol=1e-5, atol=1e-6)
+
+
+def test_paws_loss_refuses_bad_settings_and_keeps_a_nan():
+    for bad in (dict(temperature=0.0), dict(sharpen_temperature=float("nan")), dict(multicrop=-1),
+                dict(label_smoothing=1.0), dict(gather="all"), dict(snn="flash")):
+        with pytest.raises(ValueError):
+            PAWSLoss(**bad)
+    loss = PAWSLoss(multicrop=0, num_classes=3)
+    views = torch.randn(8, 5)
+    views[2, 1] = float("nan")
+    supports, labels = torch.randn(6, 5), torch.arange(6) % 3
+    assert not torch.isfinite(sum(loss(views, supports, labels, views.detach(), supports, labels)))
+    with pytest.raises(ValueError, match="num_classes"):
+        PAWSLoss(multicrop=0)(views, supports, labels, views, supports, labels)

@@ -40,7 +40,10 @@ def earlier_contract_method() -> type[Method]:
 
 METHOD_CLASSES = {name: METHODS.get(name).obj for name in METHODS.names()} | {"barlow_twins (example)": example_method()}
 # Options that make every parameter train from the first step (SwAV freezes its prototypes at first).
-OPTIONS = {"swav": {"local_crops": 1, "freeze_prototypes_epochs": 0.0}}
+OPTIONS = {"swav": {"local_crops": 1, "freeze_prototypes_epochs": 0.0}, "paws": {"local_crops": 1}}
+# Methods whose own objective takes the unlabeled views only: the base class adds the labeled term.
+ADDS_LABELED_TERM = [n for n, cls in METHOD_CLASSES.items() if not cls.objective_uses_labels]
+OWN_OBJECTIVE = [n for n in ADDS_LABELED_TERM if METHOD_CLASSES[n].global_views or METHOD_CLASSES[n].local_views]
 
 
 def build(name: str, **settings) -> Method:
@@ -72,7 +75,7 @@ def assert_every_parameter_trains(method: Method) -> None:
     assert not unused, f"parameters without gradient (DDP would need find_unused_parameters): {unused}"
 
 
-@pytest.mark.parametrize("name", METHOD_CLASSES)
+@pytest.mark.parametrize("name", ADDS_LABELED_TERM)
 @pytest.mark.parametrize("label_loss", ["suncet", "ce"])
 def test_the_labeled_term_is_the_one_label_loss_names(name, label_loss):
     method = build(name, label_loss=label_loss, suncet_weight=0.7)
@@ -89,7 +92,7 @@ def test_the_labeled_term_is_the_one_label_loss_names(name, label_loss):
     assert_every_parameter_trains(method)
 
 
-@pytest.mark.parametrize("name", [n for n, cls in METHOD_CLASSES.items() if cls.global_views or cls.local_views])
+@pytest.mark.parametrize("name", OWN_OBJECTIVE)
 def test_weight_zero_loads_no_labeled_batch_and_adds_nothing(name):
     for label_loss in ("suncet", "ce"):
         method = build(name, label_loss=label_loss, suncet_weight=0.0)
@@ -99,7 +102,7 @@ def test_weight_zero_loads_no_labeled_batch_and_adds_nothing(name):
         assert_every_parameter_trains(method)
 
 
-@pytest.mark.parametrize("name", [n for n, cls in METHOD_CLASSES.items() if cls.global_views or cls.local_views])
+@pytest.mark.parametrize("name", OWN_OBJECTIVE)
 @pytest.mark.parametrize("label_loss", ["suncet", "ce"])
 def test_the_labeled_term_stops_at_its_switch_off_epoch(name, label_loss):
     method = build(name, label_loss=label_loss, suncet_epochs=3)
@@ -111,7 +114,7 @@ def test_the_labeled_term_stops_at_its_switch_off_epoch(name, label_loss):
     assert method.may_skip_parameters == (label_loss == "ce" or type(method).may_skip_parameters)
 
 
-@pytest.mark.parametrize("name", [n for n, cls in METHOD_CLASSES.items() if cls.global_views or cls.local_views])
+@pytest.mark.parametrize("name", OWN_OBJECTIVE)
 def test_the_total_is_the_objective_plus_the_weighted_labeled_term(name):
     method = build(name, suncet_weight=0.3)
     method.eval()  # BatchNorm by running statistics: the same images give the same features in any batch
@@ -139,12 +142,23 @@ def test_a_fused_objective_equals_its_terms_computed_apart(backend):
             torch.testing.assert_close(together[key], apart[key], rtol=1e-5, atol=1e-6)
 
 
-def test_methods_without_unlabeled_views_refuse_to_lose_their_labels():
+@pytest.mark.parametrize("name", [n for n in METHOD_CLASSES if n not in OWN_OBJECTIVE])
+def test_methods_that_need_labels_refuse_to_lose_them(name):
     with pytest.raises(ConfigError, match="--suncet-weight 0"):
-        build("supervised", suncet_weight=0.0)
+        build(name, suncet_weight=0.0)
     with pytest.raises(ConfigError, match="--suncet-epochs"):
-        build("supervised", suncet_epochs=5)
-    assert build("supervised", suncet_epochs=10).wants_labeled(9)  # epochs is 10: never switched off
+        build(name, suncet_epochs=5)
+    assert build(name, suncet_epochs=10).wants_labeled(9)  # epochs is 10: never switched off
+
+
+@pytest.mark.parametrize("name", [n for n, cls in METHOD_CLASSES.items() if cls.objective_uses_labels])
+def test_methods_that_use_the_labels_themselves_get_no_labeled_term_and_refuse_ce(name):
+    method = build(name)
+    terms = step_terms(method)
+    assert "suncet" not in terms and "ce" not in terms and method.label_head is None
+    assert_every_parameter_trains(method)
+    with pytest.raises(ConfigError, match="uses the labels in its own objective; --label-loss does not apply"):
+        build(name, label_loss="ce")
 
 
 def test_a_plugin_without_an_objective_or_projection_is_refused_in_one_line():

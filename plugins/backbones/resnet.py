@@ -103,3 +103,51 @@ def small_resnet(
     if width < 1 or blocks < 1:
         raise ConfigError(f"small_resnet needs width >= 1 and blocks >= 1, got width={width}, blocks={blocks}")
     return SmallResNet(in_channels, image_size, width, blocks)
+
+
+class _WideBlock(nn.Module):
+    """Pre-activation block of a wide ResNet: BN-LeakyReLU-conv3x3, BN-LeakyReLU-conv3x3, plus a
+    1x1 projection of the activated input where the shape changes."""
+
+    def __init__(self, channels: int, out: int, stride: int):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(channels), nn.Conv2d(channels, out, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(out), nn.Conv2d(out, out, 3, 1, 1, bias=False)
+        self.act = nn.LeakyReLU(0.1, inplace=False)
+        self.shortcut = None if channels == out and stride == 1 else nn.Conv2d(channels, out, 1, stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        activated = self.act(self.bn1(x))
+        out = self.conv2(self.act(self.bn2(self.conv1(activated))))
+        return out + (x if self.shortcut is None else self.shortcut(activated))
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-widen for 32 px inputs (Zagoruyko and Komodakis), as PAWS and FixMatch use it on
+    CIFAR-10: three groups of (depth - 4) / 6 blocks, 16 x widen, 32 x widen, 64 x widen channels."""
+
+    def __init__(self, in_channels: int, depth: int, widen: int):
+        super().__init__()
+        blocks = (depth - 4) // 6
+        widths = [16, 16 * widen, 32 * widen, 64 * widen]
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)]
+        channels = widths[0]
+        for group, out in enumerate(widths[1:]):
+            for b in range(blocks):
+                layers.append(_WideBlock(channels, out, 2 if group > 0 and b == 0 else 1))
+                channels = out
+        layers += [nn.BatchNorm2d(channels), nn.LeakyReLU(0.1), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.net = nn.Sequential(*layers)
+        self.feature_dim = channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+@register_backbone("wide_resnet", description="wide ResNet for 32 px inputs, WRN-28-2 by default (depth, widen)")
+def wide_resnet(
+    *, in_channels: int, image_size: int, depth: Annotated[int, Range(10, 100)] = 28, widen: Annotated[int, Range(1, 16)] = 2
+) -> WideResNet:
+    if (depth - 4) % 6:
+        raise ConfigError(f"wide_resnet needs depth = 6 n + 4 (10, 16, 22, 28, ...), got {depth}")
+    return WideResNet(in_channels, depth, widen)

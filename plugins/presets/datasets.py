@@ -24,7 +24,7 @@ def digits() -> dict[str, Any]:
         "lr_batch": 256,
         "warmup_epochs": 2,
         "weight_decay": 1e-5,
-        "method_defaults": {"swav": {"local_crops": 2}},
+        "method_defaults": {"swav": {"local_crops": 2}, "paws": {"local_crops": 2}},
     }
 
 

@@ -13,11 +13,11 @@ from suncet.config import TrainConfig
 from suncet.data import InMemoryImages
 from suncet.engine import rundir
 from suncet.engine.assemble import Run, assemble
-from suncet.engine.protocols import extract_features, finetune, knn_classify, linear_probe, raw_pixel_baseline
+from suncet.engine.protocols import extract_features, finetune, knn_classify, linear_probe, raw_pixel_baseline, snn_classify
 from suncet.engine.state import load_checkpoint
 from suncet.errors import ConfigError, NonFiniteError
 
-PROTOCOLS = ("linear", "knn", "finetune")
+PROTOCOLS = ("linear", "knn", "snn", "finetune")
 
 
 def evaluate_run(
@@ -26,7 +26,8 @@ def evaluate_run(
     """Semi-supervised test accuracy with the labeled subset (an empty subset is an error: no
     protocol may fall back on labels the run was not given).
 
-    'knn' and 'linear' use frozen backbone features; 'finetune' is the paper's protocol: the whole
+    'knn', 'snn' (PAWS's soft nearest neighbour: every labeled image votes, weighted by a softmax
+    of cosine similarity / 0.1) and 'linear' use frozen backbone features; 'finetune' is the paper's protocol: the whole
     backbone plus a zero-initialised linear layer trained on the labeled images (60 epochs when
     they are at most 2% of the training set, else 30; method.md section 7). With ``baseline``,
     small in-memory datasets also get the raw-pixel baseline.
@@ -50,6 +51,8 @@ def evaluate_run(
             scores = knn_classify(
                 train_features, train_labels, test_features, dataset.test.labels, dataset.num_classes, k=run.config.knn_k
             )
+        elif protocol == "snn":
+            scores = snn_classify(train_features, train_labels, test_features, dataset.test.labels, dataset.num_classes)
         else:
             scores = linear_probe(train_features, train_labels, test_features, dataset.test.labels, dataset.num_classes)
     result = {"protocol": protocol, "labeled_images": len(bank), **scores.as_dict()}

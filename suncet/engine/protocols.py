@@ -1,4 +1,5 @@
-"""Semi-supervised evaluation of a backbone: kNN, linear probe and fine-tuning on the labeled subset."""
+"""Semi-supervised evaluation of a backbone: kNN, soft nearest neighbour, linear probe and
+fine-tuning on the labeled subset."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from suncet.data.augment import BatchAugment, eval_transform
 from suncet.data.recipe import AugmentRecipe
 from suncet.data import ImageDataset, ImageSource
+from suncet.losses.paws import soft_nearest_neighbours
 
 
 @dataclass
@@ -70,6 +72,21 @@ def knn_classify(
         one_hot = F.one_hot(train_labels.to(idx.device)[idx], num_classes).float()
         votes.append((weights[..., None] * one_hot).sum(dim=1))
     return topk_scores(torch.cat(votes), test_labels.to(train.device), num_classes)
+
+
+def snn_classify(
+    train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
+    num_classes: int, temperature: float = 0.1,
+) -> Scores:
+    """PAWS's soft nearest-neighbour classifier: each test image's class probabilities are the
+    labels of every labeled image, weighted by a softmax of cosine similarity / ``temperature``;
+    no training."""
+    labels = F.one_hot(train_labels.to(train_features.device), num_classes).float()
+    probs = [
+        soft_nearest_neighbours(test_features[start : start + 1024], train_features, labels, temperature)
+        for start in range(0, test_features.shape[0], 1024)
+    ]
+    return topk_scores(torch.cat(probs), test_labels.to(train_features.device), num_classes)
 
 
 def linear_probe(

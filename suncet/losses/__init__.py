@@ -1,5 +1,5 @@
-"""Contrastive losses: NT-Xent (SimCLR), SuNCEt, their fused pair, the general multi-positive
-form, and SwAV's swapped prediction.
+"""The losses: NT-Xent (SimCLR), SuNCEt, their fused pair, the general multi-positive form,
+SwAV's swapped prediction and PAWS's soft nearest-neighbour assignments.
 
 As modules that hold their settings, for any training loop (``modules.py``)::
 
@@ -21,6 +21,7 @@ from suncet.losses.modules import (
     SuNCEtLoss,
     SwAVLoss,
 )
+from suncet.losses.paws import PAWSLoss, soft_nearest_neighbours
 from suncet.losses.swav import sinkhorn, swapped_prediction_loss
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "MultiPositiveContrastiveLoss",
     "NTXentLoss",
     "NTXentSuNCEtLoss",
+    "PAWSLoss",
     "SuNCEtLoss",
     "SwAVLoss",
     "contrastive_loss",
@@ -35,6 +37,7 @@ __all__ = [
     "nt_xent",
     "nt_xent_and_suncet",
     "sinkhorn",
+    "soft_nearest_neighbours",
     "suncet_loss",
     "swapped_prediction_loss",
 ]

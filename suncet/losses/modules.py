@@ -189,6 +189,11 @@ class ContrastiveLosses:
     ntxent_suncet: NTXentSuNCEtLoss
     multi_positive: MultiPositiveContrastiveLoss
 
+    @property
+    def gather(self) -> str | None:
+        """How the run sees other ranks' rows, for a loss a method builds from its own options."""
+        return self.suncet.gather
+
     @classmethod
     def build(cls, temperature: float, backend: str = "auto", gather: str | None = "grad") -> ContrastiveLosses:
         settings = dict(backend=backend, gather=gather)
