@@ -13,6 +13,7 @@ themselves in a subprocess that sets it; the session's environment is left alone
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -505,7 +506,7 @@ def test_triton_interpreter_launcher_splits_columns_on_a_gpu_sized_grid(triton_i
     # 16 columns, so that a few 16-row tiles split.
     from suncet.kernels import triton_tiles
 
-    monkeypatch.setattr(triton_interpreter, "_PLANS", {})
+    monkeypatch.setattr(triton_interpreter, "_PLANS", OrderedDict())
     monkeypatch.setattr(triton_interpreter, "_multiprocessors", lambda device: 16)
     monkeypatch.setattr(triton_tiles, "SPLIT_COLUMNS", 16)
     gen = torch.Generator().manual_seed(rows)
