@@ -194,7 +194,7 @@ class Method(nn.Module):
     def wants_labeled(self, epoch: int) -> bool:
         """Whether ``epoch``'s steps load a labeled batch: while the labeled term is on, or always
         for a method whose objective uses the labels."""
-        if self.objective_uses_labels or self.needs_labels:
+        if self.needs_labels:
             return True
         limit = self.config.train.suncet_epochs
         return self.label_loss is not None and (limit is None or epoch < limit)

@@ -209,20 +209,26 @@ def _total(value):
     return sum(value) if isinstance(value, tuple) else value
 
 
+def value_and_grads(module, inputs):
+    """The module's (summed) value on fresh leaves of ``inputs``, and its gradients in them."""
+    leaves = [x.clone().requires_grad_(True) if x.is_floating_point() else x for x in inputs]
+    value = _total(module(*leaves))
+    return value, torch.autograd.grad(value, [x for x in leaves if x.requires_grad])
+
+
+def assert_same_value_and_grads(got, want):
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    for g, e in zip(got[1], want[1]):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name", ["ntxent", "suncet", "ntxent_suncet", "multi_positive", "swav"])
 def test_each_module_compiles_as_one_graph_with_its_backward(backend, name):
     module, inputs = _module_calls(backend)[name]
-    leaves = [x.clone().requires_grad_(True) if x.is_floating_point() else x for x in inputs]
-    eager = _total(module(*leaves))
-    eager_grads = torch.autograd.grad(eager, [x for x in leaves if x.requires_grad])
-    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
-    leaves = [x.clone().requires_grad_(True) if x.is_floating_point() else x for x in inputs]
-    got = _total(compiled(*leaves))
-    got_grads = torch.autograd.grad(got, [x for x in leaves if x.requires_grad])
-    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)
-    for g, e in zip(got_grads, eager_grads):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    eager = value_and_grads(module, inputs)
+    compiled = value_and_grads(torch.compile(module, fullgraph=True, backend="aot_eager"), inputs)
+    assert_same_value_and_grads(compiled, eager)
 
 
 def test_triton_interpreter_modules_match_the_cpu_backend():
@@ -232,17 +238,7 @@ def test_triton_interpreter_modules_match_the_cpu_backend():
     try:
         expected, got = _module_calls("reference"), _module_calls("triton")
         for name in ("ntxent", "suncet", "ntxent_suncet", "multi_positive"):
-            module, inputs = got[name]
-            leaves = [x.clone().requires_grad_(True) if x.is_floating_point() else x for x in inputs]
-            value = _total(module(*leaves))
-            grads = torch.autograd.grad(value, [x for x in leaves if x.requires_grad])
-            reference, ref_inputs = expected[name]
-            ref_leaves = [x.clone().requires_grad_(True) if x.is_floating_point() else x for x in ref_inputs]
-            ref_value = _total(reference(*ref_leaves))
-            ref_grads = torch.autograd.grad(ref_value, [x for x in ref_leaves if x.requires_grad])
-            torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-6)
-            for g, e in zip(grads, ref_grads):
-                torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+            assert_same_value_and_grads(value_and_grads(*got[name]), value_and_grads(*expected[name]))
     finally:
         set_fp32_precision("tf32")
 
