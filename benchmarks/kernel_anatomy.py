@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from suncet.engine.rundir import write_json
 from suncet.kernels import triton_kernels, triton_launch, triton_tiles
 
 
@@ -85,7 +85,7 @@ def main() -> None:
         """Print the row and rewrite the JSON, so that a run cut short keeps what it measured."""
         rows.append({"kernel": name, "ms": ms, "tflops": products * product_tflop / (ms / 1e3)})
         print(f"{ms:8.3f} ms {rows[-1]['tflops']:7.1f} TFLOP/s  {name}", flush=True)
-        args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+        write_json(args.json, {"header": header, "rows": rows})
 
     record("cuBLAS z @ z.T", graph_ms(lambda: z @ z.T), 1)
     leaf = z.view(1, 1, n, d).detach().requires_grad_(True)

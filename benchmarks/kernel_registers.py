@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import re
 import subprocess
@@ -35,6 +34,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
+from suncet.engine.rundir import write_json, write_text
 from suncet.kernels import triton_kernels as tk
 from suncet.kernels import triton_tiles as tiles
 
@@ -148,7 +148,7 @@ def analyse(kernel, dtype: str, constants: dict, tile: tuple[int, int, int, int]
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
-        Path(ptx).write_text(compiled.asm["ptx"])
+        write_text(Path(ptx), compiled.asm["ptx"])
         report = subprocess.run(
             [_TOOLS / "ptxas", "-arch=sm_90a", "-v", ptx, "-o", cubin], capture_output=True, text=True, check=True
         ).stderr
@@ -215,7 +215,7 @@ def main() -> None:
               f"{r['exp2_per_entry']:10.2f}  {'/'.join(f'{x:.2f}' for x in r['instructions_per_entry_by_sets_matched'])}")  # fmt: skip
     if args.json:
         report = {"target": "sm_90", "dtype": args.dtype, "sets": args.sets, "upstream": args.upstream, "rows": rows}
-        args.json.write_text(json.dumps(report, indent=2))
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

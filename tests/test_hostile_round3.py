@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from conftest import SUNCET
 from suncet.cli.main import main
-from test_hostile_inputs import SMALL, _fake_run, refused, snapshot
+from test_hostile_inputs import SMALL, refused, snapshot
 
 TINY = [*SMALL, "--labels", "10%"]
 

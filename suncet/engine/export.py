@@ -22,7 +22,7 @@ from torch import Tensor, nn
 import suncet
 from suncet.config import TrainConfig
 from suncet.engine import rundir
-from suncet.engine.assemble import backbone_args_of, build_backbone, load_dataset
+from suncet.engine.assemble import backbone_args_of, load_dataset
 from suncet.engine.evaluate import check_finite
 from suncet.engine.files import write_atomic
 from suncet.engine.state import check_state_matches, load_checkpoint

@@ -236,7 +236,7 @@ def backward_mean(grad_means, state, q, k, row_keys, col_keys, row_groups, col_g
     buffer, plan = state
     q = q.contiguous()
     k = q if one_tower else k.contiguous()
-    m, p = q.shape[0], row_keys.shape[1]
+    m = q.shape[0]
     per_row = plan.mean_stats
     out = buffer[m * (1 + per_row) :]
     has = 0
