@@ -102,6 +102,8 @@ def group_runs(curves: list[Curve]) -> list[Group]:
 
     keys = sorted({k for c in curves for k in recipe(c)})
     differing = [k for k in keys if len({yaml.safe_dump(recipe(c).get(k)) for c in curves}) > 1]
+    if "method" in differing and "method_options" in differing and not _options_vary_within_a_method(curves):
+        differing.remove("method_options")  # each method's own options (a preset's defaults): the method names them
     varying = [k for k in DESCRIBING if k in differing] + [k for k in differing if k not in DESCRIBING]
     groups: dict[str, Group] = {}
     for curve in curves:
@@ -110,6 +112,15 @@ def group_runs(curves: list[Curve]) -> list[Group]:
             groups[key] = Group(_describe(curve.config, varying or ["method"]))
         groups[key].curves.append(curve)
     return list(groups.values())
+
+
+def _options_vary_within_a_method(curves: list[Curve]) -> bool:
+    seen: dict[str, str] = {}
+    for curve in curves:
+        options = yaml.safe_dump(curve.config.get("method_options"), sort_keys=True)
+        if seen.setdefault(str(curve.config.get("method")), options) != options:
+            return True
+    return False
 
 
 def _label_term(config: dict) -> str:
