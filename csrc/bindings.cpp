@@ -23,14 +23,12 @@ pybind11::dict build_info() {
   info["openmp"] = false;
   info["openmp_max_threads"] = 1;
 #endif
-#if defined(__AVX512F__)
-  info["simd"] = "avx512";
-#elif defined(__AVX2__)
-  info["simd"] = "avx2";
-#else
-  info["simd"] = "generic";
-#endif
-  info["multi_positive_cpu"] = true;
+  info["cpu_variants"] = suncet::cpu_variants(false);
+  try {
+    info["cpu_variant"] = suncet::cpu_variant();
+  } catch (const c10::Error& exc) {  // SUNCET_CPU_VARIANT names a variant that cannot run here
+    info["cpu_variant"] = std::string("none: ") + exc.what_without_backtrace();
+  }
   info["cxx_standard"] = static_cast<long>(__cplusplus);
   return info;
 }
@@ -41,6 +39,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() = "suncet C++/CUDA kernels";
   m.def("build_info", &build_info, "What this build of the extension contains");
+  m.def("cpu_variant", &suncet::cpu_variant,
+        "The instruction-set variant the CPU kernels run: the best this processor supports, or the one forced");
+  m.def("set_cpu_variant", &suncet::set_cpu_variant, "Force a CPU kernel variant this processor supports",
+        py::arg("name"));
+  m.def("cpu_variants", &suncet::cpu_variants, "The CPU kernel variants of this build", py::arg("supported_only"));
   m.def("multi_positive_forward_cpu", &suncet::multi_positive_forward_cpu,
         "Fused multi-positive contrastive forward on CPU: (loss, valid, lse_all, lse_pos)", py::arg("q"),
         py::arg("k"), py::arg("row_keys"), py::arg("col_keys"), py::arg("row_groups"), py::arg("col_groups"),

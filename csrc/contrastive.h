@@ -16,9 +16,16 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace suncet {
+
+// The instruction-set variant the CPU kernels run (contrastive_cpu.cpp), forcing one, and the
+// variants of this build (those this processor supports, or all).
+std::string cpu_variant();
+void set_cpu_variant(const std::string& name);
+std::vector<std::string> cpu_variants(bool supported_only);
 
 std::vector<at::Tensor> multi_positive_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& row_keys,
                                                    const at::Tensor& col_keys, const at::Tensor& row_groups,

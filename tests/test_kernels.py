@@ -23,9 +23,20 @@ import torch.nn.functional as F
 from conftest import rerun_under_triton_interpreter, skip_unless_triton_interpreter
 from suncet import kernels
 from suncet.errors import ConfigError
+from suncet.kernels import cpu as kernel_cpu
 
 CPU_STATUS = kernels.backend_status()["cpu"]
 needs_cpu_kernels = pytest.mark.skipif(not CPU_STATUS[0], reason=CPU_STATUS[1])
+CPU_VARIANTS = kernel_cpu.variants() if CPU_STATUS[0] else ["unbuilt"]
+
+
+@pytest.fixture(params=CPU_VARIANTS)
+def cpu_variant(request):
+    """Runs the test once per instruction-set variant this processor supports."""
+    running = kernel_cpu.variant()
+    kernel_cpu.set_variant(request.param)
+    yield request.param
+    kernel_cpu.set_variant(running)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,13 +164,13 @@ CPU_CASES = [
 
 @needs_cpu_kernels
 @pytest.mark.parametrize("layout,rows,dim,sets,tau", CPU_CASES)
-def test_cpu_matches_float64_loops(layout, rows, dim, sets, tau):
+def test_cpu_matches_float64_loops(layout, rows, dim, sets, tau, cpu_variant):
     check_against_oracle("cpu", layout, rows, dim, sets, tau, seed=rows * 7 + dim)
 
 
 @needs_cpu_kernels
 @pytest.mark.parametrize("layout", ["one_tower", "cross"])
-def test_cpu_bf16_inputs_accumulate_in_fp32(layout):
+def test_cpu_bf16_inputs_accumulate_in_fp32(layout, cpu_variant):
     # bf16 inputs are exact in fp32: results are fp32-accurate on the rounded inputs, and the
     # gradient comes back in bf16 (one rounding).
     check_against_oracle("cpu", layout, 70, 128, 2, 0.1, seed=3, dtype=torch.bfloat16, tol=1e-2)
@@ -167,7 +178,7 @@ def test_cpu_bf16_inputs_accumulate_in_fp32(layout):
 
 @needs_cpu_kernels
 @pytest.mark.parametrize("layout", ["one_tower", "cross"])
-def test_cpu_float64_gradcheck(layout):
+def test_cpu_float64_gradcheck(layout, cpu_variant):
     # fp64 inputs run the same tiled C++ code in fp64, so finite differences are meaningful.
     gen = torch.Generator().manual_seed(11)
     q, k, rk, ck, rg, cg, offset = make_problem(layout, 9, 5, 2, gen, classes=3)
@@ -233,7 +244,7 @@ def check_extreme_temperatures(backend, taus, device="cpu"):
 
 
 @needs_cpu_kernels
-def test_cpu_extreme_temperature_is_finite():
+def test_cpu_extreme_temperature_is_finite(cpu_variant):
     check_extreme_temperatures("cpu", (0.05, 0.01))
 
 
@@ -261,7 +272,7 @@ def test_cpu_is_deterministic():
 
 
 @needs_cpu_kernels
-def test_cpu_tasks_of_several_row_tiles():
+def test_cpu_tasks_of_several_row_tiles(cpu_variant):
     # With one thread, 800 rows (17 row tiles) are cut into tasks of two row tiles; with eight,
     # into tasks of one. The arithmetic per row is the same either way, hence bitwise equality.
     threads = torch.get_num_threads()
@@ -620,6 +631,11 @@ def check_non_finite(backend):
 @pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu_kernels), "reference"])
 def test_non_finite_inputs_give_non_finite_loss_and_gradient(backend):
     check_non_finite(backend)
+
+
+@needs_cpu_kernels
+def test_every_cpu_variant_keeps_non_finite(cpu_variant):
+    check_non_finite("cpu")
 
 
 def test_triton_interpreter_non_finite_inputs(triton_interpreter):

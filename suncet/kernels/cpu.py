@@ -2,6 +2,10 @@
 
 fp32, bf16 and fp16 inputs accumulate in fp32; fp64 inputs run the same tiled code in fp64
 (statistics and losses then come back in fp64), which is what gradcheck exercises.
+
+The kernels are built once per instruction-set variant (``avx512``, ``avx2``, ``generic``) and
+the best one this processor supports runs; ``SUNCET_CPU_VARIANT`` (read once, at the first
+call) or ``set_variant`` forces another that it supports.
 """
 
 from __future__ import annotations
@@ -22,8 +26,31 @@ def status() -> tuple[bool, str]:
         return False, f"suncet._C not importable ({_IMPORT_ERROR}); run pip install --no-build-isolation -e ."
     if not hasattr(_C, "multi_positive_forward_cpu"):
         return False, "suncet._C was built without the CPU kernels; rebuild the extension"
-    info = _C.build_info()
-    return True, f"C++ kernels, OpenMP x{torch.get_num_threads()} threads, {info.get('simd', '?')}"
+    try:
+        running = _C.cpu_variant()
+    except RuntimeError as exc:  # SUNCET_CPU_VARIANT names a variant this processor cannot run
+        return False, str(exc).splitlines()[0]
+    built = ", ".join(_C.cpu_variants(False))
+    return True, f"C++ kernels, {running} variant (this build: {built}), OpenMP x{torch.get_num_threads()} threads"
+
+
+def variant() -> str:
+    """The instruction-set variant the kernels run."""
+    return _C.cpu_variant()
+
+
+def variants(supported_only: bool = True) -> list[str]:
+    """The variants of this build, best first: those this processor runs, or all."""
+    return list(_C.cpu_variants(supported_only))
+
+
+def set_variant(name: str) -> None:
+    """Run the kernels of variant ``name`` from now on; ValueError when this processor lacks its
+    instructions or the build has no such variant."""
+    try:
+        _C.set_cpu_variant(name)
+    except RuntimeError as exc:
+        raise ValueError(str(exc).splitlines()[0]) from None
 
 
 def forward(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower):
