@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from conftest import rerun_under_triton_interpreter, skip_unless_triton_interpreter
 from suncet import kernels
 from suncet.errors import ConfigError
+from suncet.kernels import Layout
 from suncet.kernels import cpu as kernel_cpu
 
 CPU_STATUS = kernels.backend_status()["cpu"]
@@ -79,6 +80,26 @@ def oracle(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, g
 
 
 # ---------------------------------------------------------------------------------------------
+# The operation with loose arguments, as these tests write problems: k is q for one tower, 1-D
+# keys give per-row outputs [M] and scalar means.
+
+
+def layout_of(q, k, rk, ck, rg, cg, offset, boundary=None):
+    return Layout.of(rk, ck, rg, cg, self_offset=offset, one_tower=k is q, boundary=boundary)
+
+
+def per_row(q, k, rk, ck, rg, cg, offset, tau, backend="auto"):
+    loss, valid = kernels.multi_positive(q, None if k is q else k, layout_of(q, k, rk, ck, rg, cg, offset), tau, backend)
+    return (loss[:, 0], valid[:, 0]) if rk.dim() == 1 else (loss, valid)
+
+
+def means_of(q, k, rk, ck, rg, cg, offset, tau, boundary=None, backend="auto"):
+    layout = layout_of(q, k, rk, ck, rg, cg, offset, boundary)
+    means = kernels.multi_positive_mean(q, None if k is q else k, layout, tau, backend)
+    return tuple(means[s, 0] if rk.dim() == 1 else means[s] for s in range(layout.segments))
+
+
+# ---------------------------------------------------------------------------------------------
 # Problems.
 
 
@@ -117,7 +138,7 @@ def run_backend(backend, q, k, rk, ck, rg, cg, offset, tau, grad):
     """Loss, valid, dq, dk through kernels.multi_positive (custom op and autograd glue)."""
     q = q.detach().clone().requires_grad_(True)
     k_in = q if k is None else k.detach().clone().requires_grad_(True)
-    loss, valid = kernels.multi_positive(q, k_in, rk, ck, rg, cg, offset, tau, backend=backend)
+    loss, valid = per_row(q, k_in, rk, ck, rg, cg, offset, tau, backend=backend)
     inputs = (q,) if k is None else (q, k_in)
     grads = torch.autograd.grad(loss, inputs, grad_outputs=grad.to(loss.device, loss.dtype).reshape(loss.shape))
     return loss.detach(), valid, grads[0], (None if k is None else grads[1])
@@ -184,11 +205,11 @@ def test_cpu_float64_gradcheck(layout, cpu_variant):
     q, k, rk, ck, rg, cg, offset = make_problem(layout, 9, 5, 2, gen, classes=3)
     q.requires_grad_(True)
     if k is None:
-        fn = lambda q: kernels.multi_positive(q, q, rk, ck, rg, cg, offset, 0.3, backend="cpu")[0]  # noqa: E731
+        fn = lambda q: per_row(q, q, rk, ck, rg, cg, offset, 0.3, backend="cpu")[0]  # noqa: E731
         torch.autograd.gradcheck(fn, (q,))
     else:
         k.requires_grad_(True)
-        fn = lambda q, k: kernels.multi_positive(q, k, rk, ck, rg, cg, offset, 0.3, backend="cpu")[0]  # noqa: E731
+        fn = lambda q, k: per_row(q, k, rk, ck, rg, cg, offset, 0.3, backend="cpu")[0]  # noqa: E731
         torch.autograd.gradcheck(fn, (q, k))
 
 
@@ -206,7 +227,7 @@ def check_special_rows(backend, tau=0.1, device="cpu"):
     q, keys, groups = _special_rows()
     q = q.float().to(device).requires_grad_(True)
     keys, groups = keys[:, 0].to(device), groups.to(device)
-    loss, valid = kernels.multi_positive(q, q, keys, keys, groups, groups, 0, tau, backend=backend)
+    loss, valid = per_row(q, q, keys, keys, groups, groups, 0, tau, backend=backend)
     loss, valid = loss.cpu(), valid.cpu()
     assert valid[0].item() is False and loss[0].item() == 0.0
     assert valid[1:4].all() and torch.allclose(loss[1:4], torch.zeros(3), atol=1e-6)
@@ -254,7 +275,7 @@ def test_cpu_weights_ride_on_the_upstream_gradient():
     q, _, rk, ck, rg, cg, _ = make_problem("one_tower", 40, 32, 1, gen)
     q = q.float().requires_grad_(True)
     weights = torch.rand(40, generator=gen)
-    loss, valid = kernels.multi_positive(q, q, rk[:, 0], ck[:, 0], rg, cg, 0, 0.1, backend="cpu")
+    loss, valid = per_row(q, q, rk[:, 0], ck[:, 0], rg, cg, 0, 0.1, backend="cpu")
     (weights * loss).sum().backward()
     want = oracle(q.detach().double(), q.detach().double(), rk, ck, rg, cg, 0, 0.1, weights.double()[:, None])
     assert rel(q.grad.double().numpy(), want[2] + want[3]) <= 1e-4
@@ -295,9 +316,9 @@ def test_two_key_sets_equal_two_single_passes():
     gen = torch.Generator().manual_seed(6)
     q, _, rk, ck, rg, cg, _ = make_problem("one_tower", 64, 32, 2, gen)
     q = q.float()
-    both, valid = kernels.multi_positive(q, q, rk, ck, rg, cg, 0, 0.1, backend="cpu")
+    both, valid = per_row(q, q, rk, ck, rg, cg, 0, 0.1, backend="cpu")
     for p in range(2):
-        single, single_valid = kernels.multi_positive(q, q, rk[:, p], ck[:, p], rg, cg, 0, 0.1, backend="cpu")
+        single, single_valid = per_row(q, q, rk[:, p], ck[:, p], rg, cg, 0, 0.1, backend="cpu")
         assert torch.allclose(both[:, p], single, atol=1e-6) and torch.equal(valid[:, p], single_valid)
 
 
@@ -393,9 +414,10 @@ def test_triton_interpreter_split_columns_merge_exactly(triton_interpreter, tau)
     gen = torch.Generator().manual_seed(12)
     q, k, rk, ck, rg, cg, offset = make_problem("cross", 12, 32, 2, gen)
     q, k = q.float(), k.float()
-    whole = triton_interpreter.forward(q, k, rk, ck, rg, cg, offset, tau, False, splits=1)
+    layout = layout_of(q, k, rk, ck, rg, cg, offset)
+    whole = triton_interpreter.forward(q, k, layout, tau, splits=1)
     for splits in (2, 3):
-        parts = triton_interpreter.forward(q, k, rk, ck, rg, cg, offset, tau, False, splits=splits)
+        parts = triton_interpreter.forward(q, k, layout, tau, splits=splits)
         for a, b in zip(whole, parts):
             assert torch.allclose(a.float(), b.float(), atol=1e-5, equal_nan=True)
 
@@ -411,14 +433,14 @@ def test_triton_interpreter_backward_column_splits_add_in_order(triton_interpret
     one_tower = k is None
     q, k = q.float(), (q.float() if one_tower else k.float())
     grad = torch.randn(rows, 2, generator=gen, dtype=torch.float64)
-    _, _, stats_all, stats_pos = triton_interpreter.forward(q, k, rk, ck, rg, cg, offset, tau, one_tower, splits=1)
+    layout = layout_of(q, q if one_tower else k, rk, ck, rg, cg, offset)
+    _, _, stats_all, stats_pos = triton_interpreter.forward(q, k, layout, tau, splits=1)
     want = oracle(q.double(), k.double(), rk, ck, rg, cg, offset, tau, grad)
     want_dq = want[2] + want[3] if one_tower else want[2]
 
     def run(splits):
-        return triton_interpreter.backward(
-            grad.float(), q, k, rk, ck, rg, cg, stats_all, stats_pos, offset, tau, one_tower, splits=splits
-        )
+        dq, dk = triton_interpreter.backward(grad.float(), q, k, layout, tau, stats_all, stats_pos, splits=splits)
+        return dq, (torch.zeros(0) if dk is None else dk)
 
     for splits in (1, 2, 3, 5):
         dq, dk = run(splits)
@@ -465,7 +487,7 @@ def check_means_against_oracle(backend, layout, rows, dim, sets, tau, boundary, 
     qf = q.float().requires_grad_(True)
     kf = qf if k is None else k.float().requires_grad_(True)
     keys = (rk[:, 0], ck[:, 0]) if sets == 1 else (rk, ck)
-    means = kernels.multi_positive_mean(qf, kf, *keys, rg, cg, offset, tau, boundary=boundary, backend=backend)
+    means = means_of(qf, kf, *keys, rg, cg, offset, tau, boundary=boundary, backend=backend)
     segments = 1 if boundary is None else 2
     assert len(means) == segments
     total = sum((torch.as_tensor(weights[s]).float() * means[s]).sum() for s in range(segments))
@@ -574,9 +596,10 @@ def test_triton_interpreter_fused_means_merge_splits_and_repeat_exactly(triton_i
     q, _, rk, ck, rg, cg, _ = make_problem("two_block", 40, 32, 2, gen)
     q = q.float()
 
+    layout = layout_of(q, q, rk, ck, rg, cg, 0, boundary=20)
+
     def run(splits):
-        means, (buffer, _) = triton_interpreter.forward_mean(q, q, rk, ck, rg, cg, 0, tau, True, 20, splits=splits)
-        return means, buffer  # the means; all the statistics the backward reads, and (means, counts)
+        return triton_interpreter.forward_mean(q, q, layout, tau, splits=splits)  # the means; the backward's statistics
 
     first, again, whole = run(3), run(3), run(1)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
@@ -617,12 +640,12 @@ def check_non_finite(backend):
         else:
             k, ck, cg, offset = cross[0].clone().requires_grad_(True), cross[1], cross[2], cross[3]
         inputs = (q,) if cross is None else (q, k)
-        loss, valid = kernels.multi_positive(q, k, keys, ck, groups, cg, offset, 0.1, backend=backend)
+        loss, valid = per_row(q, k, keys, ck, groups, cg, offset, 0.1, backend=backend)
         mean = (loss * valid).sum() / valid.sum().clamp(min=1)  # losses.masked_mean's arithmetic
         assert not torch.isfinite(mean), f"{backend}, {label}: per-row loss, finite mean {mean}"
         grads = torch.autograd.grad(loss.sum(), inputs)
         assert not all(torch.isfinite(g).all() for g in grads), f"{backend}, {label}: finite gradient"
-        (fused,) = kernels.multi_positive_mean(q, k, keys, ck, groups, cg, offset, 0.1, backend=backend)
+        (fused,) = means_of(q, k, keys, ck, groups, cg, offset, 0.1, backend=backend)
         assert not torch.isfinite(fused), f"{backend}, {label}: finite fused mean {fused}"
         grads = torch.autograd.grad(fused, inputs)
         assert not all(torch.isfinite(g).all() for g in grads), f"{backend}, {label}: finite gradient of the mean"
@@ -709,6 +732,13 @@ def test_backend_records_state_what_each_backend_takes():
     assert BY_NAME["reference"].refuses(torch.device("meta"), torch.float64, 10**6) == ""
     # auto never picks a fused backend that refuses the inputs, whatever runs on this machine
     assert kernels.resolve_backend("auto", "cpu", torch.int32) == "reference"
+    # Each fused backend's module implements the protocol its record states.
+    for record in RECORDS:
+        if record.module is None or not kernels.backend_status()[record.name][0]:
+            continue
+        module = record.kernels
+        assert callable(module.forward) and callable(module.backward)
+        assert record.fuses_means == hasattr(module, "forward_mean") == hasattr(module, "backward_mean")
 
 
 @needs_cpu_kernels
@@ -774,7 +804,7 @@ def test_gpu_triton_fused_means_match_float64(dtype, tol, tau):
     def means_and_grad(z, backend):
         z = z.detach().clone().requires_grad_(True)
         keys, groups = rk.to(z.device), rg.to(z.device)
-        means = kernels.multi_positive_mean(z, z, keys, keys, groups, groups, 0, tau, boundary=500, backend=backend)
+        means = means_of(z, z, keys, keys, groups, groups, 0, tau, boundary=500, backend=backend)
         total = sum((weights[s].to(z.device, means[s].dtype) * means[s]).sum() for s in range(2))
         (grad,) = torch.autograd.grad(total, z)
         return torch.stack([m.detach().double().cpu() for m in means]), grad.double().cpu()
@@ -799,22 +829,21 @@ def test_gpu_triton_backward_column_splits_match_float64_and_repeat(layout):
     one_tower = k is None
     qd = q.to("cuda", torch.bfloat16)
     kd = qd if one_tower else k.to("cuda", torch.bfloat16)
-    ids = [t.cuda() for t in (rk, ck, rg, cg)]
-    _, _, stats_all, stats_pos = triton_launch.forward(qd, kd, *ids, offset, 0.1, one_tower)
+    layout = layout_of(qd, kd, *[t.cuda() for t in (rk, ck, rg, cg)], offset)
+    _, _, stats_all, stats_pos = triton_launch.forward(qd, kd, layout, 0.1)
     k64 = None if one_tower else kd.double().cpu()
     want = run_backend("cpu", qd.double().cpu(), k64, rk, ck, rg, cg, offset, 0.1, grad)
     for splits in (None, 3, 8):
 
         def run():
-            stats = (stats_all, stats_pos, offset, 0.1, one_tower)
-            return triton_launch.backward(grad.cuda().float(), qd, kd, *ids, *stats, splits=splits)
+            return triton_launch.backward(grad.cuda().float(), qd, kd, layout, 0.1, stats_all, stats_pos, splits=splits)
 
         dq, dk = run()
         assert rel(dq.double().cpu(), want[2]) <= 1e-2
         if not one_tower:
             assert rel(dk.double().cpu(), want[3]) <= 1e-2
         again = run()
-        assert torch.equal(dq, again[0]) and torch.equal(dk, again[1])
+        assert torch.equal(dq, again[0]) and (one_tower or torch.equal(dk, again[1]))
 
 
 @gpu
@@ -829,7 +858,7 @@ def test_gpu_non_finite_inputs():
             k = z if cross is None else to(cross[0]).requires_grad_(True)
             ck, cg, offset = (keys, groups, 0) if cross is None else cross[1:]
             args = (keys.cuda(), ck.cuda(), groups.cuda(), cg.cuda(), offset, 0.1)
-            (mean,) = kernels.multi_positive_mean(z, k, *args, backend=backend)
+            (mean,) = means_of(z, k, *args, backend=backend)
             assert not torch.isfinite(mean), (backend, label)
             grads = torch.autograd.grad(mean, (z,) if cross is None else (z, k))
             assert not all(torch.isfinite(g).all() for g in grads), (backend, label)
@@ -879,7 +908,7 @@ def test_gpu_large_n_is_finite_deterministic_and_small():
 
     def step():
         zz = z.detach().requires_grad_(True)
-        loss, valid = kernels.multi_positive(zz, zz, keys, keys, groups, groups, 0, 0.05, backend="triton")
+        loss, valid = per_row(zz, zz, keys, keys, groups, groups, 0, 0.05, backend="triton")
         loss.sum().backward()
         return loss, zz.grad
 
@@ -978,7 +1007,7 @@ def test_gpu_large_offsets_are_refused_before_any_launch():
     big = torch.zeros((2**24 + 8, 128), device="cuda", dtype=torch.bfloat16)  # 4 GiB of bf16 rows
     keys = torch.zeros(big.shape[0], dtype=torch.long, device="cuda")
     with pytest.raises(ValueError, match="int32 offsets"):
-        kernels.multi_positive(big, big, keys, keys, keys, keys, 0, 0.1, "triton")
+        per_row(big, big, keys, keys, keys, keys, 0, 0.1, "triton")
 
 
 @gpu
@@ -990,7 +1019,7 @@ def test_gpu_cuda_backend_takes_an_empty_column_set_and_unaligned_rows():
     empty = torch.empty((0, 64), device="cuda", dtype=torch.bfloat16, requires_grad=True)
     keys = torch.zeros(40, dtype=torch.long, device="cuda")
     none = torch.zeros(0, dtype=torch.long, device="cuda")
-    loss, valid = kernels.multi_positive(q, empty, keys, none, keys, none, 40, 0.1, "cuda")
+    loss, valid = per_row(q, empty, keys, none, keys, none, 40, 0.1, "cuda")
     assert not valid.any() and torch.equal(loss, torch.zeros_like(loss))
     loss.sum().backward()
     assert torch.equal(q.grad, torch.zeros_like(q.grad))
@@ -999,6 +1028,6 @@ def test_gpu_cuda_backend_takes_an_empty_column_set_and_unaligned_rows():
     shifted = storage[4 : 4 + 40 * 64].view(40, 64)
     assert shifted.data_ptr() % 16 != 0
     keys = torch.arange(40, device="cuda") % 5
-    got = kernels.multi_positive(shifted, shifted, keys, keys, keys * 0, keys * 0, 0, 0.1, "cuda")[0]
-    want = kernels.multi_positive(shifted.clone(), shifted.clone(), keys, keys, keys * 0, keys * 0, 0, 0.1, "cuda")[0]
+    got = per_row(shifted, shifted, keys, keys, keys * 0, keys * 0, 0, 0.1, "cuda")[0]
+    want = per_row(shifted.clone(), shifted.clone(), keys, keys, keys * 0, keys * 0, 0, 0.1, "cuda")[0]
     assert torch.equal(got, want)

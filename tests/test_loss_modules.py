@@ -247,18 +247,18 @@ def test_triton_interpreter_modules_in_subprocess():
     rerun_under_triton_interpreter(__file__, "test_triton_interpreter_modules_match", passed=1)
 
 
-@pytest.mark.parametrize("bad", [0.0, -0.1, float("nan"), float("inf"), True, "0.1"])
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1e-39, float("nan"), float("inf"), True, "0.1"])
 def test_bad_temperatures_are_refused_in_one_line(bad):
     for make in (NTXentLoss, SuNCEtLoss, NTXentSuNCEtLoss, MultiPositiveContrastiveLoss, SwAVLoss):
-        with pytest.raises(ValueError, match="temperature must be a finite number > 0") as info:
+        with pytest.raises(ValueError, match="^temperature must be a (finite number >= 0.001|real number), got ") as info:
             make(temperature=bad)
         assert "\n" not in str(info.value)
 
 
 def test_bad_backends_gathers_and_sinkhorn_settings_are_refused():
-    with pytest.raises(ValueError, match="unknown kernel backend 'gpu'"):
+    with pytest.raises(ValueError, match="backend must be one of 'auto', 'cpu', .*, got 'gpu'"):
         NTXentLoss(backend="gpu")
-    with pytest.raises(ValueError, match="gather must be one of grad, detached or None"):
+    with pytest.raises(ValueError, match="gather must be one of 'grad', 'detached', None, got 'all'"):
         SuNCEtLoss(gather="all")
     with pytest.raises(ValueError, match="sinkhorn_iterations"):
         SwAVLoss(sinkhorn_iterations=0)

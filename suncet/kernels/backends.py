@@ -1,17 +1,47 @@
-"""One record per kernel backend: what it takes, whether it runs here, and its two entry points.
+"""One record per kernel backend: what it takes, whether it runs here, and the module that
+implements it.
 
-``resolve_backend`` (``auto`` included), ``suncet doctor`` and the custom ops read these records
-and nothing else, so a backend's devices, dtypes and width limit are stated once, here.
+``resolve_backend`` (``auto`` included), ``suncet doctor`` and the autograd Function read these
+records and nothing else, so a backend's devices, dtypes and width limit are stated once, here.
+
+A fused backend is one module implementing ``Kernels``: ``forward`` and ``backward`` of the
+per-row losses, and, where the kernels reduce the masked means themselves, ``forward_mean`` and
+``backward_mean``. Every entry point takes the operands and one ``Layout``
+(suncet/kernels/layout.py); ``k`` is ``q`` itself with one tower.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
+from torch import Tensor
+
+from suncet.errors import ConfigError
+from suncet.kernels.layout import Layout
+
+
+class Kernels(Protocol):
+    """The entry points of a fused backend's module.
+
+    ``forward`` returns (loss [M, P] and valid [M, P], then the statistics its ``backward``
+    reads: two fp32 tensors [M] and [M, P], fp64 for fp64 inputs where the backend keeps fp64).
+    ``backward`` returns (dq, dk), dk None with one tower, where dq holds the whole gradient.
+    Optional, where the kernels reduce the masked means themselves: ``forward_mean`` returns
+    (means [2, P] by segment then key set, the one statistics tensor ``backward_mean`` reads) and
+    ``mean_stats_size`` its length; ``backward_mean`` takes the means' upstream gradient [2, P].
+    """
+
+    def forward(self, q: Tensor, k: Tensor, layout: Layout, tau: float) -> tuple[Tensor, Tensor, Tensor, Tensor]: ...
+
+    def backward(
+        self, grad_loss: Tensor, q: Tensor, k: Tensor, layout: Layout, tau: float, stats_all: Tensor, stats_pos: Tensor
+    ) -> tuple[Tensor, Tensor | None]: ...
 
 
 @dataclass(frozen=True)
@@ -21,10 +51,10 @@ class Backend:
     ``devices``: device types whose tensors it takes; ``auto_devices``: those on which ``auto``
     may pick it (None: any; the records' order is ``auto``'s preference). ``dtypes`` (None: any) and
     ``max_dim`` (None: any D) bound its inputs. ``status()`` says whether it can run on this
-    machine and why (not). ``forward``/``backward`` are the fused entry points behind the custom
-    ops (None for the reference, which autograd differentiates); ``forward_mean``/
-    ``backward_mean``, where present, also reduce the losses to their masked means inside the
-    kernels (suncet/kernels/op.py, MultiPositiveMean).
+    machine and why (not). ``module``: the module implementing ``Kernels`` (None for the
+    reference, which autograd differentiates), imported on first use: importing triton costs
+    seconds, and a machine without it must still import suncet. ``fuses_means``: the module
+    also has ``forward_mean`` and ``backward_mean``.
     """
 
     name: str
@@ -34,10 +64,12 @@ class Backend:
     dtypes: tuple[torch.dtype, ...] | None
     max_dim: int | None
     status: Callable[[], tuple[bool, str]]
-    forward: Callable | None = None
-    backward: Callable | None = None
-    forward_mean: Callable | None = None
-    backward_mean: Callable | None = None
+    module: str | None = None
+    fuses_means: bool = False
+
+    @property
+    def kernels(self) -> Kernels:
+        return importlib.import_module(self.module)
 
     def refuses(self, device: torch.device, dtype: torch.dtype | None, dim: int | None) -> str:
         """Why this backend cannot take [*, dim] tensors of ``dtype`` on ``device`` ('' when it can)."""
@@ -72,66 +104,8 @@ def _triton_status() -> tuple[bool, str]:
     return True, f"Triton {triton.__version__} interpreter (TRITON_INTERPRET=1) on CPU tensors: slow, for tests"
 
 
-def _cpu_status() -> tuple[bool, str]:
-    from suncet.kernels import cpu
-
-    return cpu.status()
-
-
-def _cuda_status() -> tuple[bool, str]:
-    from suncet.kernels import cuda
-
-    return cuda.status()
-
-
-# The entry points import their module on first use: importing triton costs seconds, and a
-# machine without it must still import suncet.
-def _cpu_forward(*args):
-    from suncet.kernels import cpu
-
-    return cpu.forward(*args)
-
-
-def _cpu_backward(*args):
-    from suncet.kernels import cpu
-
-    return cpu.backward(*args)
-
-
-def _triton_forward(*args):
-    from suncet.kernels import triton_launch
-
-    return triton_launch.forward(*args)
-
-
-def _triton_backward(*args):
-    from suncet.kernels import triton_launch
-
-    return triton_launch.backward(*args)
-
-
-def _triton_forward_mean(*args):
-    from suncet.kernels import triton_launch
-
-    return triton_launch.forward_mean(*args)
-
-
-def _triton_backward_mean(*args):
-    from suncet.kernels import triton_launch
-
-    return triton_launch.backward_mean(*args)
-
-
-def _cuda_forward(*args):
-    from suncet.kernels import cuda
-
-    return cuda.forward(*args)
-
-
-def _cuda_backward(*args):
-    from suncet.kernels import cuda
-
-    return cuda.backward(*args)
+def _status_of(module: str) -> Callable[[], tuple[bool, str]]:
+    return lambda: importlib.import_module(module).status()
 
 
 RECORDS: tuple[Backend, ...] = (
@@ -142,9 +116,8 @@ RECORDS: tuple[Backend, ...] = (
         auto_devices=("cpu",),
         dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64),
         max_dim=None,
-        status=_cpu_status,
-        forward=_cpu_forward,
-        backward=_cpu_backward,
+        status=_status_of("suncet.kernels.cpu"),
+        module="suncet.kernels.cpu",
     ),
     Backend(
         name="triton",
@@ -154,10 +127,8 @@ RECORDS: tuple[Backend, ...] = (
         dtypes=(torch.float32, torch.bfloat16, torch.float16),
         max_dim=256,  # the kernels hold a [rows, D] tile on chip
         status=_triton_status,
-        forward=_triton_forward,
-        backward=_triton_backward,
-        forward_mean=_triton_forward_mean,
-        backward_mean=_triton_backward_mean,
+        module="suncet.kernels.triton_launch",
+        fuses_means=True,
     ),
     Backend(
         name="cuda",
@@ -166,9 +137,8 @@ RECORDS: tuple[Backend, ...] = (
         auto_devices=("cuda",),
         dtypes=(torch.bfloat16,),
         max_dim=256,  # shared-memory tiles sized for D <= 256
-        status=_cuda_status,
-        forward=_cuda_forward,
-        backward=_cuda_backward,
+        status=_status_of("suncet.kernels.cuda"),
+        module="suncet.kernels.cuda",
     ),
     Backend(
         name="reference",
@@ -181,3 +151,60 @@ RECORDS: tuple[Backend, ...] = (
     ),
 )
 BY_NAME: dict[str, Backend] = {record.name: record for record in RECORDS}
+BACKENDS = tuple(record.name for record in RECORDS)
+
+
+@functools.lru_cache(maxsize=1)
+def backend_status() -> dict[str, tuple[bool, str]]:
+    """For each backend: whether it can run on this machine, and why (not)."""
+    return {record.name: record.status() for record in RECORDS}
+
+
+def resolve_backend(
+    name: str, device: torch.device | str, dtype: torch.dtype | None = None, dim: int | None = None
+) -> str:
+    """The backend that ``name`` (a backend or ``auto``) selects for tensors on ``device``.
+
+    ``auto`` picks the first record (suncet/kernels/backends.py) that may be chosen on this
+    device type, runs here and takes ``dtype`` and width ``dim`` (when given): ``cpu`` then
+    ``reference`` on CPU tensors, ``triton``, ``cuda``, ``reference`` on CUDA tensors. An
+    explicit backend that cannot run raises ConfigError with the reason.
+    """
+    device = torch.device(device)
+    status = backend_status()
+    if _RESOLVED.get("status") is not status:  # recomputed (cache cleared): decide afresh
+        _RESOLVED.clear()
+        _RESOLVED["status"] = status
+    key = (name, device.type, dtype, dim)
+    chosen = _RESOLVED.get(key)
+    if chosen is None:
+        chosen = _RESOLVED[key] = _resolve(name, device, dtype, dim, status)
+    return chosen
+
+
+_RESOLVED: dict = {}  # (name, device type, dtype, dim) -> backend, and the status they came from
+
+
+def _resolve(name: str, device: torch.device, dtype, dim, status) -> str:
+    if name not in (*BACKENDS, "auto"):
+        raise ConfigError(f"unknown kernel backend '{name}'; choose one of auto, {', '.join(BACKENDS)}")
+    if name == "auto":
+        for record in RECORDS:
+            if record.auto_devices is not None and device.type not in record.auto_devices:
+                continue
+            if status[record.name][0] and not record.refuses(device, dtype, dim):
+                return record.name
+        return "reference"
+    usable, reason = status[name]
+    if not usable:
+        raise ConfigError(f"kernel backend '{name}' cannot run here: {reason}")
+    why_not = BY_NAME[name].refuses(device, dtype, dim)
+    if why_not:
+        raise ConfigError(f"kernel backend '{name}' cannot run these inputs: {why_not}")
+    return name
+
+
+# torch.compile evaluates the choice once while tracing and keeps the answer, so a compiled step
+# has no graph break here. This is what torch.compiler.assume_constant_result does; setting the
+# mark directly spares every `import suncet` the 1.5 s import of torch._dynamo.
+resolve_backend._dynamo_marked_constant = True

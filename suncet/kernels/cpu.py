@@ -53,17 +53,18 @@ def set_variant(name: str) -> None:
         raise ValueError(str(exc).splitlines()[0]) from None
 
 
-def forward(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower):
+def forward(q, k, layout, tau):
     return tuple(
-        _C.multi_positive_forward_cpu(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower)
-    )
-
-
-def backward(
-    grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower
-):
-    return tuple(
-        _C.multi_positive_backward_cpu(
-            grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower
+        _C.multi_positive_forward_cpu(
+            q, k, layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups, layout.self_offset, tau,
+            layout.one_tower,
         )
-    )
+    )  # fmt: skip
+
+
+def backward(grad_loss, q, k, layout, tau, lse_all, lse_pos):
+    dq, dk = _C.multi_positive_backward_cpu(
+        grad_loss, q, k, layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups, lse_all, lse_pos,
+        layout.self_offset, tau, layout.one_tower,
+    )  # fmt: skip
+    return dq, (None if layout.one_tower else dk)

@@ -22,19 +22,18 @@ def status() -> tuple[bool, str]:
     return True, f"CUDA C++ WMMA kernels on {torch.cuda.get_device_name()}"
 
 
-def forward(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower):
+def forward(q, k, layout, tau):
     return tuple(
         cpu._C.multi_positive_forward_cuda(
-            q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower
+            q, k, layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups, layout.self_offset, tau,
+            layout.one_tower,
         )
-    )
+    )  # fmt: skip
 
 
-def backward(
-    grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower
-):
-    return tuple(
-        cpu._C.multi_positive_backward_cuda(
-            grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower
-        )
-    )
+def backward(grad_loss, q, k, layout, tau, lse_all, lse_pos):
+    dq, dk = cpu._C.multi_positive_backward_cuda(
+        grad_loss, q, k, layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups, lse_all, lse_pos,
+        layout.self_offset, tau, layout.one_tower,
+    )  # fmt: skip
+    return dq, (None if layout.one_tower else dk)

@@ -1,20 +1,19 @@
-"""The fused operation as torch custom ops, shared by the cpu, triton and cuda backends.
+"""The fused operation's one autograd Function, and the custom ops a tracer sees.
 
-``suncet::multi_positive`` returns (loss [M, P], valid [M, P], stats_all [M], stats_pos [M, P]);
-the backward (``suncet::multi_positive_backward``) needs nothing but the inputs and those
-statistics (the LSEs; each backend reads its own). Both ops have fake implementations, so
-``torch.compile`` traces a training step through them without a graph break.
+``FusedContrastive`` joins a backend's entry points (suncet/kernels/backends.py, ``Kernels``):
+with ``means`` False it returns the per-row (loss [M, P], valid [M, P]); with ``means`` True the
+masked means [2, P] (segment by key set) that the backend's kernels reduce themselves. Either
+way its forward saves the operands and the backend's statistics with ``save_for_backward`` and
+keeps the layout, tau and backend on ``ctx``, and its backward hands them back to the backend.
+Every output is a tensor of its own, never a view: callers may modify a loss in place.
 
-``MultiPositive`` (a torch.autograd.Function) makes the losses differentiable. Where a tracer
-must see the operation (torch.compile, FakeTensorMode, make_fx) it calls the two ops; in eager
-mode it calls the backend directly, which spares the custom-op dispatch, a large share of a
-step's host time (docs/kernels.md). With ``one_tower`` the caller passes the same tensor as q
-and k; the backward then returns the whole gradient as dq (one atomics-free pass over
-``(G + G^T) z``) and no gradient for k.
-
-``MultiPositiveMean`` returns the masked means of the losses instead, for backends whose record
-has ``forward_mean``: the kernels reduce them, so a forward and backward take two launches and
-one (one tower), with no PyTorch kernel between them.
+Eager calls go from the Function straight to the backend's module. Where a tracer must see the
+operation (torch.compile, FakeTensorMode, make_fx) the Function calls the same entry points
+through torch custom ops instead (``suncet::multi_positive``, ``suncet::multi_positive_mean`` and
+their backward ops), which have fake implementations, so ``torch.compile(fullgraph=True)``
+traces a training step without a graph break and runs the same kernels, the fused means
+included. The custom-op dispatch is what eager calls skip: it is a large share of a step's host
+time (docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -23,81 +22,8 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from suncet.kernels.backends import BY_NAME
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _forward(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower, backend):
-    return BY_NAME[backend].forward(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower)
-
-
-def _backward(
-    grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower, backend
-):
-    return BY_NAME[backend].backward(
-        grad_loss.contiguous(), q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau,
-        one_tower,
-    )  # fmt: skip
-
-
-@torch.library.custom_op("suncet::multi_positive", mutates_args=())
-def multi_positive_op(
-    q: Tensor,
-    k: Tensor,
-    row_keys: Tensor,
-    col_keys: Tensor,
-    row_groups: Tensor,
-    col_groups: Tensor,
-    self_offset: int,
-    tau: float,
-    one_tower: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _forward(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower, backend)
-
-
-@multi_positive_op.register_fake
-def _multi_positive_fake(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower, backend):
-    rows, sets = row_keys.shape
-    stats = _stats_dtype(q.dtype)
-    return (
-        q.new_empty((rows, sets), dtype=stats),
-        q.new_empty((rows, sets), dtype=torch.bool),
-        q.new_empty((rows,), dtype=stats),
-        q.new_empty((rows, sets), dtype=stats),
-    )
-
-
-@torch.library.custom_op("suncet::multi_positive_backward", mutates_args=())
-def multi_positive_backward_op(
-    grad_loss: Tensor,
-    q: Tensor,
-    k: Tensor,
-    row_keys: Tensor,
-    col_keys: Tensor,
-    row_groups: Tensor,
-    col_groups: Tensor,
-    lse_all: Tensor,
-    lse_pos: Tensor,
-    self_offset: int,
-    tau: float,
-    one_tower: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    return _backward(
-        grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower, backend
-    )
-
-
-@multi_positive_backward_op.register_fake
-def _multi_positive_backward_fake(
-    grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos, self_offset, tau, one_tower, backend
-):
-    dk = q.new_empty((0, q.shape[1])) if one_tower else k.new_empty(k.shape)
-    return q.new_empty(q.shape), dk
+from suncet.kernels.backends import BY_NAME, Kernels, resolve_backend
+from suncet.kernels.layout import Layout
 
 
 def traced(q: Tensor) -> bool:
@@ -106,66 +32,192 @@ def traced(q: Tensor) -> bool:
     return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or q.is_meta
 
 
-class MultiPositive(torch.autograd.Function):
-    """(loss [M, P], valid [M, P]), differentiable in q and k (valid is not).
+_KERNELS: dict[str, Kernels] = {}
 
-    ``k``, ``col_keys`` and ``col_groups`` are None where they are the row-side tensor (one
-    tower): torch.compile cannot trace a Function that takes one tensor twice.
-    """
+
+def kernels_of(backend: str) -> Kernels:
+    """The module implementing fused backend ``backend``, imported once."""
+    module = _KERNELS.get(backend)
+    if module is None:
+        module = _KERNELS[backend] = BY_NAME[backend].kernels
+    return module
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# The traced path: the layout travels as its fields (Layout.fields), in this order.
+_LAYOUT_SCHEMA = (
+    "Tensor row_keys, Tensor col_keys, Tensor row_groups, Tensor col_groups, "
+    "SymInt self_offset, bool one_tower, SymInt boundary"
+)
+_LIB = torch.library.Library("suncet", "FRAGMENT")
+_LIB.define(f"multi_positive(Tensor q, Tensor k, {_LAYOUT_SCHEMA}, float tau, str backend) -> (Tensor, Tensor, Tensor, Tensor)")
+_LIB.define(
+    f"multi_positive_backward(Tensor grad, Tensor q, Tensor k, {_LAYOUT_SCHEMA}, float tau, str backend, "
+    "Tensor stats_all, Tensor stats_pos) -> (Tensor, Tensor)"
+)
+_LIB.define(f"multi_positive_mean(Tensor q, Tensor k, {_LAYOUT_SCHEMA}, float tau, str backend) -> (Tensor, Tensor)")
+_LIB.define(
+    f"multi_positive_mean_backward(Tensor grad, Tensor q, Tensor k, {_LAYOUT_SCHEMA}, float tau, str backend, "
+    "Tensor stats) -> (Tensor, Tensor)"
+)
+
+
+def _no_gradient(q: Tensor, dk: Tensor | None) -> Tensor:
+    # A custom op returns tensors: "no dk" (one tower) travels as an empty one.
+    return q.new_empty((0, q.shape[1])) if dk is None else dk
+
+
+@torch.library.impl(_LIB, "multi_positive", "CompositeExplicitAutograd")
+def _multi_positive_op(q, k, *fields_tau_backend):
+    *fields, tau, backend = fields_tau_backend
+    return tuple(kernels_of(backend).forward(q, k, Layout(*fields), tau))
+
+
+@torch.library.register_fake("suncet::multi_positive")
+def _multi_positive_fake(q, k, *fields_tau_backend):
+    layout = Layout(*fields_tau_backend[:-2])
+    rows, sets, stats = layout.rows, layout.sets, _stats_dtype(q.dtype)
+    return (
+        q.new_empty((rows, sets), dtype=stats), q.new_empty((rows, sets), dtype=torch.bool),
+        q.new_empty((rows,), dtype=stats), q.new_empty((rows, sets), dtype=stats),
+    )  # fmt: skip
+
+
+@torch.library.impl(_LIB, "multi_positive_backward", "CompositeExplicitAutograd")
+def _multi_positive_backward_op(grad, q, k, *rest):
+    *fields, tau, backend, stats_all, stats_pos = rest
+    dq, dk = kernels_of(backend).backward(grad, q, k, Layout(*fields), tau, stats_all, stats_pos)
+    return dq, _no_gradient(q, dk)
+
+
+@torch.library.impl(_LIB, "multi_positive_mean", "CompositeExplicitAutograd")
+def _multi_positive_mean_op(q, k, *fields_tau_backend):
+    *fields, tau, backend = fields_tau_backend
+    return tuple(kernels_of(backend).forward_mean(q, k, Layout(*fields), tau))
+
+
+@torch.library.register_fake("suncet::multi_positive_mean")
+def _multi_positive_mean_fake(q, k, *fields_tau_backend):
+    *fields, tau, backend = fields_tau_backend
+    layout = Layout(*fields)
+    size = kernels_of(backend).mean_stats_size(layout.rows, layout.sets, q.shape[1], tau)
+    return q.new_empty((2, layout.sets), dtype=torch.float32), q.new_empty((size,), dtype=torch.float32)
+
+
+@torch.library.impl(_LIB, "multi_positive_mean_backward", "CompositeExplicitAutograd")
+def _multi_positive_mean_backward_op(grad, q, k, *rest):
+    *fields, tau, backend, stats = rest
+    dq, dk = kernels_of(backend).backward_mean(grad, q, k, Layout(*fields), tau, stats)
+    return dq, _no_gradient(q, dk)
+
+
+def _gradients_fake(grad, q, k, *rest):
+    fields = rest[:7]
+    return q.new_empty(q.shape), (q.new_empty((0, q.shape[1])) if fields[5] else k.new_empty(k.shape))
+
+
+torch.library.register_fake("suncet::multi_positive_backward", _gradients_fake)
+torch.library.register_fake("suncet::multi_positive_mean_backward", _gradients_fake)
+
+
+class FusedContrastive(torch.autograd.Function):
+    """The fused backends' losses, differentiable in q and k: ``apply(q, k, layout, tau,
+    backend, means)`` with ``k`` None for one tower (a Function that takes one tensor twice
+    cannot be traced). ``means`` False: (loss [M, P], valid [M, P], not differentiable);
+    True: the masked means [2, P], for a backend whose module has ``forward_mean``."""
 
     @staticmethod
-    def forward(ctx, q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower, backend):
-        k = q if k is None else k
-        col_keys = row_keys if col_keys is None else col_keys
-        col_groups = row_groups if col_groups is None else col_groups
-        forward = multi_positive_op if traced(q) else _forward
-        loss, valid, lse_all, lse_pos = forward(
-            q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower, backend
+    def forward(ctx, q, k, layout, tau, backend, means):
+        columns = q if k is None else k
+        if traced(q):
+            op = torch.ops.suncet.multi_positive_mean if means else torch.ops.suncet.multi_positive
+            outputs = op(q, columns, *layout.fields(), tau, backend)
+        else:
+            kernels = kernels_of(backend)
+            outputs = (kernels.forward_mean if means else kernels.forward)(q, columns, layout, tau)
+        ctx.save_for_backward(q, k, *outputs[1 if means else 2 :])
+        ctx.layout, ctx.tau, ctx.backend, ctx.means = layout, tau, backend, means
+        if means:
+            return outputs[0]
+        ctx.mark_non_differentiable(outputs[1])
+        return outputs[0], outputs[1]
+
+    @staticmethod
+    def backward(ctx, grad, *_grad_valid):
+        q, k, *stats = ctx.saved_tensors
+        columns = q if k is None else k
+        layout, tau, backend, means = ctx.layout, ctx.tau, ctx.backend, ctx.means
+        grad = grad.contiguous()
+        if traced(q):
+            op = torch.ops.suncet.multi_positive_mean_backward if means else torch.ops.suncet.multi_positive_backward
+            dq, dk = op(grad, q, columns, *layout.fields(), tau, backend, *stats)
+        else:
+            kernels = kernels_of(backend)
+            dq, dk = (kernels.backward_mean if means else kernels.backward)(grad, q, columns, layout, tau, *stats)
+        return dq, (None if k is None else dk), None, None, None, None
+
+
+def _checked(q: Tensor, k: Tensor | None, layout: Layout, backend: str) -> str:
+    """The backend that runs ``q`` against ``k`` (None: one tower) in ``layout``; ValueError when they do not fit."""
+    if q.dim() != 2 or (k is not None and (k.dim() != 2 or k.shape[1] != q.shape[1])):
+        shapes = f"{tuple(q.shape)}" + ("" if k is None else f" and {tuple(k.shape)}")
+        raise ValueError(f"q and k must be [rows, D] with the same D, got {shapes}")
+    if k is not None and k.dtype != q.dtype:
+        raise ValueError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    if layout.one_tower != (k is None) or layout.rows != q.shape[0] or layout.cols != (q if k is None else k).shape[0]:
+        raise ValueError(
+            f"the layout ({layout.rows} rows, {layout.cols} columns, one_tower={layout.one_tower}) does not fit "
+            f"q {tuple(q.shape)} and " + ("k = q" if k is None else f"k {tuple(k.shape)}")
         )
-        ctx.mark_non_differentiable(valid)
-        ctx.save_for_backward(q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos)
-        ctx.config = (self_offset, tau, one_tower, backend)
-        return loss, valid
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_valid):
-        q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos = ctx.saved_tensors
-        self_offset, tau, one_tower, backend = ctx.config
-        backward = multi_positive_backward_op if traced(q) else _backward
-        dq, dk = backward(
-            grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, lse_all, lse_pos,
-            self_offset, tau, one_tower, backend,
-        )  # fmt: skip
-        return dq, (None if one_tower else dk), None, None, None, None, None, None, None, None
+    return resolve_backend(backend, q.device, q.dtype, q.shape[1])
 
 
-class MultiPositiveMean(torch.autograd.Function):
-    """Masked means of the losses, one output per segment of rows ([0, boundary) and, with two
-    segments, [boundary, M)): [P], or a scalar with ``single`` (1-D keys). The backend's
-    ``forward_mean`` returns the means and a state (its first item a tensor, saved for the
-    backward; the rest kept as is) that its ``backward_mean`` takes back."""
+def multi_positive(q: Tensor, k: Tensor | None, layout: Layout, tau: float, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Per-row losses [M, P] (fp32; fp64 for fp64 inputs on the cpu backend) and valid flags
+    [M, P], differentiable in q and k; ``k`` None when the columns are the rows (``layout.one_tower``).
 
-    @staticmethod
-    def forward(ctx, q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower, boundary, segments,
-                single, backend):  # fmt: skip
-        means, state = BY_NAME[backend].forward_mean(
-            q, q if k is None else k, row_keys, row_keys if col_keys is None else col_keys, row_groups,
-            row_groups if col_groups is None else col_groups, self_offset, tau, one_tower, boundary,
-        )  # fmt: skip
-        ctx.save_for_backward(q, k, row_keys, col_keys, row_groups, col_groups, state[0])
-        ctx.state = state[1:]
-        ctx.config = (self_offset, one_tower, boundary, backend)
-        ctx.set_materialize_grads(False)
-        p = row_keys.shape[1]
-        return (means if single else means.view(2, p)).unbind(0)[:segments]
+    ``q`` and ``k`` must be L2-normalised rows (``suncet.losses`` normalises before calling):
+    the triton backend relies on ``|q_i . k_j| <= 1`` for tau >= 0.03006 and takes every
+    exponent relative to ``1 / tau`` (docs/kernels.md). Rows far from unit norm give it
+    non-finite losses, or positives lost to underflow (rows then wrongly invalid). Per-row
+    weights: multiply the returned losses; the upstream gradient carries them into the backward.
 
-    @staticmethod
-    def backward(ctx, *grad_means):
-        q, k, row_keys, col_keys, row_groups, col_groups, saved = ctx.saved_tensors
-        self_offset, one_tower, boundary, backend = ctx.config
-        dq, dk = BY_NAME[backend].backward_mean(
-            grad_means, (saved, *ctx.state), q, q if k is None else k, row_keys,
-            row_keys if col_keys is None else col_keys, row_groups, row_groups if col_groups is None else col_groups,
-            self_offset, one_tower, boundary,
-        )  # fmt: skip
-        return dq, dk, *([None] * 11)
+    Non-finite inputs (docs/kernels.md has the table): every backend returns a NaN loss for a
+    row of q holding a NaN or an inf, valid or not, and a non-finite gradient; a row of k holding
+    a NaN makes NaN the losses of every row that sees it (reference, cpu, cuda: of every row),
+    and always those of one row tile.
+    """
+    name = _checked(q, k, layout, backend)
+    if name == "reference":
+        from suncet.kernels.reference import multi_positive_reference
+
+        return multi_positive_reference(q, q if k is None else k, layout, tau)
+    return FusedContrastive.apply(q, k, layout, float(tau), name, False)
+
+
+def multi_positive_mean(q: Tensor, k: Tensor | None, layout: Layout, tau: float, backend: str = "auto") -> Tensor:
+    """Masked means of ``multi_positive``'s losses over the valid rows of each segment of
+    ``layout`` ([0, boundary) and [boundary, M)): [2, P] by segment then key set (row 1 is 0
+    with one segment). A segment without a valid row gives 0 with zero gradient; a non-finite
+    loss, even an invalid row's, makes its segment's mean non-finite.
+
+    Backends with fused means (triton) reduce inside the kernels: one forward launch plus a
+    small finishing one, one backward launch with one tower, no PyTorch kernel in between; the
+    others take the per-row losses and reduce them here.
+    """
+    name = _checked(q, k, layout, backend)
+    if BY_NAME[name].fuses_means:
+        return FusedContrastive.apply(q, k, layout, float(tau), name, True)
+    loss, valid = multi_positive(q, k, layout, tau, name)
+    return segment_means(loss, valid, layout.boundary)
+
+
+def segment_means(loss: Tensor, valid: Tensor, boundary: int) -> Tensor:
+    """[2, P]: the mean of the valid rows' losses over rows [0, boundary) and [boundary, M);
+    0 with zero gradient for a segment without a valid row."""
+    counts = torch.stack([valid[:boundary].sum(0), valid[boundary:].sum(0)]).clamp(min=1)
+    weighted = loss * valid
+    return torch.stack([weighted[:boundary].sum(0), weighted[boundary:].sum(0)]) / counts

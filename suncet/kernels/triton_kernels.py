@@ -287,16 +287,16 @@ def _accumulate(s2, member0, member1, max_all, sum_all, max0, sum0, max1, sum1, 
 
 @triton.autotune(
     configs=tiles.forward_configs(),
-    key=["M", "N", "D", "P", "BOUNDED"],
+    key=["ROWS_BUCKET", "COLS_BUCKET", "D", "P", "BOUNDED"],
     prune_configs_by={"early_config_prune": tiles.prune_forward},
     cache_results=True,  # the tile chosen once is read back by later processes: the same sums, in the same order
 )
 @triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})
-@triton.jit(do_not_specialize=["self_offset"])  # one compilation for every rank's offset
+@triton.jit(do_not_specialize=["self_offset", "ROWS_BUCKET", "COLS_BUCKET"])  # one compilation for every rank's offset
 def forward_kernel(
     q_ptr, k_ptr, row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
     partial_ptr, loss_ptr, valid_ptr, stats_all_ptr, stats_pos_ptr,
-    M, N, D, self_offset, scale2,
+    M, N, D, self_offset, scale2, ROWS_BUCKET, COLS_BUCKET,
     P: tl.constexpr, BOUNDED: tl.constexpr, INVERSE: tl.constexpr, STATS: tl.constexpr, CHECK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
@@ -478,14 +478,14 @@ def _segment_sums(base, rows, boundary, loss, valid, p: tl.constexpr, P: tl.cons
 
 @triton.jit
 def finish_kernel(
-    partial_ptr, loss_ptr, valid_ptr, stats_all_ptr, stats_pos_ptr, block_sums_ptr, ticket_ptr, out_ptr,
+    partial_ptr, loss_ptr, valid_ptr, stats_all_ptr, stats_pos_ptr, block_sums_ptr, ticket_ptr, means_ptr, counts_ptr,
     M, splits, boundary,
     P: tl.constexpr, INVERSE: tl.constexpr, STATS: tl.constexpr, MERGE: tl.constexpr, MEANS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
     """One program per block of rows. MERGE: merges the column splits' partial statistics and
     finalises the rows. MEANS: the masked means of the losses over each segment of rows and
-    each key set, out [2, 2, P] = (means, valid counts) by (segment, set). Each block stores its
+    each key set, means [2, P] and valid counts [2, P] by (segment, set). Each block stores its
     sums; the last block to arrive (an int32 ticket) adds them in block order, so the means do
     not depend on the order the blocks ran in, and resets the ticket for the next launch."""
     pid = tl.program_id(0)
@@ -525,8 +525,8 @@ def finish_kernel(
             for block in range(0, tl.num_programs(0)):
                 sums += tl.load(block_sums_ptr + block * width + lanes)
                 counts += tl.load(block_sums_ptr + block * width + 2 * P + lanes)
-            tl.store(out_ptr + lanes, sums / tl.maximum(counts, 1.0))
-            tl.store(out_ptr + 2 * P + lanes, counts)
+            tl.store(means_ptr + lanes, sums / tl.maximum(counts, 1.0))
+            tl.store(counts_ptr + lanes, counts)
             tl.atomic_xchg(ticket_ptr, 0)
 
 
@@ -664,24 +664,21 @@ def _bounded_side(key_words, keys, all_, pos0, pos1, P: tl.constexpr, BLOCK_M: t
 
 
 @triton.jit
-def _mean_coefficients(upstream, P: tl.constexpr, HAS: tl.constexpr):
+def _mean_coefficients(upstream, P: tl.constexpr, MEAN: tl.constexpr):
     """d mean / d loss of a valid row, per (segment, set), as (c00, c01, c10, c11) by segment
-    then set: the mean's upstream gradient (0 for a mean that received none, bit s of HAS
-    clear) over the segment's valid count, from ``upstream`` = (per-row gradient, gradients of
-    the means of segments 0 and 1, the forward's (means, valid counts))."""
-    _, gmean0_ptr, gmean1_ptr, means_ptr = upstream
+    then set: the mean's upstream gradient over the segment's valid count, from ``upstream`` =
+    (per-row gradient, the means' gradients [2, P], the forward's valid counts [2, P])."""
+    _, gmeans_ptr, counts_ptr = upstream
     c00 = 0.0
     c01 = 0.0
     c10 = 0.0
     c11 = 0.0
-    if HAS & 1:
-        c00 = tl.load(gmean0_ptr) / tl.maximum(tl.load(means_ptr + 2 * P), 1.0)
+    if MEAN > 0:
+        c00 = tl.load(gmeans_ptr) / tl.maximum(tl.load(counts_ptr), 1.0)
+        c10 = tl.load(gmeans_ptr + P) / tl.maximum(tl.load(counts_ptr + P), 1.0)
         if P == 2:
-            c01 = tl.load(gmean0_ptr + 1) / tl.maximum(tl.load(means_ptr + 2 * P + 1), 1.0)
-    if HAS & 2:
-        c10 = tl.load(gmean1_ptr) / tl.maximum(tl.load(means_ptr + 3 * P), 1.0)
-        if P == 2:
-            c11 = tl.load(gmean1_ptr + 1) / tl.maximum(tl.load(means_ptr + 3 * P + 1), 1.0)
+            c01 = tl.load(gmeans_ptr + 1) / tl.maximum(tl.load(counts_ptr + 1), 1.0)
+            c11 = tl.load(gmeans_ptr + P + 1) / tl.maximum(tl.load(counts_ptr + P + 1), 1.0)
     return c00, c01, c10, c11
 
 
@@ -754,18 +751,18 @@ def _store_split(
 
 @triton.autotune(
     configs=tiles.backward_configs(),
-    key=["M", "N", "D", "P", "BOUNDED", "MEAN", "TWO_SIDES"],
+    key=["ROWS_BUCKET", "COLS_BUCKET", "D", "P", "BOUNDED", "MEAN", "TWO_SIDES"],
     prune_configs_by={"early_config_prune": tiles.prune_backward},
     cache_results=True,
 )
 @triton.heuristics({"EVEN_N": lambda args: args["M"] % args["BLOCK_N"] == 0 and args["N"] % args["BLOCK_N"] == 0})
-@triton.jit(do_not_specialize=["self_offset", "boundary"])
+@triton.jit(do_not_specialize=["self_offset", "boundary", "ROWS_BUCKET", "COLS_BUCKET"])
 def backward_kernel(
-    q_ptr, k_ptr, dq_ptr, dk_ptr, partial_ptr, tickets_ptr, grad_ptr, gmean0_ptr, gmean1_ptr, means_ptr,
+    q_ptr, k_ptr, dq_ptr, dk_ptr, partial_ptr, tickets_ptr, grad_ptr, gmeans_ptr, counts_ptr,
     stats_all_ptr, stats_pos_ptr, row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
-    M, N, D, self_offset, boundary, scale2, inv_tau,
+    M, N, D, self_offset, boundary, scale2, inv_tau, ROWS_BUCKET, COLS_BUCKET,
     P: tl.constexpr, TWO_SIDES: tl.constexpr, SYMMETRIC: tl.constexpr,
-    BOUNDED: tl.constexpr, STATS: tl.constexpr, MEAN: tl.constexpr, HAS: tl.constexpr,
+    BOUNDED: tl.constexpr, STATS: tl.constexpr, MEAN: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
@@ -775,30 +772,32 @@ def backward_kernel(
     splits (grid axis 1) walk shares of the column tiles and add them deterministically
     (``_store_split``). Every output element is written by one program: deterministic.
     ``stats_all_ptr``/``stats_pos_ptr`` hold what the forward stored for this mode: the inverse
-    sums with BOUNDED, the LSEs otherwise."""
+    sums with BOUNDED, the LSEs otherwise. ``ROWS_BUCKET`` and ``COLS_BUCKET``, the row counts
+    rounded up to a power of two, key the autotuner's choice (a new batch size in the same
+    bucket reuses it)."""
     pid = tl.program_id(0)
     q_tiles = tl.cdiv(M, BLOCK_M)
     ids = (row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr)
-    upstream = (grad_ptr, gmean0_ptr, gmean1_ptr, means_ptr)
+    upstream = (grad_ptr, gmeans_ptr, counts_ptr)
     stats = (stats_all_ptr, stats_pos_ptr)
     if not TWO_SIDES:
         _backward_tile(
             pid, (q_ptr, M), (k_ptr, M), (dq_ptr, partial_ptr, tickets_ptr + pid), ids, upstream, stats,
             D, self_offset, boundary, scale2, inv_tau, _ROW_SIDE | _COLUMN_SIDE | (_SHARED_IDS if SYMMETRIC else 0),
-            P, BOUNDED, STATS, MEAN, HAS, BLOCK_D, EVEN_D, PRECISION, BLOCK_M, BLOCK_N, EVEN_N,
+            P, BOUNDED, STATS, MEAN, BLOCK_D, EVEN_D, PRECISION, BLOCK_M, BLOCK_N, EVEN_N,
         )  # fmt: skip
     elif pid < q_tiles:
         _backward_tile(
             pid, (q_ptr, M), (k_ptr, N), (dq_ptr, partial_ptr, tickets_ptr + pid), ids, upstream, stats,
             D, self_offset, boundary, scale2, inv_tau, _ROW_SIDE,
-            P, BOUNDED, STATS, MEAN, HAS, BLOCK_D, EVEN_D, PRECISION, BLOCK_M, BLOCK_N, EVEN_N,
+            P, BOUNDED, STATS, MEAN, BLOCK_D, EVEN_D, PRECISION, BLOCK_M, BLOCK_N, EVEN_N,
         )  # fmt: skip
     else:  # k's partial sums after q's
         _backward_tile(
             pid - q_tiles, (k_ptr, N), (q_ptr, M),
             (dk_ptr, partial_ptr + tl.num_programs(1) * M * BLOCK_D, tickets_ptr + pid),
             ids, upstream, stats, D, self_offset, boundary, scale2, inv_tau, _COLUMN_SIDE,
-            P, BOUNDED, STATS, MEAN, HAS, BLOCK_D, EVEN_D, PRECISION, BLOCK_M, BLOCK_N, EVEN_N,
+            P, BOUNDED, STATS, MEAN, BLOCK_D, EVEN_D, PRECISION, BLOCK_M, BLOCK_N, EVEN_N,
         )  # fmt: skip
 
 
@@ -806,7 +805,7 @@ def backward_kernel(
 def _backward_tile(
     pid, a_rows, b_rows, out, ids, upstream, stats, D, self_offset, boundary, scale2, inv_tau,
     SIDES: tl.constexpr, P: tl.constexpr, BOUNDED: tl.constexpr, STATS: tl.constexpr, MEAN: tl.constexpr,
-    HAS: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
     """Row tile ``pid`` of d a = (1/tau) sum_b H_ab b_b, for the terms in SIDES (``_ROW_SIDE``:
@@ -831,7 +830,7 @@ def _backward_tile(
     dims = tl.arange(0, BLOCK_D)
     a = _load_rows(a_ptr, rows, row_ok, dims, D, EVEN_D)
     poison = _non_finite(a)  # a non-finite row of a gets a NaN gradient row even where no loss reaches it
-    coefs = _mean_coefficients(upstream, P, HAS)
+    coefs = _mean_coefficients(upstream, P, MEAN)
 
     # Row side: this program's rows as rows of q; column side: as columns of k.
     r_ids, r_lo, r_hi, r_wide = _row_attributes(row_keys_ptr, row_groups_ptr, rows, row_ok & ROW_SIDE, P)
@@ -927,5 +926,14 @@ def _backward_tile(
         if BOUNDED:
             # One exponential per entry serves both sides: their offsets are all scale2.
             h *= tl.exp2(s2 - scale2)
-        acc += tl.dot(h.to(b.dtype), b, input_precision=PRECISION)
+        if b.dtype == tl.float16:
+            # A mean's gradient entries are about 1 / N^2, below fp16's normals at large N: each
+            # row is scaled by a power of two to lie within (1/2, 1] before the cast, and the
+            # product scaled back in fp32, so the rounding stays relative to the row's largest entry.
+            top = tl.max(tl.abs(h), 1)
+            exponent = tl.where(top > 0, tl.ceil(tl.log2(tl.where(top > 0, top, 1.0))), 0.0)
+            product = tl.dot((h * tl.exp2(-exponent)[:, None]).to(b.dtype), b, input_precision=PRECISION)
+            acc += product * tl.exp2(exponent)[:, None]
+        else:
+            acc += tl.dot(h.to(b.dtype), b, input_precision=PRECISION)
     _store_split(out, acc, poison, rows, row_ok, dims, D, inv_tau, A_COUNT, BLOCK_M, BLOCK_D, EVEN_D)

@@ -1,16 +1,17 @@
-"""Launchers of the Triton loss kernels: the entry points ``forward``, ``backward``,
-``forward_mean`` and ``backward_mean`` that suncet/kernels/backends.py calls.
+"""The triton backend's module (suncet/kernels/backends.py, ``Kernels``): the launchers of the
+Triton loss kernels, ``forward``, ``backward``, ``forward_mean`` and ``backward_mean``.
 
 Each entry point takes the launch plan of its shapes, dtype, device, tau and layout (``_Plan``:
 grids, compile-time constants, column splits and scratch buffers, made once per such
 combination, so that a step spends its host time on launches) and launches the kernels of
-triton_kernels.py on it. The choices a plan is made of (exponent mode, tiles, splits) are those
-of triton_tiles.py. How fp32 inputs use the tensor cores (``set_fp32_precision``) is set here
-and is part of each plan's key.
+triton_kernels.py on it, on the device that holds the operands. The choices a plan is made of
+(exponent mode, tiles, splits) are those of triton_tiles.py. How fp32 inputs use the tensor
+cores (``set_fp32_precision``) is set here and is part of each plan's key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
 
@@ -54,14 +55,20 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
+def mean_stats_size(rows: int, sets: int, d: int, tau: float) -> int:
+    """Length of ``forward_mean``'s statistics tensor: per row the denominator's statistic and
+    ``per_row`` more (``_Plan.mean_stats``), then the valid counts [2, P]."""
+    per_row = 2 * sets if tiles.bounded_backward(tau, d) else sets
+    return rows * (1 + per_row) + 2 * sets
+
+
 class _Plan:
     """What a launch needs that depends only on shapes, dtype, device, tau and layout, made once
     per such combination: grids, compile-time constants, and scratch buffers that live only
     within one kernel or between the forward kernel and the finishing one of the same call
-    (stream order keeps one call's use of them before the next call's; calls on another stream,
-    or while a graph is captured, get plans of their own: ``_plan``). A step then spends its host
-    time on launches.
-    ``splits`` overrides the column splits of both directions."""
+    (stream order keeps one call's use of them before the next call's; calls on another stream
+    get plans of their own, and a graph capture plans afresh: ``_plan``). A step then spends its
+    host time on launches. ``splits`` overrides the column splits of both directions."""
 
     def __init__(self, m, n, d, p, dtype, device, tau, one_tower, splits):
         f32 = dict(device=device, dtype=torch.float32)
@@ -70,6 +77,7 @@ class _Plan:
         check_int32_offsets(m, n, d, p, self.splits)
         self.bounded_backward = tiles.bounded_backward(tau, d)
         self.scale2, self.inv_tau = tiles.LOG2E / tau, 1.0 / tau
+        self.buckets = (triton.next_power_of_2(m), triton.next_power_of_2(n))
         common = dict(P=p, BLOCK_D=tiles.block_d(d), EVEN_D=tiles.block_d(d) == d, PRECISION=_precision(dtype))
         self.forward_constants = dict(
             **common, BOUNDED=tiles.bounded(tau), INVERSE=self.bounded_backward, CHECK_K=not one_tower
@@ -104,6 +112,8 @@ class _Plan:
         self.valid = torch.empty((m, p), device=device, dtype=torch.bool)
         self.block_sums = torch.empty((self.finish_grid[0], 4 * p), **f32)
         self.ticket = torch.zeros(1, device=device, dtype=torch.int32)
+        buffers = (self.backward_partial, self.backward_tickets, self.partial, self.loss, self.valid, self.block_sums)
+        self.nbytes = sum(t.numel() * t.element_size() for t in buffers)
 
 
 def check_int32_offsets(m: int, n: int, d: int, p: int, splits: int) -> None:
@@ -116,138 +126,155 @@ def check_int32_offsets(m: int, n: int, d: int, p: int, splits: int) -> None:
 
 
 # Plans hold scratch buffers and split tickets that a launch uses from start to end: two
-# overlapping launches must not share them. The key therefore holds the CUDA stream and whether
-# it is capturing a graph (a buffer made during capture is zeroed only when the graph replays),
-# and the cache keeps the most recent plans only.
+# overlapping launches must not share them, so the key holds the CUDA stream. A plan made while
+# a CUDA graph is captured is that capture's alone (its tickets are zeroed only inside that
+# graph, its buffers live in that graph's pool) and is not kept. The cache keeps the most recent
+# plans, at most MAX_PLANS of them and MAX_PLAN_BYTES of scratch together.
 _PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
 MAX_PLANS = 32
+MAX_PLAN_BYTES = 1 << 30
 
 
-def _stream_key(device: torch.device) -> tuple:
-    if device.type != "cuda":
-        return ()
-    return torch.cuda.current_stream(device).cuda_stream, torch.cuda.is_current_stream_capturing()
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _plan(q: torch.Tensor, n: int, p: int, tau: float, one_tower: bool, splits: int | None = None) -> _Plan:
     m, d = q.shape
-    key = (m, n, d, p, q.dtype, q.device, tau, one_tower, splits, _fp32_precision, *_stream_key(q.device))
+    device = q.device
+    if capturing(device):
+        return _Plan(m, n, d, p, q.dtype, device, tau, one_tower, splits)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (m, n, d, p, q.dtype, device, tau, one_tower, splits, _fp32_precision, stream)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _Plan(m, n, d, p, q.dtype, q.device, tau, one_tower, splits)
-        if len(_PLANS) > MAX_PLANS:
+        plan = _PLANS[key] = _Plan(m, n, d, p, q.dtype, device, tau, one_tower, splits)
+        while len(_PLANS) > 1 and (len(_PLANS) > MAX_PLANS or sum(kept.nbytes for kept in _PLANS.values()) > MAX_PLAN_BYTES):
             _PLANS.popitem(last=False)
     else:
         _PLANS.move_to_end(key)
     return plan
 
 
-def _launch_forward(plan, q, k, keys, loss, valid, stats_all, stats_pos, per_row, self_offset) -> None:
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the operands' for the launch."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+# The tile the autotuner chose per kernel and key (row buckets and constants): a launch while a
+# graph is captured must not benchmark (the timing synchronises), so it takes the choice made
+# eagerly for its bucket, or the first tile of the table.
+_CHOSEN: dict[tuple, triton.Config] = {}
+
+
+def _launch(kernel, grid, device, key: tuple, default: triton.Config, *args, **constants) -> None:
+    if capturing(device):
+        config = _CHOSEN.get((kernel, key), default)
+        kernel.fn[grid](*args, **constants, **config.all_kwargs())
+    else:
+        kernel[grid](*args, **constants)
+        _CHOSEN[(kernel, key)] = kernel.best_config
+
+
+def _launch_forward(plan, q, k, layout, loss, valid, stats_all, stats_pos, per_row) -> None:
     """The forward kernel, writing ``per_row`` statistics a row to ``stats_pos`` (and one to ``stats_all``)."""
     m, d = q.shape
-    kernels.forward_kernel[plan.forward_grid](
-        q, k, *keys, plan.partial, loss, valid, stats_all, stats_pos, m, k.shape[0], d, self_offset, plan.scale2,
-        STATS=per_row, **plan.forward_constants,
+    constants = plan.forward_constants
+    _launch(
+        kernels.forward_kernel, plan.forward_grid, q.device, (*plan.buckets, d, q.dtype, per_row),
+        tiles.first_forward_config(d), q, k, layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups,
+        plan.partial, loss, valid, stats_all, stats_pos, m, k.shape[0], d, layout.self_offset, plan.scale2,
+        *plan.buckets, STATS=per_row, **constants,
     )  # fmt: skip
 
 
-def forward(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower, *, splits=None):
+def forward(q, k, layout, tau, *, splits=None):
     """(loss [M, P], valid [M, P], stats_all [M], stats_pos [M, P]); statistics in fp32: the LSEs,
     or, where the backward takes exponents relative to the bound, the inverse sums it reads."""
     q = q.contiguous()
-    k = q if one_tower else k.contiguous()
-    m, p = q.shape[0], row_keys.shape[1]
-    plan = _plan(q, k.shape[0], p, tau, one_tower, splits)
-    loss = torch.empty((m, p), device=q.device, dtype=torch.float32)
-    valid = torch.empty((m, p), device=q.device, dtype=torch.bool)
-    stats_all = torch.empty((m,), device=q.device, dtype=torch.float32)
-    stats_pos = torch.empty((m, p), device=q.device, dtype=torch.float32)
-    keys = (row_keys, col_keys, row_groups, col_groups)
-    _launch_forward(plan, q, k, keys, loss, valid, stats_all, stats_pos, p, self_offset)
-    if plan.splits > 1:
-        kernels.finish_kernel[plan.finish_grid](
-            plan.partial, loss, valid, stats_all, stats_pos, plan.block_sums, plan.ticket, stats_all, m, plan.splits, m,
-            STATS=p, MERGE=True, MEANS=False, **plan.finish,
-        )  # fmt: skip
+    k = q if layout.one_tower else k.contiguous()
+    m, p = q.shape[0], layout.sets
+    with _on_device(q.device):
+        plan = _plan(q, k.shape[0], p, tau, layout.one_tower, splits)
+        loss = torch.empty((m, p), device=q.device, dtype=torch.float32)
+        valid = torch.empty((m, p), device=q.device, dtype=torch.bool)
+        stats_all = torch.empty((m,), device=q.device, dtype=torch.float32)
+        stats_pos = torch.empty((m, p), device=q.device, dtype=torch.float32)
+        _launch_forward(plan, q, k, layout, loss, valid, stats_all, stats_pos, p)
+        if plan.splits > 1:
+            kernels.finish_kernel[plan.finish_grid](
+                plan.partial, loss, valid, stats_all, stats_pos, plan.block_sums, plan.ticket, stats_all, stats_all,
+                m, plan.splits, m, STATS=p, MERGE=True, MEANS=False, **plan.finish,
+            )  # fmt: skip
     return loss, valid, stats_all, stats_pos
 
 
-def forward_mean(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, one_tower, boundary, *, splits=None):
+def forward_mean(q, k, layout, tau, *, splits=None):
     """The masked means of the losses over rows [0, boundary) and [boundary, M), per key set,
-    in two launches. Returns (means [2 P], by segment then set; state): the state is what
-    ``backward_mean`` takes back, one buffer holding the statistics ``forward`` would return and
-    (means, valid counts) by (segment, set), and the launch plan."""
+    in two launches. Returns (means [2, P], by segment then set; the statistics tensor
+    ``backward_mean`` reads: per row those ``forward`` would return, then the valid counts)."""
     q = q.contiguous()
-    k = q if one_tower else k.contiguous()
-    m, p = q.shape[0], row_keys.shape[1]
-    plan = _plan(q, k.shape[0], p, tau, one_tower, splits)
-    per_row = plan.mean_stats
-    buffer = torch.empty(m * (1 + per_row) + 4 * p, device=q.device, dtype=torch.float32)
-    stats_pos, out = buffer[m:], buffer[m * (1 + per_row) :]
-    keys = (row_keys, col_keys, row_groups, col_groups)
-    _launch_forward(plan, q, k, keys, plan.loss, plan.valid, buffer, stats_pos, per_row, self_offset)
-    kernels.finish_kernel[plan.finish_grid](
-        plan.partial, plan.loss, plan.valid, buffer, stats_pos, plan.block_sums, plan.ticket, out, m, plan.splits,
-        boundary, STATS=per_row, MERGE=plan.splits > 1, MEANS=True, **plan.finish,
-    )  # fmt: skip
-    return out[: 2 * p], (buffer, plan)
+    k = q if layout.one_tower else k.contiguous()
+    m, p = q.shape[0], layout.sets
+    with _on_device(q.device):
+        plan = _plan(q, k.shape[0], p, tau, layout.one_tower, splits)
+        per_row = plan.mean_stats
+        stats = torch.empty(m * (1 + per_row) + 2 * p, device=q.device, dtype=torch.float32)
+        means = torch.empty((2, p), device=q.device, dtype=torch.float32)
+        stats_pos, counts = stats[m:], stats[m * (1 + per_row) :]
+        _launch_forward(plan, q, k, layout, plan.loss, plan.valid, stats, stats_pos, per_row)
+        kernels.finish_kernel[plan.finish_grid](
+            plan.partial, plan.loss, plan.valid, stats, stats_pos, plan.block_sums, plan.ticket, means, counts, m,
+            plan.splits, layout.boundary, STATS=per_row, MERGE=plan.splits > 1, MEANS=True, **plan.finish,
+        )  # fmt: skip
+    return means, stats
 
 
-def _launch_backward(plan, upstream, q, k, keys, stats_all, stats_pos, per_row, self_offset, boundary, one_tower, mean):
+def _launch_backward(plan, upstream, q, k, layout, stats_all, stats_pos, per_row, mean):
     """(dq, dk), dk None with one tower: one launch, reading ``per_row`` statistics a row at ``stats_pos``."""
     m, d = q.shape
-    symmetric = one_tower and keys[0] is keys[1] and keys[2] is keys[3]
-    constants = plan.backward_variants.get((mean, symmetric, per_row))
+    one_tower = layout.one_tower
+    constants = plan.backward_variants.get((mean, layout.symmetric, per_row))
     if constants is None:
-        constants = plan.backward_variants[(mean, symmetric, per_row)] = dict(
-            MEAN=mean[0], HAS=mean[1], SYMMETRIC=symmetric, STATS=per_row, TWO_SIDES=not one_tower,
-            **plan.backward_constants,
-        )  # fmt: skip
+        constants = plan.backward_variants[(mean, layout.symmetric, per_row)] = dict(
+            MEAN=mean, SYMMETRIC=layout.symmetric, STATS=per_row, TWO_SIDES=not one_tower, **plan.backward_constants
+        )
     dq = torch.empty_like(q)
     dk = None if one_tower else torch.empty_like(k)
-    kernels.backward_kernel[plan.backward_grid](
-        q, k, dq, dq if one_tower else dk, plan.backward_partial, plan.backward_tickets, *upstream,
-        stats_all, stats_pos, *keys, m, k.shape[0], d, self_offset, boundary, plan.scale2, plan.inv_tau, **constants,
+    _launch(
+        kernels.backward_kernel, plan.backward_grid, q.device,
+        (*plan.buckets, d, q.dtype, per_row, mean, one_tower, layout.symmetric),
+        tiles.first_backward_config(d, plan.bounded_backward),
+        q, k, dq, dq if one_tower else dk, plan.backward_partial, plan.backward_tickets, *upstream, stats_all,
+        stats_pos, layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups, m, k.shape[0], d,
+        layout.self_offset, layout.boundary, plan.scale2, plan.inv_tau, *plan.buckets, **constants,
     )  # fmt: skip
     return dq, dk
 
 
-def backward(
-    grad_loss, q, k, row_keys, col_keys, row_groups, col_groups, stats_all, stats_pos, self_offset, tau, one_tower,
-    *, splits=None,
-):  # fmt: skip
-    """(dq, dk); dk is empty with one_tower, where dq already holds (G + G^T) q / tau."""
+def backward(grad_loss, q, k, layout, tau, stats_all, stats_pos, *, splits=None):
+    """(dq, dk); dk is None with one tower, where dq already holds (G + G^T) q / tau."""
     q = q.contiguous()
-    k = q if one_tower else k.contiguous()
-    plan = _plan(q, k.shape[0], row_keys.shape[1], tau, one_tower, splits)
-    grad = grad_loss.float().contiguous()
-    keys = (row_keys, col_keys, row_groups, col_groups)
-    upstream = (grad, grad, grad, grad)  # the mean-gradient pointers go unread without MEAN
-    dq, dk = _launch_backward(
-        plan, upstream, q, k, keys, stats_all, stats_pos, stats_pos.shape[1], self_offset, q.shape[0], one_tower, (0, 0)
-    )
-    return dq, q.new_empty((0, q.shape[1])) if dk is None else dk
+    k = q if layout.one_tower else k.contiguous()
+    with _on_device(q.device):
+        plan = _plan(q, k.shape[0], layout.sets, tau, layout.one_tower, splits)
+        grad = grad_loss.float().contiguous()
+        upstream = (grad, grad, grad)  # the means' pointers go unread without MEAN
+        return _launch_backward(plan, upstream, q, k, layout, stats_all, stats_pos, stats_pos.shape[1], 0)
 
 
-def backward_mean(grad_means, state, q, k, row_keys, col_keys, row_groups, col_groups, self_offset, one_tower, boundary):
-    """(dq, dk or None with one tower) of the means of ``forward_mean``, from its ``state``;
-    ``grad_means`` holds each segment's upstream gradient ([P]), None for a segment whose mean
-    received none."""
-    buffer, plan = state
+def backward_mean(grad_means, q, k, layout, tau, stats, *, splits=None):
+    """(dq, dk or None with one tower) of the means of ``forward_mean`` from their upstream
+    gradient [2, P] and ``forward_mean``'s statistics."""
     q = q.contiguous()
-    k = q if one_tower else k.contiguous()
-    m = q.shape[0]
-    per_row = plan.mean_stats
-    out = buffer[m * (1 + per_row) :]
-    has = 0
-    upstream = [out, out]
-    for segment, grad in enumerate(grad_means):
-        if grad is not None:
-            has |= 1 << segment
-            upstream[segment] = grad if grad.dtype == torch.float32 and grad.is_contiguous() else grad.float().contiguous()
-    keys = (row_keys, col_keys, row_groups, col_groups)
-    segments = 1 if boundary >= m else 2
-    return _launch_backward(
-        plan, (out, *upstream, out), q, k, keys, buffer, buffer[m:], per_row, self_offset, boundary, one_tower,
-        (segments, has),
-    )  # fmt: skip
+    k = q if layout.one_tower else k.contiguous()
+    m, p = q.shape[0], layout.sets
+    with _on_device(q.device):
+        plan = _plan(q, k.shape[0], p, tau, layout.one_tower, splits)
+        per_row = plan.mean_stats
+        counts = stats[m * (1 + per_row) :]
+        grad = grad_means if grad_means.dtype == torch.float32 and grad_means.is_contiguous() else grad_means.float().contiguous()
+        return _launch_backward(plan, (grad, grad, counts), q, k, layout, stats, stats[m:], per_row, layout.segments)

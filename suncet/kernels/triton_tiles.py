@@ -80,6 +80,11 @@ def forward_configs() -> list[triton.Config]:
     return [_config(tile) for tile in dict.fromkeys(t for tiles in FORWARD_TABLE.values() for t in tiles)]
 
 
+def first_forward_config(d: int) -> triton.Config:
+    """The forward's untuned tile for width ``d``: what a launch takes where it may not benchmark."""
+    return _config(INTERPRETER_TILE if INTERPRETING else FORWARD_TABLE[width(d)][0])
+
+
 def prune_forward(configs, named_args, **kwargs):
     if INTERPRETING:
         return configs
@@ -91,6 +96,11 @@ def prune_forward(configs, named_args, **kwargs):
 def backward_tiles(d: int, bounded: bool) -> list[tuple[int, int, int, int]]:
     """The backward's candidate tiles for width ``d`` in its mode, the first being the one used untuned."""
     return (BOUNDED_BACKWARD_TABLE if bounded else BACKWARD_TABLE)[width(d)]
+
+
+def first_backward_config(d: int, bounded: bool) -> triton.Config:
+    """The backward's untuned tile for width ``d`` in its mode."""
+    return _config(INTERPRETER_TILE if INTERPRETING else backward_tiles(d, bounded)[0])
 
 
 def backward_configs() -> list[triton.Config]:

@@ -1,15 +1,17 @@
 """The losses: NT-Xent (SimCLR), SuNCEt, their fused pair, the general multi-positive form,
 SwAV's swapped prediction and PAWS's soft nearest-neighbour assignments.
 
-As modules that hold their settings, for any training loop (``modules.py``)::
+As modules that hold their settings, for any training loop (``contrastive.py``, ``modules.py``,
+``paws.py``)::
 
     from suncet.losses import NTXentLoss, SuNCEtLoss
     ntxent, suncet = NTXentLoss(temperature=0.1), SuNCEtLoss(temperature=0.1)
     loss = ntxent(out0, out1) + suncet(labeled_out, labels)
 
-and as functions, the one implementation underneath (``contrastive.py``, ``swav.py``). The
-contrastive ones take raw projections and L2-normalise them, and reduce to one operation (per
-row: LSE over the columns it may see minus LSE over its positives) that the kernels implement.
+and, for one-off calls, as functions of the same losses. The contrastive ones take raw
+projections and L2-normalise them, and reduce to one operation (per row: LSE over the columns it
+may see minus LSE over its positives) that the kernels implement. Every argument enters through
+the checks of ``checks.py``.
 """
 
 from suncet.losses.contrastive import contrastive_loss, multi_positive_loss, nt_xent, nt_xent_and_suncet, suncet_loss
