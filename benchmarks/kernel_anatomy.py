@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from suncet.engine.rundir import write_json
-from suncet.kernels import triton_kernels, triton_launch, triton_tiles
+from suncet.kernels import Layout, triton_kernels, triton_launch, triton_tiles
 
 
 def graph_ms(fn, replays: int = 10, repeats: int = 15) -> float:
@@ -74,7 +74,9 @@ def main() -> None:
     z = F.normalize(torch.randn(n, d, generator=gen), dim=1).to("cuda", torch.bfloat16)
     keys = torch.stack([torch.arange(n) % (n // 2), torch.randint(0, 100, (n,), generator=gen)], 1).cuda()
     groups = torch.zeros(n, dtype=torch.long, device="cuda")
-    grad = torch.ones(2, device="cuda")  # upstream gradient of the two means
+    layout = Layout.of(keys, row_groups=groups, one_tower=True)  # one segment, both key sets
+    grad = torch.zeros(2, 2, device="cuda")  # upstream gradient of the means [segment, set]
+    grad[0] = 1
 
     header = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, N = {n}, D = {d}, bf16, both key sets, "
               "kernel time (CUDA graphs); tile = (BLOCK_M, BLOCK_N, warps, stages)")
@@ -106,10 +108,8 @@ def main() -> None:
     # each count forced in turn with the autotuner's tile for it; "auto" is the launcher's choice.
     for splits in (None, 1, 2, 4, 8):
         triton_kernels.backward_kernel.cache.clear()
-        _, state = triton_launch.forward_mean(z, z, keys, keys, groups, groups, 0, 0.1, True, n, splits=splits)
-        backward = functools.partial(
-            triton_launch.backward_mean, (grad, None), state, z, z, keys, keys, groups, groups, 0, True, n
-        )
+        _, stats = triton_launch.forward_mean(z, z, layout, 0.1, splits=splits)
+        backward = functools.partial(triton_launch.backward_mean, grad, z, z, layout, 0.1, stats, splits=splits)
         ms = graph_ms(backward)
         tile = ", ".join(triton_launch.last_configs())
         record(f"suncet backward (bounded, tau 0.1), column splits {splits or 'auto'}, {tile}", ms, 2)
@@ -117,11 +117,9 @@ def main() -> None:
     width = triton_tiles.width(d)
     for tau in (0.1, 0.02):
         # The losses' path: masked means in the kernels (forward + finishing kernel; one backward launch).
-        forward = functools.partial(triton_launch.forward_mean, z, z, keys, keys, groups, groups, 0, tau, True, n)
-        _, state = forward()
-        backward = functools.partial(
-            triton_launch.backward_mean, (grad, None), state, z, z, keys, keys, groups, groups, 0, True, n
-        )
+        forward = functools.partial(triton_launch.forward_mean, z, z, layout, tau)
+        _, stats = forward()
+        backward = functools.partial(triton_launch.backward_mean, grad, z, z, layout, tau, stats)
         mode = "bounded" if triton_tiles.bounded(tau) else "running maxima"
         for entry in list(triton_tiles.FORWARD_TABLE[width]):
             forced(triton_kernels.forward_kernel, triton_tiles.FORWARD_TABLE[width], entry)

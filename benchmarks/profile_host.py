@@ -7,8 +7,9 @@ the launchers of triton_launch.py look them up, is replaced by a launch that doe
 the triton backend runs on small CPU tensors (TRITON_INTERPRET=1 only lets it take them; nothing
 is interpreted). What remains is the host work of a step without Triton's own launch cost:
 argument checks, plans, allocations, autograd. It times the fused masked-means step
-(``kernels.multi_positive_mean`` and its gradient), the per-row step with the masked mean in
-PyTorch (the path before the means were fused), and the launchers alone.
+(``kernels.multi_positive_mean`` and its gradient, on normalised rows and a built layout), the
+same step through the loss module a training loop calls (``NTXentSuNCEtLoss`` on raw
+projections), the per-row step with the masked means in PyTorch, and the launchers alone.
 
 Default (a CUDA device): the same steps with real launches and the GPU never waited for, an
 empty Triton launch and an empty PyTorch op for scale, then cProfile and torch.profiler of the
@@ -37,6 +38,12 @@ def _stub_kernels(module) -> int:
     from triton.runtime.jit import KernelInterface
 
     class _Stub:
+        best_config = None  # what the launcher records of an autotuned kernel
+
+        @property
+        def fn(self):  # the launcher's way past the autotuner during graph capture
+            return self
+
         def __getitem__(self, grid):
             return _noop
 
@@ -51,19 +58,22 @@ def _stub_kernels(module) -> int:
     return stubbed
 
 
-def host_us(fn, repeats: int, sync, clock) -> float:
-    """Median over 7 rounds of the mean ``clock`` time per call of ``fn``, in microseconds."""
-    for _ in range(20):
-        fn()
-    sync()
-    rounds = []
-    for _ in range(7):
-        start = clock()
-        for _ in range(repeats):
+def host_us(steps: dict, repeats: int, sync, clock, rounds: int = 7) -> dict[str, float]:
+    """Per step, the median over ``rounds`` of the mean ``clock`` time per call, in microseconds;
+    the steps take turns within each round, so that a shared machine's drift touches all alike."""
+    for fn in steps.values():
+        for _ in range(20):
             fn()
-        rounds.append((clock() - start) / repeats * 1e6)
-        sync()
-    return statistics.median(rounds)
+    sync()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            start = clock()
+            for _ in range(repeats):
+                fn()
+            sync()
+            times[name].append((clock() - start) / repeats * 1e6)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _machine(stub: bool):
@@ -95,42 +105,48 @@ def _machine(stub: bool):
 
 
 def _steps(n: int, d: int, device, dtype) -> dict:
-    """The callables timed: floor, fused step, per-row step, and the two launchers alone."""
+    """The callables timed: floor, the loss module's step, the op's fused step, the per-row
+    step, and the two launchers alone."""
     import torch
     import torch.nn.functional as F
 
     from suncet import kernels
     from suncet.kernels import triton_launch
+    from suncet.losses import NTXentSuNCEtLoss
 
     half = n // 2  # the training layout: [unlabeled views; labeled rows], NT-Xent and SuNCEt in one launch
     gen = torch.Generator().manual_seed(0)
-    z = F.normalize(torch.randn(n, d, generator=gen), dim=1).to(device, dtype).requires_grad_(True)
-    ids = torch.arange(half) % (half // 2)
-    keys = torch.cat([ids, torch.randint(0, 100, (n - half,), generator=gen)]).to(device)
+    raw = torch.randn(n, d, generator=gen).to(device, dtype).requires_grad_(True)
+    z = F.normalize(raw.detach().float(), dim=1).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, 100, (n - half,), generator=gen).to(device)
+    ids = (torch.arange(half) % (half // 2)).to(device)
     groups = torch.cat([torch.zeros(half, dtype=torch.long), torch.ones(n - half, dtype=torch.long)]).to(device)
+    layout = kernels.Layout.of(torch.cat([ids, labels]), row_groups=groups, one_tower=True, boundary=half)
+    loss = NTXentSuNCEtLoss(0.1, backend="triton")
+    out0, out1, labeled = raw[: half // 2], raw[half // 2 : half], raw[half:]
+
+    def module_step():  # what a training loop runs: NTXentSuNCEtLoss on raw projections, and the gradient
+        ntxent, suncet = loss(out0, out1, labeled, labels)
+        return torch.autograd.grad(ntxent + suncet, raw)
 
     def fused_step():  # both losses as masked means inside the kernels, and their gradient
-        ntxent, suncet = kernels.multi_positive_mean(
-            z, z, keys, keys, groups, groups, 0, 0.1, boundary=half, backend="triton"
-        )
+        ntxent, suncet = kernels.multi_positive_mean(z, None, layout, 0.1, backend="triton")
         return torch.autograd.grad(ntxent + suncet, z)
 
-    def per_row_step():  # per-row losses, masked means in PyTorch (losses.masked_mean's arithmetic)
-        loss, valid = kernels.multi_positive(z, z, keys, keys, groups, groups, 0, 0.1, backend="triton")
-        means = [(part * ok).sum() / ok.sum().clamp(min=1) for part, ok in ((loss[:half], valid[:half]),
-                                                                            (loss[half:], valid[half:]))]
-        return torch.autograd.grad(means[0] + means[1], z)
+    def per_row_step():  # per-row losses, masked means in PyTorch
+        loss, valid = kernels.multi_positive(z, None, layout, 0.1, backend="triton")
+        ntxent, suncet = kernels.segment_means(loss, valid, layout)
+        return torch.autograd.grad(ntxent + suncet, z)
 
     zd = z.detach()
-    keys2 = keys[:, None]
-    _, state = triton_launch.forward_mean(zd, zd, keys2, keys2, groups, groups, 0, 0.1, True, half)
-    grad = torch.ones((), device=device)
+    _, stats = triton_launch.forward_mean(zd, zd, layout, 0.1)
+    grad = (torch.ones((), device=device), torch.ones((), device=device))
 
     def launch_forward():
-        return triton_launch.forward_mean(zd, zd, keys2, keys2, groups, groups, 0, 0.1, True, half)
+        return triton_launch.forward_mean(zd, zd, layout, 0.1)
 
     def launch_backward():
-        return triton_launch.backward_mean((grad, grad), state, zd, zd, keys2, keys2, groups, groups, 0, True, half)
+        return triton_launch.backward_mean(grad, zd, zd, layout, 0.1, stats)
 
     class _Nothing(torch.autograd.Function):  # the floor: an autograd step that computes nothing
         @staticmethod
@@ -146,12 +162,17 @@ def _steps(n: int, d: int, device, dtype) -> dict:
         return torch.autograd.grad(a + b, z)
 
     return {
-        "floor: an autograd.Function computing nothing, two outputs, forward + gradient": floor_step,
-        "fused step: multi_positive_mean (both means), forward + gradient": fused_step,
+        FLOOR: floor_step,
+        FUSED: fused_step,
+        "module step: NTXentSuNCEtLoss on raw projections (cat, normalise, labels), forward + gradient": module_step,
         "per-row step: multi_positive + PyTorch masked means, forward + gradient": per_row_step,
         "forward_mean launcher (2 launches)": launch_forward,
         "backward_mean launcher (1 launch)": launch_backward,
     }
+
+
+FLOOR = "floor: an autograd.Function computing nothing, two outputs, forward + gradient"
+FUSED = "fused step: multi_positive_mean (both means), forward + gradient"
 
 
 def _profiles(fused_step, sync) -> str:
@@ -196,7 +217,6 @@ def main() -> None:
     device, dtype, sync, clock, stubbed = _machine(args.stub)
     n, d, half = args.n, args.d, args.n // 2
     steps = _steps(n, d, device, dtype)
-    timings = {name: host_us(step, args.repeats, sync, clock) for name, step in steps.items()}
     if not args.stub:
 
         @triton.jit
@@ -204,8 +224,9 @@ def main() -> None:
             pass
 
         empty = torch.empty(1, device=device)
-        timings["empty Triton launch"] = host_us(lambda: _empty_kernel[(1,)](empty, 1), args.repeats, sync, clock)
-        timings["empty PyTorch op (add_)"] = host_us(lambda: empty.add_(1), args.repeats, sync, clock)
+        steps["empty Triton launch"] = lambda: _empty_kernel[(1,)](empty, 1)
+        steps["empty PyTorch op (add_)"] = lambda: empty.add_(1)
+    timings = host_us(steps, args.repeats, sync, clock)
 
     where = "CPU, Triton launches stubbed" if args.stub else torch.cuda.get_device_name()
     header = (
@@ -215,13 +236,14 @@ def main() -> None:
     )
     report = io.StringIO()
     measure = "CPU time of the calling thread" if args.stub else "wall time, the GPU never waited for"
-    report.write(f"{header}\n\nhost microseconds per call ({measure}; median of 7 rounds of {args.repeats}):\n")
+    report.write(f"{header}\n\nhost microseconds per call ({measure}; median of 7 rounds of {args.repeats}, the steps in turn):\n")
     for name, us in timings.items():
         report.write(f"  {us:9.1f}  {name}\n")
+    report.write(f"  fused step / floor: {timings[FUSED] / timings[FLOOR]:.2f}\n")
     if args.stub:
         report.write(f"  ({stubbed} Triton kernels stubbed)\n")
     else:
-        report.write(_profiles(steps["fused step: multi_positive_mean (both means), forward + gradient"], sync))
+        report.write(_profiles(steps[FUSED], sync))
     print(report.getvalue())
     if args.json:
         write_json(args.json, {"header": header, "host_us": timings})

@@ -67,3 +67,39 @@ def rerun_under_triton_interpreter(test_file: str, selection: str, passed: int) 
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     summary = proc.stdout.splitlines()[-1]
     assert f"{passed} passed" in summary and "skipped" not in summary, proc.stdout[-2000:]
+
+
+def _widen_half_precision_dots() -> None:
+    """Triton 3.8's CPU interpreter multiplies bf16 ``tl.dot`` operands as their raw 16-bit
+    patterns (NumPy keeps bf16 as uint16): a 16 x 16 product comes out off by about 2.4e10. A
+    tensor core widens bf16 and fp16 operands exactly and accumulates in fp32; so does this
+    shim, on the test side only, so that half-precision kernels can be checked here."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+    if getattr(original, "widens_half_precision", False):
+        return
+
+    def widened(handle):
+        if handle.dtype == tl.bfloat16:
+            wide = interpreter._convert_float(handle.data, tl.bfloat16, tl.float32, None).view(np.float32)
+            return interpreter.TensorHandle(wide.reshape(handle.data.shape), tl.float32)
+        if handle.dtype == tl.float16:
+            return interpreter.TensorHandle(handle.data.astype(np.float32), tl.float32)
+        return handle
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot.widens_half_precision = True
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
+def pytest_configure(config) -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        try:
+            _widen_half_precision_dots()
+        except ImportError:  # no triton: its tests skip themselves
+            pass

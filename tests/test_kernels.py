@@ -81,7 +81,7 @@ def oracle(q, k, row_keys, col_keys, row_groups, col_groups, self_offset, tau, g
 
 # ---------------------------------------------------------------------------------------------
 # The operation with loose arguments, as these tests write problems: k is q for one tower, 1-D
-# keys give per-row outputs [M] and scalar means.
+# keys give per-row outputs [M].
 
 
 def layout_of(q, k, rk, ck, rg, cg, offset, boundary=None):
@@ -94,9 +94,7 @@ def per_row(q, k, rk, ck, rg, cg, offset, tau, backend="auto"):
 
 
 def means_of(q, k, rk, ck, rg, cg, offset, tau, boundary=None, backend="auto"):
-    layout = layout_of(q, k, rk, ck, rg, cg, offset, boundary)
-    means = kernels.multi_positive_mean(q, None if k is q else k, layout, tau, backend)
-    return tuple(means[s, 0] if rk.dim() == 1 else means[s] for s in range(layout.segments))
+    return kernels.multi_positive_mean(q, None if k is q else k, layout_of(q, k, rk, ck, rg, cg, offset, boundary), tau, backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,12 +432,12 @@ def test_triton_interpreter_backward_column_splits_add_in_order(triton_interpret
     q, k = q.float(), (q.float() if one_tower else k.float())
     grad = torch.randn(rows, 2, generator=gen, dtype=torch.float64)
     layout = layout_of(q, q if one_tower else k, rk, ck, rg, cg, offset)
-    _, _, stats_all, stats_pos = triton_interpreter.forward(q, k, layout, tau, splits=1)
+    _, _, *stats = triton_interpreter.forward(q, k, layout, tau, splits=1)
     want = oracle(q.double(), k.double(), rk, ck, rg, cg, offset, tau, grad)
     want_dq = want[2] + want[3] if one_tower else want[2]
 
     def run(splits):
-        dq, dk = triton_interpreter.backward(grad.float(), q, k, layout, tau, stats_all, stats_pos, splits=splits)
+        dq, dk = triton_interpreter.backward(grad.float(), q, k, layout, tau, *stats, splits=splits)
         return dq, (torch.zeros(0) if dk is None else dk)
 
     for splits in (1, 2, 3, 5):
@@ -598,8 +596,9 @@ def test_triton_interpreter_fused_means_merge_splits_and_repeat_exactly(triton_i
 
     layout = layout_of(q, q, rk, ck, rg, cg, 0, boundary=20)
 
-    def run(splits):
-        return triton_interpreter.forward_mean(q, q, layout, tau, splits=splits)  # the means; the backward's statistics
+    def run(splits):  # the means of both segments; the statistics the backward reads, and the counts
+        means, stats = triton_interpreter.forward_mean(q, q, layout, tau, splits=splits)
+        return torch.stack(means), stats
 
     first, again, whole = run(3), run(3), run(1)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
@@ -830,13 +829,13 @@ def test_gpu_triton_backward_column_splits_match_float64_and_repeat(layout):
     qd = q.to("cuda", torch.bfloat16)
     kd = qd if one_tower else k.to("cuda", torch.bfloat16)
     layout = layout_of(qd, kd, *[t.cuda() for t in (rk, ck, rg, cg)], offset)
-    _, _, stats_all, stats_pos = triton_launch.forward(qd, kd, layout, 0.1)
+    _, _, *stats = triton_launch.forward(qd, kd, layout, 0.1)
     k64 = None if one_tower else kd.double().cpu()
     want = run_backend("cpu", qd.double().cpu(), k64, rk, ck, rg, cg, offset, 0.1, grad)
     for splits in (None, 3, 8):
 
         def run():
-            return triton_launch.backward(grad.cuda().float(), qd, kd, layout, 0.1, stats_all, stats_pos, splits=splits)
+            return triton_launch.backward(grad.cuda().float(), qd, kd, layout, 0.1, *stats, splits=splits)
 
         dq, dk = run()
         assert rel(dq.double().cpu(), want[2]) <= 1e-2
@@ -935,7 +934,7 @@ def test_triton_plans_are_bounded_and_offsets_past_int32_are_refused():
 
     triton_launch._PLANS.clear()
     for rows in range(8, 8 + 2 * triton_launch.MAX_PLANS):
-        triton_launch._plan(torch.zeros(rows, 16), rows, 1, 0.1, True)
+        triton_launch._plan(torch.zeros(rows, 16), rows, 1, 0.1, True, None, False)
     assert len(triton_launch._PLANS) == triton_launch.MAX_PLANS
     newest = next(reversed(triton_launch._PLANS))
     assert newest[0] == 7 + 2 * triton_launch.MAX_PLANS  # the most recent plans are the ones kept

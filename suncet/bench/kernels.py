@@ -154,8 +154,9 @@ def _loss_fn(
     groups = torch.zeros_like(ids)
 
     def run(z, keys):  # the masked means over the valid rows, as the losses take them
-        (means,) = kernels.multi_positive_mean(z, z, keys, keys, groups, groups, 0, TAU, backend=backend)
-        return means.sum()
+        layout = kernels.Layout.of(keys, row_groups=groups, one_tower=True)
+        (mean,) = kernels.multi_positive_mean(z, None, layout, TAU, backend=backend)
+        return mean.sum()
 
     if kind == "ntxent":
         return lambda z: run(z, ids)

@@ -29,19 +29,22 @@ from suncet.kernels.layout import Layout
 class Kernels(Protocol):
     """The entry points of a fused backend's module.
 
-    ``forward`` returns (loss [M, P] and valid [M, P], then the statistics its ``backward``
-    reads: two fp32 tensors [M] and [M, P], fp64 for fp64 inputs where the backend keeps fp64).
-    ``backward`` returns (dq, dk), dk None with one tower, where dq holds the whole gradient.
-    Optional, where the kernels reduce the masked means themselves: ``forward_mean`` returns
-    (means [2, P] by segment then key set, the one statistics tensor ``backward_mean`` reads) and
-    ``mean_stats_size`` its length; ``backward_mean`` takes the means' upstream gradient [2, P].
+    ``forward`` returns loss [M, P] (fp32, or fp64 where the backend keeps fp64 inputs in
+    fp64), valid [M, P], then the statistics its ``backward`` reads, as many tensors as
+    ``statistics`` describes (the custom ops' fake implementations build them from it).
+    ``backward`` takes the upstream gradient [M, P] and those statistics and returns (dq, dk), dk
+    None with one tower, where dq holds the whole gradient. Optional, where the kernels reduce
+    the masked means themselves: ``forward_mean`` returns (the mean of each segment, [P] or a
+    scalar with one key set; one statistics tensor) and ``backward_mean`` takes the means'
+    upstream gradients, one per segment.
     """
 
-    def forward(self, q: Tensor, k: Tensor, layout: Layout, tau: float) -> tuple[Tensor, Tensor, Tensor, Tensor]: ...
+    def forward(self, q: Tensor, k: Tensor, layout: Layout, tau: float) -> tuple[Tensor, ...]: ...
 
-    def backward(
-        self, grad_loss: Tensor, q: Tensor, k: Tensor, layout: Layout, tau: float, stats_all: Tensor, stats_pos: Tensor
-    ) -> tuple[Tensor, Tensor | None]: ...
+    def backward(self, grad_loss: Tensor, q: Tensor, k: Tensor, layout: Layout, tau: float, *stats: Tensor
+                 ) -> tuple[Tensor, Tensor | None]: ...  # fmt: skip
+
+    def statistics(self, rows: int, sets: int, d: int, tau: float, dtype: torch.dtype, means: bool) -> list[tuple]: ...
 
 
 @dataclass(frozen=True)

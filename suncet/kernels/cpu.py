@@ -62,6 +62,13 @@ def forward(q, k, layout, tau):
     )  # fmt: skip
 
 
+def statistics(rows, sets, d, tau, dtype, means):
+    """(shape, dtype) of the statistics ``forward`` returns: the LSEs over the allowed columns [M]
+    and over each set's positives [M, P], fp32 (fp64 for fp64 inputs)."""
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    return [((rows,), stats), ((rows, sets), stats)]
+
+
 def backward(grad_loss, q, k, layout, tau, lse_all, lse_pos):
     dq, dk = _C.multi_positive_backward_cpu(
         grad_loss, q, k, layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups, lse_all, lse_pos,

@@ -9,7 +9,7 @@ call's labels into them with ``with_keys``.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -57,6 +57,20 @@ class Layout:
     self_offset: int
     one_tower: bool
     boundary: int
+    # Derived once, for every launch to read: rows M, columns N, key sets P, whether rows and
+    # columns share their keys and groups (one tower, the usual loss layout), mean segments.
+    rows: int = field(init=False, repr=False)
+    cols: int = field(init=False, repr=False)
+    sets: int = field(init=False, repr=False)
+    symmetric: bool = field(init=False, repr=False)
+    segments: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        rows, sets = self.row_keys.shape
+        symmetric = self.one_tower and self.col_keys is self.row_keys and self.col_groups is self.row_groups
+        for name, value in (("rows", rows), ("cols", self.col_keys.shape[0]), ("sets", sets), ("symmetric", symmetric),
+                            ("segments", 1 if self.boundary >= rows else 2)):  # fmt: skip
+            object.__setattr__(self, name, value)
 
     @classmethod
     def of(
@@ -107,26 +121,5 @@ class Layout:
         return Layout(row_keys, col_keys, self.row_groups, self.col_groups, self.self_offset, self.one_tower, self.boundary)
 
     def fields(self) -> tuple:
-        """The fields in declaration order, as the traced custom ops take them (``Layout(*fields)``)."""
-        return tuple(getattr(self, field.name) for field in dataclasses.fields(self))
-
-    @property
-    def rows(self) -> int:
-        return self.row_keys.shape[0]
-
-    @property
-    def cols(self) -> int:
-        return self.col_keys.shape[0]
-
-    @property
-    def sets(self) -> int:
-        return self.row_keys.shape[1]
-
-    @property
-    def symmetric(self) -> bool:
-        """Rows and columns share their keys and groups (one tower, the usual loss layout)."""
-        return self.one_tower and self.col_keys is self.row_keys and self.col_groups is self.row_groups
-
-    @property
-    def segments(self) -> int:
-        return 1 if self.boundary >= self.rows else 2
+        """The given fields in declaration order, as the traced custom ops take them (``Layout(*fields)``)."""
+        return tuple(getattr(self, given.name) for given in dataclasses.fields(self) if given.init)

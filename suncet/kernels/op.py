@@ -2,7 +2,8 @@
 
 ``FusedContrastive`` joins a backend's entry points (suncet/kernels/backends.py, ``Kernels``):
 with ``means`` False it returns the per-row (loss [M, P], valid [M, P]); with ``means`` True the
-masked means [2, P] (segment by key set) that the backend's kernels reduce themselves. Either
+masked mean of each segment of rows ([P], a scalar with one key set) that the backend's kernels
+reduce themselves. Either
 way its forward saves the operands and the backend's statistics with ``save_for_backward`` and
 keeps the layout, tau and backend on ``ctx``, and its backward hands them back to the backend.
 Every output is a tensor of its own, never a view: callers may modify a loss in place.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from suncet.kernels.backends import BY_NAME, Kernels, resolve_backend
 from suncet.kernels.layout import Layout
@@ -29,7 +29,7 @@ from suncet.kernels.layout import Layout
 def traced(q: Tensor) -> bool:
     """Whether the ops must be called so that a tracer sees them: torch.compile, or any
     dispatch mode (FakeTensorMode, make_fx), or tensors without data."""
-    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or q.is_meta
+    return torch.compiler.is_compiling() or q.is_meta or torch._C._len_torch_dispatch_stack() > 0
 
 
 _KERNELS: dict[str, Kernels] = {}
@@ -43,24 +43,20 @@ def kernels_of(backend: str) -> Kernels:
     return module
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # The traced path: the layout travels as its fields (Layout.fields), in this order.
 _LAYOUT_SCHEMA = (
     "Tensor row_keys, Tensor col_keys, Tensor row_groups, Tensor col_groups, "
     "SymInt self_offset, bool one_tower, SymInt boundary"
 )
 _LIB = torch.library.Library("suncet", "FRAGMENT")
-_LIB.define(f"multi_positive(Tensor q, Tensor k, {_LAYOUT_SCHEMA}, float tau, str backend) -> (Tensor, Tensor, Tensor, Tensor)")
+_LIB.define(f"multi_positive(Tensor q, Tensor k, {_LAYOUT_SCHEMA}, float tau, str backend) -> (Tensor, Tensor, Tensor[])")
 _LIB.define(
     f"multi_positive_backward(Tensor grad, Tensor q, Tensor k, {_LAYOUT_SCHEMA}, float tau, str backend, "
-    "Tensor stats_all, Tensor stats_pos) -> (Tensor, Tensor)"
+    "Tensor[] stats) -> (Tensor, Tensor)"
 )
-_LIB.define(f"multi_positive_mean(Tensor q, Tensor k, {_LAYOUT_SCHEMA}, float tau, str backend) -> (Tensor, Tensor)")
+_LIB.define(f"multi_positive_mean(Tensor q, Tensor k, {_LAYOUT_SCHEMA}, float tau, str backend) -> (Tensor[], Tensor)")
 _LIB.define(
-    f"multi_positive_mean_backward(Tensor grad, Tensor q, Tensor k, {_LAYOUT_SCHEMA}, float tau, str backend, "
+    f"multi_positive_mean_backward(Tensor[] grads, Tensor q, Tensor k, {_LAYOUT_SCHEMA}, float tau, str backend, "
     "Tensor stats) -> (Tensor, Tensor)"
 )
 
@@ -70,47 +66,58 @@ def _no_gradient(q: Tensor, dk: Tensor | None) -> Tensor:
     return q.new_empty((0, q.shape[1])) if dk is None else dk
 
 
+def _fake_statistics(q: Tensor, layout: Layout, tau: float, backend: str, means: bool) -> list[Tensor]:
+    shapes = kernels_of(backend).statistics(layout.rows, layout.sets, q.shape[1], tau, q.dtype, means)
+    return [q.new_empty(shape, dtype=dtype) for shape, dtype in shapes]
+
+
 @torch.library.impl(_LIB, "multi_positive", "CompositeExplicitAutograd")
 def _multi_positive_op(q, k, *fields_tau_backend):
     *fields, tau, backend = fields_tau_backend
-    return tuple(kernels_of(backend).forward(q, k, Layout(*fields), tau))
+    loss, valid, *stats = kernels_of(backend).forward(q, k, Layout(*fields), tau)
+    return loss, valid, stats
 
 
 @torch.library.register_fake("suncet::multi_positive")
 def _multi_positive_fake(q, k, *fields_tau_backend):
-    layout = Layout(*fields_tau_backend[:-2])
-    rows, sets, stats = layout.rows, layout.sets, _stats_dtype(q.dtype)
+    *fields, tau, backend = fields_tau_backend
+    layout = Layout(*fields)
+    stats = _fake_statistics(q, layout, tau, backend, False)
+    loss_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return (
-        q.new_empty((rows, sets), dtype=stats), q.new_empty((rows, sets), dtype=torch.bool),
-        q.new_empty((rows,), dtype=stats), q.new_empty((rows, sets), dtype=stats),
-    )  # fmt: skip
+        q.new_empty((layout.rows, layout.sets), dtype=loss_dtype),
+        q.new_empty((layout.rows, layout.sets), dtype=torch.bool),
+        stats,
+    )
 
 
 @torch.library.impl(_LIB, "multi_positive_backward", "CompositeExplicitAutograd")
 def _multi_positive_backward_op(grad, q, k, *rest):
-    *fields, tau, backend, stats_all, stats_pos = rest
-    dq, dk = kernels_of(backend).backward(grad, q, k, Layout(*fields), tau, stats_all, stats_pos)
+    *fields, tau, backend, stats = rest
+    dq, dk = kernels_of(backend).backward(grad, q, k, Layout(*fields), tau, *stats)
     return dq, _no_gradient(q, dk)
 
 
 @torch.library.impl(_LIB, "multi_positive_mean", "CompositeExplicitAutograd")
 def _multi_positive_mean_op(q, k, *fields_tau_backend):
     *fields, tau, backend = fields_tau_backend
-    return tuple(kernels_of(backend).forward_mean(q, k, Layout(*fields), tau))
+    means, stats = kernels_of(backend).forward_mean(q, k, Layout(*fields), tau)
+    return list(means), stats
 
 
 @torch.library.register_fake("suncet::multi_positive_mean")
 def _multi_positive_mean_fake(q, k, *fields_tau_backend):
     *fields, tau, backend = fields_tau_backend
     layout = Layout(*fields)
-    size = kernels_of(backend).mean_stats_size(layout.rows, layout.sets, q.shape[1], tau)
-    return q.new_empty((2, layout.sets), dtype=torch.float32), q.new_empty((size,), dtype=torch.float32)
+    (stats,) = _fake_statistics(q, layout, tau, backend, True)
+    shape = () if layout.sets == 1 else (layout.sets,)
+    return [q.new_empty(shape, dtype=torch.float32) for _ in range(layout.segments)], stats
 
 
 @torch.library.impl(_LIB, "multi_positive_mean_backward", "CompositeExplicitAutograd")
-def _multi_positive_mean_backward_op(grad, q, k, *rest):
+def _multi_positive_mean_backward_op(grads, q, k, *rest):
     *fields, tau, backend, stats = rest
-    dq, dk = kernels_of(backend).backward_mean(grad, q, k, Layout(*fields), tau, stats)
+    dq, dk = kernels_of(backend).backward_mean(grads, q, k, Layout(*fields), tau, stats)
     return dq, _no_gradient(q, dk)
 
 
@@ -127,7 +134,8 @@ class FusedContrastive(torch.autograd.Function):
     """The fused backends' losses, differentiable in q and k: ``apply(q, k, layout, tau,
     backend, means)`` with ``k`` None for one tower (a Function that takes one tensor twice
     cannot be traced). ``means`` False: (loss [M, P], valid [M, P], not differentiable);
-    True: the masked means [2, P], for a backend whose module has ``forward_mean``."""
+    True: the masked mean of each segment ([P], a scalar with one key set), for a backend whose
+    record ``fuses_means``."""
 
     @staticmethod
     def forward(ctx, q, k, layout, tau, backend, means):
@@ -135,28 +143,35 @@ class FusedContrastive(torch.autograd.Function):
         if traced(q):
             op = torch.ops.suncet.multi_positive_mean if means else torch.ops.suncet.multi_positive
             outputs = op(q, columns, *layout.fields(), tau, backend)
+            if not means:  # the op returns its statistics as a list
+                outputs = (outputs[0], outputs[1], *outputs[2])
         else:
             kernels = kernels_of(backend)
             outputs = (kernels.forward_mean if means else kernels.forward)(q, columns, layout, tau)
-        ctx.save_for_backward(q, k, *outputs[1 if means else 2 :])
-        ctx.layout, ctx.tau, ctx.backend, ctx.means = layout, tau, backend, means
+        ctx.call = (layout, tau, backend, means)
         if means:
-            return outputs[0]
+            segment_means, stats = outputs
+            ctx.save_for_backward(q, k, stats)
+            return tuple(segment_means)
+        ctx.save_for_backward(q, k, *outputs[2:])
         ctx.mark_non_differentiable(outputs[1])
         return outputs[0], outputs[1]
 
     @staticmethod
-    def backward(ctx, grad, *_grad_valid):
+    def backward(ctx, *grads):
         q, k, *stats = ctx.saved_tensors
         columns = q if k is None else k
-        layout, tau, backend, means = ctx.layout, ctx.tau, ctx.backend, ctx.means
-        grad = grad.contiguous()
+        layout, tau, backend, means = ctx.call
+        upstream = grads if means else grads[0].contiguous()
         if traced(q):
             op = torch.ops.suncet.multi_positive_mean_backward if means else torch.ops.suncet.multi_positive_backward
-            dq, dk = op(grad, q, columns, *layout.fields(), tau, backend, *stats)
+            if means:
+                dq, dk = op(list(upstream), q, columns, *layout.fields(), tau, backend, *stats)
+            else:
+                dq, dk = op(upstream, q, columns, *layout.fields(), tau, backend, stats)
         else:
             kernels = kernels_of(backend)
-            dq, dk = (kernels.backward_mean if means else kernels.backward)(grad, q, columns, layout, tau, *stats)
+            dq, dk = (kernels.backward_mean if means else kernels.backward)(upstream, q, columns, layout, tau, *stats)
         return dq, (None if k is None else dk), None, None, None, None
 
 
@@ -198,11 +213,14 @@ def multi_positive(q: Tensor, k: Tensor | None, layout: Layout, tau: float, back
     return FusedContrastive.apply(q, k, layout, float(tau), name, False)
 
 
-def multi_positive_mean(q: Tensor, k: Tensor | None, layout: Layout, tau: float, backend: str = "auto") -> Tensor:
+def multi_positive_mean(
+    q: Tensor, k: Tensor | None, layout: Layout, tau: float, backend: str = "auto"
+) -> tuple[Tensor, ...]:
     """Masked means of ``multi_positive``'s losses over the valid rows of each segment of
-    ``layout`` ([0, boundary) and [boundary, M)): [2, P] by segment then key set (row 1 is 0
-    with one segment). A segment without a valid row gives 0 with zero gradient; a non-finite
-    loss, even an invalid row's, makes its segment's mean non-finite.
+    ``layout`` ([0, boundary) and, with two segments, [boundary, M)): one tensor per segment,
+    [P] or a scalar with one key set, each a tensor of its own. A segment without a valid row
+    gives 0 with zero gradient; a non-finite loss, even an invalid row's, makes its segment's
+    mean non-finite.
 
     Backends with fused means (triton) reduce inside the kernels: one forward launch plus a
     small finishing one, one backward launch with one tower, no PyTorch kernel in between; the
@@ -212,12 +230,16 @@ def multi_positive_mean(q: Tensor, k: Tensor | None, layout: Layout, tau: float,
     if BY_NAME[name].fuses_means:
         return FusedContrastive.apply(q, k, layout, float(tau), name, True)
     loss, valid = multi_positive(q, k, layout, tau, name)
-    return segment_means(loss, valid, layout.boundary)
+    return segment_means(loss, valid, layout)
 
 
-def segment_means(loss: Tensor, valid: Tensor, boundary: int) -> Tensor:
-    """[2, P]: the mean of the valid rows' losses over rows [0, boundary) and [boundary, M);
-    0 with zero gradient for a segment without a valid row."""
-    counts = torch.stack([valid[:boundary].sum(0), valid[boundary:].sum(0)]).clamp(min=1)
+def segment_means(loss: Tensor, valid: Tensor, layout: Layout) -> tuple[Tensor, ...]:
+    """The mean of the valid rows' losses [M, P] over each segment of ``layout``'s rows, as
+    ``multi_positive_mean`` returns them; 0 with zero gradient for a segment without a valid row."""
     weighted = loss * valid
-    return torch.stack([weighted[:boundary].sum(0), weighted[boundary:].sum(0)]) / counts
+    bounds = (0, layout.boundary, layout.rows)[: layout.segments + 1]
+    means = []
+    for start, end in zip(bounds, bounds[1:]):
+        mean = weighted[start:end].sum(0) / valid[start:end].sum(0).clamp(min=1)
+        means.append(mean[0] if layout.sets == 1 else mean)
+    return tuple(means)

@@ -295,12 +295,13 @@ def _accumulate(s2, member0, member1, max_all, sum_all, max0, sum0, max1, sum1, 
 @triton.jit(do_not_specialize=["self_offset", "ROWS_BUCKET", "COLS_BUCKET"])  # one compilation for every rank's offset
 def forward_kernel(
     q_ptr, k_ptr, row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
-    partial_ptr, loss_ptr, valid_ptr, stats_all_ptr, stats_pos_ptr,
+    partial_ptr, loss_ptr, valid_ptr, stats_ptr,
     M, N, D, self_offset, scale2, ROWS_BUCKET, COLS_BUCKET,
     P: tl.constexpr, BOUNDED: tl.constexpr, INVERSE: tl.constexpr, STATS: tl.constexpr, CHECK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
+    """``stats_ptr``: the rows' statistics for the backward, one a row ([M]) then STATS a row."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -384,7 +385,7 @@ def forward_kernel(
     sum_all += poison
     if splits == 1:
         _finalize_rows(
-            rows, row_ok, max_all, sum_all, max0, sum0, max1, sum1, loss_ptr, valid_ptr, stats_all_ptr, stats_pos_ptr,
+            rows, row_ok, max_all, sum_all, max0, sum0, max1, sum1, loss_ptr, valid_ptr, stats_ptr, stats_ptr + M,
             P, INVERSE, STATS,
         )  # fmt: skip
     else:
@@ -478,14 +479,16 @@ def _segment_sums(base, rows, boundary, loss, valid, p: tl.constexpr, P: tl.cons
 
 @triton.jit
 def finish_kernel(
-    partial_ptr, loss_ptr, valid_ptr, stats_all_ptr, stats_pos_ptr, block_sums_ptr, ticket_ptr, means_ptr, counts_ptr,
+    partial_ptr, loss_ptr, valid_ptr, stats_ptr, block_sums_ptr, ticket_ptr, mean0_ptr, mean1_ptr,
     M, splits, boundary,
     P: tl.constexpr, INVERSE: tl.constexpr, STATS: tl.constexpr, MERGE: tl.constexpr, MEANS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
     """One program per block of rows. MERGE: merges the column splits' partial statistics and
     finalises the rows. MEANS: the masked means of the losses over each segment of rows and
-    each key set, means [2, P] and valid counts [2, P] by (segment, set). Each block stores its
+    each key set, the means [P] of segment 0 and of segment 1, and the valid counts [2, P] by
+    (segment, set) after the rows' statistics (``stats_ptr``: [M], then STATS a row, then the
+    counts). Each block stores its
     sums; the last block to arrive (an int32 ticket) adds them in block order, so the means do
     not depend on the order the blocks ran in, and resets the ticket for the next launch."""
     pid = tl.program_id(0)
@@ -499,7 +502,7 @@ def finish_kernel(
         if P == 2:
             max1, sum1 = _merge(partial_ptr, 4, splits, rows, row_ok, M, 2 + 2 * P, BLOCK)
         loss0, valid0, loss1, valid1 = _finalize_rows(
-            rows, row_ok, max_all, sum_all, max0, sum0, max1, sum1, loss_ptr, valid_ptr, stats_all_ptr, stats_pos_ptr,
+            rows, row_ok, max_all, sum_all, max0, sum0, max1, sum1, loss_ptr, valid_ptr, stats_ptr, stats_ptr + M,
             P, INVERSE, STATS,
         )  # fmt: skip
     else:
@@ -525,8 +528,10 @@ def finish_kernel(
             for block in range(0, tl.num_programs(0)):
                 sums += tl.load(block_sums_ptr + block * width + lanes)
                 counts += tl.load(block_sums_ptr + block * width + 2 * P + lanes)
-            tl.store(means_ptr + lanes, sums / tl.maximum(counts, 1.0))
-            tl.store(counts_ptr + lanes, counts)
+            means = sums / tl.maximum(counts, 1.0)
+            tl.store(mean0_ptr + lanes, means, mask=lanes < P)
+            tl.store(mean1_ptr + lanes - P, means, mask=lanes >= P)
+            tl.store(stats_ptr + M * (1 + STATS) + lanes, counts)
             tl.atomic_xchg(ticket_ptr, 0)
 
 
@@ -667,18 +672,21 @@ def _bounded_side(key_words, keys, all_, pos0, pos1, P: tl.constexpr, BLOCK_M: t
 def _mean_coefficients(upstream, P: tl.constexpr, MEAN: tl.constexpr):
     """d mean / d loss of a valid row, per (segment, set), as (c00, c01, c10, c11) by segment
     then set: the mean's upstream gradient over the segment's valid count, from ``upstream`` =
-    (per-row gradient, the means' gradients [2, P], the forward's valid counts [2, P])."""
-    _, gmeans_ptr, counts_ptr = upstream
+    (per-row gradient, the gradients [P] of the means of segments 0 and 1, the forward's valid
+    counts [2, P])."""
+    _, gmean0_ptr, gmean1_ptr, counts_ptr = upstream
     c00 = 0.0
     c01 = 0.0
     c10 = 0.0
     c11 = 0.0
     if MEAN > 0:
-        c00 = tl.load(gmeans_ptr) / tl.maximum(tl.load(counts_ptr), 1.0)
-        c10 = tl.load(gmeans_ptr + P) / tl.maximum(tl.load(counts_ptr + P), 1.0)
+        c00 = tl.load(gmean0_ptr) / tl.maximum(tl.load(counts_ptr), 1.0)
         if P == 2:
-            c01 = tl.load(gmeans_ptr + 1) / tl.maximum(tl.load(counts_ptr + 1), 1.0)
-            c11 = tl.load(gmeans_ptr + P + 1) / tl.maximum(tl.load(counts_ptr + P + 1), 1.0)
+            c01 = tl.load(gmean0_ptr + 1) / tl.maximum(tl.load(counts_ptr + 1), 1.0)
+    if MEAN > 1:
+        c10 = tl.load(gmean1_ptr) / tl.maximum(tl.load(counts_ptr + P), 1.0)
+        if P == 2:
+            c11 = tl.load(gmean1_ptr + 1) / tl.maximum(tl.load(counts_ptr + P + 1), 1.0)
     return c00, c01, c10, c11
 
 
@@ -758,8 +766,8 @@ def _store_split(
 @triton.heuristics({"EVEN_N": lambda args: args["M"] % args["BLOCK_N"] == 0 and args["N"] % args["BLOCK_N"] == 0})
 @triton.jit(do_not_specialize=["self_offset", "boundary", "ROWS_BUCKET", "COLS_BUCKET"])
 def backward_kernel(
-    q_ptr, k_ptr, dq_ptr, dk_ptr, partial_ptr, tickets_ptr, grad_ptr, gmeans_ptr, counts_ptr,
-    stats_all_ptr, stats_pos_ptr, row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
+    q_ptr, k_ptr, dq_ptr, dk_ptr, partial_ptr, tickets_ptr, grad_ptr, gmean0_ptr, gmean1_ptr,
+    stats_ptr, row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr,
     M, N, D, self_offset, boundary, scale2, inv_tau, ROWS_BUCKET, COLS_BUCKET,
     P: tl.constexpr, TWO_SIDES: tl.constexpr, SYMMETRIC: tl.constexpr,
     BOUNDED: tl.constexpr, STATS: tl.constexpr, MEAN: tl.constexpr,
@@ -771,15 +779,16 @@ def backward_kernel(
     tiles (row side, dq = G k / tau), the others k's (column side, dk = G^T q / tau). Column
     splits (grid axis 1) walk shares of the column tiles and add them deterministically
     (``_store_split``). Every output element is written by one program: deterministic.
-    ``stats_all_ptr``/``stats_pos_ptr`` hold what the forward stored for this mode: the inverse
+    ``stats_ptr`` holds what the forward stored for this mode ([M], then STATS a row, then with
+    MEAN the valid counts [2, P]): the inverse
     sums with BOUNDED, the LSEs otherwise. ``ROWS_BUCKET`` and ``COLS_BUCKET``, the row counts
     rounded up to a power of two, key the autotuner's choice (a new batch size in the same
     bucket reuses it)."""
     pid = tl.program_id(0)
     q_tiles = tl.cdiv(M, BLOCK_M)
     ids = (row_keys_ptr, col_keys_ptr, row_groups_ptr, col_groups_ptr)
-    upstream = (grad_ptr, gmeans_ptr, counts_ptr)
-    stats = (stats_all_ptr, stats_pos_ptr)
+    upstream = (grad_ptr, gmean0_ptr, gmean1_ptr, stats_ptr + M * (1 + STATS))
+    stats = (stats_ptr, stats_ptr + M)
     if not TWO_SIDES:
         _backward_tile(
             pid, (q_ptr, M), (k_ptr, M), (dq_ptr, partial_ptr, tickets_ptr + pid), ids, upstream, stats,

@@ -11,7 +11,6 @@ cores (``set_fp32_precision``) is set here and is part of each plan's key.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import OrderedDict
 
@@ -55,11 +54,14 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
-def mean_stats_size(rows: int, sets: int, d: int, tau: float) -> int:
-    """Length of ``forward_mean``'s statistics tensor: per row the denominator's statistic and
-    ``per_row`` more (``_Plan.mean_stats``), then the valid counts [2, P]."""
+def statistics(rows: int, sets: int, d: int, tau: float, dtype: torch.dtype, means: bool) -> list[tuple]:
+    """(shape, dtype) of each statistics tensor ``forward`` (``means`` False) or
+    ``forward_mean`` returns: one fp32 buffer, per row the denominator's statistic and ``sets``
+    more, or for the means ``_Plan.mean_stats`` more and then the valid counts [2, P]."""
+    if not means:
+        return [((rows * (1 + sets),), torch.float32)]
     per_row = 2 * sets if tiles.bounded_backward(tau, d) else sets
-    return rows * (1 + per_row) + 2 * sets
+    return [((rows * (1 + per_row) + 2 * sets,), torch.float32)]
 
 
 class _Plan:
@@ -78,6 +80,8 @@ class _Plan:
         self.bounded_backward = tiles.bounded_backward(tau, d)
         self.scale2, self.inv_tau = tiles.LOG2E / tau, 1.0 / tau
         self.buckets = (triton.next_power_of_2(m), triton.next_power_of_2(n))
+        self.tuning_key = (*self.buckets, d, dtype)  # what the autotuner's choice depends on, beside the kernel's constants
+        self.first_configs = (tiles.first_forward_config(d), tiles.first_backward_config(d, self.bounded_backward))
         common = dict(P=p, BLOCK_D=tiles.block_d(d), EVEN_D=tiles.block_d(d) == d, PRECISION=_precision(dtype))
         self.forward_constants = dict(
             **common, BOUNDED=tiles.bounded(tau), INVERSE=self.bounded_backward, CHECK_K=not one_tower
@@ -112,6 +116,7 @@ class _Plan:
         self.valid = torch.empty((m, p), device=device, dtype=torch.bool)
         self.block_sums = torch.empty((self.finish_grid[0], 4 * p), **f32)
         self.ticket = torch.zeros(1, device=device, dtype=torch.int32)
+        self.unused_mean = torch.empty(p, **f32)  # where the second segment's mean goes when there is none
         buffers = (self.backward_partial, self.backward_tickets, self.partial, self.loss, self.valid, self.block_sums)
         self.nbytes = sum(t.numel() * t.element_size() for t in buffers)
 
@@ -140,10 +145,10 @@ def capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _plan(q: torch.Tensor, n: int, p: int, tau: float, one_tower: bool, splits: int | None = None) -> _Plan:
+def _plan(q: torch.Tensor, n: int, p: int, tau: float, one_tower: bool, splits: int | None, capture: bool) -> _Plan:
     m, d = q.shape
     device = q.device
-    if capturing(device):
+    if capture:
         return _Plan(m, n, d, p, q.dtype, device, tau, one_tower, splits)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
     key = (m, n, d, p, q.dtype, device, tau, one_tower, splits, _fp32_precision, stream)
@@ -152,16 +157,15 @@ def _plan(q: torch.Tensor, n: int, p: int, tau: float, one_tower: bool, splits: 
         plan = _PLANS[key] = _Plan(m, n, d, p, q.dtype, device, tau, one_tower, splits)
         while len(_PLANS) > 1 and (len(_PLANS) > MAX_PLANS or sum(kept.nbytes for kept in _PLANS.values()) > MAX_PLAN_BYTES):
             _PLANS.popitem(last=False)
-    else:
+    elif next(reversed(_PLANS)) != key:  # a step's launches mostly find the plan already newest
         _PLANS.move_to_end(key)
     return plan
 
 
-def _on_device(device: torch.device):
-    """Triton launches on the current CUDA device: make it the operands' for the launch."""
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
+def _elsewhere(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA device other than the current one. Triton launches on the
+    current device, so each entry point then calls itself again under ``torch.cuda.device``."""
+    return device.type == "cuda" and device.index != torch.cuda.current_device()
 
 
 # The tile the autotuner chose per kernel and key (row buckets and constants): a launch while a
@@ -170,71 +174,84 @@ def _on_device(device: torch.device):
 _CHOSEN: dict[tuple, triton.Config] = {}
 
 
-def _launch(kernel, grid, device, key: tuple, default: triton.Config, *args, **constants) -> None:
-    if capturing(device):
+def _launch(kernel, grid, capture: bool, key: tuple, default: triton.Config, *args, **constants) -> None:
+    if capture:
         config = _CHOSEN.get((kernel, key), default)
         kernel.fn[grid](*args, **constants, **config.all_kwargs())
     else:
         kernel[grid](*args, **constants)
-        _CHOSEN[(kernel, key)] = kernel.best_config
+        if (kernel, key) not in _CHOSEN:
+            _CHOSEN[(kernel, key)] = kernel.best_config
 
 
-def _launch_forward(plan, q, k, layout, loss, valid, stats_all, stats_pos, per_row) -> None:
-    """The forward kernel, writing ``per_row`` statistics a row to ``stats_pos`` (and one to ``stats_all``)."""
+def _launch_forward(plan, capture, q, k, layout, loss, valid, stats, per_row) -> None:
+    """The forward kernel, writing the rows' statistics to ``stats``: one a row, then ``per_row`` a row."""
     m, d = q.shape
     constants = plan.forward_constants
     _launch(
-        kernels.forward_kernel, plan.forward_grid, q.device, (*plan.buckets, d, q.dtype, per_row),
-        tiles.first_forward_config(d), q, k, layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups,
-        plan.partial, loss, valid, stats_all, stats_pos, m, k.shape[0], d, layout.self_offset, plan.scale2,
+        kernels.forward_kernel, plan.forward_grid, capture, (plan.tuning_key, per_row),
+        plan.first_configs[0], q, k, layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups,
+        plan.partial, loss, valid, stats, m, k.shape[0], d, layout.self_offset, plan.scale2,
         *plan.buckets, STATS=per_row, **constants,
     )  # fmt: skip
 
 
 def forward(q, k, layout, tau, *, splits=None):
-    """(loss [M, P], valid [M, P], stats_all [M], stats_pos [M, P]); statistics in fp32: the LSEs,
-    or, where the backward takes exponents relative to the bound, the inverse sums it reads."""
+    """(loss [M, P], valid [M, P], statistics [M (1 + P)]): in fp32 per row the LSE over the
+    allowed columns, then each set's: or, where the backward takes exponents relative to the
+    bound, the inverse sums it reads."""
+    device = q.device
+    if _elsewhere(device):
+        with torch.cuda.device(device):
+            return forward(q, k, layout, tau, splits=splits)
     q = q.contiguous()
     k = q if layout.one_tower else k.contiguous()
-    m, p = q.shape[0], layout.sets
-    with _on_device(q.device):
-        plan = _plan(q, k.shape[0], p, tau, layout.one_tower, splits)
-        loss = torch.empty((m, p), device=q.device, dtype=torch.float32)
-        valid = torch.empty((m, p), device=q.device, dtype=torch.bool)
-        stats_all = torch.empty((m,), device=q.device, dtype=torch.float32)
-        stats_pos = torch.empty((m, p), device=q.device, dtype=torch.float32)
-        _launch_forward(plan, q, k, layout, loss, valid, stats_all, stats_pos, p)
-        if plan.splits > 1:
-            kernels.finish_kernel[plan.finish_grid](
-                plan.partial, loss, valid, stats_all, stats_pos, plan.block_sums, plan.ticket, stats_all, stats_all,
-                m, plan.splits, m, STATS=p, MERGE=True, MEANS=False, **plan.finish,
-            )  # fmt: skip
-    return loss, valid, stats_all, stats_pos
+    m, p = layout.rows, layout.sets
+    capture = capturing(device)
+    plan = _plan(q, layout.cols, p, tau, layout.one_tower, splits, capture)
+    loss = torch.empty((m, p), device=device, dtype=torch.float32)
+    valid = torch.empty((m, p), device=device, dtype=torch.bool)
+    stats = torch.empty(m * (1 + p), device=device, dtype=torch.float32)
+    _launch_forward(plan, capture, q, k, layout, loss, valid, stats, p)
+    if plan.splits > 1:
+        kernels.finish_kernel[plan.finish_grid](
+            plan.partial, loss, valid, stats, plan.block_sums, plan.ticket, stats, stats, m, plan.splits, m,
+            STATS=p, MERGE=True, MEANS=False, **plan.finish,
+        )  # fmt: skip
+    return loss, valid, stats
 
 
 def forward_mean(q, k, layout, tau, *, splits=None):
     """The masked means of the losses over rows [0, boundary) and [boundary, M), per key set,
-    in two launches. Returns (means [2, P], by segment then set; the statistics tensor
-    ``backward_mean`` reads: per row those ``forward`` would return, then the valid counts)."""
+    in two launches. Returns (the means of each segment, [P] or a scalar with one key set; the
+    statistics tensor ``backward_mean`` reads: per row those ``forward`` would return, then the
+    valid counts)."""
+    device = q.device
+    if _elsewhere(device):
+        with torch.cuda.device(device):
+            return forward_mean(q, k, layout, tau, splits=splits)
     q = q.contiguous()
     k = q if layout.one_tower else k.contiguous()
-    m, p = q.shape[0], layout.sets
-    with _on_device(q.device):
-        plan = _plan(q, k.shape[0], p, tau, layout.one_tower, splits)
-        per_row = plan.mean_stats
-        stats = torch.empty(m * (1 + per_row) + 2 * p, device=q.device, dtype=torch.float32)
-        means = torch.empty((2, p), device=q.device, dtype=torch.float32)
-        stats_pos, counts = stats[m:], stats[m * (1 + per_row) :]
-        _launch_forward(plan, q, k, layout, plan.loss, plan.valid, stats, stats_pos, per_row)
-        kernels.finish_kernel[plan.finish_grid](
-            plan.partial, plan.loss, plan.valid, stats, stats_pos, plan.block_sums, plan.ticket, means, counts, m,
-            plan.splits, layout.boundary, STATS=per_row, MERGE=plan.splits > 1, MEANS=True, **plan.finish,
-        )  # fmt: skip
+    m, p = layout.rows, layout.sets
+    capture = capturing(device)
+    plan = _plan(q, layout.cols, p, tau, layout.one_tower, splits, capture)
+    per_row = plan.mean_stats
+    stats = torch.empty(m * (1 + per_row) + 2 * p, device=device, dtype=torch.float32)
+    shape = () if p == 1 else (p,)
+    mean0 = torch.empty(shape, device=device, dtype=torch.float32)
+    means = (mean0,) if layout.segments == 1 else (mean0, torch.empty(shape, device=device, dtype=torch.float32))
+    _launch_forward(plan, capture, q, k, layout, plan.loss, plan.valid, stats, per_row)
+    kernels.finish_kernel[plan.finish_grid](
+        plan.partial, plan.loss, plan.valid, stats, plan.block_sums, plan.ticket, mean0, means[-1] if
+        len(means) > 1 else plan.unused_mean, m, plan.splits, layout.boundary, STATS=per_row,
+        MERGE=plan.splits > 1, MEANS=True, **plan.finish,
+    )  # fmt: skip
     return means, stats
 
 
-def _launch_backward(plan, upstream, q, k, layout, stats_all, stats_pos, per_row, mean):
-    """(dq, dk), dk None with one tower: one launch, reading ``per_row`` statistics a row at ``stats_pos``."""
+def _launch_backward(plan, capture, upstream, q, k, layout, stats, per_row, mean):
+    """(dq, dk), dk None with one tower: one launch, reading the forward's ``stats`` (one a row,
+    then ``per_row`` a row, then with ``mean`` the valid counts)."""
     m, d = q.shape
     one_tower = layout.one_tower
     constants = plan.backward_variants.get((mean, layout.symmetric, per_row))
@@ -245,36 +262,40 @@ def _launch_backward(plan, upstream, q, k, layout, stats_all, stats_pos, per_row
     dq = torch.empty_like(q)
     dk = None if one_tower else torch.empty_like(k)
     _launch(
-        kernels.backward_kernel, plan.backward_grid, q.device,
-        (*plan.buckets, d, q.dtype, per_row, mean, one_tower, layout.symmetric),
-        tiles.first_backward_config(d, plan.bounded_backward),
-        q, k, dq, dq if one_tower else dk, plan.backward_partial, plan.backward_tickets, *upstream, stats_all,
-        stats_pos, layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups, m, k.shape[0], d,
+        kernels.backward_kernel, plan.backward_grid, capture,
+        (plan.tuning_key, per_row, mean, one_tower, layout.symmetric), plan.first_configs[1],
+        q, k, dq, dq if one_tower else dk, plan.backward_partial, plan.backward_tickets, *upstream, stats,
+        layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups, m, k.shape[0], d,
         layout.self_offset, layout.boundary, plan.scale2, plan.inv_tau, *plan.buckets, **constants,
     )  # fmt: skip
     return dq, dk
 
 
-def backward(grad_loss, q, k, layout, tau, stats_all, stats_pos, *, splits=None):
+def backward(grad_loss, q, k, layout, tau, stats, *, splits=None):
     """(dq, dk); dk is None with one tower, where dq already holds (G + G^T) q / tau."""
+    device = q.device
+    if _elsewhere(device):
+        with torch.cuda.device(device):
+            return backward(grad_loss, q, k, layout, tau, stats, splits=splits)
     q = q.contiguous()
     k = q if layout.one_tower else k.contiguous()
-    with _on_device(q.device):
-        plan = _plan(q, k.shape[0], layout.sets, tau, layout.one_tower, splits)
-        grad = grad_loss.float().contiguous()
-        upstream = (grad, grad, grad)  # the means' pointers go unread without MEAN
-        return _launch_backward(plan, upstream, q, k, layout, stats_all, stats_pos, stats_pos.shape[1], 0)
+    capture = capturing(device)
+    plan = _plan(q, layout.cols, layout.sets, tau, layout.one_tower, splits, capture)
+    grad = grad_loss.float().contiguous()
+    upstream = (grad, grad, grad)  # the means' pointers go unread without MEAN
+    return _launch_backward(plan, capture, upstream, q, k, layout, stats, layout.sets, 0)
 
 
 def backward_mean(grad_means, q, k, layout, tau, stats, *, splits=None):
     """(dq, dk or None with one tower) of the means of ``forward_mean`` from their upstream
-    gradient [2, P] and ``forward_mean``'s statistics."""
+    gradients (one per segment) and ``forward_mean``'s statistics."""
+    device = q.device
+    if _elsewhere(device):
+        with torch.cuda.device(device):
+            return backward_mean(grad_means, q, k, layout, tau, stats, splits=splits)
     q = q.contiguous()
     k = q if layout.one_tower else k.contiguous()
-    m, p = q.shape[0], layout.sets
-    with _on_device(q.device):
-        plan = _plan(q, k.shape[0], p, tau, layout.one_tower, splits)
-        per_row = plan.mean_stats
-        counts = stats[m * (1 + per_row) :]
-        grad = grad_means if grad_means.dtype == torch.float32 and grad_means.is_contiguous() else grad_means.float().contiguous()
-        return _launch_backward(plan, (grad, grad, counts), q, k, layout, stats, stats[m:], per_row, layout.segments)
+    capture = capturing(device)
+    plan = _plan(q, layout.cols, layout.sets, tau, layout.one_tower, splits, capture)
+    first, last = grad_means[0].float().contiguous(), grad_means[-1].float().contiguous()
+    return _launch_backward(plan, capture, (first, first, last), q, k, layout, stats, plan.mean_stats, layout.segments)

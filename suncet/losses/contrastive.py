@@ -58,20 +58,20 @@ class _ContrastiveLoss(nn.Module):
         self.temperature = checks.temperature("temperature", temperature)
         self.backend = checks.choice("backend", backend, ("auto", *BACKENDS))
         self.gather = checks.choice("gather", gather, (*GATHER_MODES, None))
-        self._layouts: dict[tuple, Layout] = {}
+        self._cache: dict[tuple, object] = {}
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, backend={self.backend!r}, gather={self.gather!r}"
 
-    def _layout(self, key: tuple, like: Tensor, make) -> Layout:
-        """The layout of ``key`` (shape and device), made once; a tracer sees it made each time
-        (no fake tensor may be kept)."""
+    def _cached(self, key: tuple, like: Tensor, make):
+        """What ``make`` builds for ``key`` (a shape and device: layouts, ids), made once; a tracer
+        sees it made each time (no fake tensor may be kept)."""
         if traced(like):
             return make()
-        layout = self._layouts.get(key)
-        if layout is None:
-            layout = self._layouts[key] = make()
-        return layout
+        value = self._cache.get(key)
+        if value is None:
+            value = self._cache[key] = make()
+        return value
 
     def _across_ranks(self) -> bool:
         return self.gather is not None and is_distributed()
@@ -115,8 +115,9 @@ class NTXentLoss(_ContrastiveLoss):
         if self._across_ranks():
             ids = _view_ids(rows, device) + rank() * (rows // 2)
             return self._gathered_means(z, ids, _gathered_view_ids(rows, rows * world_size(), device))[0, 0]
-        layout = self._layout(("ntxent", rows, device), z, lambda: Layout.of(_view_ids(rows, device), one_tower=True))
-        return multi_positive_mean(_normalize(z), None, layout, self.temperature, self.backend)[0, 0]
+        layout = self._cached(("ntxent", rows, device), z, lambda: Layout.of(_view_ids(rows, device), one_tower=True))
+        (mean,) = multi_positive_mean(_normalize(z), None, layout, self.temperature, self.backend)
+        return mean
 
 
 class SuNCEtLoss(_ContrastiveLoss):
@@ -139,10 +140,11 @@ class SuNCEtLoss(_ContrastiveLoss):
         labels = checks.class_labels("labels", labels, rows, device)
         if self._across_ranks():
             return self._gathered_means(embeddings, labels, all_gather_plain(labels))[0, 0]
-        layout = self._layout(
+        layout = self._cached(
             ("suncet", rows, device), embeddings, lambda: Layout.of(torch.zeros_like(labels), one_tower=True)
         ).with_keys(labels[:, None])
-        return multi_positive_mean(_normalize(embeddings), None, layout, self.temperature, self.backend)[0, 0]
+        (mean,) = multi_positive_mean(_normalize(embeddings), None, layout, self.temperature, self.backend)
+        return mean
 
 
 class NTXentSuNCEtLoss(_ContrastiveLoss):
@@ -164,22 +166,22 @@ class NTXentSuNCEtLoss(_ContrastiveLoss):
         labels = checks.class_labels("labels", labels, rows_l, device)
         z = torch.cat([out0, out1, labeled])
 
-        def make() -> Layout:
+        def make() -> tuple[Layout, Tensor]:
             ids = _view_ids(unlabeled, device)
             groups = torch.cat([torch.zeros_like(ids), torch.ones(rows_l, dtype=torch.long, device=device)])
-            return Layout.of(torch.cat([ids, labels]), row_groups=groups, one_tower=True, boundary=unlabeled)
+            return Layout.of(torch.cat([ids, labels]), row_groups=groups, one_tower=True, boundary=unlabeled), ids
 
-        layout = self._layout(("ntxent+suncet", unlabeled, rows_l, device), z, make)
+        layout, ids = self._cached(("ntxent+suncet", unlabeled, rows_l, device), z, make)
         if self._across_ranks():
             world = world_size()
             col_ids = _gathered_view_ids(unlabeled, world * unlabeled, device).view(world, unlabeled)
             col_keys = torch.cat([col_ids, all_gather_plain(labels).view(world, rows_l)], dim=1).flatten()
-            ids = layout.row_keys[:unlabeled, 0] + rank() * (unlabeled // 2)
-            means = self._gathered_means(z, torch.cat([ids, labels]), col_keys, layout.row_groups, unlabeled)
+            keys = torch.cat([ids + rank() * (unlabeled // 2), labels])
+            means = self._gathered_means(z, keys, col_keys, layout.row_groups, unlabeled)
             return means[0, 0], means[1, 0]
-        keys = torch.cat([layout.row_keys[:unlabeled, 0], labels])[:, None]
-        means = multi_positive_mean(_normalize(z), None, layout.with_keys(keys), self.temperature, self.backend)
-        return means[0, 0], means[1, 0]
+        keys = torch.cat([ids, labels])[:, None]
+        ntxent, suncet = multi_positive_mean(_normalize(z), None, layout.with_keys(keys), self.temperature, self.backend)
+        return ntxent, suncet
 
 
 class MultiPositiveContrastiveLoss(_ContrastiveLoss):
@@ -229,7 +231,8 @@ class MultiPositiveContrastiveLoss(_ContrastiveLoss):
         offset = rank() * embeddings.shape[0] if own_columns else columns.shape[0]
         layout = Layout.of(labels, col_keys, self_offset=offset)
         if not self._across_ranks():
-            return multi_positive_mean(_normalize(embeddings), _normalize(columns), layout, self.temperature, self.backend)[0, 0]
+            (mean,) = multi_positive_mean(_normalize(embeddings), _normalize(columns), layout, self.temperature, self.backend)
+            return mean
         loss, valid = multi_positive(_normalize(embeddings), _normalize(columns), layout, self.temperature, self.backend)
         count = all_reduce_sum(valid.sum().float()) / world_size()
         return (loss * valid).sum() / count.clamp(min=1)

@@ -10,14 +10,13 @@ classes. The soft nearest-neighbour product is attention with the labels as valu
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from suncet.distributed import GATHER_MODES, all_gather_plain, all_gather_rows, is_distributed, world_size
+from suncet.losses import checks
 
 SNN_METHODS = ("matmul", "attention")
 # Widest value (class) dimension handed to one scaled_dot_product_attention call: its fused
@@ -97,32 +96,33 @@ class PAWSLoss(nn.Module):
         snn: str = "matmul",
     ):
         super().__init__()
-        for name, value in (("temperature", temperature), ("sharpen_temperature", sharpen_temperature)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if isinstance(multicrop, bool) or not isinstance(multicrop, int) or multicrop < 0:
-            raise ValueError(f"multicrop must be an integer >= 0, got {multicrop!r}")
-        if not (isinstance(label_smoothing, (int, float)) and 0 <= label_smoothing < 1):
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-        if gather is not None and gather not in GATHER_MODES:
-            raise ValueError(f"gather must be one of {', '.join(GATHER_MODES)} or None, got {gather!r}")
-        if snn not in SNN_METHODS:
-            raise ValueError(f"snn must be one of {', '.join(SNN_METHODS)}, got {snn!r}")
-        self.temperature, self.sharpen_temperature = float(temperature), float(sharpen_temperature)
-        self.multicrop, self.me_max, self.label_smoothing = multicrop, me_max, float(label_smoothing)
-        self.num_classes, self.gather, self.snn = num_classes, gather, snn
+        self.temperature = checks.temperature("temperature", temperature)
+        self.sharpen_temperature = checks.temperature("sharpen_temperature", sharpen_temperature)
+        self.multicrop = checks.integer("multicrop", multicrop, 0)
+        self.me_max = checks.flag("me_max", me_max)
+        self.label_smoothing = checks.fraction("label_smoothing", label_smoothing)
+        self.num_classes = None if num_classes is None else checks.integer("num_classes", num_classes, 1)
+        self.gather = checks.choice("gather", gather, (*GATHER_MODES, None))
+        self.snn = checks.choice("snn", snn, SNN_METHODS)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, sharpen_temperature={self.sharpen_temperature}, "
                 f"multicrop={self.multicrop}, me_max={self.me_max}, label_smoothing={self.label_smoothing}")
 
-    def support_rows(self, labels: Tensor) -> Tensor:
-        """The supports' label rows [S, C]: smoothed one-hot rows of class indices, or as given."""
-        if labels.dim() == 2:
-            return labels.float()
+    def support_rows(self, labels: Tensor, name: str = "support labels", rows: int | None = None) -> Tensor:
+        """The supports' label rows [S, C] (``rows`` = S where known): smoothed one-hot rows of
+        class indices in [0, num_classes), or label rows as given."""
+        if isinstance(labels, Tensor) and labels.dim() == 2:
+            checks.embeddings(name, labels)
+            if rows is not None and labels.shape[0] != rows:
+                raise ValueError(f"{name} must have one row per support ({rows}), got {labels.shape[0]}")
+            return labels
         if self.num_classes is None:
-            raise ValueError("class-index support labels need PAWSLoss(num_classes=...)")
-        return smoothed_one_hot(labels, self.num_classes, self.label_smoothing)
+            raise ValueError(f"{name} as class indices need PAWSLoss(num_classes=...)")
+        if rows is None:
+            rows = labels.shape[0] if isinstance(labels, Tensor) and labels.dim() == 1 else -1
+        indices = checks.class_labels(name, labels, rows, getattr(labels, "device", None), self.num_classes)
+        return smoothed_one_hot(indices, self.num_classes, self.label_smoothing)
 
     def _supports(self, supports: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         if self.gather is None or not is_distributed():
@@ -133,6 +133,11 @@ class PAWSLoss(nn.Module):
         self, anchor_views: Tensor, anchor_supports: Tensor, anchor_support_labels: Tensor, target_views: Tensor,
         target_supports: Tensor, target_support_labels: Tensor,
     ) -> tuple[Tensor, Tensor]:
+        checks.embeddings("anchor_views", anchor_views)
+        width = anchor_views.shape[1]
+        checks.embeddings("anchor_supports", anchor_supports, width=width)
+        checks.embeddings("target_views", target_views, width=width)
+        checks.embeddings("target_supports", target_supports, width=width)
         views = 2 + self.multicrop
         if anchor_views.shape[0] % views or target_views.shape[0] * views != 2 * anchor_views.shape[0]:
             raise ValueError(
@@ -141,12 +146,12 @@ class PAWSLoss(nn.Module):
             )
         batch = anchor_views.shape[0] // views
         exact = torch.promote_types(anchor_views.dtype, torch.float32)  # fp32 at least: bf16 inputs are widened
-        supports, labels = self._supports(anchor_supports.to(exact), self.support_rows(anchor_support_labels).to(exact))
+        anchor_rows = self.support_rows(anchor_support_labels, "anchor_support_labels", anchor_supports.shape[0])
+        target_rows = self.support_rows(target_support_labels, "target_support_labels", target_supports.shape[0])
+        supports, labels = self._supports(anchor_supports.to(exact), anchor_rows.to(exact))
         probs = soft_nearest_neighbours(anchor_views.to(exact), supports, labels, self.temperature, self.snn)
         with torch.no_grad():
-            t_supports, t_labels = self._supports(
-                target_supports.to(exact), self.support_rows(target_support_labels).to(exact)
-            )
+            t_supports, t_labels = self._supports(target_supports.to(exact), target_rows.to(exact))
             targets = sharpen(
                 soft_nearest_neighbours(target_views.to(exact), t_supports, t_labels, self.temperature, self.snn),
                 self.sharpen_temperature,
