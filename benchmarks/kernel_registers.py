@@ -40,8 +40,7 @@ from suncet.kernels import triton_tiles as tiles
 
 _ALIGNED = {
     "q_ptr", "k_ptr", "row_keys_ptr", "col_keys_ptr", "row_groups_ptr", "col_groups_ptr", "partial_ptr", "loss_ptr",
-    "valid_ptr", "stats_all_ptr", "stats_pos_ptr", "dq_ptr", "dk_ptr", "tickets_ptr", "grad_ptr", "gmean0_ptr",
-    "gmean1_ptr", "means_ptr", "D",
+    "valid_ptr", "stats_ptr", "dq_ptr", "dk_ptr", "tickets_ptr", "grad_ptr", "gmean0_ptr", "gmean1_ptr", "D",
 }  # fmt: skip
 _TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
@@ -49,15 +48,15 @@ _INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z
 
 def _types(kernel, dtype: str) -> dict[str, str]:
     ids = {name: "*i64" for name in ("row_keys_ptr", "col_keys_ptr", "row_groups_ptr", "col_groups_ptr")}
-    stats = {"stats_all_ptr": "*fp32", "stats_pos_ptr": "*fp32"}
+    buckets = {"ROWS_BUCKET": "i32", "COLS_BUCKET": "i32"}
     if kernel is tk.forward_kernel:
         return {"q_ptr": dtype, "k_ptr": dtype, **ids, "partial_ptr": "*fp32", "loss_ptr": "*fp32",
-                "valid_ptr": "*i1", **stats, "M": "i32", "N": "i32", "D": "i32", "self_offset": "i32",
-                "scale2": "fp32"}  # fmt: skip
+                "valid_ptr": "*i1", "stats_ptr": "*fp32", "M": "i32", "N": "i32", "D": "i32", "self_offset": "i32",
+                "scale2": "fp32", **buckets}  # fmt: skip
     return {"q_ptr": dtype, "k_ptr": dtype, "dq_ptr": dtype, "dk_ptr": dtype, "partial_ptr": "*fp32",
             "tickets_ptr": "*i32", "grad_ptr": "*fp32", "gmean0_ptr": "*fp32", "gmean1_ptr": "*fp32",
-            "means_ptr": "*fp32", **stats, **ids, "M": "i32", "N": "i32", "D": "i32", "self_offset": "i32",
-            "boundary": "i32", "scale2": "fp32", "inv_tau": "fp32"}  # fmt: skip
+            "stats_ptr": "*fp32", **ids, "M": "i32", "N": "i32", "D": "i32", "self_offset": "i32",
+            "boundary": "i32", "scale2": "fp32", "inv_tau": "fp32", **buckets}  # fmt: skip
 
 
 def _main_loop(sass: str) -> tuple[collections.Counter, list[collections.Counter]]:
@@ -189,7 +188,7 @@ def main() -> None:
     # One tower, N a multiple of the tile (EVEN_N), keys and groups shared by rows and columns.
     common = {"P": args.sets, "BLOCK_D": 128, "EVEN_D": True, "PRECISION": "tf32"}
     means = args.upstream == "mean"  # one segment of rows, as nt_xent or suncet_loss alone
-    mean = {"MEAN": 1 if means else 0, "HAS": 1 if means else 0}
+    mean = {"MEAN": 1 if means else 0}
     for bounded in (True, False):
         mode = "bounded" if bounded else "running maxima"
         stats = 2 * args.sets if bounded and means else args.sets  # as triton_launch._Plan.mean_stats

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from suncet import kernels
 from suncet.kernels import cpu
+from suncet.kernels.layout import Layout
 
 CPU_STATUS = kernels.backend_status()["cpu"]
 pytestmark = pytest.mark.skipif(not CPU_STATUS[0], reason=CPU_STATUS[1])
@@ -26,8 +27,14 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    # From tests/, so that `python -c` does not put the repository's unbuilt suncet/ first on the path.
     return subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        cwd=os.path.dirname(__file__),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -97,10 +104,10 @@ def test_wide_registers_appear_only_in_their_variants_code():
     assert seen["avx512"] > 0 and seen["avx2"] > 0  # the scan did see the variants' code
 
 
-def _step_seconds(backend: str, z: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor) -> float:
+def _step_seconds(backend: str, z: torch.Tensor, layout: Layout) -> float:
     start = time.process_time()
     x = z.clone().requires_grad_(True)
-    loss, _ = kernels.multi_positive(x, x, keys, keys, groups, groups, 0, 0.1, backend)
+    loss, _ = kernels.multi_positive(x, None, layout, 0.1, backend)
     loss.sum().backward()
     return time.process_time() - start
 
@@ -112,15 +119,15 @@ def test_every_variant_is_faster_than_pytorch_eager_here():
     rows = 1024
     z = F.normalize(torch.randn(rows, 128, generator=gen), dim=1)
     keys = torch.stack([torch.arange(rows) % (rows // 2), torch.randint(0, 100, (rows,), generator=gen)], 1)
-    groups = torch.zeros(rows, dtype=torch.long)
+    layout = Layout.of(keys, one_tower=True)
     running = cpu.variant()
     try:
         for name in cpu.variants():
             cpu.set_variant(name)
             fused, eager = [], []
             for _ in range(3):
-                fused.append(_step_seconds("cpu", z, keys, groups))
-                eager.append(_step_seconds("reference", z, keys, groups))
+                fused.append(_step_seconds("cpu", z, layout))
+                eager.append(_step_seconds("reference", z, layout))
             assert min(fused) < min(eager), f"{name}: {min(fused):.4f} s against eager {min(eager):.4f} s"
     finally:
         cpu.set_variant(running)

@@ -30,7 +30,7 @@ from suncet.kernels import triton_kernels as tk
 from suncet.kernels import triton_tiles as tiles
 
 ATTRIBUTES = ("q_ptr k_ptr row_keys_ptr col_keys_ptr row_groups_ptr col_groups_ptr partial_ptr loss_ptr valid_ptr "
-              "stats_all_ptr stats_pos_ptr dq_ptr dk_ptr tickets_ptr grad_ptr gmean0_ptr gmean1_ptr means_ptr").split()
+              "stats_ptr dq_ptr dk_ptr tickets_ptr grad_ptr gmean0_ptr gmean1_ptr").split()
 
 
 def compile_one(kernel, table, types, constants):
@@ -53,16 +53,15 @@ def compile_one(kernel, table, types, constants):
 
 def forward_types(dt):
     return dict(q_ptr=dt, k_ptr=dt, row_keys_ptr="*i64", col_keys_ptr="*i64", row_groups_ptr="*i64",
-                col_groups_ptr="*i64", partial_ptr="*fp32", loss_ptr="*fp32", valid_ptr="*i1", stats_all_ptr="*fp32",
-                stats_pos_ptr="*fp32", M="i32", N="i32", D="i32", self_offset="i32", scale2="fp32")
+                col_groups_ptr="*i64", partial_ptr="*fp32", loss_ptr="*fp32", valid_ptr="*i1", stats_ptr="*fp32",
+                M="i32", N="i32", D="i32", self_offset="i32", scale2="fp32", ROWS_BUCKET="i32", COLS_BUCKET="i32")
 
 
 def backward_types(dt):
     return dict(q_ptr=dt, k_ptr=dt, dq_ptr=dt, dk_ptr=dt, partial_ptr="*fp32", tickets_ptr="*i32", grad_ptr="*fp32",
-                gmean0_ptr="*fp32", gmean1_ptr="*fp32", means_ptr="*fp32", stats_all_ptr="*fp32",
-                stats_pos_ptr="*fp32", row_keys_ptr="*i64", col_keys_ptr="*i64", row_groups_ptr="*i64",
-                col_groups_ptr="*i64", M="i32", N="i32", D="i32", self_offset="i32", boundary="i32", scale2="fp32",
-                inv_tau="fp32")
+                gmean0_ptr="*fp32", gmean1_ptr="*fp32", stats_ptr="*fp32", row_keys_ptr="*i64", col_keys_ptr="*i64",
+                row_groups_ptr="*i64", col_groups_ptr="*i64", M="i32", N="i32", D="i32", self_offset="i32",
+                boundary="i32", scale2="fp32", inv_tau="fp32", ROWS_BUCKET="i32", COLS_BUCKET="i32")
 
 
 def compile_augment(fn, types, constants):
@@ -115,11 +114,11 @@ for dt, sets, bounded, block_d, even, two_sides, mean, stats in (
     table = tiles.BOUNDED_BACKWARD_TABLE if bounded else tiles.BACKWARD_TABLE
     results[name] = compile_one(tk.backward_kernel, table, backward_types(dt),
                                 dict(P=sets, TWO_SIDES=two_sides, SYMMETRIC=not two_sides, BOUNDED=bounded,
-                                     STATS=stats, MEAN=mean, HAS=3 if mean else 0, BLOCK_D=block_d,
+                                     STATS=stats, MEAN=mean, BLOCK_D=block_d,
                                      EVEN_D=even, PRECISION="tf32", EVEN_N=even))
 results["finish merge+means P=2"] = compile_augment(
-    tk.finish_kernel, dict(partial_ptr="*fp32", loss_ptr="*fp32", valid_ptr="*i1", stats_all_ptr="*fp32",
-                           stats_pos_ptr="*fp32", block_sums_ptr="*fp32", ticket_ptr="*i32", out_ptr="*fp32",
+    tk.finish_kernel, dict(partial_ptr="*fp32", loss_ptr="*fp32", valid_ptr="*i1", stats_ptr="*fp32",
+                           block_sums_ptr="*fp32", ticket_ptr="*i32", mean0_ptr="*fp32", mean1_ptr="*fp32",
                            M="i32", splits="i32", boundary="i32"),
     dict(P=2, INVERSE=True, STATS=4, MERGE=True, MEANS=True, BLOCK=tiles.FINISH_BLOCK))
 print(json.dumps(results))

@@ -56,7 +56,7 @@ def _leaves(inputs):
     return [x.detach().clone().requires_grad_(True) if x.is_floating_point() else x for x in inputs]
 
 
-def test_triton_interpreter_losses_may_be_modified_in_place(launch):
+def test_interpreted_losses_may_be_modified_in_place(launch):
     # loss += other, loss /= steps, loss.mul_(w): each returned loss is a tensor of its own, and
     # the gradient equals the out-of-place form's.
     for name, (module, inputs) in _calls("triton").items():
@@ -105,7 +105,7 @@ GRADIENT_FACTOR = {torch.bfloat16: 2.5, torch.float16: 1.5}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_interpreter_half_precision_modules_match_float64(launch, dtype):
+def test_interpreted_half_precision_modules_match_float64(launch, dtype):
     want_calls, got_calls = _calls("reference", torch.float64), _calls("triton", torch.float64)
     cpu_calls = _calls("cpu", torch.float64)
     for name in want_calls:
@@ -116,7 +116,7 @@ def test_triton_interpreter_half_precision_modules_match_float64(launch, dtype):
         assert got[1] <= GRADIENT_FACTOR[dtype] * cpu[1] and got[1] <= 1e-2, (name, got, cpu)
 
 
-def test_triton_interpreter_fp16_gradients_of_a_mean_keep_their_small_entries(launch):
+def test_interpreted_fp16_gradients_of_a_mean_keep_their_small_entries(launch):
     # A mean's gradient entries are about weight / N^2: at N = 8192 far below fp16's normals. At
     # 128 rows with the mean weighted by 1e-3 (as a loss divided over accumulation steps) they
     # are as small, while the gradient itself stays representable. The fp16 error must stay
@@ -139,7 +139,7 @@ def _problem(rows=40, dim=16, sets=1, seed=0):
     return z, kernels.Layout.of(keys, one_tower=True, boundary=rows // 2)
 
 
-def test_triton_interpreter_every_entry_point_launches_on_the_operands_device(launch, monkeypatch):
+def test_interpreted_every_entry_point_launches_on_the_operands_device(launch, monkeypatch):
     # Triton launches on the current CUDA device: with the operands elsewhere, each entry point
     # must enter torch.cuda.device(operands' device) around its launches.
     z, layout = _problem()
@@ -175,7 +175,7 @@ def test_triton_interpreter_every_entry_point_launches_on_the_operands_device(la
                 assert torch.equal(g, w), name
 
 
-def test_triton_interpreter_graph_capture_plans_afresh_and_never_autotunes(launch, monkeypatch):
+def test_interpreted_graph_capture_plans_afresh_and_never_autotunes(launch, monkeypatch):
     # While a CUDA graph is captured, a plan made then belongs to that graph alone (its tickets
     # are zeroed only inside it), and the autotuner must not run (its timing synchronises): the
     # launcher takes the tile chosen eagerly for the bucket, or the table's first.
@@ -192,7 +192,7 @@ def test_triton_interpreter_graph_capture_plans_afresh_and_never_autotunes(launc
         assert torch.equal(g, w)
 
 
-def test_triton_interpreter_autotuning_is_keyed_by_row_buckets(launch):
+def test_interpreted_autotuning_is_keyed_by_row_buckets(launch):
     from suncet.kernels import triton_kernels
 
     for kernel in (triton_kernels.forward_kernel, triton_kernels.backward_kernel):
@@ -208,7 +208,7 @@ def test_triton_interpreter_autotuning_is_keyed_by_row_buckets(launch):
     assert len([key for key in launch._CHOSEN if key[0] is triton_kernels.forward_kernel]) == 2
 
 
-def test_triton_interpreter_plans_are_bounded_by_their_bytes(launch, monkeypatch):
+def test_interpreted_plans_are_bounded_by_their_bytes(launch, monkeypatch):
     monkeypatch.setattr(launch, "_PLANS", type(launch._PLANS)())
     z, layout = _problem(rows=40)
     launch.forward_mean(z, z, layout, 0.1)
@@ -221,5 +221,5 @@ def test_triton_interpreter_plans_are_bounded_by_their_bytes(launch, monkeypatch
     assert [key[6] for key in launch._PLANS] == [0.4, 0.5]  # the most recent kept
 
 
-def test_triton_interpreter_launch_tests_in_subprocess():
-    rerun_under_triton_interpreter(__file__, "triton_interpreter", passed=8)
+def test_launch_tests_rerun_under_the_interpreter():
+    rerun_under_triton_interpreter(__file__, "interpreted", passed=8)
