@@ -12,7 +12,8 @@ import torch
 import suncet
 from suncet.config import TrainConfig
 from suncet.errors import ConfigError
-from suncet.methods import MethodConfig, TrainBatch
+from suncet.data import TrainBatch
+from suncet.methods import MethodConfig
 from suncet.plugins.backbones.resnet import small_resnet
 from suncet.plugins.methods.simclr import SimCLR
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import types
 import warnings
 
 import pytest
@@ -14,7 +15,9 @@ import torch
 from conftest import REPO
 from suncet.config import TrainConfig
 from suncet.errors import ConfigError
-from suncet.methods import Method, MethodConfig, TrainBatch
+from suncet.data import TrainBatch
+from suncet.engine.assemble import may_skip_parameters
+from suncet.methods import Method, MethodConfig
 from suncet.plugins.backbones.resnet import small_resnet
 from suncet.registry import METHODS
 
@@ -88,7 +91,8 @@ def test_the_labeled_term_is_the_one_label_loss_names(name, label_loss):
         torch.testing.assert_close(terms["loss"], 0.7 * terms[label_loss])
     else:
         assert own  # the method logs its own terms beside the labeled one
-    assert (method.label_head is not None) == (label_loss == "ce")
+    assert method.labeled_term.name == label_loss
+    assert bool(list(method.labeled_term.parameters())) == (label_loss == "ce")  # the classifier is the term's own
     assert_every_parameter_trains(method)
 
 
@@ -96,7 +100,7 @@ def test_the_labeled_term_is_the_one_label_loss_names(name, label_loss):
 def test_weight_zero_loads_no_labeled_batch_and_adds_nothing(name):
     for label_loss in ("suncet", "ce"):
         method = build(name, label_loss=label_loss, suncet_weight=0.0)
-        assert not method.wants_labeled(0) and method.label_head is None
+        assert not method.wants_labeled(0) and method.labeled_term is None
         terms = step_terms(method)
         assert "suncet" not in terms and "ce" not in terms
         assert_every_parameter_trains(method)
@@ -111,7 +115,7 @@ def test_the_labeled_term_stops_at_its_switch_off_epoch(name, label_loss):
     after = step_terms(method, epoch=3)
     assert "suncet" not in after and "ce" not in after
     # The classifier of ce is then idle: DDP is told to look for unused parameters.
-    assert method.may_skip_parameters == (label_loss == "ce" or type(method).may_skip_parameters)
+    assert may_skip_parameters(method) == (label_loss == "ce" or type(method).may_skip_parameters)
 
 
 @pytest.mark.parametrize("name", OWN_OBJECTIVE)
@@ -135,7 +139,8 @@ def test_a_fused_objective_equals_its_terms_computed_apart(backend):
         method.eval()
         batch = batch_for(method)
         together = method(batch)
-        method._fuses_suncet = False  # the base class's own path: objective(views), then SuNCEt
+        # The base class's own path: objective(views), then the SuNCEt term.
+        method.objective_with_suncet = types.MethodType(Method.objective_with_suncet, method)
         apart = method(batch)
         assert set(together) == set(apart)
         for key in together:
@@ -155,13 +160,13 @@ def test_methods_that_need_labels_refuse_to_lose_them(name):
 def test_methods_that_use_the_labels_themselves_get_no_labeled_term_and_refuse_ce(name):
     method = build(name)
     terms = step_terms(method)
-    assert "suncet" not in terms and "ce" not in terms and method.label_head is None
+    assert "suncet" not in terms and "ce" not in terms and method.labeled_term is None
     assert_every_parameter_trains(method)
     with pytest.raises(ConfigError, match="uses the labels in its own objective; --label-loss does not apply"):
         build(name, label_loss="ce")
 
 
-def test_a_plugin_without_an_objective_or_projection_is_refused_in_one_line():
+def test_a_plugin_without_an_objective_projection_or_total_is_refused_in_one_line():
     class NoObjective(Method):
         pass
 
@@ -169,14 +174,23 @@ def test_a_plugin_without_an_objective_or_projection_is_refused_in_one_line():
         def objective(self, views):
             return {"loss": views.global_features.sum()}
 
+    class NoTotal(Method):
+        def project(self, features):
+            return features
+
+        def objective(self, views):
+            return {"mine": views.global_features.sum()}  # would train SuNCEt alone if let through
+
     config = MethodConfig(TrainConfig(proj_hidden=32, proj_dim=16), NUM_CLASSES)
     backbone = small_resnet(in_channels=1, image_size=8, width=4)
-    with pytest.raises(ConfigError, match="defines no objective"):
-        NoObjective(backbone, config)
-    with pytest.raises(ConfigError, match="defines no project"):
-        NoProjection(backbone, config)
+    for cls, message in ((NoObjective, "method NoObjective loads unlabeled views but defines no objective"),
+                         (NoProjection, "method NoProjection defines no project\\(features\\) for the labeled term 'suncet'"),
+                         (NoTotal, "method NoTotal's objective returns no 'loss' \\(its total; got mine\\)")):
+        method = cls(backbone, config)
+        with pytest.raises(ConfigError, match=message):
+            method(batch_for(method))
     ce = MethodConfig(TrainConfig(proj_hidden=32, proj_dim=16, label_loss="ce"), NUM_CLASSES)
-    assert NoProjection(backbone, ce).label_head is not None  # cross-entropy needs no projection
+    assert "ce" in NoProjection(backbone, ce)(batch_for(method))  # cross-entropy needs no projection
 
 
 def test_a_plugin_of_the_earlier_contract_keeps_its_one_labeled_term():
