@@ -60,7 +60,7 @@ def test_values_the_user_gave_are_refused_with_the_largest_that_works(cli, folde
     assert result.stderr.strip().splitlines() == [f"error: {message}"]
 
 
-def test_a_config_file_counts_as_given(cli, folder_args, tmp_path):
+def test_settings_from_a_config_file_count_as_the_users(cli, folder_args, tmp_path):
     settings = tmp_path / "settings.yaml"
     settings.write_text("classes_per_step: 5\n")
     result = cli(*folder_args, "--config", str(settings), "--out", str(tmp_path / "run"))

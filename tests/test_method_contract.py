@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import REPO
 from suncet.config import TrainConfig
@@ -228,11 +229,10 @@ class SoftNearestNeighbour(LabeledTerm):
         self.num_classes = config.num_classes
         self.log_temperature = torch.nn.Parameter(torch.tensor(-1.0))
 
-    def forward(self, method, features, labels):
-        z = torch.nn.functional.normalize(method.project(features).float(), dim=1)
-        logits = (z @ z.T) / self.log_temperature.exp()
-        logits = logits.masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
-        votes = torch.softmax(logits, dim=1) @ torch.nn.functional.one_hot(labels, self.num_classes).float()
+    def forward(self, method, features, labels):  # as docs/plugins.md shows it
+        z = F.normalize(method.project(features).float(), dim=1)
+        logits = (z @ z.T / self.log_temperature.exp()).fill_diagonal_(float("-inf"))
+        votes = torch.softmax(logits, dim=1) @ F.one_hot(labels, self.num_classes).float()
         return -torch.log(votes.gather(1, labels[:, None])).mean()
 
 

@@ -90,7 +90,7 @@ def test_saved_config_is_not_scaled_again():
     assert config_from_saved(yaml.safe_load(to_yaml(config)), "x") == config
 
 
-def test_print_config_resolves_the_preset_for_the_given_processes(cli):
+def test_print_config_resolves_the_preset_for_the_processes_named(cli):
     result = cli("train", "--preset", "paper-imagenet-10pct", "--print-config", "--nproc-per-node", "8", "--nnodes", "8")
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
