@@ -45,6 +45,24 @@ class Broken(SimCLR):
 def broken(*, root=None, download=False):
     raise KeyError("train")
 """,
+    "dataset hook": """
+class Unreadable:
+    def __init__(self, labels):
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, indices):
+        raise OSError(5, "Input/output error", "/mnt/data/shard-3")
+
+@register_dataset("broken")
+def broken(*, root=None, download=False):
+    from suncet.plugins.datasets.digits import digits
+    dataset = digits()
+    dataset.train = Unreadable(dataset.train.labels)
+    return dataset
+""",
     "optimizer hook": """
 class Exploding(torch.optim.SGD):
     def step(self, closure=None):
@@ -73,12 +91,14 @@ class Broken(LabeledTerm):
 """,
 }
 FLAGS = {"method": ["--method", "broken"], "method hook": ["--method", "broken"], "dataset": ["--dataset", "broken"],
+         "dataset hook": ["--dataset", "broken"],
          "optimizer hook": ["--optimizer", "broken"], "logger hook": ["--logger", "broken"],
          "preset": ["--preset", "broken"], "label loss": ["--label-loss", "broken"]}
 EXPECTED = {
     "method": "method 'broken' from package '__main__' failed to build: ValueError: no such layer size",
     "method hook": "method 'broken' from package '__main__' failed in forward: RuntimeError: shapes do not match",
     "dataset": "dataset 'broken' from package '__main__' failed to build: KeyError: 'train'",
+    "dataset hook": "dataset 'broken' from package '__main__' failed in load: OSError: /mnt/data/shard-3: Input/output error",
     "optimizer hook": "optimizer 'broken' from package '__main__' failed in step: FloatingPointError: overflow",
     "logger hook": "logger 'broken' from package '__main__' failed in log_epoch: ConnectionError: server gone",
     "preset": "preset 'broken' from package '__main__' failed to build: ImportError: needs a package",

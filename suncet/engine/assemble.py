@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from suncet import distributed
 from suncet.config import TrainConfig, validate
-from suncet.data import AugmentRecipe, ConcatImages, CropSpec, ImageDataset, ImageSource
+from suncet.data import AugmentRecipe, ConcatImages, CropSpec, ImageDataset, ImageSource, InMemoryImages
+from suncet.data.image_batch import ImageBatch
 from suncet.data.labels import is_label_file, parse_label_spec, read_subset_file, select_labeled
 from suncet.data.pipeline import DevicePipeline, Pipeline
 from suncet.data.recipe import override_recipe
@@ -27,7 +28,7 @@ from suncet.kernels import BACKENDS, resolve_backend
 from suncet.losses import ContrastiveLosses
 from suncet.methods import Method, MethodConfig, labeled_term_from_settings, parse_options
 from suncet.optim import parameter_groups
-from suncet.registry import BACKBONES, DATASETS, LABEL_LOSSES, LOGGERS, METHODS, OPTIMIZERS, plugin_code
+from suncet.registry import BACKBONES, DATASETS, LABEL_LOSSES, LOGGERS, METHODS, OPTIMIZERS, PluginInfo, plugin_code
 
 
 # Stands in for the dataset's own recipe when augmentation overrides are checked before any
@@ -56,8 +57,28 @@ def check_settings(config: TrainConfig) -> None:
     override_recipe(_ANY_RECIPE, config.augment)
 
 
+class PluginImages:
+    """A dataset plugin's own image source (not one of suncet.data's), whose ``load`` runs as
+    plugin code: an exception from it names the dataset."""
+
+    def __init__(self, source: ImageSource, plugin: PluginInfo):
+        self.source, self.plugin, self.labels = source, plugin, source.labels
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def load(self, indices: Tensor) -> Tensor | ImageBatch:
+        with plugin_code(self.plugin, "load"):
+            return self.source.load(indices)
+
+
 def load_dataset(config: TrainConfig) -> ImageDataset:
     dataset = DATASETS.create(config.dataset, root=config.data, download=config.download, options=config.dataset_options)
+    plugin = DATASETS.get(config.dataset)
+    for split in ("train", "test", "extra_unlabeled"):
+        source = getattr(dataset, split)
+        if source is not None and not isinstance(source, InMemoryImages):
+            setattr(dataset, split, PluginImages(source, plugin))
     if config.augment:
         dataset.recipe = override_recipe(dataset.recipe, config.augment)
     return dataset
