@@ -170,10 +170,6 @@ def checkpoint_state(run: Run, pipeline: Pipeline, progress: dict, meters: dict,
 
 def restore(run: Run, state: dict, pipeline: Pipeline) -> tuple[dict, dict]:
     """Load ``state`` into the run and pipeline; returns (progress, this rank's meters)."""
-    if len(state["ranks"]) != distributed.world_size():
-        raise CheckpointError(
-            f"the checkpoint was written by {len(state['ranks'])} process(es); resume it with as many (now {distributed.world_size()})"
-        )
     run.method.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -201,7 +197,13 @@ def evaluated_module(method) -> str:
 
 
 def check_compatible(config: TrainConfig, state: dict, source: Path) -> None:
-    """A checkpoint must come from a run with this very configuration."""
+    """A checkpoint must come from as many processes as this run has (each restores its own
+    streams) and from a run with this very configuration (as fitted to the data and scaled to
+    the processes)."""
+    if len(state["ranks"]) != distributed.world_size():
+        raise CheckpointError(
+            f"the checkpoint was written by {len(state['ranks'])} process(es); resume it with as many (now {distributed.world_size()})"
+        )
     # A setting added after the checkpoint was written held its default in that run. The preset
     # names where settings came from (runs before 0.2 did not record it); the settings compared
     # are what it applied.
