@@ -95,9 +95,9 @@ def sweep(sweep_file, dry_run, shard):
     The comparison (figures, tables, summary.json in the sweep's out directory) is made once
     every run of the grid is finished.
     """
-    from suncet.config import build_config
     from suncet.engine.api import run_start
     from suncet.engine.rundir import start_or_resume
+    from suncet.presets import build_config, given_keys
     from suncet.sweep import expand, is_finished, load_sweep, panel_of, slug_of
 
     spec = load_sweep(sweep_file)
@@ -114,7 +114,7 @@ def sweep(sweep_file, dry_run, shard):
         if done or dry_run or not mine:
             unfinished += not done
             continue
-        run_start(start_or_resume(config, run_dir, "auto", report=console.print), console)
+        run_start(start_or_resume(config, run_dir, "auto", report=console.print), console, given_keys(overrides=values))
     if dry_run or unfinished:
         if unfinished and not dry_run:
             console.print(f"{unfinished} run(s) of other shards are not finished: compare when they are")

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import click
 
-from suncet.cli.evaluate import print_scores
-from suncet.cli.main_console import console
 import yaml
 
-from suncet.config import TrainConfig, build_config, load_yaml, to_yaml, yaml_number
+from suncet.cli.evaluate import print_scores
+from suncet.cli.main_console import console
+from suncet.config import TrainConfig, load_yaml, to_yaml
 from suncet.errors import ConfigError, shown
+from suncet.presets import build_config, given_keys
 
 # Settings with a flag of their own elsewhere: run_dir is --out.
 _NOT_FLAGS = {"run_dir"}
@@ -54,7 +55,8 @@ def config_options(command):
 
 
 def parse_key_values(pairs: tuple[str, ...] | list[str], option: str) -> dict:
-    """``key=value`` strings to a dict, values read as YAML scalars (3000 -> int, true -> bool)."""
+    """``key=value`` strings to a dict, values read as YAML scalars (3000 -> int, true -> bool),
+    as a settings file would give them: each becomes its declared type where it is used."""
     out = {}
     for pair in pairs:
         if "=" not in pair:
@@ -64,8 +66,7 @@ def parse_key_values(pairs: tuple[str, ...] | list[str], option: str) -> dict:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
-        number = yaml_number(value)
-        out[key.strip()] = number if number is not None and not str(value).isidentifier() else value
+        out[key.strip()] = value
     return out
 
 
@@ -103,31 +104,36 @@ def train(config_file, out_dir, resume, overwrite, nproc_per_node, nnodes, print
     from suncet.engine.api import run_start
     from suncet.engine.assemble import check_data, check_settings
     from suncet.engine.rundir import start_or_resume
+    from suncet.optim import scale_learning_rates
 
     launching = nproc_per_node is not None and not distributed.launched_by_torchrun()
     if nnodes is not None and not print_config:
         raise ConfigError("--nnodes only sizes --print-config; start a multi-node run with torchrun (docs/distributed.md)")
     overrides = overrides_from(flags)
-    config = None
+    config, given = None, frozenset()
     if resume not in (None, "auto") and (overrides or config_file or out_dir or print_config):
         raise ConfigError("--resume RUN_DIR continues a run with its saved config; give no other settings with it")
     if resume in (None, "auto"):
-        world = (nproc_per_node or 1) * (nnodes or 1) if (launching or print_config) else None
-        config = build_config(load_yaml(config_file) if config_file else None, overrides, world_size=world,
-                              file_name=config_file)
+        file_values = load_yaml(config_file) if config_file else None
+        config = build_config(file_values, overrides, file_name=config_file)
+        given = given_keys(file_values, overrides)
     if config is not None and (print_config or launching):
         check_settings(config)  # everything that can be checked once, before anything starts
     if print_config:
-        click.echo(to_yaml(config), nl=False)
+        processes = (nproc_per_node or 1) * (nnodes or 1)
+        scaled = scale_learning_rates(config, processes, given)
+        preset = f"preset {config.preset}" if config.preset else "no preset"
+        click.echo(f"# {preset}; learning rates for {processes} process(es), before the batch is fitted to the data")
+        click.echo(to_yaml(scaled), nl=False)
         return
     if launching:
         if resume is None:
             start_or_resume(config, out_dir, None, overwrite, lock=False)
         if config is not None:
-            check_data(config, nproc_per_node)
+            check_data(config, nproc_per_node, given)
         launch_torchrun(nproc_per_node)
     start = start_or_resume(config, out_dir, resume, overwrite, report=console.print)
-    result = run_start(start, console)
+    result = run_start(start, console, given)
     if result.main_process:
         console.print(f"run written to {start.run_dir}")
         if result.evaluation is not None:

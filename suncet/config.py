@@ -1,14 +1,18 @@
-"""Training settings: the schema (one flat dataclass whose fields are the CLI's flags), how a
-configuration is built from defaults < preset < YAML file < flags, and its validation.
+"""Training settings: the schema (one flat dataclass whose fields are the CLI's flags), typed
+values (the one coercion of settings, method options and plugin options), settings files, and the
+checks of each value on its own.
 
-What uses a setting holds its rules: presets are plugins (suncet/registry.py, plugins/presets/),
-learning rates scale in suncet/optim.py, label specs parse in suncet/data/labels.py, checkpoint
-intervals in suncet/engine/state.py, KEY=VALUE flags in cli/train.py.
+A leaf: it imports nothing of the engine's. What needs more than the settings holds its rules:
+presets and the configuration built from defaults < preset < file < flags are in
+suncet/presets.py, learning rates scale in suncet/optim.py (once, after the batch is fitted to
+the data: suncet/engine/fit.py), label specs, backends and checkpoint intervals are checked where
+the run is assembled (suncet/engine/assemble.py, ``check_settings``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import re
 import types
@@ -19,12 +23,7 @@ from typing import Any
 
 import yaml
 
-from suncet.data.labels import is_label_file, parse_label_spec
-from suncet.distributed import world_size_from_environment
 from suncet.errors import ConfigError, shown
-from suncet.kernels import BACKENDS
-from suncet.optim import LR_BATCH_COUNTS, RATES, scale_learning_rates
-from suncet.registry import PRESETS
 
 
 def setting(default: Any = None, help: str = "", *, flag: str | None = None, factory: Any = None) -> Any:
@@ -65,8 +64,8 @@ class TrainConfig:
     suncet_weight: float = setting(1.0, "Weight of the labeled term, SuNCEt or cross-entropy (0: off).")
     suncet_epochs: int | None = setting(None, "Epoch after which the labeled term is switched off (default: never).")
     label_loss: str = setting(
-        "suncet", "How labels enter pre-training: suncet (supervised contrastive) or ce (cross-entropy through a "
-        "linear classifier on the backbone features)."
+        "suncet", "How labels enter pre-training (a label-loss plugin): suncet (supervised contrastive) or ce "
+        "(cross-entropy through a linear classifier on the backbone features)."
     )
     classes_per_step: int = setting(10, "Classes in each step's labeled batch.")
     images_per_class: int = setting(4, "Labeled images per class in each step.")
@@ -128,10 +127,13 @@ class TrainConfig:
 
 
 FINAL_EVALS = ("linear", "knn", "snn", "finetune", "none")
-LABEL_LOSSES = ("suncet", "ce")
 COMPILE_MODES = ("none", "default", "reduce-overhead")
 # device: uint8 batches augmented on the training device; workers: torchvision per image in loader processes
 DATA_PIPELINES = ("device", "workers")
+# What a global batch counts for learning-rate scaling: the unlabeled images of a step, or its
+# views (two per unlabeled image, plus one per labeled image while the labeled term is on).
+LR_BATCH_COUNTS = ("unlabeled", "views")
+RATES = ("lr", "start_lr", "final_lr")
 
 
 def config_fields() -> dict[str, dataclasses.Field]:
@@ -141,43 +143,124 @@ def config_fields() -> dict[str, dataclasses.Field]:
 _FIELD_TYPES = typing.get_type_hints(TrainConfig)
 
 
-def yaml_number(value: Any) -> float | None:
-    """YAML 1.1 reads ``1e-5`` (no dot) as a string; such text is still a number to a user."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
+# ---------------------------------------------------------------------------------------------
+# Typed values: settings, method options and plugin options are coerced by these rules alone.
+
+INT64_MAX = 2**63 - 1
 
 
-def _check_type(key: str, value: Any, source: str | None = None) -> Any:
-    """Coerce ``value`` to the field's type where it is unambiguous; else a ConfigError."""
-    expected = _FIELD_TYPES[key]
-    origin = typing.get_origin(expected)
-    allowed = typing.get_args(expected) if origin in (typing.Union, types.UnionType) else (expected,)
+class NotOfType(ValueError):
+    """A value that does not read as the declared type; ``expected`` names it for a message."""
+
+    def __init__(self, expected: str):
+        super().__init__(expected)
+        self.expected = expected
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric option's allowed interval, declared as ``Annotated[float, Range(0, 1)]``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: the option must be greater than ``low``
+
+    def describe(self) -> str:
+        parts = [f"{'>' if self.low_open else '>='} {self.low}"] if self.low is not None else []
+        return " and ".join(parts + ([f"<= {self.high}"] if self.high is not None else []))
+
+    def holds(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        return above and (self.high is None or value <= self.high)
+
+
+def typed(value: Any, annotation: Any, default: Any = None) -> Any:
+    """``value`` as a value of ``annotation`` (bool, int, float, str, dict, list[str], ``X | None``,
+    ``Annotated[X, ...]``; unannotated: the type of ``default``) where that is unambiguous, else
+    NotOfType. Only the type is checked here: ranges and finiteness are the value checks of
+    whoever declares the value."""
+    annotation = _without_metadata(annotation)
+    if annotation is None or annotation is inspect.Parameter.empty or annotation is Any:
+        annotation = type(default) if default is not None else type(value)
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    allowed = typing.get_args(annotation) if union else (annotation,)
     if value is None and type(None) in allowed:
         return None
     for kind in allowed:
-        base = typing.get_origin(kind) or kind
-        if base is bool:
-            if isinstance(value, bool):
-                return value
-            continue
-        if base is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if base is float and yaml_number(value) is not None:
-            return yaml_number(value)
-        if base is str and isinstance(value, str):
-            return value
-        if base is dict and isinstance(value, dict):
-            return dict(value)
-        if base is list and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        if kind is not type(None):
+            converted = _as_kind(value, kind)
+            if converted is not None:
+                return converted
+    raise NotOfType(" or ".join(_type_name(k) for k in allowed))
+
+
+def _without_metadata(annotation: Any) -> Any:
+    return typing.get_args(annotation)[0] if typing.get_origin(annotation) is typing.Annotated else annotation
+
+
+def _type_name(kind: Any) -> str:
+    return getattr(typing.get_origin(kind) or kind, "__name__", str(kind))
+
+
+def _as_kind(value: Any, kind: Any) -> Any:
+    """``value`` as a ``kind``, or None."""
+    base = typing.get_origin(kind) or kind
+    if base is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool):
+        return None
+    if base is int:
+        return value if isinstance(value, int) else int(value) if isinstance(value, float) and value.is_integer() else None
+    if base is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as text; to a user it is a number
+            try:
+                return float(value)
+            except ValueError:
+                return None
+        return float(value) if isinstance(value, (int, float)) else None
+    if base is str:
+        return str(value) if isinstance(value, (str, int, float)) else None
+    if base is dict:
+        return dict(value) if isinstance(value, dict) else None
+    if base is list:
+        items = typing.get_args(kind)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, items[0] if items else object) for v in value):
             return list(value)
-    names = " or ".join(getattr(typing.get_origin(k) or k, "__name__", str(k)) for k in allowed)
-    raise ConfigError(f"config key '{key}' must be {names}, got {shown(value)}" + (f" (from {source})" if source else ""))
+        return None
+    return value if isinstance(base, type) and isinstance(value, base) else None
+
+
+def option_value(owner: str, name: str, value: Any, annotation: Any, default: Any) -> Any:
+    """``value`` as option ``name`` of ``owner`` (a method's Options field, a plugin's keyword
+    argument) takes it: of its type (``typed``), numbers finite and within int64, in any declared
+    ``Range``; else one ConfigError line."""
+    if value is None and default is None:
+        return None
+    ranges = [m for m in getattr(annotation, "__metadata__", ()) if isinstance(m, Range)]
+    try:
+        converted = typed(value, annotation, default)
+    except NotOfType as exc:
+        floating = exc.expected == "float"
+        raise ConfigError(f"option {name} of {owner} must be {'a finite ' if floating else ''}{exc.expected}, got {shown(value)}") from None
+    if isinstance(converted, float) and not math.isfinite(converted):
+        raise ConfigError(f"option {name} of {owner} must be a finite float, got {shown(value)}")
+    if isinstance(converted, int) and not isinstance(converted, bool) and abs(converted) > INT64_MAX:
+        raise ConfigError(f"option {name} of {owner} must be int (within int64), got {shown(value)}")
+    for declared in ranges:
+        if not declared.holds(converted):
+            raise ConfigError(f"option {name} of {owner} must be {declared.describe()}, got {shown(value)}")
+    return converted
+
+
+def setting_value(key: str, value: Any, source: str | None = None) -> Any:
+    """``value`` as setting ``key`` takes it (``typed``); else one ConfigError line naming ``source``."""
+    try:
+        return typed(value, _FIELD_TYPES[key])
+    except NotOfType as exc:
+        origin = f" (from {source})" if source else ""
+        raise ConfigError(f"config key '{key}' must be {exc.expected}, got {shown(value)}{origin}") from None
 
 
 MAX_YAML_BYTES = 1 << 20
@@ -233,78 +316,6 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def build_config(
-    file_values: dict[str, Any] | None = None,
-    overrides: dict[str, Any] | None = None,
-    world_size: int | None = None,
-    *,
-    file_name: str | Path | None = None,
-    given_by: str = "flag",
-) -> TrainConfig:
-    """defaults < preset (named in overrides or file, else the dataset's own) < file < overrides,
-    with learning rates scaled to the global batch of ``world_size`` processes (default: torchrun's).
-
-    ``file_name`` and ``given_by`` ("flag": --name, or "argument") name the sources in errors.
-    """
-    file_values = dict(file_values or {})
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    for source, values in (("config file", file_values), ("options", overrides)):
-        _check_keys(values, source)
-    dataset = overrides.get("dataset", file_values.get("dataset", TrainConfig.dataset))
-    preset = overrides.get("preset", file_values.get("preset"))
-    values, preset_name = _preset_values(preset, dataset)
-    method_defaults = values.pop("method_defaults", {})
-    sources = {k: f"preset {preset_name}" for k in values}
-    sources.update({k: f"config file {file_name}" if file_name else "config file" for k in file_values})
-    sources.update({k: f"--{k.replace('_', '-')}" if given_by == "flag" else f"argument {k}" for k in overrides})
-    values.update(file_values)
-    values.update(overrides)
-    values = {k: _check_type(k, v, sources.get(k)) for k, v in values.items()}
-    method = values.get("method", TrainConfig.method)
-    if method in method_defaults:
-        values["method_options"] = {**method_defaults[method], **values.get("method_options", {})}
-    config = TrainConfig(**values)
-    validate(config, sources)
-    given = frozenset(file_values) | frozenset(overrides)
-    config = scale_learning_rates(
-        config, world_size or world_size_from_environment(), keep=frozenset() if "lr_batch" in given else given & set(RATES)
-    )
-    # Not a field: config.yaml and checkpoint comparisons hold settings, not where they came from.
-    config._given = given
-    return config
-
-
-def _check_keys(values: dict[str, Any], source: str) -> None:
-    known = config_fields()
-    for key in values:
-        if key not in known:
-            raise ConfigError(f"unknown {source} key {shown(key)}; known keys: {', '.join(known)}")
-
-
-def _preset_values(preset: Any, dataset: Any) -> tuple[dict[str, Any], str | None]:
-    """The settings of the preset named, else of the dataset's own preset (none: no settings)."""
-    if preset is None:
-        if not isinstance(dataset, str) or dataset not in PRESETS:
-            return {}, None
-        preset = dataset
-    elif not isinstance(preset, str):
-        raise ConfigError(f"unknown preset {shown(preset)}; available: {', '.join(PRESETS.names())}")
-    info = PRESETS.get(preset)
-    values = info.obj()
-    if not isinstance(values, dict):
-        raise ConfigError(f"preset '{preset}' from package '{info.source}' returned {type(values).__name__}, not a dict of settings")
-    values = dict(values)
-    method_defaults = values.pop("method_defaults", {})
-    _check_keys(values, f"preset '{preset}' (package '{info.source}')")
-    return {**values, "method_defaults": method_defaults}, preset
-
-
-def given_settings(config: TrainConfig) -> frozenset[str]:
-    """The settings the user gave (file, flags or keywords) to build_config; none for any other
-    config (read back from a run, built by hand, or copied with dataclasses.replace)."""
-    return getattr(config, "_given", frozenset())
-
-
 def renamed_keys(values: dict[str, Any]) -> dict[str, Any]:
     """A saved configuration with the keys of older versions under their current names."""
     values = dict(values)
@@ -320,29 +331,31 @@ def config_from_saved(values: dict[str, Any], source: Path) -> TrainConfig:
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"{source}: unknown key '{unknown[0]}' (written by another version of suncet?)")
-    config = TrainConfig(**{k: _check_type(k, v) for k, v in values.items()})
+    config = TrainConfig(**{k: setting_value(k, v) for k, v in values.items()})
     validate(config)
     return config
 
 
-INT64_MAX = 2**63 - 1
 _POSITIVE = ("epochs", "batch_size", "proj_hidden", "proj_dim", "lr", "tau", "knn_k", "keep_checkpoints", "sync_every",
              "classes_per_step", "images_per_class")
 _NON_NEGATIVE = ("suncet_weight", "weight_decay", "warmup_epochs", "start_lr", "final_lr", "monitor_every", "probe_every",
                  "skip_nonfinite", "label_seed", "seed", "num_workers")
 _CHOICES = {
-    "compile": COMPILE_MODES, "data_pipeline": DATA_PIPELINES, "label_loss": LABEL_LOSSES, "final_eval": FINAL_EVALS,
-    "lr_batch_counts": LR_BATCH_COUNTS,
+    "compile": COMPILE_MODES, "data_pipeline": DATA_PIPELINES, "final_eval": FINAL_EVALS, "lr_batch_counts": LR_BATCH_COUNTS,
 }
 
 
 def validate(config: TrainConfig, sources: dict[str, str] | None = None) -> None:
-    """Every setting in range, every number finite, before anything is written or launched.
+    """Every setting of its type and in range, every number finite, before anything is written
+    or launched.
 
     ``sources`` names where each setting came from (preset, config file, flag), for the message;
-    plugin names and options are checked when the run is assembled, before any file is written.
+    what needs more than the settings (plugin names and options, label specs, backends) is
+    checked when the run is assembled, before any file is written.
     """
     sources = sources or {}
+    for name in _FIELD_TYPES:
+        setting_value(name, getattr(config, name), sources.get(name))
 
     def refuse(name: str, allowed: str) -> None:
         origin = f" (from {sources[name]})" if name in sources else ""
@@ -359,10 +372,6 @@ def validate(config: TrainConfig, sources: dict[str, str] | None = None) -> None
         refuse("suncet_epochs", f"between 0 and epochs ({config.epochs})")
     if config.lr_batch is not None and not 1 <= config.lr_batch <= INT64_MAX:
         refuse("lr_batch", "a positive integer")
-    if not is_label_file(config.labels):
-        parse_label_spec(config.labels)
-    if config.backend not in ("auto", *BACKENDS):
-        raise ConfigError(f"unknown contrastive backend {shown(config.backend)}; choose one of auto, {', '.join(BACKENDS)}")
     for name, choices in _CHOICES.items():
         if getattr(config, name) not in choices:
             refuse(name, f"one of {', '.join(choices)}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from suncet.config import TrainConfig
+from suncet.registry import LOGGERS, PluginInfo, plugin_code
 
 
 class Logger:
@@ -31,24 +32,28 @@ class Logger:
 
 
 class Loggers:
-    """The run's loggers as one: metrics.csv first, then those the config names, each once."""
+    """The run's loggers as one: metrics.csv first, then those the config names, each once; a
+    logger that raises stops the run with one line naming it."""
 
     def __init__(self, config: TrainConfig, run_dir: Path, epoch: int, step: int, build: bool = True):
-        from suncet.registry import LOGGERS
-
         names = list(dict.fromkeys(["csv", *config.loggers])) if build else []
-        self.loggers: list[Logger] = [
-            LOGGERS.get(name).obj(run_dir=run_dir, config=config, epoch=epoch, step=step) for name in names
-        ]
+        self.loggers: list[tuple[PluginInfo, Logger]] = []
+        for name in names:
+            info = LOGGERS.get(name)
+            with plugin_code(info):
+                self.loggers.append((info, info.obj(run_dir=run_dir, config=config, epoch=epoch, step=step)))
 
     def log_step(self, step: int, scalars: dict[str, float]) -> None:
-        for logger in self.loggers:
-            logger.log_step(step, scalars)
+        for info, logger in self.loggers:
+            with plugin_code(info, "log_step"):
+                logger.log_step(step, scalars)
 
     def log_epoch(self, epoch: int, row: dict[str, float]) -> None:
-        for logger in self.loggers:
-            logger.log_epoch(epoch, row)
+        for info, logger in self.loggers:
+            with plugin_code(info, "log_epoch"):
+                logger.log_epoch(epoch, row)
 
     def close(self) -> None:
-        for logger in self.loggers:
-            logger.close()
+        for info, logger in self.loggers:
+            with plugin_code(info, "close"):
+                logger.close()

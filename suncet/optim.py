@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING
 
 from torch import nn
 
+from suncet.config import RATES, TrainConfig
 from suncet.errors import ConfigError
-
-if TYPE_CHECKING:
-    from suncet.config import TrainConfig
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -43,12 +40,6 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, s
     return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-RATES = ("lr", "start_lr", "final_lr")
-# What a global batch counts for learning-rate scaling: the unlabeled images of a step, or its
-# views (two per unlabeled image, plus one per labeled image while the labeled term is on).
-LR_BATCH_COUNTS = ("unlabeled", "views")
-
-
 def global_batch(config: TrainConfig, world_size: int) -> int:
     """The global batch of ``config`` on ``world_size`` processes, counted as its ``lr_batch_counts`` says."""
     per_process = config.batch_size
@@ -58,18 +49,19 @@ def global_batch(config: TrainConfig, world_size: int) -> int:
     return world_size * per_process
 
 
-def scale_learning_rates(config: TrainConfig, world_size: int, keep: frozenset[str] = frozenset()) -> TrainConfig:
-    """Where a run's learning rates come from: the linear scaling rule.
+def scale_learning_rates(config: TrainConfig, world_size: int, given: frozenset[str] = frozenset()) -> TrainConfig:
+    """Where a run's learning rates come from: the linear scaling rule, applied once, to the
+    batch the run has (engine/fit.py calls it after fitting the batch to the data).
 
     ``config``'s rates (lr, start_lr, final_lr) are stated for a global batch of ``lr_batch``;
     a run uses each times its own global batch (``global_batch``) over ``lr_batch``, and records
-    its own batch as ``lr_batch``, so scaling a scaled config again changes nothing. The engine
-    scales once more after the batch is fitted to the data (engine/fit.py). Rates in ``keep``
-    are already the run's own (an --lr given without --lr-batch); with ``lr_batch`` None the
-    rates are used as given.
+    its own batch as ``lr_batch``, so a saved config scales to itself. ``given`` names the
+    settings the user gave: a rate given without ``lr_batch`` is already the run's own and is
+    used as given; with ``lr_batch`` None every rate is.
     """
     if config.lr_batch is None:
         return config
+    keep = frozenset() if "lr_batch" in given else given & set(RATES)
     batch = global_batch(config, world_size)
     scaled = {key: getattr(config, key) * (1 if key in keep else batch / config.lr_batch) for key in RATES}
     for key, value in scaled.items():

@@ -1,24 +1,27 @@
-"""Plugin registry for methods, datasets, backbones, optimizers, loggers and presets.
+"""Plugin registry for methods, datasets, backbones, optimizers, loggers, presets and label losses.
 
 In-tree code registers with a decorator (``@register_method("simclr")``). Packages, the
 built-in ``suncet.plugins`` included, announce plugins through entry points in the groups
 ``suncet.methods``, ``suncet.datasets``, ``suncet.backbones``, ``suncet.optimizers``,
-``suncet.loggers`` and ``suncet.presets``; a group is loaded the first time its registry is looked up. An entry point
+``suncet.loggers``, ``suncet.presets`` and ``suncet.label_losses``; a group is loaded the first
+time its registry is looked up. Plugin code runs under ``plugin_code``, which names the plugin
+when it fails. An entry point
 may name a module whose import runs the decorators, or a single object, registered under the
 entry point's name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import importlib.metadata as metadata
 import inspect
-import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+from suncet.config import Range, option_value
 from suncet.errors import ConfigError, SuncetError, shown
 
 __all__ = [
@@ -29,14 +32,19 @@ __all__ = [
     "OPTIMIZERS",
     "PRESETS",
     "REGISTRIES",
+    "LABEL_LOSSES",
     "DuplicatePluginError",
+    "PluginCodeError",
     "PluginError",
     "PluginImportError",
     "PluginInfo",
+    "Range",
     "Registry",
     "UnknownPluginError",
+    "plugin_code",
     "register_backbone",
     "register_dataset",
+    "register_label_loss",
     "register_logger",
     "register_method",
     "register_optimizer",
@@ -58,6 +66,12 @@ class DuplicatePluginError(PluginError):
 
 class PluginImportError(PluginError):
     pass
+
+
+class PluginCodeError(PluginError):
+    """A plugin's own code raised: the run stops with one line naming the plugin."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -101,65 +115,29 @@ def _source_of(obj: Any) -> str:
     return dists[0] if dists else top
 
 
-@dataclass(frozen=True)
-class Range:
-    """A numeric option's allowed interval, declared as ``Annotated[float, Range(0, 1)]``."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False  # True: the option must be greater than ``low``
-
-    def describe(self) -> str:
-        parts = [f"{'>' if self.low_open else '>='} {self.low}"] if self.low is not None else []
-        return " and ".join(parts + ([f"<= {self.high}"] if self.high is not None else []))
-
-    def holds(self, value: float) -> bool:
-        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        return above and (self.high is None or value <= self.high)
+def plugin_failure(exc: BaseException) -> str:
+    """An exception from plugin code as the end of one line: its type and the first line of its text."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    else:
+        lines = str(exc).strip().splitlines()
+        text = lines[0] if lines else ""
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def checked_option(owner: str, name: str, value: Any, annotation: Any, default: Any) -> Any:
-    """``value`` as option ``name`` of ``owner`` takes it (int, float, bool, str, or None where
-    allowed): numbers finite and in any declared ``Range``; else one ConfigError line."""
-    ranges = [m for m in getattr(annotation, "__metadata__", ()) if isinstance(m, Range)]
-    base = typing.get_args(annotation)[0] if ranges else annotation
-    allowed = typing.get_args(base) if typing.get_origin(base) in (typing.Union, types.UnionType) else (base,)
-    if base is None or base is inspect.Parameter.empty:
-        allowed = (type(default),) if default is not None else (type(value),)
-    kinds = [k for k in allowed if k is not type(None)]
-    if value is None and (type(None) in allowed or default is None):
-        return None
-    kind = kinds[0] if kinds else type(value)
-    converted = _convert(value, kind)
-    if converted is None or (isinstance(converted, float) and not math.isfinite(converted)):
-        raise ConfigError(f"option {name} of {owner} must be {'a finite ' if kind is float else ''}{kind.__name__}, got {shown(value)}")
-    for declared in ranges:
-        if not declared.holds(converted):
-            raise ConfigError(f"option {name} of {owner} must be {declared.describe()}, got {shown(value)}")
-    return converted
-
-
-def _convert(value: Any, kind: type) -> Any:
-    """``value`` as a ``kind`` where that is unambiguous, else None."""
-    if kind is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
-            return value.lower() in ("true", "yes")
-        return value if isinstance(value, bool) else None
-    if isinstance(value, bool):
-        return None
-    if kind is int:
-        return value if isinstance(value, int) and abs(value) <= 2**63 - 1 else (
-            int(value) if isinstance(value, float) and value.is_integer() else None)
-    if kind is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
-            try:
-                return float(value)
-            except ValueError:
-                return None
-        return float(value) if isinstance(value, (int, float)) else None
-    if kind is str:
-        return str(value) if isinstance(value, (str, int, float)) else None
-    return value if isinstance(value, kind) else None
+@contextlib.contextmanager
+def plugin_code(info: PluginInfo, hook: str | None = None) -> Iterator[None]:
+    """Run plugin code (building a plugin, or its ``hook``): an exception it raises becomes one
+    PluginCodeError line naming the plugin and its package. suncet's own errors (a plugin may
+    raise ConfigError with a message for the user) pass unchanged; ``--debug`` shows the cause."""
+    try:
+        yield
+    except SuncetError:
+        raise
+    except Exception as exc:
+        where = f"failed in {hook}" if hook else "failed to build"
+        raise PluginCodeError(f"{info.kind} '{info.name}' from package '{info.source}' {where}: {plugin_failure(exc)}") from exc
 
 
 class Registry:
@@ -263,12 +241,14 @@ class Registry:
                 f"{self.kind} '{name}' has no option {shown(unknown[0])}; its options: {', '.join(accepted) or 'none'}"
             )
         owner = f"{self.kind} '{name}'"
-        return {k: checked_option(owner, k, v, hints.get(k), accepted[k].default) for k, v in options.items()}
+        return {k: option_value(owner, k, v, hints.get(k), accepted[k].default) for k, v in options.items()}
 
     def create(self, name: str, *args: Any, options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         """Call plugin ``name`` with ``args``/``kwargs`` from the engine plus the user's checked ``options``."""
         options = self.check_options(name, options, tuple(kwargs))
-        return self.get(name).obj(*args, **kwargs, **options)
+        info = self.get(name)
+        with plugin_code(info):
+            return info.obj(*args, **kwargs, **options)
 
     def names(self) -> list[str]:
         self._load_entry_points()
@@ -293,7 +273,8 @@ BACKBONES = Registry("backbone", "suncet.backbones")
 OPTIMIZERS = Registry("optimizer", "suncet.optimizers")
 LOGGERS = Registry("logger", "suncet.loggers")
 PRESETS = Registry("preset", "suncet.presets")
-REGISTRIES = {r.kind: r for r in (METHODS, DATASETS, BACKBONES, OPTIMIZERS, LOGGERS, PRESETS)}
+LABEL_LOSSES = Registry("label loss", "suncet.label_losses")
+REGISTRIES = {r.kind: r for r in (METHODS, DATASETS, BACKBONES, OPTIMIZERS, LOGGERS, PRESETS, LABEL_LOSSES)}
 
 register_method = METHODS.register
 register_dataset = DATASETS.register
@@ -301,3 +282,4 @@ register_backbone = BACKBONES.register
 register_optimizer = OPTIMIZERS.register
 register_logger = LOGGERS.register
 register_preset = PRESETS.register
+register_label_loss = LABEL_LOSSES.register

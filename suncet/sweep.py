@@ -28,8 +28,9 @@ from typing import Any
 
 from suncet.engine.state import newest_loadable
 from suncet.compare import METRICS, X_AXES
-from suncet.config import build_config, config_fields, load_yaml
+from suncet.config import config_fields, load_yaml
 from suncet.errors import ConfigError
+from suncet.presets import build_config
 
 
 @dataclass

@@ -15,7 +15,8 @@ from conftest import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "plugins").glob("examples/*/README.md"))]
 # Dotted names in the docs that are not Python paths: entry-point groups and a metadata key.
-NOT_PATHS = {"suncet.datasets", "suncet.backbones", "suncet.optimizers", "suncet.presets", "suncet.backbone"}
+NOT_PATHS = {"suncet.datasets", "suncet.backbones", "suncet.optimizers", "suncet.presets", "suncet.label_losses",
+             "suncet.backbone"}
 FROM_IMPORT = re.compile(r"^\s*from\s+(suncet[\w.]*)\s+import\s+(\([^)]*\)|[^\n]*)", re.M)
 DOTTED = re.compile(r"`(suncet(?:\.\w+)+)")
 
@@ -101,3 +102,8 @@ def test_names_the_method_docs_showed_still_work_with_a_deprecation_warning():
     assert [p.shape[0] for p in parts] == [2, 1]
     with pytest.warns(DeprecationWarning, match="MethodConfig.gather is deprecated"):
         assert MethodConfig(TrainConfig(), 10).gather == "grad"
+    from suncet.data import TrainBatch
+
+    with pytest.warns(DeprecationWarning, match="suncet.methods.TrainBatch moved to suncet.data.TrainBatch"):
+        from suncet.methods import TrainBatch as earlier
+    assert earlier is TrainBatch

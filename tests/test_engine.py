@@ -12,7 +12,8 @@ import torch
 import suncet
 from suncet.config import TrainConfig
 from suncet.errors import ConfigError
-from suncet.methods import MethodConfig, TrainBatch
+from suncet.data import TrainBatch
+from suncet.methods import MethodConfig
 from suncet.plugins.backbones.resnet import small_resnet
 from suncet.plugins.methods.simclr import SimCLR
 
@@ -90,3 +91,18 @@ def test_every_config_field_has_a_train_flag_with_help(cli):
             continue
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         assert flag in help_text and f.metadata["help"], f.name
+
+
+def test_a_term_that_first_appears_at_a_later_step_is_logged_over_its_own_steps():
+    from suncet.engine.loop import Meters
+
+    meters = Meters()
+    meters.add({"loss": torch.tensor(1.0)}, step=0)
+    meters.add({"loss": torch.tensor(3.0), "late": torch.tensor(5.0)}, step=1)
+    meters.add({"loss": torch.tensor(2.0), "late": torch.tensor(7.0)}, step=2)
+    assert meters.means(torch.device("cpu")) == {"late": 6.0, "loss": 2.0}
+    again = Meters(meters.state_dict())  # a checkpoint taken mid-epoch continues the same means
+    again.add({"loss": torch.tensor(6.0), "later": torch.tensor(1.0)}, step=3)
+    assert again.means(torch.device("cpu")) == {"late": 6.0, "later": 1.0, "loss": 3.0}
+    # A checkpoint written before per-term counts held one step count for every term.
+    assert Meters({"sums": {"loss": 6.0, "ntxent": 4.0}, "steps": 2}).means(torch.device("cpu")) == {"loss": 3.0, "ntxent": 2.0}

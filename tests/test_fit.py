@@ -60,7 +60,7 @@ def test_values_the_user_gave_are_refused_with_the_largest_that_works(cli, folde
     assert result.stderr.strip().splitlines() == [f"error: {message}"]
 
 
-def test_a_config_file_counts_as_given(cli, folder_args, tmp_path):
+def test_settings_from_a_config_file_count_as_the_users(cli, folder_args, tmp_path):
     settings = tmp_path / "settings.yaml"
     settings.write_text("classes_per_step: 5\n")
     result = cli(*folder_args, "--config", str(settings), "--out", str(tmp_path / "run"))
@@ -81,3 +81,18 @@ def test_learning_rate_follows_the_fitted_batch(cli, folder_args, tmp_path):
     assert (saved["batch_size"], saved["lr"], saved["lr_batch"]) == (24, 0.1875, 24)
     again = cli(*folder_args, "--preset", "digits", "--out", str(run), "--resume", "auto")
     assert again.returncode == 0, again.stderr  # the same fit and scale on resume: the checkpoint matches
+
+
+def test_learning_rate_is_computed_once_from_what_the_user_gave(cli, folder_args, tmp_path):
+    """Fitted to 24 images: an --lr given without --lr-batch is the run's own and used as given;
+    with --lr-batch 256 it is stated for 256 images and scales to the 24 the run has."""
+    own = cli(*folder_args, "--preset", "digits", "--lr", "0.5", "--out", str(tmp_path / "own"))
+    assert own.returncode == 0, own.stderr
+    assert "--batch-size 24 (not 128)" in own.stdout and "--lr " not in own.stdout
+    saved = yaml.safe_load((tmp_path / "own" / "config.yaml").read_text())
+    assert (saved["batch_size"], saved["lr"], saved["lr_batch"], saved["preset"]) == (24, 0.5, 24, "digits")
+    stated = cli(*folder_args, "--preset", "digits", "--lr", "0.5", "--lr-batch", "256", "--out", str(tmp_path / "stated"))
+    assert stated.returncode == 0, stated.stderr
+    assert "--lr 0.04688 (not 0.25): the rates follow the global batch, now 24 (unlabeled)" in stated.stdout
+    saved = yaml.safe_load((tmp_path / "stated" / "config.yaml").read_text())
+    assert (saved["batch_size"], saved["lr"], saved["lr_batch"]) == (24, 0.5 * 24 / 256, 24)

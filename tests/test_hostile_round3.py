@@ -246,7 +246,7 @@ def test_a_config_that_no_longer_matches_its_checkpoint_is_named_in_one_line(run
     (b"epochs: 3\ntau: 0.2\nepochs: 5\n", "sets 'epochs' twice (again on line 3); keep one"),
     (b"method_options:\n  local_crops: 2\n  local_crops: 4\n", "sets 'local_crops' twice"),
 ])
-def test_settings_files_with_a_key_given_twice_are_refused(tmp_path, content, message):
+def test_settings_files_that_set_a_key_twice_are_refused(tmp_path, content, message):
     (tmp_path / "twice.yaml").write_bytes(content)
     refused(tmp_path, ["train", "--config", str(tmp_path / "twice.yaml"), "--out", str(tmp_path / "r")], message)
 

@@ -4,19 +4,25 @@ example package, and plugins of the earlier contract never get the labeled term 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import math
 import sys
+import types
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import REPO
 from suncet.config import TrainConfig
 from suncet.errors import ConfigError
-from suncet.methods import Method, MethodConfig, TrainBatch
+from suncet.data import TrainBatch
+from suncet.engine.assemble import may_skip_parameters
+from suncet.methods import LabeledTerm, LabeledTermConfig, Method, MethodConfig, projection_head
 from suncet.plugins.backbones.resnet import small_resnet
-from suncet.registry import METHODS
+from suncet.registry import LABEL_LOSSES, METHODS
 
 EXAMPLE = REPO / "plugins" / "examples" / "suncet-barlow-twins"
 NUM_CLASSES = 4
@@ -88,7 +94,8 @@ def test_the_labeled_term_is_the_one_label_loss_names(name, label_loss):
         torch.testing.assert_close(terms["loss"], 0.7 * terms[label_loss])
     else:
         assert own  # the method logs its own terms beside the labeled one
-    assert (method.label_head is not None) == (label_loss == "ce")
+    assert method.labeled_term.name == label_loss
+    assert bool(list(method.labeled_term.parameters())) == (label_loss == "ce")  # the classifier is the term's own
     assert_every_parameter_trains(method)
 
 
@@ -96,7 +103,7 @@ def test_the_labeled_term_is_the_one_label_loss_names(name, label_loss):
 def test_weight_zero_loads_no_labeled_batch_and_adds_nothing(name):
     for label_loss in ("suncet", "ce"):
         method = build(name, label_loss=label_loss, suncet_weight=0.0)
-        assert not method.wants_labeled(0) and method.label_head is None
+        assert not method.wants_labeled(0) and method.labeled_term is None
         terms = step_terms(method)
         assert "suncet" not in terms and "ce" not in terms
         assert_every_parameter_trains(method)
@@ -111,7 +118,7 @@ def test_the_labeled_term_stops_at_its_switch_off_epoch(name, label_loss):
     after = step_terms(method, epoch=3)
     assert "suncet" not in after and "ce" not in after
     # The classifier of ce is then idle: DDP is told to look for unused parameters.
-    assert method.may_skip_parameters == (label_loss == "ce" or type(method).may_skip_parameters)
+    assert may_skip_parameters(method) == (label_loss == "ce" or type(method).may_skip_parameters)
 
 
 @pytest.mark.parametrize("name", OWN_OBJECTIVE)
@@ -135,7 +142,8 @@ def test_a_fused_objective_equals_its_terms_computed_apart(backend):
         method.eval()
         batch = batch_for(method)
         together = method(batch)
-        method._fuses_suncet = False  # the base class's own path: objective(views), then SuNCEt
+        # The base class's own path: objective(views), then the SuNCEt term.
+        method.objective_with_suncet = types.MethodType(Method.objective_with_suncet, method)
         apart = method(batch)
         assert set(together) == set(apart)
         for key in together:
@@ -155,13 +163,13 @@ def test_methods_that_need_labels_refuse_to_lose_them(name):
 def test_methods_that_use_the_labels_themselves_get_no_labeled_term_and_refuse_ce(name):
     method = build(name)
     terms = step_terms(method)
-    assert "suncet" not in terms and "ce" not in terms and method.label_head is None
+    assert "suncet" not in terms and "ce" not in terms and method.labeled_term is None
     assert_every_parameter_trains(method)
     with pytest.raises(ConfigError, match="uses the labels in its own objective; --label-loss does not apply"):
         build(name, label_loss="ce")
 
 
-def test_a_plugin_without_an_objective_or_projection_is_refused_in_one_line():
+def test_a_plugin_without_an_objective_projection_or_total_is_refused_in_one_line():
     class NoObjective(Method):
         pass
 
@@ -169,14 +177,23 @@ def test_a_plugin_without_an_objective_or_projection_is_refused_in_one_line():
         def objective(self, views):
             return {"loss": views.global_features.sum()}
 
+    class NoTotal(Method):
+        def project(self, features):
+            return features
+
+        def objective(self, views):
+            return {"mine": views.global_features.sum()}  # would train SuNCEt alone if let through
+
     config = MethodConfig(TrainConfig(proj_hidden=32, proj_dim=16), NUM_CLASSES)
     backbone = small_resnet(in_channels=1, image_size=8, width=4)
-    with pytest.raises(ConfigError, match="defines no objective"):
-        NoObjective(backbone, config)
-    with pytest.raises(ConfigError, match="defines no project"):
-        NoProjection(backbone, config)
+    for cls, message in ((NoObjective, "method NoObjective loads unlabeled views but defines no objective"),
+                         (NoProjection, "method NoProjection defines no project\\(features\\) for the labeled term 'suncet'"),
+                         (NoTotal, "method NoTotal's objective returns no 'loss' \\(its total; got mine\\)")):
+        method = cls(backbone, config)
+        with pytest.raises(ConfigError, match=message):
+            method(batch_for(method))
     ce = MethodConfig(TrainConfig(proj_hidden=32, proj_dim=16, label_loss="ce"), NUM_CLASSES)
-    assert NoProjection(backbone, ce).label_head is not None  # cross-entropy needs no projection
+    assert "ce" in NoProjection(backbone, ce)(batch_for(method))  # cross-entropy needs no projection
 
 
 def test_a_plugin_of_the_earlier_contract_keeps_its_one_labeled_term():
@@ -193,3 +210,137 @@ def test_a_plugin_of_the_earlier_contract_keeps_its_one_labeled_term():
     ce = TrainConfig(proj_hidden=32, proj_dim=16, label_loss="ce")
     with pytest.raises(ConfigError, match="may ignore --label-loss ce; implement objective"):
         earlier(small_resnet(in_channels=1, image_size=8, width=4), MethodConfig(ce, NUM_CLASSES))
+
+
+# ---------------------------------------------------------------------------------------------
+# Extension points of the contract, exercised by plugins defined here, trained by the engine.
+
+
+class SoftNearestNeighbour(LabeledTerm):
+    """PAWS's soft nearest neighbour as the term added to a method: each labeled embedding is
+    classified by the step's other labeled images (softmax over cosine similarities at a
+    temperature the term learns), against its own label."""
+
+    name = "snn"
+    needs_projection = True
+
+    def __init__(self, config: LabeledTermConfig):
+        super().__init__(config)
+        self.num_classes = config.num_classes
+        self.log_temperature = torch.nn.Parameter(torch.tensor(-1.0))
+
+    def forward(self, method, features, labels):  # as docs/plugins.md shows it
+        z = F.normalize(method.project(features).float(), dim=1)
+        logits = (z @ z.T / self.log_temperature.exp()).fill_diagonal_(float("-inf"))
+        votes = torch.softmax(logits, dim=1) @ F.one_hot(labels, self.num_classes).float()
+        return -torch.log(votes.gather(1, labels[:, None])).mean()
+
+
+def soft_nearest_neighbour_reference(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:
+    z = z.double() / z.double().norm(dim=1, keepdim=True)
+    total = 0.0
+    for i in range(len(z)):
+        weights = {j: math.exp(float(z[i] @ z[j]) / temperature) for j in range(len(z)) if j != i}
+        total -= math.log(sum(w for j, w in weights.items() if labels[j] == labels[i]) / sum(weights.values()))
+    return total / len(z)
+
+
+class EMATeacher(Method):
+    """SimCLR's objective with a teacher: an exponential moving average of the backbone, outside
+    the optimizer (requires_grad=False), updated after each step; evaluation and export use it."""
+
+    def __init__(self, backbone, config: MethodConfig):
+        super().__init__(backbone, config)
+        self.head = projection_head(backbone.feature_dim, config.train.proj_hidden, config.train.proj_dim)
+        self.teacher = copy.deepcopy(backbone).requires_grad_(False)
+        self.updates: list[int] = []
+
+    def project(self, features):
+        return self.head(features)
+
+    def objective(self, views):
+        out0, out1 = self.head(views.global_features).chunk(2)
+        ntxent = self.losses.ntxent(out0, out1)
+        return {"loss": ntxent, "ntxent": ntxent}
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step):
+        self.updates.append(step)
+        for mine, theirs in zip(self.teacher.parameters(), self.backbone.parameters()):
+            mine.mul_(0.9).add_(theirs, alpha=0.1)
+
+    def evaluated_backbone(self):
+        return self.teacher
+
+
+@pytest.fixture
+def registered():
+    """Register plugins for this test only (the registries are the process's)."""
+    added = []
+
+    def register(registry, name, obj):
+        registry.add(name, obj, source="tests")
+        added.append((registry, name))
+
+    yield register
+    for registry, name in added:
+        registry._plugins.pop(name)
+
+
+def small_run(tmp_path, **settings):
+    from suncet.engine.assemble import assemble
+    from suncet.presets import build_config
+
+    config = build_config(overrides={"epochs": 1, "batch_size": 64, "proj_hidden": 32, "backbone_options": {"width": 8},
+                                     "monitor_every": 0, "final_eval": "none", "backend": "reference", **settings})
+    return assemble(config, tmp_path / "run")
+
+
+def test_a_labeled_term_defined_outside_suncet_trains_through_the_contract(tmp_path, registered):
+    from suncet.engine.loop import train
+    from suncet.engine.state import load_checkpoint
+
+    registered(LABEL_LOSSES, "soft-nn", SoftNearestNeighbour)
+    run = small_run(tmp_path, label_loss="soft-nn", suncet_weight=0.5)
+    term = run.method.labeled_term
+    assert isinstance(term, SoftNearestNeighbour) and term.weight == 0.5
+    assert any(p is term.log_temperature for group in run.optimizer.param_groups for p in group["params"])
+    # Its value is the float64 reference on the method's projections.
+    features, labels = torch.randn(12, run.method.backbone.feature_dim), torch.arange(12) % 4
+    with torch.no_grad():
+        expected = soft_nearest_neighbour_reference(run.method.project(features), labels, math.exp(-1.0))
+        assert abs(term(run.method, features, labels).item() - expected) < 1e-5
+
+    row = train(run)
+    assert math.isfinite(row["snn"]) and math.isfinite(row["loss"]) and "ntxent" in row and "suncet" not in row
+    assert term.log_temperature.item() != -1.0  # trained by the run's optimizer
+    saved = load_checkpoint(run.run_dir / "checkpoints" / "last.pt")["model"]
+    assert saved["labeled_term.log_temperature"].item() == term.log_temperature.item()
+
+
+def test_a_teacher_is_what_evaluation_and_export_use_and_stays_out_of_the_optimizer(tmp_path, registered, monkeypatch):
+    import suncet
+    from suncet.engine import evaluate
+    from suncet.engine.loop import train
+
+    registered(METHODS, "ema-teacher", EMATeacher)
+    run = small_run(tmp_path, method="ema-teacher")
+    optimised = {id(p) for group in run.optimizer.param_groups for p in group["params"]}
+    assert not optimised & {id(p) for p in run.method.teacher.parameters()}
+    assert {id(p) for p in run.method.backbone.parameters()} <= optimised
+    train(run)
+    steps = run.unlabeled_sampler.steps_per_epoch
+    assert run.method.updates == list(range(steps))  # after_optimizer_step: the 0-based global step
+
+    used = []
+    extract = evaluate.extract_features
+    monkeypatch.setattr(evaluate, "extract_features", lambda network, *args, **kw: used.append(network) or extract(network, *args, **kw))
+    assert 0 <= evaluate.evaluate_run(run, "knn")["top1"] <= 1
+    assert used and all(network is run.method.teacher for network in used)
+
+    images = torch.rand(4, 1, 8, 8)
+    exported = suncet.load_backbone(run.run_dir)
+    run.method.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(images), run.method.teacher(images), rtol=0, atol=0)
+        assert not torch.equal(exported(images), run.method.backbone(images))

@@ -190,13 +190,13 @@ def test_a_dataset_package_ships_a_preset_that_its_dataset_picks_up(cli, tmp_pat
 
 
 def test_a_preset_with_an_unknown_key_names_its_package(site):
-    from suncet.config import build_config
     from suncet.errors import ConfigError
+    from suncet.presets import build_config
     from suncet.registry import PRESETS
 
     PRESETS.add("typo-preset", lambda: {"epoch": 3}, source="typo-package")
     try:
         with pytest.raises(ConfigError, match="unknown preset 'typo-preset' \\(package 'typo-package'\\) key 'epoch'"):
-            build_config(overrides={"preset": "typo-preset"}, world_size=1)
+            build_config(overrides={"preset": "typo-preset"})
     finally:
         PRESETS._plugins.pop("typo-preset")

@@ -9,7 +9,8 @@ import torch
 
 from suncet.losses import sinkhorn, swapped_prediction_loss
 from suncet.config import TrainConfig
-from suncet.methods import MethodConfig, TrainBatch
+from suncet.data import TrainBatch
+from suncet.methods import MethodConfig
 from suncet.plugins.backbones.resnet import small_resnet
 from suncet.plugins.methods.swav import SwAV
 

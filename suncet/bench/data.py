@@ -254,7 +254,8 @@ def train_figures(backbone_name: str, batch: int, steps: int, device: torch.devi
                   seconds: float) -> list[Figure]:
     """SimCLR steps (NT-Xent only) on CIFAR-format data through each pipeline and on synthetic views."""
     from suncet.config import TrainConfig
-    from suncet.methods import MethodConfig, TrainBatch
+    from suncet.data import TrainBatch
+    from suncet.methods import MethodConfig
     from suncet.optim import parameter_groups
     from suncet.registry import BACKBONES, DATASETS, METHODS, OPTIMIZERS
     from suncet.data.samplers import UnlabeledSampler

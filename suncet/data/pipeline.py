@@ -16,11 +16,11 @@ import torch
 from torch import Tensor
 
 from suncet.data.augment import BatchAugment
+from suncet.data.batch import TrainBatch
 from suncet.data.image_batch import images_to
 from suncet.data.recipe import AugmentRecipe
 from suncet.data.sources import ImageSource
 from suncet.errors import CheckpointError
-from suncet.methods import TrainBatch
 from suncet.data.transfer import to_device
 
 

@@ -12,6 +12,7 @@ import enum
 import math
 from dataclasses import dataclass
 
+from suncet.config import NotOfType, typed
 from suncet.errors import ConfigError, shown
 
 
@@ -56,28 +57,37 @@ def override_recipe(recipe: AugmentRecipe, overrides: dict) -> AugmentRecipe:
         scale = values.pop(f"{which}_crop_scale", crop.scale)
         if not (isinstance(size, int) and not isinstance(size, bool) and 0 < size <= 65536):
             raise ConfigError(f"augment option {which}_crop_size must be a positive integer, got {shown(size)}")
-        if not (isinstance(scale, (list, tuple)) and len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        bounds = [_number(v) for v in scale] if isinstance(scale, (list, tuple)) and len(scale) == 2 else []
+        if not (len(bounds) == 2 and None not in bounds and 0 < bounds[0] <= bounds[1] <= 1):
             raise ConfigError(f"augment option {which}_crop_scale must be [low, high] with 0 < low <= high <= 1, got {shown(scale)}")
-        crops[f"{which}_crop"] = CropSpec(size, (float(scale[0]), float(scale[1])))
+        crops[f"{which}_crop"] = CropSpec(size, (bounds[0], bounds[1]))
     fields = {f.name: f for f in dataclasses.fields(AugmentRecipe)}
     for key, value in values.items():
         if key not in fields or key in crops:
             known = ["global_crop_size", "global_crop_scale", "local_crop_size", "local_crop_scale"]
             known += [n for n in fields if not n.endswith("_crop")]
             raise ConfigError(f"unknown augment option '{key}'; known: {', '.join(known)}")
-        current = getattr(recipe, key)
+        current, given = getattr(recipe, key), value
         if isinstance(current, tuple):
-            if not (isinstance(value, (list, tuple)) and len(value) == len(current)):
-                raise ConfigError(f"augment option {key} must be a list of {len(current)} finite numbers, got {shown(value)}")
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
-                raise ConfigError(f"augment option {key} must be a list of {len(current)} finite numbers, got {shown(value)}")
-            value = tuple(float(v) for v in value)
-        elif not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
-            raise ConfigError(f"augment option {key} must be a finite non-negative number, got {shown(value)}")
+            numbers = [_number(v) for v in value] if isinstance(value, (list, tuple)) and len(value) == len(current) else []
+            if len(numbers) != len(current) or not all(v is not None and math.isfinite(v) for v in numbers):
+                raise ConfigError(f"augment option {key} must be a list of {len(current)} finite numbers, got {shown(given)}")
+            value = tuple(numbers)
+        else:
+            value = _number(value)
+            if value is None or not 0 <= value < math.inf:
+                raise ConfigError(f"augment option {key} must be a finite non-negative number, got {shown(given)}")
         if key.endswith("_p") and value > 1:
             raise ConfigError(f"augment option {key} is a probability, got {shown(value)}")
         crops[key] = value
     return dataclasses.replace(recipe, **crops)
+
+
+def _number(value: object) -> float | None:
+    try:
+        return typed(value, float)
+    except NotOfType:
+        return None
 
 
 def blur_kernel_size(size: int) -> int:

@@ -24,10 +24,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from suncet.data.batch import TrainBatch
 from suncet.data.recipe import AugmentRecipe, CropSpec, blur_kernel_size
 from suncet.data.sources import ImageSource, InMemoryImages
 from suncet.errors import ConfigError
-from suncet.methods import TrainBatch
 from suncet.data.pipeline import StepPlan
 
 UNLABELED_STREAM, LABELED_STREAM = 0, 1

@@ -15,13 +15,14 @@ from typing import Any
 from rich.console import Console
 
 from suncet import distributed
-from suncet.config import TrainConfig, build_config
+from suncet.config import TrainConfig
+from suncet.engine import rundir
 from suncet.engine.evaluate import final_evaluation
 from suncet.engine.loop import train_run
-from suncet.engine import rundir
 from suncet.engine.rundir import Start, last_metrics, start_or_resume
 from suncet.engine.stopping import stop_at_once
 from suncet.errors import SuncetError, TrainingStopped
+from suncet.presets import build_config, given_keys
 
 
 @dataclass
@@ -33,19 +34,20 @@ class RunResult:
     main_process: bool = True  # rank 0, which wrote the files (under torchrun every rank returns)
 
 
-def run_start(start: Start, console: Console | None = None) -> RunResult:
-    """Train from ``start`` (see ``start_or_resume``) and evaluate as the config asks (rank 0);
-    the run directory's lock is released at the end, whatever happens."""
+def run_start(start: Start, console: Console | None = None, given: frozenset[str] = frozenset()) -> RunResult:
+    """Train from ``start`` (see ``start_or_resume``; ``given``: the settings the user gave) and
+    evaluate as the config asks (rank 0); the run directory's lock is released at the end,
+    whatever happens."""
     try:
-        return _train_and_evaluate(start, console)
+        return _train_and_evaluate(start, console, given)
     finally:
         if start.lock is not None:
             start.lock.release()
 
 
-def _train_and_evaluate(start: Start, console: Console | None) -> RunResult:
+def _train_and_evaluate(start: Start, console: Console | None, given: frozenset[str]) -> RunResult:
     try:
-        metrics = train_run(start.config, start.run_dir, state=start.checkpoint, console=console)
+        metrics = train_run(start.config, start.run_dir, state=start.checkpoint, console=console, given=given)
         metrics = metrics or last_metrics(start.run_dir)  # a finished run resumed trains nothing
         main_process = distributed.is_main_process()
         with stop_at_once(f"the final evaluation (training finished; it runs again with --resume {start.run_dir})"):
@@ -87,13 +89,15 @@ def train(
     the command line), or omitted with the settings as keyword arguments. ``resume`` is a run
     directory to continue (no settings then) or ``"auto"`` (continue or start the run in ``out``).
     """
+    given: frozenset[str] = frozenset()
     if isinstance(config, TrainConfig):
         if settings:
             raise TypeError("give either a TrainConfig or settings, not both")
         resolved = config
     elif config is not None or settings:
-        resolved = build_config(overrides={**(config or {}), **settings}, given_by="argument")
+        overrides = {**(config or {}), **settings}
+        resolved, given = build_config(overrides=overrides, given_by="argument"), given_keys(overrides=overrides)
     else:
         resolved = None if resume not in (None, "auto") else build_config()
     start = start_or_resume(resolved, out, resume, overwrite, report=(console or Console()).print)
-    return run_start(start, console)
+    return run_start(start, console, given)

@@ -1,16 +1,19 @@
-"""A run assembled from its config: data, labeled subset, method, optimizer and pipeline."""
+"""A run assembled from its config: data, labeled subset, method with its labeled term,
+optimizer and pipeline. The checks that need more than the settings (plugins, label specs,
+backends, the data, the world size) run here, before any file is written."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from suncet import distributed
-from suncet.config import TrainConfig
-from suncet.data import AugmentRecipe, ConcatImages, CropSpec, ImageDataset, ImageSource
+from suncet.config import TrainConfig, validate
+from suncet.data import AugmentRecipe, ConcatImages, CropSpec, ImageDataset, ImageSource, InMemoryImages
+from suncet.data.image_batch import ImageBatch
 from suncet.data.labels import is_label_file, parse_label_spec, read_subset_file, select_labeled
 from suncet.data.pipeline import DevicePipeline, Pipeline
 from suncet.data.recipe import override_recipe
@@ -18,32 +21,14 @@ from suncet.data.samplers import ClassStratifiedSampler, UnlabeledSampler
 from suncet.data.sources import on_device
 from suncet.data.worker_pipeline import WorkerPipeline
 from suncet.engine.fit import fit_to_data
+from suncet.engine.run import Run
 from suncet.engine.state import check_compatible, check_state_matches, parse_every
-from suncet.errors import ConfigError
-from suncet.kernels import resolve_backend
+from suncet.errors import ConfigError, shown
+from suncet.kernels import BACKENDS, resolve_backend
 from suncet.losses import ContrastiveLosses
-from suncet.methods import Method, MethodConfig, parse_options
+from suncet.methods import Method, MethodConfig, labeled_term_from_settings, parse_options
 from suncet.optim import parameter_groups
-from suncet.registry import BACKBONES, DATASETS, LOGGERS, METHODS, OPTIMIZERS
-
-
-@dataclass
-class Run:
-    """A training run assembled from its config: data, labeled subset, model and optimizer."""
-
-    config: TrainConfig
-    run_dir: Path
-    device: torch.device
-    dataset: ImageDataset
-    labeled: Tensor  # indices into dataset.train
-    method: Method
-    optimizer: torch.optim.Optimizer
-    unlabeled: ImageSource
-    train_images: ImageSource  # the training split where the pipeline reads it (labeled images)
-    unlabeled_sampler: UnlabeledSampler
-    labeled_sampler: ClassStratifiedSampler | None
-    backbone_args: dict  # what builds the backbone again without the dataset (load_backbone)
-    adapted: list[str]  # settings fitted to the data (engine/fit.py), to report once
+from suncet.registry import BACKBONES, DATASETS, LABEL_LOSSES, LOGGERS, METHODS, OPTIMIZERS, PluginInfo, plugin_code
 
 
 # Stands in for the dataset's own recipe when augmentation overrides are checked before any
@@ -52,10 +37,17 @@ _ANY_RECIPE = AugmentRecipe(CropSpec(224, (0.08, 1.0)), CropSpec(96, (0.05, 0.14
 
 
 def check_settings(config: TrainConfig) -> None:
-    """What the engine itself checks of a config, before anything is built, read or written:
-    every plugin named exists and takes its options (names, types, finite numbers, declared
-    ranges), and the checkpoint interval parses."""
+    """What the engine checks of a config, before anything is built, read or written: every
+    setting of its type and in range (config.validate), the label spec and checkpoint interval
+    parse, the backend exists, every plugin named exists and takes its options (names, types,
+    finite numbers, declared ranges)."""
+    validate(config)
+    if not is_label_file(config.labels):
+        parse_label_spec(config.labels)
     parse_every(config.checkpoint_every)
+    if config.backend not in ("auto", *BACKENDS):
+        raise ConfigError(f"unknown contrastive backend {shown(config.backend)}; choose one of auto, {', '.join(BACKENDS)}")
+    LABEL_LOSSES.get(config.label_loss)
     method = METHODS.get(config.method).obj
     if hasattr(method, "Options"):
         parse_options(method.Options, config.method_options, method.__name__)
@@ -65,8 +57,28 @@ def check_settings(config: TrainConfig) -> None:
     override_recipe(_ANY_RECIPE, config.augment)
 
 
+class PluginImages:
+    """A dataset plugin's own image source (not one of suncet.data's), whose ``load`` runs as
+    plugin code: an exception from it names the dataset."""
+
+    def __init__(self, source: ImageSource, plugin: PluginInfo):
+        self.source, self.plugin, self.labels = source, plugin, source.labels
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def load(self, indices: Tensor) -> Tensor | ImageBatch:
+        with plugin_code(self.plugin, "load"):
+            return self.source.load(indices)
+
+
 def load_dataset(config: TrainConfig) -> ImageDataset:
     dataset = DATASETS.create(config.dataset, root=config.data, download=config.download, options=config.dataset_options)
+    plugin = DATASETS.get(config.dataset)
+    for split in ("train", "test", "extra_unlabeled"):
+        source = getattr(dataset, split)
+        if source is not None and not isinstance(source, InMemoryImages):
+            setattr(dataset, split, PluginImages(source, plugin))
     if config.augment:
         dataset.recipe = override_recipe(dataset.recipe, config.augment)
     return dataset
@@ -88,14 +100,14 @@ def choose_labeled(config: TrainConfig, dataset: ImageDataset) -> Tensor:
     return labeled
 
 
-def check_data(config: TrainConfig, world_size: int) -> None:
+def check_data(config: TrainConfig, world_size: int, given: frozenset[str] = frozenset()) -> None:
     """What can only be checked with the data, for a launcher before its workers start: the
     dataset loads, the labeled subset is drawn, and the settings fit the data on ``world_size``
-    processes (engine/fit.py)."""
+    processes (engine/fit.py; ``given``: the settings the user gave)."""
     dataset = load_dataset(config)
     labeled = choose_labeled(config, dataset)
     unlabeled = len(dataset.train) + (len(dataset.extra_unlabeled) if dataset.extra_unlabeled is not None else 0)
-    fit_to_data(config, dataset, labeled, unlabeled, world_size)
+    fit_to_data(config, dataset, labeled, unlabeled, world_size, given)
 
 
 def backbone_args_of(config: TrainConfig, dataset: ImageDataset) -> dict:
@@ -107,12 +119,24 @@ def build_backbone(config: TrainConfig, backbone_args: dict) -> nn.Module:
 
 
 def build_method(config: TrainConfig, dataset: ImageDataset, steps_per_epoch: int) -> Method:
+    """The method ``config`` names with its backbone, the run's contrastive losses and the labeled
+    term the settings name (SuNCEt, cross-entropy, another label loss, or none)."""
     backbone = build_backbone(config, backbone_args_of(config, dataset))
     losses = ContrastiveLosses.build(config.tau, config.backend, "detached" if config.detach_remote_keys else "grad")
-    method = METHODS.get(config.method).obj(backbone, MethodConfig(config, dataset.num_classes, steps_per_epoch, losses))
-    if not isinstance(method, Method):
-        raise ConfigError(f"method plugin '{config.method}' did not build a suncet.methods.Method")
+    info = METHODS.get(config.method)
+    if not (inspect.isclass(info.obj) and issubclass(info.obj, Method)):
+        raise ConfigError(f"method plugin '{config.method}' is not a subclass of suncet.methods.Method")
+    term = labeled_term_from_settings(config, info.obj, backbone.feature_dim, dataset.num_classes, losses)
+    with plugin_code(info):
+        method = info.obj(backbone, MethodConfig(config, dataset.num_classes, steps_per_epoch, losses, term))
     return method
+
+
+def may_skip_parameters(method: Method) -> bool:
+    """Whether some steps leave parameters of ``method`` without gradients: its own declaration,
+    or a labeled term with parameters that is switched off before the run ends."""
+    term = method.labeled_term
+    return method.may_skip_parameters or (term is not None and term.may_skip_parameters)
 
 
 def _labeled_sampler(config: TrainConfig, dataset: ImageDataset, labeled: Tensor, method: Method) -> ClassStratifiedSampler | None:
@@ -128,12 +152,13 @@ def _labeled_sampler(config: TrainConfig, dataset: ImageDataset, labeled: Tensor
 
 def assemble(
     config: TrainConfig, run_dir: Path, labeled: Tensor | None = None, checkpoint: dict | None = None,
-    checkpoint_path: Path | None = None, resuming: bool = False,
+    checkpoint_path: Path | None = None, resuming: bool = False, given: frozenset[str] = frozenset(),
 ) -> Run:
     """The run of ``config``, to be loaded from ``checkpoint`` (read from ``checkpoint_path``)
     when given: resuming, the checkpoint must come from these very settings; in any case its
     tensors are checked against a meta-device build first, so no size in the settings can
-    allocate more than the checkpoint holds."""
+    allocate more than the checkpoint holds. ``given`` names the settings the user gave: the
+    data fits the others (engine/fit.py)."""
     check_settings(config)
     device = distributed.init_from_environment(config.device)
     if config.sync_bn and distributed.world_size() > 1 and device.type != "cuda":
@@ -143,7 +168,7 @@ def assemble(
     if labeled is None:
         labeled = choose_labeled(config, dataset)
     unlabeled = dataset.train if dataset.extra_unlabeled is None else ConcatImages(dataset.train, dataset.extra_unlabeled)
-    config, adapted = fit_to_data(config, dataset, labeled, len(unlabeled), distributed.world_size())
+    config, adapted = fit_to_data(config, dataset, labeled, len(unlabeled), distributed.world_size(), given)
     unlabeled_sampler = UnlabeledSampler(len(unlabeled), config.batch_size, config.seed, distributed.rank(), distributed.world_size())
     if checkpoint is not None:
         if resuming:
@@ -189,12 +214,15 @@ def wrap_model(run: Run) -> nn.Module:
     if distributed.world_size() > 1:
         if run.config.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        # Buffers stay per rank (SwAV's queue holds this rank's embeddings); BatchNorm statistics
-        # are then rank 0's in checkpoints, or shared by all with --sync-bn.
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[run.device] if run.device.type == "cuda" else None,
-            find_unused_parameters=run.method.may_skip_parameters, broadcast_buffers=False,
-        )
+        # Buffers are not broadcast at each step: they stay per rank (SwAV's queue holds this
+        # rank's embeddings); BatchNorm statistics are then rank 0's in checkpoints, or shared by
+        # all with --sync-bn. Wrapping copies rank 0's buffers to every rank, so state that differs
+        # between ranks (Method.rank_state) is restored after it (loop.train).
+        ddp = torch.nn.parallel.DistributedDataParallel
+        per_rank_buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                            else {"broadcast_buffers": False})  # before torch 2.13
+        model = ddp(model, device_ids=[run.device] if run.device.type == "cuda" else None,
+                    find_unused_parameters=may_skip_parameters(run.method), **per_rank_buffers)
     if run.config.compile != "none":
         model = torch.compile(model, mode=run.config.compile)
     return model

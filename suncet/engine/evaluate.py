@@ -12,10 +12,12 @@ from torch import Tensor
 from suncet.config import TrainConfig
 from suncet.data import InMemoryImages
 from suncet.engine import rundir
-from suncet.engine.assemble import Run, assemble
+from suncet.engine.assemble import assemble
+from suncet.engine.run import Run
 from suncet.engine.protocols import extract_features, finetune, knn_classify, linear_probe, raw_pixel_baseline, snn_classify
 from suncet.engine.state import load_checkpoint
 from suncet.errors import ConfigError, NonFiniteError
+from suncet.registry import METHODS, plugin_code
 
 PROTOCOLS = ("linear", "knn", "snn", "finetune")
 
@@ -24,7 +26,8 @@ def evaluate_run(
     run: Run, protocol: str, labeled: Tensor | None = None, finetune_epochs: int | None = None, baseline: bool = False
 ) -> dict:
     """Semi-supervised test accuracy with the labeled subset (an empty subset is an error: no
-    protocol may fall back on labels the run was not given).
+    protocol may fall back on labels the run was not given), of the network the method names
+    for evaluation (``Method.evaluated_backbone``: its backbone, or a teacher-student method's teacher).
 
     'knn', 'snn' (PAWS's soft nearest neighbour: every labeled image votes, weighted by a softmax
     of cosine similarity / 0.1) and 'linear' use frozen backbone features; 'finetune' is the paper's protocol: the whole
@@ -34,7 +37,9 @@ def evaluate_run(
     """
     if protocol not in PROTOCOLS:
         raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got '{protocol}'")
-    dataset, device, backbone = run.dataset, run.device, run.method.backbone
+    with plugin_code(METHODS.get(run.config.method), "evaluated_backbone"):
+        backbone = run.method.evaluated_backbone()
+    dataset, device = run.dataset, run.device
     bank = run.labeled if labeled is None else labeled
     if len(bank) == 0:
         raise ConfigError(

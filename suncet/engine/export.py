@@ -110,7 +110,8 @@ def _from_run(run_dir: Path) -> tuple[nn.Module, dict]:
     args = state.get("backbone_args") or backbone_args_of(config, dataset)
     normalisation = state.get("normalisation") or dataset.recipe.normalisation()
     info = _checked_description(describe(config, args, normalisation), checkpoint)
-    prefix = "backbone."
+    # The network the method names for evaluation (Method.evaluated_backbone; older checkpoints: the backbone).
+    prefix = f"{state.get('evaluated', 'backbone')}."
     weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
     backbone = _backbone_holding(info, weights, checkpoint)
     return backbone, {**info, "feature_dim": backbone.feature_dim}

@@ -4,7 +4,8 @@ what the dataset allows and says so; one the user gave is refused with the large
     batch_size         at most the unlabeled images per rank
     classes_per_step   at most the classes that have labeled images
 
-The learning rates then follow the fitted global batch (suncet/optim.py, the linear scaling rule).
+The learning rates are then computed, once, for the fitted global batch (suncet/optim.py, the
+linear scaling rule).
 
 ``images_per_class`` has no bound: a class with fewer labeled images repeats them within a step
 under other augmentations (samplers.py), which keeps SuNCEt's positive pairs in a class that has
@@ -18,7 +19,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from suncet.config import TrainConfig, given_settings
+from suncet.config import TrainConfig
 from suncet.data import ImageDataset
 from suncet.errors import ConfigError
 from suncet.optim import scale_learning_rates
@@ -47,10 +48,13 @@ def _repetition_note(config: TrainConfig, dataset: ImageDataset, labeled: Tensor
 
 
 def fit_to_data(
-    config: TrainConfig, dataset: ImageDataset, labeled: Tensor, unlabeled: int, world_size: int
+    config: TrainConfig, dataset: ImageDataset, labeled: Tensor, unlabeled: int, world_size: int,
+    given: frozenset[str] = frozenset(),
 ) -> tuple[TrainConfig, list[str]]:
-    """``config`` with its unset settings bounded by the data, and a line per change to report."""
-    given, changes, notes = given_settings(config), {}, []
+    """``config`` with the settings the user did not give (``given``: see presets.given_keys)
+    bounded by the data and its learning rates scaled to the result, and a line per change to
+    report."""
+    changes, notes = {}, []
     for key, (largest, bound) in _bounds(dataset, labeled, unlabeled, world_size).items():
         value, flag = getattr(config, key), "--" + key.replace("_", "-")
         if value <= largest:
@@ -61,10 +65,10 @@ def fit_to_data(
             raise ConfigError(f"{flag} {value} is more than {bound}; at most {largest} works")
         changes[key] = largest
         notes.append(f"{flag} {largest} (not {value}): {bound}")
+    fitted = scale_learning_rates(dataclasses.replace(config, **changes), world_size, given)
     if changes:
-        fitted = scale_learning_rates(dataclasses.replace(config, **changes), world_size)
-        if fitted.lr != config.lr:
-            notes.append(f"--lr {fitted.lr:.4g} (not {config.lr:.4g}): the rates follow the global batch, now "
+        unfitted = scale_learning_rates(config, world_size, given)
+        if fitted.lr != unfitted.lr:
+            notes.append(f"--lr {fitted.lr:.4g} (not {unfitted.lr:.4g}): the rates follow the global batch, now "
                          f"{fitted.lr_batch} ({fitted.lr_batch_counts})")
-        config = fitted
-    return config, notes + _repetition_note(config, dataset, labeled, world_size)
+    return fitted, notes + _repetition_note(fitted, dataset, labeled, world_size)

@@ -27,16 +27,18 @@ from rich.progress import Progress as ProgressBar
 from torch import Tensor, nn
 
 from suncet import distributed
+from suncet.data import TrainBatch
 from suncet.data.pipeline import Pipeline, StepPlan, images_in
 from suncet.engine import rundir
-from suncet.engine.assemble import Run, assemble, make_pipeline, wrap_model
+from suncet.engine.assemble import assemble, make_pipeline, wrap_model
 from suncet.engine.evaluate import evaluate_run
+from suncet.engine.run import Run
 from suncet.engine.state import CheckpointPolicy, checkpoint_state, restore, save_rotating
 from suncet.engine.stopping import EXIT_PREEMPTED, StopRequests
 from suncet.errors import NonFiniteError, TrainingStopped
 from suncet.loggers import Loggers
-from suncet.methods import TrainBatch
 from suncet.optim import warmup_cosine
+from suncet.registry import METHODS, OPTIMIZERS, PluginInfo, plugin_code
 
 
 @dataclass
@@ -52,31 +54,44 @@ class Progress:
 
 
 class Meters:
-    """Sums of the loss terms over an epoch's steps, kept on the device until they are read.
+    """Sums of the loss terms over an epoch's steps, kept on the device until they are read, and
+    how many steps gave each term (a term may first appear at any step; each is averaged over
+    the steps that gave it).
 
     It also remembers the first step whose loss was not finite, so a run that syncs every k
     steps still names the step and term that went wrong.
     """
 
     def __init__(self, state: dict | None = None):
-        state = state or {"sums": {}, "steps": 0}
+        state = state or {"sums": {}, "counts": {}}
         self.names: list[str] = list(state["sums"])
+        # Checkpoints written before per-term counts held one count for every term.
+        self.counts: dict[str, int] = {k: int(state["counts"][k]) if "counts" in state else int(state["steps"])
+                                       for k in self.names}
         self.sums: Tensor | None = torch.tensor(list(state["sums"].values()), dtype=torch.float64) if self.names else None
-        self.steps = int(state["steps"])
         self.first_bad: tuple[Tensor, Tensor] | None = None  # (step, term values) on the device
 
     def add(self, terms: dict[str, Tensor], step: int) -> None:
-        if not self.names:
-            self.names = list(terms)
-        values = torch.stack([terms[k].detach().float() for k in self.names]).double()
+        new = [k for k in terms if k not in self.names]
+        if new:
+            self.names += new
+            if self.sums is not None:
+                self.sums = torch.cat([self.sums, self.sums.new_zeros(len(new))])
+            if self.first_bad is not None:
+                seen, previous = self.first_bad
+                self.first_bad = (seen, torch.cat([previous, previous.new_zeros(len(new))]))
+        some = terms["loss"].detach()
+        values = torch.stack([terms[k].detach().float() if k in terms else some.new_zeros((), dtype=torch.float32)
+                              for k in self.names]).double()
         self.sums = values if self.sums is None else self.sums.to(values.device) + values
-        self.steps += 1
+        for k in terms:
+            self.counts[k] = self.counts.get(k, 0) + 1
         bad = ~torch.isfinite(values[self.names.index("loss")])
         if self.first_bad is None:
             self.first_bad = (torch.full_like(bad, -1, dtype=torch.long), torch.zeros_like(values))
         seen, previous = self.first_bad
-        new = bad & (seen < 0)
-        self.first_bad = (torch.where(new, step, seen), torch.where(new, values, previous))
+        new_bad = bad & (seen < 0)
+        self.first_bad = (torch.where(new_bad, step, seen), torch.where(new_bad, values, previous))
 
     def nonfinite(self, device: torch.device) -> Tensor:
         if self.first_bad is None:
@@ -88,14 +103,19 @@ class Meters:
         return f"step {step}: {first_nonfinite(values)}"
 
     def means(self, device: torch.device) -> dict[str, float]:
-        """Means over the epoch's steps, and over ranks (the reduction runs where NCCL can)."""
+        """Each term's mean over the steps that gave it, over all ranks (every rank contributes
+        the terms any rank saw; the reduction runs where NCCL can)."""
+        names = sorted({k for names in distributed.all_gather_objects(self.names) for k in names})
         sums = self.sums.to(device) if self.sums is not None else torch.zeros(0, dtype=torch.float64, device=device)
-        totals = distributed.all_reduce_sum(torch.cat([sums, sums.new_tensor([self.steps])])).tolist()
-        return {key: totals[i] / max(1.0, totals[-1]) for i, key in sorted(enumerate(self.names), key=lambda x: x[1])}
+        mine = {k: i for i, k in enumerate(self.names)}
+        aligned = torch.stack([sums[mine[k]] if k in mine else sums.new_zeros(()) for k in names]) if names else sums
+        counts = torch.tensor([float(self.counts.get(k, 0)) for k in names], dtype=torch.float64, device=device)
+        totals = distributed.all_reduce_sum(torch.cat([aligned, counts])).tolist()
+        return {k: totals[i] / max(1.0, totals[len(names) + i]) for i, k in enumerate(names)}
 
     def state_dict(self) -> dict:
         values = self.sums.tolist() if self.sums is not None else []
-        return {"sums": dict(zip(self.names, values)), "steps": self.steps}
+        return {"sums": dict(zip(self.names, values)), "counts": {k: self.counts[k] for k in self.names}}
 
 
 @dataclass
@@ -112,6 +132,8 @@ class Loop:
     meters: Meters
     bar: ProgressBar
     loggers: Loggers
+    method_plugin: PluginInfo
+    optimizer_plugin: PluginInfo
     task: int = 0
     lr: float = 0.0
     last_loss: float = math.nan
@@ -180,15 +202,19 @@ def step(loop: Loop, batch: TrainBatch) -> dict[str, Tensor] | None:
     loop.lr = loop.schedule(loop.progress.global_step)
     for group in run.optimizer.param_groups:
         group["lr"] = loop.lr
-    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
+    with plugin_code(loop.method_plugin, "forward"), \
+            torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
         terms = loop.model(batch)
     if cfg.skip_nonfinite and loop.agreed(~torch.isfinite(terms["loss"]).view(1))[0]:
         skip_step(loop, terms)
         return None
     run.optimizer.zero_grad(set_to_none=True)
-    terms["loss"].backward()
-    run.optimizer.step()
-    run.method.after_optimizer_step(loop.progress.global_step)
+    with plugin_code(loop.method_plugin, "backward"):
+        terms["loss"].backward()
+    with plugin_code(loop.optimizer_plugin, "step"):
+        run.optimizer.step()
+    with plugin_code(loop.method_plugin, "after_optimizer_step"):
+        run.method.after_optimizer_step(loop.progress.global_step)
     return terms
 
 
@@ -304,35 +330,38 @@ def train(run: Run, state: dict | None = None, console: Console | None = None) -
     cfg, main_process = run.config, distributed.is_main_process()
     console = (console or Console()) if main_process else Console(quiet=True)
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    console.print(
+        f"[bold]{cfg.method}[/bold] on {cfg.dataset}" + (f" (preset {cfg.preset})" if cfg.preset else "")
+        + f": {len(run.unlabeled)} unlabeled, {len(run.labeled)} labeled "
+        f"({cfg.labels}), {cfg.backbone}, {cfg.epochs} epochs x {run.unlabeled_sampler.steps_per_epoch} steps, "
+        f"{distributed.world_size()} x {run.device}, lr {cfg.lr:.4g}"
+        + (f" (for a global batch of {cfg.lr_batch})" if cfg.lr_batch else "")
+        + f", backend {cfg.backend}, compile {cfg.compile} -> {run.run_dir}"
+    )
+    for note in run.adapted:
+        console.print(f"[yellow]fitted to the data:[/yellow] {note}")
     pipeline = make_pipeline(run)
     if main_process:
         aside = rundir.write_run_files(run.run_dir, cfg, run.labeled, fresh=state is None)
         if aside is not None:
             console.print(f"moved what {run.run_dir} held to {aside} (nothing deleted)")
         rundir.write_status(run.run_dir, "running")
+    # Wrapped before the checkpoint's state is restored: DDP copies rank 0's buffers to every rank.
+    model = wrap_model(run)
     progress, meters = Progress(), Meters()
     if state is not None:
         saved_progress, saved_meters = restore(run, state, pipeline)
         progress, meters = Progress(**saved_progress), Meters(saved_meters)
         console.print(f"resuming {run.run_dir} at epoch {progress.epoch}, step {progress.step_in_epoch}")
     loggers = Loggers(cfg, run.run_dir, progress.epoch, progress.global_step, build=main_process)
-    for note in run.adapted:
-        console.print(f"[yellow]fitted to the data:[/yellow] {note}")
-    console.print(
-        f"[bold]{cfg.method}[/bold] on {cfg.dataset}: {len(run.unlabeled)} unlabeled, {len(run.labeled)} labeled "
-        f"({cfg.labels}), {cfg.backbone}, {cfg.epochs} epochs x {run.unlabeled_sampler.steps_per_epoch} steps, "
-        f"{distributed.world_size()} x {run.device}, lr {cfg.lr:.4g}"
-        + (f" (for a global batch of {cfg.lr_batch})" if cfg.lr_batch else "")
-        + f", backend {cfg.backend}, compile {cfg.compile} -> {run.run_dir}"
-    )
     if len(run.labeled) == 0 and (cfg.monitor_every or cfg.probe_every or cfg.final_eval != "none"):
         console.print("no labeled images (--labels 0%): the kNN and linear monitors and the final evaluation are off")
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
     row: dict = {}
     with StopRequests(announce=console.print) as stop, ProgressBar(*columns, console=console, transient=True) as bar, \
             contextlib.closing(pipeline), contextlib.closing(loggers):
-        loop = Loop(run, wrap_model(run), pipeline, console, stop, CheckpointPolicy(cfg.checkpoint_every), progress, meters,
-                    bar, loggers)
+        loop = Loop(run, model, pipeline, console, stop, CheckpointPolicy(cfg.checkpoint_every), progress, meters,
+                    bar, loggers, METHODS.get(cfg.method), OPTIMIZERS.get(cfg.optimizer))
         loop.task = bar.add_task("train", total=cfg.epochs * loop.steps_per_epoch, completed=progress.global_step, status="")
         run.method.train()
         for epoch in range(progress.epoch, cfg.epochs):
@@ -342,8 +371,10 @@ def train(run: Run, state: dict | None = None, console: Console | None = None) -
     return row
 
 
-def train_run(config, run_dir, state: dict | None = None, console: Console | None = None) -> dict:
-    """Assemble the run of ``config`` in ``run_dir`` and train it (from ``state`` when given)."""
+def train_run(config, run_dir, state: dict | None = None, console: Console | None = None,
+              given: frozenset[str] = frozenset()) -> dict:
+    """Assemble the run of ``config`` in ``run_dir`` (``given``: the settings the user gave) and
+    train it (from ``state`` when given)."""
     run = assemble(config, run_dir, labeled=state["labeled"] if state else None, checkpoint=state,
-                   checkpoint_path=run_dir / rundir.CHECKPOINTS, resuming=True)
+                   checkpoint_path=run_dir / rundir.CHECKPOINTS, resuming=True, given=given)
     return train(run, state, console)

@@ -18,10 +18,11 @@ from suncet import distributed
 from suncet.config import TrainConfig, renamed_keys
 from suncet.engine.files import fsync_directory, write_atomic
 from suncet.errors import CheckpointError, ConfigError, shown
+from suncet.registry import METHODS, plugin_code
 
 if TYPE_CHECKING:
     from suncet.data.pipeline import Pipeline
-    from suncet.engine.assemble import Run
+    from suncet.engine.run import Run
 
 LAST = "last.pt"
 _NUMBERED = re.compile(r"^step-(\d+)\.pt$")
@@ -82,7 +83,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a checkpoint: {reason})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"checkpoint {path} is not a suncet training checkpoint")
+    if isinstance(state["model"], dict):
+        state["model"] = {_current_name(k): v for k, v in state["model"].items()}
     return state
+
+
+# Model tensors of older versions under their current names: the cross-entropy classifier is
+# the labeled term's head since 0.2.
+_RENAMED_PREFIXES = {"label_head.": "labeled_term.head."}
+
+
+def _current_name(key: object) -> object:
+    for old, new in _RENAMED_PREFIXES.items():
+        if isinstance(key, str) and key.startswith(old):
+            return new + key[len(old):]
+    return key
 
 
 def numbered_checkpoints(directory: Path) -> list[Path]:
@@ -128,9 +143,10 @@ def newest_loadable(directory: Path, report=None, set_aside: bool = False) -> tu
 
 def checkpoint_state(run: Run, pipeline: Pipeline, progress: dict, meters: dict, sampler_state: dict | None) -> dict:
     """Everything needed to continue exactly; every rank's own streams are gathered (call on all ranks)."""
+    with plugin_code(METHODS.get(run.config.method), "rank_state"):
+        method_state = run.method.rank_state()
     rank_states = distributed.all_gather_objects(
-        {"pipeline": pipeline.state_dict(), "labeled_sampler": sampler_state, "meters": meters,
-         "method": run.method.rank_state()}
+        {"pipeline": pipeline.state_dict(), "labeled_sampler": sampler_state, "meters": meters, "method": method_state}
     )
     state = {
         "model": run.method.state_dict(),
@@ -139,6 +155,7 @@ def checkpoint_state(run: Run, pipeline: Pipeline, progress: dict, meters: dict,
         "labeled": run.labeled.clone(),
         "progress": progress,
         "backbone_args": run.backbone_args,
+        "evaluated": evaluated_module(run.method),  # where export finds the network evaluation uses
         "normalisation": run.dataset.recipe.normalisation(),  # what an exported backbone's inputs need
         "rng": {"torch": torch.get_rng_state()},
         # Per rank: the augmentation generator, the labeled sampler's position at the start of the
@@ -153,29 +170,46 @@ def checkpoint_state(run: Run, pipeline: Pipeline, progress: dict, meters: dict,
 
 def restore(run: Run, state: dict, pipeline: Pipeline) -> tuple[dict, dict]:
     """Load ``state`` into the run and pipeline; returns (progress, this rank's meters)."""
-    if len(state["ranks"]) != distributed.world_size():
-        raise CheckpointError(
-            f"the checkpoint was written by {len(state['ranks'])} process(es); resume it with as many (now {distributed.world_size()})"
-        )
     run.method.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and run.device.type == "cuda":
         torch.cuda.set_rng_state(state["rng"]["cuda"], run.device)
     mine = state["ranks"][distributed.rank()]
-    run.method.load_rank_state(mine["method"])
+    with plugin_code(METHODS.get(run.config.method), "load_rank_state"):
+        run.method.load_rank_state(mine["method"])
     pipeline.load_state_dict(mine["pipeline"])
     if run.labeled_sampler is not None and mine["labeled_sampler"] is not None:
         run.labeled_sampler.load_state_dict(mine["labeled_sampler"])
     return dict(state["progress"]), mine["meters"]
 
 
+def evaluated_module(method) -> str:
+    """Where ``method.evaluated_backbone()`` sits in the method (a state-dict prefix without its
+    dot: "backbone" by default); it must be one of the method's submodules."""
+    with plugin_code(METHODS.get(method.config.train.method), "evaluated_backbone"):
+        network = method.evaluated_backbone()
+    for name, module in method.named_modules():
+        if module is network and name:
+            return name
+    raise ConfigError(f"method {type(method).__name__}'s evaluated_backbone() is not one of its submodules; return "
+                      "a network the method holds (docs/plugins.md)")
+
+
 def check_compatible(config: TrainConfig, state: dict, source: Path) -> None:
-    """A checkpoint must come from a run with this very configuration."""
-    # A setting added after the checkpoint was written held its default in that run.
+    """A checkpoint must come from as many processes as this run has (each restores its own
+    streams) and from a run with this very configuration (as fitted to the data and scaled to
+    the processes)."""
+    if len(state["ranks"]) != distributed.world_size():
+        raise CheckpointError(
+            f"the checkpoint was written by {len(state['ranks'])} process(es); resume it with as many (now {distributed.world_size()})"
+        )
+    # A setting added after the checkpoint was written held its default in that run. The preset
+    # names where settings came from (runs before 0.2 did not record it); the settings compared
+    # are what it applied.
     saved = {**dataclasses.asdict(TrainConfig()), **renamed_keys(state["config"])}
     current = dataclasses.asdict(config)
-    differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k) and k != "preset")
     if differing:
         key = differing[0]
         raise CheckpointError(
