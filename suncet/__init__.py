@@ -2,8 +2,6 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-import torch  # noqa: F401  (loads libtorch before the C++ extension needs it)
-
 from suncet import moved
 
 moved.install()

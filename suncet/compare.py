@@ -16,6 +16,7 @@ import yaml
 
 from suncet.config import load_yaml
 from suncet.engine.files import write_atomic
+from suncet.engine.rundir import is_run_directory
 from suncet.errors import ConfigError
 
 METRICS = ("linear_top1", "knn_top1")
@@ -53,8 +54,8 @@ class Group:
 def load_curve(run_dir: Path, metric: str) -> Curve:
     run_dir = Path(run_dir)
     metrics, config = run_dir / "metrics.csv", run_dir / "config.yaml"
-    if not metrics.is_file() or not config.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (needs metrics.csv and config.yaml)")
+    if not is_run_directory(run_dir) or not metrics.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (needs the metrics.csv, config.yaml and labels.txt suncet writes)")
     points = []
     try:
         with open(metrics, newline="", encoding="utf-8") as handle:
@@ -80,6 +81,8 @@ def _point(path: Path, line: int, row: dict, metric: str) -> tuple[float, float,
     if not all(math.isfinite(v) for v in values):
         raise ConfigError(f"{path}:{line}: {metric} or its epoch, images or seconds is not finite "
                           f"({', '.join(f'{v:g}' for v in values)}): the run diverged; leave it out of the comparison")
+    if not 0 <= values[3] <= 1:
+        raise ConfigError(f"{path}:{line}: {metric} is {values[3]:g}, not an accuracy in [0, 1]")
     return values
 
 

@@ -22,6 +22,7 @@ from suncet.engine import rundir
 from suncet.engine.rundir import Start, last_metrics, start_or_resume
 from suncet.engine.stopping import stop_at_once
 from suncet.errors import SuncetError, TrainingStopped
+from suncet.terminal import Terminal, plain
 
 
 @dataclass
@@ -95,5 +96,6 @@ def train(
         resolved = build_config(overrides={**(config or {}), **settings}, given_by="argument")
     else:
         resolved = None if resume not in (None, "auto") else build_config()
-    start = start_or_resume(resolved, out, resume, overwrite, report=(console or Console()).print)
+    printer = console or Terminal()
+    start = start_or_resume(resolved, out, resume, overwrite, report=lambda line: printer.print(plain(line)))
     return run_start(start, console)

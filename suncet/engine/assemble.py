@@ -88,14 +88,14 @@ def choose_labeled(config: TrainConfig, dataset: ImageDataset) -> Tensor:
     return labeled
 
 
-def check_data(config: TrainConfig, world_size: int) -> None:
+def check_data(config: TrainConfig, world_size: int, dataset: ImageDataset | None = None) -> tuple[TrainConfig, list[str]]:
     """What can only be checked with the data, for a launcher before its workers start: the
     dataset loads, the labeled subset is drawn, and the settings fit the data on ``world_size``
-    processes (engine/fit.py)."""
-    dataset = load_dataset(config)
+    processes (engine/fit.py). Returns the settings as the run will use them, and the changes."""
+    dataset = dataset or load_dataset(config)
     labeled = choose_labeled(config, dataset)
     unlabeled = len(dataset.train) + (len(dataset.extra_unlabeled) if dataset.extra_unlabeled is not None else 0)
-    fit_to_data(config, dataset, labeled, unlabeled, world_size)
+    return fit_to_data(config, dataset, labeled, unlabeled, world_size)
 
 
 def backbone_args_of(config: TrainConfig, dataset: ImageDataset) -> dict:
