@@ -46,13 +46,16 @@ def plain(value: Any, newlines: bool = True) -> Text:
     return Text(neutralised(str(value), newlines))
 
 
-def styled(*parts: str | tuple[str, str]) -> Text:
+def styled(*parts: str | tuple[str, str] | Text) -> Text:
     """One line of suncet's own emphasis around plain text: ``styled(("error:", "red"), " ", detail)``;
-    a bare string is plain text (``plain``), a (text, style) pair is suncet's own styled word."""
+    a bare string is plain text (``plain``), a (text, style) pair is suncet's own styled word, and
+    a ``Text`` is one that ``plain`` or ``styled`` made."""
     line = Text()
     for part in parts:
         if isinstance(part, tuple):
             line.append(neutralised(part[0]), style=part[1])
+        elif isinstance(part, Text):
+            line.append_text(part)
         else:
             line.append_text(plain(part))
     return line

@@ -35,6 +35,8 @@ def fsync_directory(directory: Path) -> None:
 def _disk_full(exc: BaseException, directory: Path) -> bool:
     if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc):
         return True
+    if getattr(exc, "errno", None) is not None:  # the system said why, and it was not a full disk
+        return False
     try:  # torch.save reports a full disk as a failed stream write, without the errno
         return shutil.disk_usage(directory).free < 1 << 20
     except OSError:

@@ -32,7 +32,7 @@ from suncet.config import TrainConfig, config_from_saved, load_yaml, to_yaml
 from suncet.data.labels import labels_text
 from suncet.engine.files import fsync_directory, remove_partial_writes, write_atomic
 from suncet.engine.state import find_checkpoint
-from suncet.errors import ConfigError, shown
+from suncet.errors import ConfigError, shown, what_is_at
 from suncet import terminal
 
 CONFIG_FILE = "config.yaml"
@@ -218,6 +218,9 @@ def check_output_file(out: Path | str, overwrite: bool, flag: str, own_run: Path
     if out.exists() and not overwrite:
         raise ConfigError(f"{flag} {out} exists; choose another file or add --overwrite to replace it")
     folder = out.absolute().parent
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"{flag} {out} cannot be written: {blocking} {what_is_at(blocking)}, not a folder")
     own = Path(own_run).absolute() if own_run is not None else None
     for ancestor in (folder, *folder.parents):
         if not is_run_directory(ancestor):
@@ -252,6 +255,8 @@ def read_status(run_dir: Path) -> dict | None:
     path = Path(run_dir) / STATUS_FILE
     if not path.exists():
         return None
+    if not path.is_file():  # a pipe there would block the reader forever
+        raise ConfigError(f"{STATUS_FILE} {what_is_at(path)}, not suncet's status file")
     try:
         status = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -370,8 +375,15 @@ def _check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
     if str(run_dir) in ("", "."):
         raise ConfigError("--out must name a directory for the run (a new or empty one)")
     if run_dir.exists() and not run_dir.is_dir():
-        kind = "a file" if run_dir.is_file() else "not a directory"
-        raise ConfigError(f"--out {run_dir} is {kind}; choose a new or empty directory")
+        raise ConfigError(f"--out {run_dir} {what_is_at(run_dir)}; choose a new or empty directory")
+    absolute = run_dir.absolute()
+    blocking = next((p for p in absolute.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"--out {run_dir} cannot be made: {blocking} {what_is_at(blocking)}, not a folder")
+    host = next((p for p in absolute.parents if is_run_directory(p)), None)
+    if host is not None:
+        raise ConfigError(f"--out {run_dir} is inside another run directory, {host}; choose a folder outside it "
+                          "(a run moved aside or rotated there would take this one with it)")
     if is_run_directory(run_dir):
         if not overwrite:
             raise ConfigError(
@@ -430,7 +442,7 @@ def start_or_resume(
         raise ConfigError("--resume RUN_DIR continues a run with its saved config; give no other settings with it")
     run_dir = Path(resume)
     if not run_dir.is_dir():
-        raise ConfigError(f"--resume {resume}: no such run directory")
+        raise ConfigError(f"--resume {resume}: no such run directory" if not run_dir.exists() else f"--resume {resume} {what_is_at(run_dir)}, not a run directory")
     check_own_files(run_dir)
     config = load_run_config(run_dir)
     taken = _take(run_dir, lock, report)

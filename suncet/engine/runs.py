@@ -12,7 +12,7 @@ from pathlib import Path
 from suncet.config import load_yaml
 from suncet.engine import rundir
 from suncet.engine.state import numbered_checkpoints
-from suncet.errors import ConfigError, shown
+from suncet.errors import ConfigError, shown, what_is_at
 
 MONITORS = ("knn_top1", "linear_top1")
 
@@ -22,7 +22,7 @@ def find_runs(folder: Path | str) -> list[Path]:
     nest them), but earlier runs set aside inside a run (``RUN/replaced-<time>/``)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ConfigError(f"{folder}: no such folder of runs")
+        raise ConfigError(f"{folder}: no such folder of runs" if not folder.exists() else f"{folder} {what_is_at(folder)}, not a folder of runs")
     found = {path.parent for path in folder.rglob(rundir.CONFIG_FILE)}
     return sorted(run for run in found if rundir.is_run_directory(run) and not _set_aside(run))
 

@@ -18,7 +18,7 @@ import torch
 from suncet import distributed
 from suncet.config import TrainConfig, renamed_keys
 from suncet.engine.files import fsync_directory, write_atomic
-from suncet.errors import CheckpointError, ConfigError, shown
+from suncet.errors import CheckpointError, ConfigError, shown, what_is_at
 
 if TYPE_CHECKING:
     from suncet.data.pipeline import Pipeline
@@ -75,18 +75,27 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint holding only tensors and plain data (no pickled code is executed)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} {what_is_at(path)}" + (", not a checkpoint file" if path.exists() else ""))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         if isinstance(exc, pickle.UnpicklingError) and _ASKS_FOR_CODE.search(str(exc)):
             reason = "it asks to run code, which a checkpoint never does (refused, nothing was run)"
+        elif not _looks_saved_by_torch(path):
+            reason = "it is not a file torch.save writes"
         else:
             reason = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a checkpoint: {reason})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"checkpoint {path} is not a suncet training checkpoint")
     return state
+
+
+def _looks_saved_by_torch(path: Path) -> bool:
+    """Whether the file starts as torch.save's zip archive or a legacy pickle does."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def numbered_checkpoints(directory: Path) -> list[Path]:
