@@ -204,6 +204,19 @@ def per_seed_table(groups: list[Group]) -> list[dict]:
     return rows
 
 
+def _as_text(label: str) -> str:
+    """A label from a run's settings as matplotlib shows it literally: a '$' would start
+    mathtext, which a method name such as 'x$\\frac{$' makes fail when the figure is drawn."""
+    return label.replace("$", r"\$")
+
+
+def plot_formats() -> list[str]:
+    """The file formats a figure can be written in (by its file name's suffix)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(FigureCanvasBase.get_supported_filetypes())
+
+
 def plot_groups(groups: list[Group], metric: str, x: str, target: float, path: Path, title: str | None = None) -> None:
     """Mean curve per group with the min-max band over seeds, and the target as a line."""
     import matplotlib
@@ -217,7 +230,7 @@ def plot_groups(groups: list[Group], metric: str, x: str, target: float, path: P
         length = min(len(s[0]) for s in series)
         xs = [statistics.mean(s[0][i] for s in series) for i in range(length)]
         ys = [[s[1][i] for s in series] for i in range(length)]
-        (line,) = axes.plot(xs, [statistics.mean(v) for v in ys], label=f"{group.label} (n={len(series)})")
+        (line,) = axes.plot(xs, [statistics.mean(v) for v in ys], label=_as_text(f"{group.label} (n={len(series)})"))
         if len(series) > 1:
             axes.fill_between(xs, [min(v) for v in ys], [max(v) for v in ys], color=line.get_color(), alpha=0.2)
     axes.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.3f}")
@@ -226,7 +239,7 @@ def plot_groups(groups: list[Group], metric: str, x: str, target: float, path: P
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="lower right")
     if title:
-        axes.set_title(title, fontsize=10)
+        axes.set_title(_as_text(title), fontsize=10)
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(Path(path), lambda handle: figure.savefig(handle, format=Path(path).suffix.lstrip(".").lower() or "png"))

@@ -109,16 +109,6 @@ def test_a_stop_request_half_way_through_moving_aside_moves_everything_back(tmp_
     assert snapshot(run) == before
 
 
-def test_overwrite_moves_every_file_aside_and_starts_afresh(tmp_path, copy_of_finished_run):
-    run = copy_of_finished_run()
-    before = snapshot(run)
-    result = subprocess.run([SUNCET, "train", *TINY_RUN, "--monitor-every", "0", "--overwrite", "--out", str(run)],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    [aside] = run.glob("replaced-*")
-    assert {k: v for k, v in snapshot(aside).items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
-
-
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
 def test_an_export_gets_the_mode_the_umask_gives(tmp_path, finished_run, umask, mode):
     out = tmp_path / "backbone.safetensors"

@@ -35,7 +35,7 @@ def wait_for(path_glob: Path, process: subprocess.Popen, timeout: float = 300) -
 
 def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_exits_75(tmp_path):
     run = tmp_path / "run"
-    process = start("train", *SMALL, "--epochs", "2", "--data-pipeline", "workers", "--num-workers", "2",
+    process = start("train", *SMALL, "--epochs", "1", "--data-pipeline", "workers", "--num-workers", "2",
                     "--checkpoint-every", "3steps", "--out", str(run))
     wait_for(run / "checkpoints" / "step-*.pt", process)
     os.killpg(process.pid, signal.SIGTERM)  # the trainer and every loader worker, as SLURM does
