@@ -145,6 +145,8 @@ def move_aside(run_dir: Path) -> Path | None:
     except BaseException as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
         stuck = _move_back(moved, aside)
+        if not stuck and not isinstance(exc, OSError):
+            raise  # a stop request: answered as such, with every file back where it was
         if stuck:
             raise ConfigError(
                 f"could not move {entries[len(moved)].name} of {run_dir} aside ({reason}), nor move back "
@@ -376,6 +378,8 @@ def _check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
         raise ConfigError("--out must name a directory for the run (a new or empty one)")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} {what_is_at(run_dir)}; choose a new or empty directory")
+    if run_dir.is_dir():
+        check_own_files(run_dir)
     absolute = run_dir.absolute()
     blocking = next((p for p in absolute.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
