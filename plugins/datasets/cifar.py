@@ -164,7 +164,7 @@ def _read_split(paths: list[Path], layout: CifarLayout) -> InMemoryImages:
         data = content["data"]
         if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != PIXELS_PER_IMAGE:
             found = f"{data.dtype} of shape {data.shape}" if isinstance(data, np.ndarray) else f"a {type(data).__name__}"
-            raise ConfigError(f"{path}: 'data' is {found}, expected a uint8 array [N, {PIXELS_PER_IMAGE}]")
+            raise ConfigError(f"{path}: 'data' is {found}, expected uint8 [N, {PIXELS_PER_IMAGE}]")
         y = _labels(content[layout.label_key], path, layout.label_key)
         if y.shape != (data.shape[0],):
             raise ConfigError(f"{path}: {data.shape[0]} images but {y.size} labels")
