@@ -99,9 +99,14 @@ def select_labeled(labels: Tensor, spec: LabelSpec, num_classes: int, seed: int)
     return torch.from_numpy(np.sort(np.concatenate(chosen))).long()
 
 
+# The first line of every labels.txt suncet writes: one of the marks a run folder is known by
+# (engine/rundir.py, ``is_run_directory``).
+LABELS_HEADER = "# labeled training indices for --labels "
+
+
 def labels_text(indices: Tensor, spec_text: str) -> str:
     """A labels.txt: the labeled training indices, one a line, under a comment naming the spec."""
-    lines = [f"# labeled training indices for --labels {spec_text}", *map(str, indices.tolist())]
+    lines = [f"{LABELS_HEADER}{spec_text}", *map(str, indices.tolist())]
     return "\n".join(lines) + "\n"
 
 

@@ -29,11 +29,11 @@ from typing import Any, Callable
 from torch import Tensor
 
 from suncet.config import TrainConfig, config_from_saved, load_yaml, to_yaml
-from suncet.data.labels import labels_text
+from suncet.data.labels import LABELS_HEADER, labels_text
 from suncet.engine.files import fsync_directory, remove_partial_writes, write_atomic
 from suncet.engine.state import find_checkpoint
-from suncet.errors import ConfigError, shown, what_is_at
 from suncet import terminal
+from suncet.errors import ConfigError, shown, what_is_at
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
@@ -186,10 +186,6 @@ def _is_set_aside_folder(path: Path) -> bool:
     return bool(_SET_ASIDE.match(path.name)) and path.is_dir() and not path.is_symlink()
 
 
-# The first line of every labels.txt suncet writes (data/labels.py, ``labels_text``).
-_LABELS_MARK = b"# labeled training indices for --labels "
-
-
 def is_run_directory(folder: Path) -> bool:
     """Whether ``folder`` holds a suncet run, by suncet's own marks: its settings and the labels
     file suncet writes with them at the start, under the header only suncet writes. A folder of
@@ -200,8 +196,9 @@ def is_run_directory(folder: Path) -> bool:
     if config.is_symlink() or labels.is_symlink() or not (config.is_file() and labels.is_file()):
         return False
     try:
+        mark = LABELS_HEADER.encode()
         with open(labels, "rb") as handle:
-            return handle.read(len(_LABELS_MARK)) == _LABELS_MARK
+            return handle.read(len(mark)) == mark
     except OSError:
         return False
 
