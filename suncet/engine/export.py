@@ -161,7 +161,8 @@ def load_backbone(source: Path | str, device: str | torch.device = "cpu") -> nn.
     elif source.is_file():
         backbone = _from_safetensors(source)
     else:
-        raise ConfigError(f"{source} {what_is_at(source)}: name a run directory or an exported backbone file")
+        raise ConfigError(f"{source}: no such run directory or exported backbone file" if not source.exists()
+                          else f"{source} {what_is_at(source)}, not a run directory or an exported backbone file")
     return backbone.to(device).eval()
 
 
