@@ -1,6 +1,8 @@
 """Errors that reach a user as one clear line (the CLI prints them without a traceback)."""
 
+import os
 import reprlib
+import stat
 
 _SHOW = reprlib.Repr()
 _SHOW.maxlevel = 2
