@@ -329,7 +329,6 @@ class _WritesAFile:
 
 def _run_with_checkpoint(run: Path, payload) -> None:
     _fake_run(run)
-    (run / "labels.txt").write_text("# labels\n1\n")
     torch.save(payload, run / "checkpoints" / "last.pt")
 
 
