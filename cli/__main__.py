@@ -1,3 +1,3 @@
-from suncet.cli.main import main
+from suncet.cli.entry import main
 
 main()

@@ -79,9 +79,17 @@ def compare(run_dirs, metric, x_axis, target, plot, json_path, overwrite):
     """
     from suncet.engine.rundir import check_output_file
 
+    from suncet.compare import plot_formats
+
+    if target is not None and not math.isfinite(target):
+        raise click.BadParameter(f"must be an accuracy in [0, 1], got {target}", param_hint="--target")
     for path, flag in ((plot, "--plot"), (json_path, "--json")):
         if path is not None:
             check_output_file(path, overwrite, flag)
+    suffix = plot.suffix.lstrip(".").lower() if plot is not None else ""
+    if suffix and suffix not in plot_formats():
+        raise click.BadParameter(f"{plot} names no figure format (its suffix is one of {', '.join(plot_formats())}, "
+                                 "or none for png)", param_hint="--plot")
     report(list(run_dirs), metric, x_axis, target, plot, json_path)
 
 

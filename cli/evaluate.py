@@ -22,11 +22,16 @@ def print_scores(result: dict, title: str) -> None:
     def fmt(value):
         return "-" if value is None else f"{value:.4f}"
 
-    table.add_row("pre-trained backbone", result["protocol"], str(result["labeled_images"]), fmt(result["top1"]), fmt(result.get("top5")))
+    classes = result.get("labeled_classes")
+    labeled = f"{result['labeled_images']}" + (f" ({classes} class{'es' if classes != 1 else ''})" if classes else "")
+    table.add_row("pre-trained backbone", result["protocol"], labeled, fmt(result["top1"]), fmt(result.get("top5")))
     if "raw_pixels" in result:
         raw = result["raw_pixels"]
-        table.add_row("raw pixels", "linear", str(result["labeled_images"]), fmt(raw["top1"]), fmt(raw.get("top5")))
+        table.add_row("raw pixels", "linear", labeled, fmt(raw["top1"]), fmt(raw.get("top5")))
     console.print(table)
+    if classes is not None and classes <= 5:
+        console.print(f"the labeled images cover {classes} class{'es' if classes != 1 else ''}: no top-5 (it would "
+                      "rank classes that were never labeled)")
 
 
 @click.command("eval")

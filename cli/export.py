@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.markup import escape
-
 from suncet.cli.main_console import console
 
 
@@ -26,5 +24,5 @@ def export_command(run_dir, format_, out, overwrite):
 
     with stop_at_once("the export (nothing was written)"):
         exported = export_backbone(run_dir, format_, out, overwrite)
-    console.print(f"backbone written to {escape(str(exported.path))}")
-    console.print(f"load it with: {escape(exported.load_with)}", highlight=False, soft_wrap=True)
+    console.print(f"backbone written to {exported.path}", soft_wrap=True)
+    console.print(f"load it with: {exported.load_with}", highlight=False, soft_wrap=True)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 
 import click
-from rich.markup import escape
 from rich.table import Table
 
 import suncet
-from suncet.cli.main_console import console, err_console
+from suncet.cli.main_console import console, err_console, fail, say
 from suncet.errors import SuncetError, TrainingStopped
+from suncet.terminal import styled
 
 
 class SuncetGroup(click.Group):
@@ -22,16 +22,14 @@ class SuncetGroup(click.Group):
         except (click.exceptions.Exit, click.exceptions.Abort):
             raise
         except click.ClickException as exc:
-            err_console.print(f"[red]error:[/red] {escape(exc.format_message())}", highlight=False, soft_wrap=True)
-            sys.exit(exc.exit_code)
+            fail(exc.format_message(), exc.exit_code)
         except KeyboardInterrupt:
-            err_console.print("[red]error:[/red] interrupted")
-            sys.exit(130)
+            fail("interrupted", 130)
         except Exception as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             if isinstance(exc, TrainingStopped):
-                err_console.print(escape(str(exc)), highlight=False, soft_wrap=True)
+                say(str(exc))
                 sys.exit(exc.exit_code)
             code = exc.exit_code if isinstance(exc, SuncetError) else 2 if isinstance(exc, OSError) else 1
             if isinstance(exc, SuncetError):
@@ -41,8 +39,7 @@ class SuncetGroup(click.Group):
                 detail = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
             else:
                 detail = f"{type(exc).__name__}: {exc}"
-            err_console.print(f"[red]error:[/red] {escape(detail)}", highlight=False, soft_wrap=True)
-            sys.exit(code)
+            fail(detail, code)
 
 
 @click.group(cls=SuncetGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -70,11 +67,9 @@ def plugins() -> None:
         failures += registry.failures()
     console.print(table)
     for failure in failures:
-        err_console.print(
-            f"[yellow]warning:[/yellow] {failure.kind} entry point '{failure.entry_point}' from package "
-            f"'{failure.source}' failed to import: {failure.error}",
-            highlight=False,
-        )
+        err_console.print(styled(
+            ("warning:", "yellow"), f" {failure.kind} entry point '{failure.entry_point}' from package "
+            f"'{failure.source}' failed to import: {failure.error}"), highlight=False, soft_wrap=True)
 
 
 @main.command()
@@ -123,11 +118,11 @@ def doctor() -> None:
         dtypes = ", ".join(str(t).removeprefix("torch.") for t in record.dtypes) if record.dtypes else "any dtype"
         width = f", D <= {record.max_dim}" if record.max_dim else ""
         backends.add_row(
-            record.name, "[green]yes[/green]" if usable else "[red]no[/red]", f"{devices}; {dtypes}{width}", reason
+            record.name, styled(("yes", "green")) if usable else styled(("no", "red")), f"{devices}; {dtypes}{width}", reason
         )
     console.print(backends)
     device = torch.device("cuda" if gpus else "cpu")
-    console.print(f"auto selects [bold]{resolve_backend('auto', device)}[/bold] on {device}")
+    console.print(styled("auto selects ", (resolve_backend("auto", device), "bold"), f" on {device}"))
 
 
 def _register_subcommands() -> None:

@@ -121,10 +121,9 @@ def train(config_file, out_dir, resume, overwrite, nproc_per_node, nnodes, print
         check_settings(config)  # everything that can be checked once, before anything starts
     if print_config:
         processes = (nproc_per_node or 1) * (nnodes or 1)
-        scaled = scale_learning_rates(config, processes, given)
         preset = f"preset {config.preset}" if config.preset else "no preset"
-        click.echo(f"# {preset}; learning rates for {processes} process(es), before the batch is fitted to the data")
-        click.echo(to_yaml(scaled), nl=False)
+        click.echo(f"# {preset}; learning rates for {processes} process(es)")
+        click.echo(_fitted_yaml(config, processes, given), nl=False)
         return
     if launching:
         if resume is None:
@@ -138,6 +137,23 @@ def train(config_file, out_dir, resume, overwrite, nproc_per_node, nnodes, print
         console.print(f"run written to {start.run_dir}")
         if result.evaluation is not None:
             print_scores(result.evaluation, title=f"{start.config.final_eval} evaluation of {start.run_dir}")
+
+
+def _fitted_yaml(config: TrainConfig, world_size: int, given: frozenset[str]) -> str:
+    """The settings as the run will use them: fitted to the data where it can be read here (a
+    batch larger than the dataset shrinks, and the learning rates follow; a value the user gave
+    that the data cannot serve is refused as the run would refuse it), the changes as comments;
+    where the data cannot be read, the settings as given and a comment saying why."""
+    from suncet.engine.assemble import check_data, load_dataset
+
+    try:
+        dataset = load_dataset(config)
+    except ConfigError as exc:
+        return f"# not fitted to the data, which cannot be read here: {' '.join(str(exc).split())}\n" + to_yaml(
+            scale_learning_rates(config, world_size, given)
+        )
+    fitted, notes = check_data(config, world_size, given, dataset)
+    return "".join(f"# fitted to the data: {note}\n" for note in notes) + to_yaml(fitted)
 
 
 def launch_torchrun(nproc: int) -> None:

@@ -1,17 +1,8 @@
 """suncet: contrastive semi-supervised pre-training (SimCLR / SwAV + SuNCEt) with fused kernels."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-import torch  # noqa: F401  (loads libtorch before the C++ extension needs it)
-
 from suncet import moved
 
 moved.install()
-
-try:
-    __version__ = version("suncet")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
 
 __all__ = ["RunResult", "TrainConfig", "__version__", "export_backbone", "load_backbone", "train"]
 
@@ -25,7 +16,15 @@ _API = {
 
 
 def __getattr__(name: str):
-    # Imported on first use: `import suncet` stays light for the kernels and the CLI's start-up.
+    # Imported on first use: `import suncet` stays light for the kernels and the CLI's start-up
+    # (whose stop-request handlers are installed before anything heavy loads, cli/entry.py).
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("suncet")
+        except PackageNotFoundError:  # running from a source tree that was never installed
+            return "0+unknown"
     if name in _API:
         import importlib
 

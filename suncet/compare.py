@@ -16,6 +16,7 @@ import yaml
 
 from suncet.config import load_yaml
 from suncet.engine.files import write_atomic
+from suncet.engine.rundir import is_run_directory
 from suncet.errors import ConfigError
 
 METRICS = ("linear_top1", "knn_top1")
@@ -53,8 +54,8 @@ class Group:
 def load_curve(run_dir: Path, metric: str) -> Curve:
     run_dir = Path(run_dir)
     metrics, config = run_dir / "metrics.csv", run_dir / "config.yaml"
-    if not metrics.is_file() or not config.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (needs metrics.csv and config.yaml)")
+    if not is_run_directory(run_dir) or not metrics.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (needs the metrics.csv, config.yaml and labels.txt suncet writes)")
     points = []
     try:
         with open(metrics, newline="", encoding="utf-8") as handle:
@@ -80,6 +81,8 @@ def _point(path: Path, line: int, row: dict, metric: str) -> tuple[float, float,
     if not all(math.isfinite(v) for v in values):
         raise ConfigError(f"{path}:{line}: {metric} or its epoch, images or seconds is not finite "
                           f"({', '.join(f'{v:g}' for v in values)}): the run diverged; leave it out of the comparison")
+    if not 0 <= values[3] <= 1:
+        raise ConfigError(f"{path}:{line}: {metric} is {values[3]:g}, not an accuracy in [0, 1]")
     return values
 
 
@@ -201,6 +204,19 @@ def per_seed_table(groups: list[Group]) -> list[dict]:
     return rows
 
 
+def _as_text(label: str) -> str:
+    """A label from a run's settings as matplotlib shows it literally: a '$' would start
+    mathtext, which a method name such as 'x$\\frac{$' makes fail when the figure is drawn."""
+    return label.replace("$", r"\$")
+
+
+def plot_formats() -> list[str]:
+    """The file formats a figure can be written in (by its file name's suffix)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(FigureCanvasBase.get_supported_filetypes())
+
+
 def plot_groups(groups: list[Group], metric: str, x: str, target: float, path: Path, title: str | None = None) -> None:
     """Mean curve per group with the min-max band over seeds, and the target as a line."""
     import matplotlib
@@ -214,7 +230,7 @@ def plot_groups(groups: list[Group], metric: str, x: str, target: float, path: P
         length = min(len(s[0]) for s in series)
         xs = [statistics.mean(s[0][i] for s in series) for i in range(length)]
         ys = [[s[1][i] for s in series] for i in range(length)]
-        (line,) = axes.plot(xs, [statistics.mean(v) for v in ys], label=f"{group.label} (n={len(series)})")
+        (line,) = axes.plot(xs, [statistics.mean(v) for v in ys], label=_as_text(f"{group.label} (n={len(series)})"))
         if len(series) > 1:
             axes.fill_between(xs, [min(v) for v in ys], [max(v) for v in ys], color=line.get_color(), alpha=0.2)
     axes.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.3f}")
@@ -223,7 +239,7 @@ def plot_groups(groups: list[Group], metric: str, x: str, target: float, path: P
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="lower right")
     if title:
-        axes.set_title(title, fontsize=10)
+        axes.set_title(_as_text(title), fontsize=10)
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(Path(path), lambda handle: figure.savefig(handle, format=Path(path).suffix.lstrip(".").lower() or "png"))

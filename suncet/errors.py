@@ -1,6 +1,8 @@
 """Errors that reach a user as one clear line (the CLI prints them without a traceback)."""
 
+import os
 import reprlib
+import stat
 
 _SHOW = reprlib.Repr()
 _SHOW.maxlevel = 2
@@ -46,3 +48,24 @@ class TrainingStopped(SuncetError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def what_is_at(path: object) -> str:
+    """What a path the user named turned out to be, for a message that refuses it ("does not
+    exist", "is a directory", "is a named pipe", ...): never "does not exist" for what exists."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "is a broken symbolic link" if os.path.islink(path) else "does not exist"
+    except NotADirectoryError:
+        return "does not exist (a folder on its path is a file)"
+    except OSError as exc:
+        return f"cannot be examined ({exc.strerror})"
+    for test, kind in ((stat.S_ISDIR, "is a directory"), (stat.S_ISREG, "is a file"), (stat.S_ISFIFO, "is a named pipe"),
+                       (stat.S_ISSOCK, "is a socket"), (stat.S_ISCHR, "is a device"), (stat.S_ISBLK, "is a device")):
+        if test(mode):
+            return kind
+    return "is not a file or directory"

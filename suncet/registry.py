@@ -177,6 +177,10 @@ class Registry:
                 f"{self.kind} plugin '{name}' is registered twice: by package '{existing.source}' "
                 f"({existing.target}) and by package '{info.source}' ({info.target})"
             )
+            if _loading_source.get() is not None:
+                # Inside a package's entry point: its other plugins still register (raising here
+                # would abort the import of that module, and every plugin after this one with it).
+                return existing
             raise DuplicatePluginError(self._conflicts[name])
         self._plugins[name] = info
         return info

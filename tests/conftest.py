@@ -103,3 +103,32 @@ def pytest_configure(config) -> None:
             _widen_half_precision_dots()
         except ImportError:  # no triton: its tests skip themselves
             pass
+
+
+# ---------------------------------------------------------------------------------------------
+# One small finished run (1 epoch of digits, a kNN monitor), trained once per session; tests
+# that damage or extend a run work on their own copy (``copy_of_finished_run``).
+TINY_RUN = ("--batch-size", "64", "--proj-hidden", "64", "--epochs", "1", "--final-eval", "none",
+            "--monitor-every", "1", "--backbone-opt", "width=8", "--labels", "10%")
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("finished") / "run"
+    done = run_cli("train", *TINY_RUN, "--out", str(run))
+    assert done.returncode == 0, done.stderr
+    return run
+
+
+@pytest.fixture
+def copy_of_finished_run(finished_run, tmp_path):
+    """``copy_of_finished_run(name)``: a copy of the finished run at tmp_path/name."""
+    import shutil
+
+    def copy(name: str = "run") -> Path:
+        target = tmp_path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(finished_run, target, symlinks=True)
+        return target
+
+    return copy

@@ -104,9 +104,11 @@ def test_existing_run_directory_is_left_alone(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("method: simclr\n")
+    (run / "labels.txt").write_text("# labeled training indices for --labels 10%\n1\n")
     result = CliRunner().invoke(main, ["train", *(x for kv in SMALL.items() for x in kv), "--out", str(run)])
     assert result.exit_code == 2 and "already holds a run" in result.stderr
-    assert (run / "config.yaml").read_text() == "method: simclr\n" and sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+    assert (run / "config.yaml").read_text() == "method: simclr\n"
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "labels.txt"]
 
 
 @pytest.mark.parametrize("arguments,message", [

@@ -16,6 +16,7 @@ def fake_run(path, accuracies, seed=0, suncet_weight=1.0, images_per_epoch=100, 
     path.mkdir(parents=True)
     config = {"method": "simclr", "labels": "10%", "seed": seed, "suncet_weight": suncet_weight, **settings}
     (path / "config.yaml").write_text(yaml.safe_dump(config))
+    (path / "labels.txt").write_text(f"# labeled training indices for --labels {config['labels']}\n1\n")
     lines = ["epoch,step,loss,images_seen,train_seconds,knn_top1"]
     for epoch, acc in enumerate(accuracies, start=1):
         lines.append(f"{epoch},{epoch * 10},1.0,{epoch * images_per_epoch},{epoch * seconds_per_epoch},{acc}")

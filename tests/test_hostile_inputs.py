@@ -218,6 +218,7 @@ def test_label_files(tmp_path, content, message):
 def _fake_run(run: Path) -> None:
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("method: simclr\n")
+    (run / "labels.txt").write_text("# labeled training indices for --labels 10%\n1\n")
     (run / "metrics.csv").write_text("epoch,loss\n1,2.0\n")
 
 
@@ -328,7 +329,6 @@ class _WritesAFile:
 
 def _run_with_checkpoint(run: Path, payload) -> None:
     _fake_run(run)
-    (run / "labels.txt").write_text("# labels\n1\n")
     torch.save(payload, run / "checkpoints" / "last.pt")
 
 

@@ -158,12 +158,14 @@ def _read_split(paths: list[Path], layout: CifarLayout) -> InMemoryImages:
         missing = [key for key in ("data", layout.label_key) if key not in content]
         if missing:
             raise ConfigError(f"{path} has no '{missing[0]}' entry: expected keys 'data' and '{layout.label_key}'")
-        data = np.asarray(content["data"])
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != PIXELS_PER_IMAGE:
-            raise ConfigError(
-                f"{path}: 'data' is {data.dtype} of shape {data.shape}, expected uint8 [N, {PIXELS_PER_IMAGE}]"
-            )
-        y = np.asarray(content[layout.label_key], dtype=np.int64)
+        # Both are checked as they were read, before any conversion: a list whose entries all
+        # refer to one row would become an array far larger than the file (the file's size bounds
+        # an array's bytes, not a list's references).
+        data = content["data"]
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != PIXELS_PER_IMAGE:
+            found = f"{data.dtype} of shape {data.shape}" if isinstance(data, np.ndarray) else f"a {type(data).__name__}"
+            raise ConfigError(f"{path}: 'data' is {found}, expected uint8 [N, {PIXELS_PER_IMAGE}]")
+        y = _labels(content[layout.label_key], path, layout.label_key)
         if y.shape != (data.shape[0],):
             raise ConfigError(f"{path}: {data.shape[0]} images but {y.size} labels")
         if y.size and not (0 <= y.min() and y.max() < layout.num_classes):
@@ -171,6 +173,18 @@ def _read_split(paths: list[Path], layout: CifarLayout) -> InMemoryImages:
         images.append(data.reshape(-1, 3, IMAGE_SIDE, IMAGE_SIDE))
         labels.append(y)
     return InMemoryImages(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
+
+
+def _labels(value: object, path: Path, key: str) -> np.ndarray:
+    """A split's labels: a list of integers (the release's form) or a 1-D integer array."""
+    if isinstance(value, np.ndarray) and value.ndim == 1 and np.issubdtype(value.dtype, np.integer):
+        return value.astype(np.int64)
+    if isinstance(value, list) and all(type(v) is int for v in value):
+        try:
+            return np.array(value, dtype=np.int64)
+        except OverflowError:
+            raise ConfigError(f"{path}: '{key}' holds an integer too large to be a class") from None
+    raise ConfigError(f"{path}: '{key}' is not a list of class numbers")
 
 
 def _locate(root: Path, layout: CifarLayout) -> Path:
@@ -203,7 +217,10 @@ def load_cifar(layout: CifarLayout, root: str | None, download: bool) -> ImageDa
         _download(directory, layout)
     folder = _locate(directory, layout)
     meta = _unpickle(folder / layout.meta_file)
-    class_names = [str(_text(name)) for name in meta.get(layout.names_key, [])]
+    names = meta.get(layout.names_key, [])
+    if not (isinstance(names, list) and all(isinstance(n, (str, bytes)) and len(n) <= 1000 for n in names)):
+        raise ConfigError(f"{folder / layout.meta_file}: '{layout.names_key}' is not a list of class names")
+    class_names = [_text(name) for name in names]
     if len(class_names) != layout.num_classes:
         raise ConfigError(
             f"{folder / layout.meta_file}: expected {layout.num_classes} names under '{layout.names_key}', "

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from suncet.errors import ConfigError, shown
+from suncet.errors import ConfigError, shown, what_is_at
 
 if TYPE_CHECKING:
     from suncet.data import ImageDataset
@@ -99,9 +99,14 @@ def select_labeled(labels: Tensor, spec: LabelSpec, num_classes: int, seed: int)
     return torch.from_numpy(np.sort(np.concatenate(chosen))).long()
 
 
+# The first line of every labels.txt suncet writes: one of the marks a run folder is known by
+# (engine/rundir.py, ``is_run_directory``).
+LABELS_HEADER = "# labeled training indices for --labels "
+
+
 def labels_text(indices: Tensor, spec_text: str) -> str:
     """A labels.txt: the labeled training indices, one a line, under a comment naming the spec."""
-    lines = [f"# labeled training indices for --labels {spec_text}", *map(str, indices.tolist())]
+    lines = [f"{LABELS_HEADER}{spec_text}", *map(str, indices.tolist())]
     return "\n".join(lines) + "\n"
 
 
@@ -139,7 +144,7 @@ def read_index_file(path: Path, train_size: int) -> Tensor:
     """Training indices, one per line ('#' comments allowed); an unknown index is an error."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"label file {path} does not exist")
+        raise ConfigError(f"label file {path} {what_is_at(path)}; name a text file of training indices")
     return _indices(path, _entries(path), train_size)
 
 
@@ -153,7 +158,7 @@ def read_subset_file(path: Path, dataset: ImageDataset) -> Tensor:
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"label subset file {path} does not exist")
+        raise ConfigError(f"label subset file {path} {what_is_at(path)}; name a text file of training indices or image names")
     entries = _entries(path)
     if not entries:
         raise ConfigError(f"label subset file {path} lists no images")

@@ -15,6 +15,7 @@ generator state to checkpoint.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -135,6 +136,14 @@ class _StepViews(Dataset):
         return out
 
 
+def leave_stop_requests_to_the_trainer(worker_id: int) -> None:
+    """A scheduler signals the whole process group (SLURM's SIGTERM on preemption, a terminal's
+    Ctrl-C): a worker ignores the signal and goes on serving steps, so the training process
+    reaches its step boundary, writes its checkpoint, and then shuts the workers down."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class _PlannedSteps(Sampler):
     """Hands the loader the items of the epoch being run (set before each pass)."""
 
@@ -199,6 +208,7 @@ class WorkerPipeline:
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
             # The loader draws its workers' base seed from here rather than from the global RNG.
             generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=leave_stop_requests_to_the_trainer,
         )
 
     def batches(self, plans: list[StepPlan], epoch: int, first_step: int) -> Iterator[TrainBatch]:

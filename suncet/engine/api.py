@@ -23,6 +23,7 @@ from suncet.engine.rundir import Start, last_metrics, start_or_resume
 from suncet.engine.stopping import stop_at_once
 from suncet.errors import SuncetError, TrainingStopped
 from suncet.presets import build_config, given_keys
+from suncet.terminal import Terminal, plain
 
 
 @dataclass
@@ -99,5 +100,6 @@ def train(
         resolved, given = build_config(overrides=overrides, given_by="argument"), given_keys(overrides=overrides)
     else:
         resolved = None if resume not in (None, "auto") else build_config()
-    start = start_or_resume(resolved, out, resume, overwrite, report=(console or Console()).print)
+    printer = console or Terminal()
+    start = start_or_resume(resolved, out, resume, overwrite, report=lambda line: printer.print(plain(line)))
     return run_start(start, console, given)

@@ -100,14 +100,17 @@ def choose_labeled(config: TrainConfig, dataset: ImageDataset) -> Tensor:
     return labeled
 
 
-def check_data(config: TrainConfig, world_size: int, given: frozenset[str] = frozenset()) -> None:
+def check_data(
+    config: TrainConfig, world_size: int, given: frozenset[str] = frozenset(), dataset: ImageDataset | None = None
+) -> tuple[TrainConfig, list[str]]:
     """What can only be checked with the data, for a launcher before its workers start: the
     dataset loads, the labeled subset is drawn, and the settings fit the data on ``world_size``
-    processes (engine/fit.py; ``given``: the settings the user gave)."""
-    dataset = load_dataset(config)
+    processes (engine/fit.py; ``given``: the settings the user gave). Returns the settings as the
+    run will use them, and the changes."""
+    dataset = dataset or load_dataset(config)
     labeled = choose_labeled(config, dataset)
     unlabeled = len(dataset.train) + (len(dataset.extra_unlabeled) if dataset.extra_unlabeled is not None else 0)
-    fit_to_data(config, dataset, labeled, unlabeled, world_size, given)
+    return fit_to_data(config, dataset, labeled, unlabeled, world_size, given)
 
 
 def backbone_args_of(config: TrainConfig, dataset: ImageDataset) -> dict:

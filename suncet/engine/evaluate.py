@@ -60,10 +60,18 @@ def evaluate_run(
             scores = snn_classify(train_features, train_labels, test_features, dataset.test.labels, dataset.num_classes)
         else:
             scores = linear_probe(train_features, train_labels, test_features, dataset.test.labels, dataset.num_classes)
-    result = {"protocol": protocol, "labeled_images": len(bank), **scores.as_dict()}
+    covered = int(torch.unique(dataset.train.labels[bank]).numel())
+    result = {"protocol": protocol, "labeled_images": len(bank), "labeled_classes": covered,
+              **_covered(scores.as_dict(), covered)}
     if baseline and isinstance(dataset.train, InMemoryImages) and dataset.image_size <= 32:
-        result["raw_pixels"] = raw_pixel_baseline(dataset, bank, device).as_dict()
+        result["raw_pixels"] = _covered(raw_pixel_baseline(dataset, bank, device).as_dict(), covered)
     return result
+
+
+def _covered(scores: dict, classes: int) -> dict:
+    """Top-5 means something only when the labels cover more than 5 classes: else the classes
+    never labeled tie at a zero score, and which of them fill the five is arbitrary."""
+    return scores if classes > 5 else {k: v for k, v in scores.items() if k != "top5"}
 
 
 def _with_device(config: TrainConfig, device: str | None) -> TrainConfig:

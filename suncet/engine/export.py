@@ -26,7 +26,7 @@ from suncet.engine.assemble import backbone_args_of, load_dataset
 from suncet.engine.evaluate import check_finite
 from suncet.engine.files import write_atomic
 from suncet.engine.state import check_state_matches, load_checkpoint
-from suncet.errors import ConfigError, SuncetError, shown
+from suncet.errors import ConfigError, SuncetError, shown, what_is_at
 
 FORMATS = ("safetensors", "torchvision", "timm")
 METADATA_KEY = "suncet.backbone"
@@ -162,7 +162,8 @@ def load_backbone(source: Path | str, device: str | torch.device = "cpu") -> nn.
     elif source.is_file():
         backbone = _from_safetensors(source)
     else:
-        raise ConfigError(f"{source}: no such run directory or exported backbone file")
+        raise ConfigError(f"{source}: no such run directory or exported backbone file" if not source.exists()
+                          else f"{source} {what_is_at(source)}, not a run directory or an exported backbone file")
     return backbone.to(device).eval()
 
 
@@ -182,7 +183,7 @@ def export_backbone(
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got '{format}'")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ConfigError(f"{run_dir}: no such run directory")
+        raise ConfigError(f"{run_dir}: no such run directory" if not run_dir.exists() else f"{run_dir} {what_is_at(run_dir)}, not a run directory")
     default = run_dir / ("backbone.safetensors" if format == "safetensors" else f"backbone-{format}.pt")
     out = rundir.check_output_file(default if out is None else out, overwrite, "--out", own_run=run_dir)
     backbone, info = _from_run(run_dir)

@@ -6,6 +6,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Callable
@@ -14,6 +15,12 @@ from suncet.errors import SuncetError
 
 
 class DiskFullError(SuncetError):
+    exit_code = 2
+
+
+class WriteError(SuncetError):
+    """A file suncet was asked to write that the system refuses (a read-only folder, ...)."""
+
     exit_code = 2
 
 
@@ -28,6 +35,8 @@ def fsync_directory(directory: Path) -> None:
 def _disk_full(exc: BaseException, directory: Path) -> bool:
     if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc):
         return True
+    if getattr(exc, "errno", None) is not None:  # the system said why, and it was not a full disk
+        return False
     try:  # torch.save reports a full disk as a failed stream write, without the errno
         return shutil.disk_usage(directory).free < 1 << 20
     except OSError:
@@ -41,10 +50,12 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     neither followed nor removed); the rename replaces ``path`` itself, never what a link
     there points to. A full disk raises DiskFullError naming ``path``."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}{TEMPORARY_MARK}", dir=path.parent)
-    tmp = Path(name)
+    tmp = None
     try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}{TEMPORARY_MARK}", dir=path.parent)
+        tmp = Path(name)
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), _mode_for(path))
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -52,10 +63,38 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     except (OSError, RuntimeError) as exc:
         if _disk_full(exc, path.parent):
             raise DiskFullError(f"no space left on device while writing {path}") from None
+        if isinstance(exc, OSError) and exc.strerror:  # named by the file the user knows, not the temporary one
+            raise WriteError(f"cannot write {path}: {exc.strerror}") from None
         raise
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     fsync_directory(path.parent)
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions a replaced file had, else those the user's umask gives a new file (what
+    their other tools would create), never the temporary file's private 0600."""
+    try:
+        existing = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return 0o666 & ~current_umask()
+    return existing.st_mode & 0o7777 if stat.S_ISREG(existing.st_mode) else 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (another thread may be
+    creating files meanwhile)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 # The temporary names this module and checkpoint rotation give the files they write: nothing

@@ -39,6 +39,7 @@ from suncet.errors import NonFiniteError, TrainingStopped
 from suncet.loggers import Loggers
 from suncet.optim import warmup_cosine
 from suncet.registry import METHODS, OPTIMIZERS, PluginInfo, plugin_code
+from suncet.terminal import Terminal, plain, styled
 
 
 @dataclass
@@ -231,8 +232,8 @@ def skip_step(loop: Loop, terms: dict[str, Tensor]) -> None:
     if loop.progress.skipped_steps >= loop.run.config.skip_nonfinite:
         raise nonfinite_error(loop, where)
     loop.progress.skipped_steps += 1
-    loop.console.print(f"[yellow]skipped[/yellow] a non-finite step at epoch {loop.progress.epoch + 1}, {where} "
-                       f"({loop.progress.skipped_steps}/{loop.run.config.skip_nonfinite})")
+    loop.console.print(styled(("skipped", "yellow"), f" a non-finite step at epoch {loop.progress.epoch + 1}, {where} "
+                              f"({loop.progress.skipped_steps}/{loop.run.config.skip_nonfinite})"))
 
 
 def first_nonfinite(values: dict[str, float]) -> str:
@@ -312,8 +313,8 @@ def finish_epoch(loop: Loop, epoch: int, row: dict, due: bool) -> None:
     if distributed.is_main_process():
         monitor(run, row, epoch)
         loop.loggers.log_epoch(epoch + 1, row)
-    loop.console.print(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(
-        f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step", "train_seconds", "images_seen")))
+    loop.console.print(plain(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(
+        f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step", "train_seconds", "images_seen"))))
     loop.progress.epoch, loop.progress.step_in_epoch = epoch + 1, 0
     loop.meters = Meters()
     stopping = loop.agreed(torch.tensor([loop.stop.requested]))[0]
@@ -328,23 +329,23 @@ def train(run: Run, state: dict | None = None, console: Console | None = None) -
     directory; returns the last metrics row. Under torchrun every rank runs this; rank 0 alone
     prints and writes files."""
     cfg, main_process = run.config, distributed.is_main_process()
-    console = (console or Console()) if main_process else Console(quiet=True)
+    console = (console or Terminal()) if main_process else Terminal(quiet=True)
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
-    console.print(
-        f"[bold]{cfg.method}[/bold] on {cfg.dataset}" + (f" (preset {cfg.preset})" if cfg.preset else "")
+    console.print(styled(
+        (cfg.method, "bold"), f" on {cfg.dataset}" + (f" (preset {cfg.preset})" if cfg.preset else "")
         + f": {len(run.unlabeled)} unlabeled, {len(run.labeled)} labeled "
         f"({cfg.labels}), {cfg.backbone}, {cfg.epochs} epochs x {run.unlabeled_sampler.steps_per_epoch} steps, "
         f"{distributed.world_size()} x {run.device}, lr {cfg.lr:.4g}"
         + (f" (for a global batch of {cfg.lr_batch})" if cfg.lr_batch else "")
         + f", backend {cfg.backend}, compile {cfg.compile} -> {run.run_dir}"
-    )
+    ))
     for note in run.adapted:
-        console.print(f"[yellow]fitted to the data:[/yellow] {note}")
+        console.print(styled(("fitted to the data:", "yellow"), f" {note}"))
     pipeline = make_pipeline(run)
     if main_process:
         aside = rundir.write_run_files(run.run_dir, cfg, run.labeled, fresh=state is None)
         if aside is not None:
-            console.print(f"moved what {run.run_dir} held to {aside} (nothing deleted)")
+            console.print(plain(f"moved what {run.run_dir} held to {aside} (nothing deleted)"))
         rundir.write_status(run.run_dir, "running")
     # Wrapped before the checkpoint's state is restored: DDP copies rank 0's buffers to every rank.
     model = wrap_model(run)
@@ -352,13 +353,13 @@ def train(run: Run, state: dict | None = None, console: Console | None = None) -
     if state is not None:
         saved_progress, saved_meters = restore(run, state, pipeline)
         progress, meters = Progress(**saved_progress), Meters(saved_meters)
-        console.print(f"resuming {run.run_dir} at epoch {progress.epoch}, step {progress.step_in_epoch}")
+        console.print(plain(f"resuming {run.run_dir} at epoch {progress.epoch}, step {progress.step_in_epoch}"))
     loggers = Loggers(cfg, run.run_dir, progress.epoch, progress.global_step, build=main_process)
     if len(run.labeled) == 0 and (cfg.monitor_every or cfg.probe_every or cfg.final_eval != "none"):
-        console.print("no labeled images (--labels 0%): the kNN and linear monitors and the final evaluation are off")
+        console.print(plain("no labeled images (--labels 0%): the kNN and linear monitors and the final evaluation are off"))
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
     row: dict = {}
-    with StopRequests(announce=console.print) as stop, ProgressBar(*columns, console=console, transient=True) as bar, \
+    with StopRequests(announce=lambda line: console.print(plain(line))) as stop, ProgressBar(*columns, console=console, transient=True) as bar, \
             contextlib.closing(pipeline), contextlib.closing(loggers):
         loop = Loop(run, model, pipeline, console, stop, CheckpointPolicy(cfg.checkpoint_every), progress, meters,
                     bar, loggers, METHODS.get(cfg.method), OPTIMIZERS.get(cfg.optimizer))

@@ -29,10 +29,11 @@ from typing import Any, Callable
 from torch import Tensor
 
 from suncet.config import TrainConfig, config_from_saved, load_yaml, to_yaml
-from suncet.data.labels import labels_text
-from suncet.engine.files import remove_partial_writes, write_atomic
+from suncet.data.labels import LABELS_HEADER, labels_text
+from suncet.engine.files import fsync_directory, remove_partial_writes, write_atomic
 from suncet.engine.state import find_checkpoint
-from suncet.errors import ConfigError, shown
+from suncet import terminal
+from suncet.errors import ConfigError, shown, what_is_at
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
@@ -120,27 +121,86 @@ def write_run_files(run_dir: Path, config: TrainConfig, labeled: Tensor, fresh: 
 
 def move_aside(run_dir: Path) -> Path | None:
     """Every entry of ``run_dir`` (but its lock and earlier set-aside folders) moved into a new
-    ``RUN/replaced-<time>/``: a fresh start never deletes what was there. None when it was empty."""
-    entries = [p for p in Path(run_dir).iterdir() if p.name != LOCK_FILE and not p.name.startswith(REPLACED_PREFIX)] \
-        if Path(run_dir).is_dir() else []
+    ``RUN/replaced-<time>/``: a fresh start never deletes what was there. None when it was empty.
+    All or nothing: an entry that cannot be moved (read-only, a mount point, a stop request
+    half-way) moves the others back, and the message says where everything is."""
+    run_dir = Path(run_dir)
+    entries = sorted(p for p in run_dir.iterdir() if p.name != LOCK_FILE and not _is_set_aside_folder(p)) \
+        if run_dir.is_dir() else []
     if not entries:
         return None
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     for attempt in itertools.count():
-        aside = Path(run_dir) / f"{REPLACED_PREFIX}{stamp}{f'-{attempt}' if attempt else ''}"
+        aside = run_dir / f"{REPLACED_PREFIX}{stamp}{f'-{attempt}' if attempt else ''}"
         try:
             aside.mkdir()
             break
         except FileExistsError:
             continue
-    for entry in entries:
-        entry.rename(aside / entry.name)
+    moved: list[Path] = []
+    try:
+        for entry in entries:
+            entry.rename(aside / entry.name)
+            moved.append(entry)
+    except BaseException as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        stuck = _move_back(moved, aside)
+        if not stuck and not isinstance(exc, OSError):
+            raise  # a stop request: answered as such, with every file back where it was
+        if stuck:
+            raise ConfigError(
+                f"could not move {entries[len(moved)].name} of {run_dir} aside ({reason}), nor move back "
+                f"{', '.join(p.name for p in stuck[:3])}{' ...' if len(stuck) > 3 else ''}: they are in {aside}, "
+                f"the rest is still in {run_dir}; nothing was deleted"
+            ) from None
+        raise ConfigError(
+            f"could not move {entries[len(moved)].name} of {run_dir} aside ({reason}); nothing was moved, "
+            f"{run_dir} holds its files as before"
+        ) from None
+    fsync_directory(aside)
+    fsync_directory(run_dir)
     return aside
 
 
+def _move_back(moved: list[Path], aside: Path) -> list[Path]:
+    """Undo a partial ``move_aside``: the entries that could not be moved back (none, normally)."""
+    stuck = []
+    for entry in reversed(moved):
+        try:
+            (aside / entry.name).rename(entry)
+        except OSError:
+            stuck.append(entry)
+    if not stuck:
+        try:
+            aside.rmdir()
+        except OSError:
+            pass
+    return stuck
+
+
+_SET_ASIDE = re.compile(rf"^{REPLACED_PREFIX}\d{{8}}-\d{{6}}(-\d+)?$")
+
+
+def _is_set_aside_folder(path: Path) -> bool:
+    """A ``replaced-<time>`` folder that ``move_aside`` made."""
+    return bool(_SET_ASIDE.match(path.name)) and path.is_dir() and not path.is_symlink()
+
+
 def is_run_directory(folder: Path) -> bool:
-    """Whether ``folder`` holds a suncet run (its settings and labels, written together at start)."""
-    return (Path(folder) / CONFIG_FILE).is_file() and (Path(folder) / LABELS_FILE).is_file()
+    """Whether ``folder`` holds a suncet run, by suncet's own marks: its settings and the labels
+    file suncet writes with them at the start, under the header only suncet writes. A folder of
+    someone else's files that happens to hold a ``config.yaml`` is not a run. The one test of a
+    run folder: starting, resuming, replacing, listing, comparing, exporting beside one."""
+    folder = Path(folder)
+    config, labels = folder / CONFIG_FILE, folder / LABELS_FILE
+    if config.is_symlink() or labels.is_symlink() or not (config.is_file() and labels.is_file()):
+        return False
+    try:
+        mark = LABELS_HEADER.encode()
+        with open(labels, "rb") as handle:
+            return handle.read(len(mark)) == mark
+    except OSError:
+        return False
 
 
 def check_output_file(out: Path | str, overwrite: bool, flag: str, own_run: Path | None = None) -> Path:
@@ -157,6 +217,9 @@ def check_output_file(out: Path | str, overwrite: bool, flag: str, own_run: Path
     if out.exists() and not overwrite:
         raise ConfigError(f"{flag} {out} exists; choose another file or add --overwrite to replace it")
     folder = out.absolute().parent
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"{flag} {out} cannot be written: {blocking} {what_is_at(blocking)}, not a folder")
     own = Path(own_run).absolute() if own_run is not None else None
     for ancestor in (folder, *folder.parents):
         if not is_run_directory(ancestor):
@@ -181,6 +244,7 @@ def read_labels(run_dir: Path) -> list[int]:
     return [int(line) for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
+MAX_PID = 1 << 22  # Linux's largest process id (PID_MAX_LIMIT)
 _STATUS_FIELDS = {"state": str, "reason": (str, type(None)), "pid": int, "host": str, "time": str}
 
 
@@ -190,6 +254,8 @@ def read_status(run_dir: Path) -> dict | None:
     path = Path(run_dir) / STATUS_FILE
     if not path.exists():
         return None
+    if not path.is_file():  # a pipe there would block the reader forever
+        raise ConfigError(f"{STATUS_FILE} {what_is_at(path)}, not suncet's status file")
     try:
         status = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -199,6 +265,8 @@ def read_status(run_dir: Path) -> dict | None:
     for name, kind in _STATUS_FIELDS.items():
         if not isinstance(status.get(name), kind) or isinstance(status.get(name), bool):
             raise ConfigError(f"{STATUS_FILE} lacks a valid '{name}'")
+    if not 0 < status["pid"] <= MAX_PID:
+        raise ConfigError(f"{STATUS_FILE} names process {shown(status['pid'])}, which no process can be")
     if status["state"] not in STATES:
         raise ConfigError(f"{STATUS_FILE} names state {shown(status['state'])}, not one of {', '.join(STATES)}")
     return status
@@ -233,8 +301,8 @@ def default_run_dir(config: TrainConfig) -> Path:
 def load_run_config(run_dir: Path) -> TrainConfig:
     """The configuration a run was started with, exactly as saved (no preset applied again)."""
     path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
+    if not is_run_directory(run_dir):
+        raise ConfigError(f"{run_dir} is not a run directory (no {CONFIG_FILE} and {LABELS_FILE} written by suncet)")
     return config_from_saved(load_yaml(path), path)
 
 
@@ -306,14 +374,24 @@ def _check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
     if str(run_dir) in ("", "."):
         raise ConfigError("--out must name a directory for the run (a new or empty one)")
     if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir} is a file; choose a new or empty directory")
-    if (run_dir / CONFIG_FILE).exists():
+        raise ConfigError(f"--out {run_dir} {what_is_at(run_dir)}; choose a new or empty directory")
+    if run_dir.is_dir():
+        check_own_files(run_dir)
+    absolute = run_dir.absolute()
+    blocking = next((p for p in absolute.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"--out {run_dir} cannot be made: {blocking} {what_is_at(blocking)}, not a folder")
+    host = next((p for p in absolute.parents if is_run_directory(p)), None)
+    if host is not None:
+        raise ConfigError(f"--out {run_dir} is inside another run directory, {host}; choose a folder outside it "
+                          "(a run moved aside or rotated there would take this one with it)")
+    if is_run_directory(run_dir):
         if not overwrite:
             raise ConfigError(
                 f"run directory {run_dir} already holds a run; continue it with --resume {run_dir} "
                 "(or --resume auto) or replace it with --overwrite"
             )
-    elif run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+    elif run_dir.is_dir() and any(p.name != LOCK_FILE and not _is_set_aside_folder(p) for p in run_dir.iterdir()):
         raise ConfigError(f"--out {run_dir} is not empty and holds no suncet run; choose a new or empty directory")
 
 
@@ -333,7 +411,7 @@ def start_or_resume(
     out: Path | str | None = None,
     resume: Path | str | None = None,
     overwrite: bool = False,
-    report: Callable[[str], None] = print,
+    report: Callable[[str], None] = terminal.report,
     lock: bool = True,
 ) -> Start:
     """Decide how a run begins; nothing of an existing run is changed here.
@@ -356,7 +434,7 @@ def start_or_resume(
         if out is None or config is None:
             raise ConfigError("--resume auto needs --out RUN_DIR: the run directory to continue or start")
         run_dir = Path(out)
-        if not (run_dir / CONFIG_FILE).exists():  # not a run: refused or started exactly as a new --out
+        if not is_run_directory(run_dir):  # not a run: refused or started exactly as a new --out
             _check_new_run_dir(run_dir, overwrite)
         taken = _take(run_dir, lock, report)
         checkpoint = None if overwrite else find_checkpoint(run_dir / CHECKPOINTS, fallback=True, report=report)
@@ -365,7 +443,7 @@ def start_or_resume(
         raise ConfigError("--resume RUN_DIR continues a run with its saved config; give no other settings with it")
     run_dir = Path(resume)
     if not run_dir.is_dir():
-        raise ConfigError(f"--resume {resume}: no such run directory")
+        raise ConfigError(f"--resume {resume}: no such run directory" if not run_dir.exists() else f"--resume {resume} {what_is_at(run_dir)}, not a run directory")
     check_own_files(run_dir)
     config = load_run_config(run_dir)
     taken = _take(run_dir, lock, report)

@@ -4,6 +4,7 @@ atomically, kept in rotation, loaded with clear errors, found again after a cras
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import pickle
 import re
@@ -17,7 +18,7 @@ import torch
 from suncet import distributed
 from suncet.config import TrainConfig, renamed_keys
 from suncet.engine.files import fsync_directory, write_atomic
-from suncet.errors import CheckpointError, ConfigError, shown
+from suncet.errors import CheckpointError, ConfigError, shown, what_is_at
 from suncet.registry import METHODS, plugin_code
 
 if TYPE_CHECKING:
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from suncet.engine.run import Run
 
 LAST = "last.pt"
+# How torch's weights-only unpickler reports a global or a call it refuses (as opposed to bytes
+# that are no pickle at all: "invalid load key").
+_ASKS_FOR_CODE = re.compile(r"Unsupported global|whose module \S+ is blocked|call reduce for unrecognized|Can only create new object")
 _NUMBERED = re.compile(r"^step-(\d+)\.pt$")
 
 
@@ -72,12 +76,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint holding only tensors and plain data (no pickled code is executed)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} {what_is_at(path)}" + (", not a checkpoint file" if path.exists() else ""))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
+        if isinstance(exc, pickle.UnpicklingError) and _ASKS_FOR_CODE.search(str(exc)):
             reason = "it asks to run code, which a checkpoint never does (refused, nothing was run)"
+        elif not _looks_saved_by_torch(path):
+            reason = "it is not a file torch.save writes"
         else:
             reason = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a checkpoint: {reason})") from None
@@ -98,6 +104,13 @@ def _current_name(key: object) -> object:
         if isinstance(key, str) and key.startswith(old):
             return new + key[len(old):]
     return key
+
+
+def _looks_saved_by_torch(path: Path) -> bool:
+    """Whether the file starts as torch.save's zip archive or a legacy pickle does."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def numbered_checkpoints(directory: Path) -> list[Path]:
@@ -134,11 +147,24 @@ def newest_loadable(directory: Path, report=None, set_aside: bool = False) -> tu
         try:
             return path, load_checkpoint(path)
         except CheckpointError as exc:
-            if set_aside:
-                path.rename(path.with_name(path.name + ".unreadable"))
+            kept = _keep_aside(path) if set_aside else None
             if report is not None:
-                report(f"skipping {exc}" + (f"; kept as {path.name}.unreadable" if set_aside else ""))
+                report(f"skipping {exc}" + (f"; kept as {kept.name}" if kept else ""))
     return None
+
+
+def _keep_aside(path: Path) -> Path:
+    """Rename a broken checkpoint out of the rotation to ``<name>.unreadable`` (``.unreadable-2``,
+    ... when that is taken): a file reported as kept is never replaced by a later one."""
+    for attempt in itertools.count(1):
+        kept = path.with_name(path.name + ".unreadable" + (f"-{attempt}" if attempt > 1 else ""))
+        try:
+            os.link(path, kept)  # never replaces an existing file, unlike a rename
+        except FileExistsError:
+            continue
+        path.unlink()
+        fsync_directory(path.parent)
+        return kept
 
 
 def checkpoint_state(run: Run, pipeline: Pipeline, progress: dict, meters: dict, sampler_state: dict | None) -> dict:

@@ -54,17 +54,29 @@ class StopRequests:
         return self.reason is not None
 
 
+def _stop_at_once(what: str):
+    def handle(signum: int, frame: FrameType | None) -> None:
+        raise TrainingStopped(f"{signal.Signals(signum).name}: {what} interrupted", EXIT_PREEMPTED)
+
+    return handle
+
+
+def answer_stops_at_once(what: str) -> None:
+    """From now on SIGTERM and SIGUSR1 end the process's work at once with ``EXIT_PREEMPTED``
+    and a line naming ``what`` (the command's entry point calls this before importing anything
+    heavy; the training loop and ``stop_at_once`` narrow it while they run)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, _stop_at_once(what))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @contextlib.contextmanager
 def stop_at_once(what: str) -> Iterator[None]:
     """SIGTERM or SIGUSR1 during ``what`` (an evaluation, an export: no step boundary to wait
     for) ends it at once with ``EXIT_PREEMPTED`` and a line saying what was interrupted."""
-
-    def handle(signum: int, frame: FrameType | None) -> None:
-        raise TrainingStopped(f"{signal.Signals(signum).name}: {what} interrupted", EXIT_PREEMPTED)
-
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        previous = {sig: signal.signal(sig, _stop_at_once(what)) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         yield
     finally:
