@@ -8,14 +8,14 @@ import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from suncet.engine.rundir import write_json
 from suncet.errors import ConfigError
+from suncet.terminal import Terminal, styled
 
 # Wide when written to a log or pipe, so that the figures table is not folded into slivers.
-console = Console() if sys.stdout.isatty() else Console(width=220)
+console = Terminal() if sys.stdout.isatty() else Terminal(width=220)
 
 
 @click.group()
@@ -56,9 +56,12 @@ def _fmt(value, digits: int = 3) -> str:
 @click.option("--warmup", default=2, show_default=True, help="Untimed runs before timing.")
 @click.option("--cuda-graph", is_flag=True, help="Also time the step as a replayed CUDA graph (GPU only).")
 @click.option("--fp32-precision", type=click.Choice(["tf32", "ieee"]), help="How the triton backend runs fp32 dots.")
+@click.option("--cpu-variant", "cpu_variants", help="Time the cpu backend once per instruction-set variant among "
+              "avx512, avx2, generic (comma-separated, or 'all': every one this processor runs) "
+              "[default: the one that runs].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write all figures and the machine here.")
 def kernels_command(
-    sizes, dims, dtypes, backends, losses, device, repeats, warmup, cuda_graph, fp32_precision, json_path
+    sizes, dims, dtypes, backends, losses, device, repeats, warmup, cuda_graph, fp32_precision, cpu_variants, json_path
 ):
     """Time the fused contrastive losses against eager/compiled PyTorch and the GEMM floor."""
     import torch
@@ -74,10 +77,11 @@ def kernels_command(
     if fp32_precision:
         kernels.set_fp32_precision(fp32_precision)
     chosen = _grid(dev, sizes, dims, dtypes, backends, losses)
+    variants = _cpu_variants(cpu_variants, "cpu" in chosen["backend"])
     info = kb.machine_info(dev)
-    console.print(
-        f"[bold]suncet bench kernels[/bold] on {info['device']} (torch {info['torch']}, triton {info['triton']})"
-    )
+    console.print(styled(
+        ("suncet bench kernels", "bold"), f" on {info['device']} (torch {info['torch']}, triton {info['triton']})"
+    ))
 
     command = shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
     done = []
@@ -90,12 +94,13 @@ def kernels_command(
         """Print each row as it lands and rewrite the JSON, so a run cut short keeps what it measured."""
         status = r.error or f"step {_fmt(r.step_ms)} ms"
         notes = f" ({'; '.join(r.notes)})" if r.notes else ""
-        console.print(f"  N={r.n} D={r.d} {r.dtype} {r.loss} {r.backend}: {status}{notes}", highlight=False)
+        console.print(f"  N={r.n} D={r.d} {r.dtype} {r.loss} {_backend_name(r)}: {status}{notes}", highlight=False)
         done.append(r)
         save(done)
 
     results = kb.run_grid(
-        **chosen, device=dev, repeats=repeats, warmup=warmup, cuda_graph=cuda_graph, progress=progress
+        **chosen, device=dev, repeats=repeats, warmup=warmup, cuda_graph=cuda_graph, progress=progress,
+        cpu_variants=variants,
     )
     _print_results(results, cuda_graph, repeats)
     if json_path:
@@ -129,7 +134,7 @@ def snn_command(shapes, dtypes, device, repeats, warmup, json_path):
     kinds = _csv(str, dtypes)
     if not kinds or any(kind not in kb.DTYPES for kind in kinds):
         raise ConfigError(f"--dtype must list some of {', '.join(kb.DTYPES)}, got '{dtypes}'")
-    console.print(f"[bold]suncet bench snn[/bold] on {kb.machine_info(dev)['device']}")
+    console.print(styled(("suncet bench snn", "bold"), f" on {kb.machine_info(dev)['device']}"))
     command = shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
     done = []
 
@@ -178,6 +183,29 @@ def _grid(dev, sizes, dims, dtypes, backends, losses) -> dict[str, list]:
     return chosen
 
 
+def _cpu_variants(text: str | None, timing_cpu: bool) -> list[str] | None:
+    """The checked --cpu-variant list (None: the variant that runs)."""
+    if text is None:
+        return None
+    from suncet.kernels import cpu
+
+    if not timing_cpu:
+        raise ConfigError("--cpu-variant times the cpu backend, which --backend leaves out")
+    supported = cpu.variants()
+    names = supported if text.strip() == "all" else _csv(str, text)
+    unknown = [name for name in names if name not in cpu.variants(False)]
+    if not names or unknown:
+        raise ConfigError(f"unknown --cpu-variant {text!r}; choose from {', '.join(cpu.variants(False))} or all")
+    missing = [name for name in names if name not in supported]
+    if missing:
+        raise ConfigError(f"--cpu-variant {', '.join(missing)}: this processor runs only {', '.join(supported)}")
+    return names
+
+
+def _backend_name(r) -> str:
+    return f"{r.backend} ({r.cpu_variant})" if r.cpu_variant else r.backend
+
+
 def _print_results(results, cuda_graph: bool, repeats: int) -> None:
     from suncet.bench import kernels as kb
 
@@ -185,24 +213,24 @@ def _print_results(results, cuda_graph: bool, repeats: int) -> None:
     columns = ["N", "D", "dtype", "loss", "backend", "fwd ms", "bwd ms", "step ms"]
     if cuda_graph:
         columns.append("graph ms")
-    columns += ["peak extra MiB", "q k^T ms", "step / q k^T", "vs eager"]
+    columns += ["peak extra MiB", "3 GEMMs ms", "step / 3 GEMMs", "vs eager"]
     for column in columns:
         table.add_column(column, justify="right" if column not in ("dtype", "loss", "backend") else "left")
     for r in results:
-        row = [str(r.n), str(r.d), r.dtype, r.loss, r.backend]
+        row = [str(r.n), str(r.d), r.dtype, r.loss, _backend_name(r)]
         if r.error:
             row += ["error (below)"] + ["-"] * (len(columns) - len(row) - 1)
         else:
             row += [_fmt(r.fwd_ms), _fmt(r.bwd_ms), _fmt(r.step_ms)]
             if cuda_graph:
                 row.append(_fmt(r.step_graph_ms))
-            row += [_fmt(r.peak_extra_mib, 1), _fmt(r.gemm_ms), _fmt(r.step_over_gemm, 1)]
+            row += [_fmt(r.peak_extra_mib, 1), _fmt(r.floor_ms), _fmt(r.step_over_floor, 1)]
             row.append("-" if r.speedup_vs_eager is None else f"{r.speedup_vs_eager:.1f}x")
         table.add_row(*row)
     console.print(table)
     for r in results:
         if r.error:
-            console.print(f"N={r.n} D={r.d} {r.dtype} {r.loss} {r.backend}: {r.error}", highlight=False, soft_wrap=True)
+            console.print(f"N={r.n} D={r.d} {r.dtype} {r.loss} {_backend_name(r)}: {r.error}", highlight=False, soft_wrap=True)
 
 
 def _register_data_command() -> None:

@@ -6,7 +6,8 @@ graph capture (no plan shared, no autotuning), autotuning keyed by row buckets, 
 The interpreter runs where no GPU is (TRITON_INTERPRET=1, fp32 accumulation; the conftest shim
 widens half-precision dot operands as a tensor core does); the test at the end reruns this file's
 interpreter tests in a subprocess. On a card, benchmarks/gpu_check.sh runs the gpu-marked
-counterparts in tests/test_kernels.py.
+tests before it: the same defects compiled (in place, fp16 at 8192 rows, two CUDA graph
+captures, a second device).
 """
 
 from __future__ import annotations
@@ -56,10 +57,11 @@ def _leaves(inputs):
     return [x.detach().clone().requires_grad_(True) if x.is_floating_point() else x for x in inputs]
 
 
-def test_interpreted_losses_may_be_modified_in_place(launch):
+def _check_in_place(device: str) -> None:
     # loss += other, loss /= steps, loss.mul_(w): each returned loss is a tensor of its own, and
     # the gradient equals the out-of-place form's.
     for name, (module, inputs) in _calls("triton").items():
+        inputs = [x.to(device) for x in inputs]
         leaves = _leaves(inputs)
         values = module(*leaves)
         values = values if isinstance(values, tuple) else (values,)
@@ -78,6 +80,10 @@ def test_interpreted_losses_may_be_modified_in_place(launch):
         torch.testing.assert_close(loss.detach(), want_loss.detach(), msg=name)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, msg=name)
+
+
+def test_interpreted_losses_may_be_modified_in_place(launch):
+    _check_in_place("cpu")
 
 
 def _value_and_grad(module, inputs, dtype, weight=1.0):
@@ -219,6 +225,82 @@ def test_interpreted_plans_are_bounded_by_their_bytes(launch, monkeypatch):
     assert len(launch._PLANS) == 2
     assert sum(kept.nbytes for kept in launch._PLANS.values()) <= launch.MAX_PLAN_BYTES
     assert [key[6] for key in launch._PLANS] == [0.4, 0.5]  # the most recent kept
+
+
+# The same defects compiled, on a card (benchmarks/gpu_check.sh runs the gpu-marked tests).
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+@needs_cuda
+def test_on_a_gpu_losses_may_be_modified_in_place():
+    _check_in_place("cuda")
+
+
+@gpu
+@needs_cuda
+def test_on_a_gpu_fp16_gradients_of_a_mean_over_8192_rows_stay_within_2x_of_the_cpu_backend():
+    # The entries of a mean's gradient tile are about 1/N^2, below fp16's normals at N = 8192
+    # (NT-Xent's rows here): the tile is scaled per row before its cast.
+    x = _rows(12288, 128, 7)
+    labels = torch.randint(0, 100, (4096,), generator=torch.Generator().manual_seed(7))
+    inputs = (x[:4096], x[4096:8192], x[8192:], labels)
+    on_gpu = [t.cuda() for t in inputs]
+    for tau in (0.5, 0.1):
+        want = _value_and_grad(NTXentSuNCEtLoss(tau, backend="reference"), on_gpu, torch.float64)
+        got = _value_and_grad(NTXentSuNCEtLoss(tau, backend="triton"), on_gpu, torch.float16)
+        cpu = _value_and_grad(NTXentSuNCEtLoss(tau, backend="cpu"), inputs, torch.float16)
+        want = (want[0].cpu(), [g.cpu() for g in want[1]])
+        got_errors = _errors((got[0].cpu(), [g.cpu() for g in got[1]]), want)
+        cpu_errors = _errors(cpu, want)
+        assert got_errors[1] <= 2 * cpu_errors[1], (tau, got_errors, cpu_errors)
+
+
+@gpu
+@needs_cuda
+def test_on_a_gpu_steps_captured_in_two_cuda_graphs_replay_the_eager_values():
+    # Two captures of two shapes (each plans afresh, neither autotunes while capturing), each
+    # replayed on new inputs and compared with the same step run eagerly.
+    for rows in (256, 512):
+        module = NTXentLoss(0.2, backend="triton")
+        gen = torch.Generator().manual_seed(rows)
+        a, b = (torch.randn(rows, 64, generator=gen).cuda().requires_grad_(True) for _ in range(2))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                torch.autograd.grad(module(a, b), (a, b))
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = module(a, b)
+            grads = torch.autograd.grad(loss, (a, b))
+        for seed in (1, 2):
+            with torch.no_grad():
+                a.copy_(torch.randn(rows, 64, generator=gen))
+                b.copy_(torch.randn(rows, 64, generator=gen))
+            graph.replay()
+            torch.cuda.synchronize()
+            fresh = [a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)]
+            want_loss = module(*fresh)
+            want = torch.autograd.grad(want_loss, fresh)
+            torch.testing.assert_close(loss, want_loss, msg=f"{rows} rows, replay {seed}")
+            for g, w in zip(grads, want):
+                torch.testing.assert_close(g, w, msg=f"{rows} rows, replay {seed}")
+
+
+@gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_on_a_second_gpu_every_module_computes_there_while_the_first_is_current():
+    with torch.cuda.device(0):
+        for name, (module, inputs) in _calls("triton").items():
+            first = _value_and_grad(module, [x.to("cuda:0") for x in inputs], torch.float32)
+            second = _value_and_grad(module, [x.to("cuda:1") for x in inputs], torch.float32)
+            assert all(g.device == torch.device("cuda:1") for g in second[1]), name
+            torch.testing.assert_close(second[0].cpu(), first[0].cpu(), msg=name)
+            for g, w in zip(second[1], first[1]):
+                torch.testing.assert_close(g.cpu(), w.cpu(), msg=name)
 
 
 def test_launch_tests_rerun_under_the_interpreter():

@@ -1,5 +1,8 @@
 """Micro-benchmarks of the fused contrastive losses: every backend against PyTorch eager and
-torch.compile of the reference, and against the GEMM floor (one q @ k^T of the same shape).
+torch.compile of the reference, and against the GEMM floor: the three products a fused step
+cannot avoid (q k^T forward; G k and G^T q backward, G the N x N gradient of the similarities),
+timed as PyTorch runs them on the same device, dtype and threads. On the CPU the cpu backend
+can be timed once per instruction-set variant (``cpu_variants``).
 
 Loss kinds, on N L2-normalised rows laid out [view1; view2] with 100 classes:
   ntxent   NT-Xent (image ids as keys)
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from suncet import kernels
+from suncet.kernels import cpu as cpu_kernels
 
 LOSS_KINDS = ("ntxent", "suncet", "both", "both2")
 BASELINES = ("reference", "compiled")  # eager and torch.compile of the reference
@@ -51,8 +55,9 @@ class Result:
     step_ms: float | None = None
     step_graph_ms: float | None = None
     peak_extra_mib: float | None = None
-    gemm_ms: float | None = None
-    step_over_gemm: float | None = None
+    cpu_variant: str | None = None
+    floor_ms: float | None = None
+    step_over_floor: float | None = None
     speedup_vs_eager: float | None = None
     error: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -170,8 +175,13 @@ def _loss_fn(
     raise ValueError(f"unknown loss kind {kind!r}; choose from {', '.join(LOSS_KINDS)}")
 
 
-def _gemm_ms(z: torch.Tensor, repeats: int, warmup: int) -> float:
-    return _median_ms(lambda: z @ z.T, repeats, warmup, z.device)
+def _floor_ms(z: torch.Tensor, repeats: int, warmup: int) -> float:
+    grad = torch.randn(z.shape[0], z.shape[0], generator=torch.Generator().manual_seed(1)).to(z)
+
+    def three_products():
+        return z @ z.T, grad @ z, grad.T @ z
+
+    return _median_ms(three_products, repeats, warmup, z.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,8 +211,9 @@ def measure(
     repeats: int,
     warmup: int,
     cuda_graph: bool,
+    cpu_variant: str | None = None,
 ) -> Result:
-    result = Result(n=n, d=d, dtype=dtype, loss=kind, backend=backend)
+    result = Result(n=n, d=d, dtype=dtype, loss=kind, backend=backend, cpu_variant=cpu_variant)
     z0, ids, classes = _problem(n, d, DTYPES[dtype], device)
     if backend == "compiled":
         fn = torch.compile(_loss_fn(kind, "reference", ids, classes), dynamic=False)
@@ -248,7 +259,10 @@ def run_grid(
     warmup: int,
     cuda_graph: bool = False,
     progress: Callable[[Result], None] | None = None,
+    cpu_variants: list[str] | None = None,
 ) -> list[Result]:
+    """Every combination; the cpu backend once per name in ``cpu_variants`` (None: the one that
+    runs), forced with ``cpu.set_variant`` and restored afterwards."""
     if device.type == "cpu":
         _release_large_allocations()
     if device.type == "cuda" and "triton" in backend:
@@ -257,29 +271,41 @@ def run_grid(
         if triton_launch.fp32_precision() == "tf32":
             # The floor of a tf32 kernel is a tf32 product.
             torch.backends.cuda.matmul.allow_tf32 = True
+    entries = [(name, variant) for name in backend for variant in (cpu_variants or [None] if name == "cpu" else [None])]
     results = []
     for nn in n:
         for dd in d:
             for dt in dtype:
                 z, _, _ = _problem(nn, dd, DTYPES[dt], device)
-                gemm = _gemm_ms(z, repeats, warmup)
+                floor = _floor_ms(z, repeats, warmup)
                 del z
                 for kind in loss:
                     eager = None
-                    for name in backend:
-                        r = measure(nn, dd, dt, kind, name, device, repeats, warmup, cuda_graph)
-                        r.gemm_ms = gemm
+                    for name, variant in entries:
+                        r = _measure_variant(nn, dd, dt, kind, name, variant, device, repeats, warmup, cuda_graph)
+                        r.floor_ms = floor
                         if r.step_ms is not None:
-                            r.step_over_gemm = r.step_ms / gemm
+                            r.step_over_floor = r.step_ms / floor
                             if name == "reference":
                                 eager = r.step_ms
                         results.append(r)
                         if progress:
                             progress(r)
-                    for r in results[-len(backend) :]:
+                    for r in results[-len(entries) :]:
                         if eager is not None and r.step_ms is not None:
                             r.speedup_vs_eager = eager / r.step_ms
     return results
+
+
+def _measure_variant(n, d, dtype, kind, backend, variant, device, repeats, warmup, cuda_graph) -> Result:
+    if variant is None:
+        return measure(n, d, dtype, kind, backend, device, repeats, warmup, cuda_graph)
+    running = cpu_kernels.variant()
+    cpu_kernels.set_variant(variant)
+    try:
+        return measure(n, d, dtype, kind, backend, device, repeats, warmup, cuda_graph, cpu_variant=variant)
+    finally:
+        cpu_kernels.set_variant(running)
 
 
 def machine_info(device: torch.device) -> dict:
@@ -288,6 +314,7 @@ def machine_info(device: torch.device) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "cpu_variant": cpu_kernels.variant() if kernels.backend_status()["cpu"][0] else None,
         "tau": TAU,
         "classes": CLASSES,
     }
