@@ -104,7 +104,6 @@ def train(config_file, out_dir, resume, overwrite, nproc_per_node, nnodes, print
     from suncet.engine.api import run_start
     from suncet.engine.assemble import check_data, check_settings
     from suncet.engine.rundir import start_or_resume
-    from suncet.optim import scale_learning_rates
 
     launching = nproc_per_node is not None and not distributed.launched_by_torchrun()
     if nnodes is not None and not print_config:
@@ -145,11 +144,13 @@ def _fitted_yaml(config: TrainConfig, world_size: int, given: frozenset[str]) ->
     that the data cannot serve is refused as the run would refuse it), the changes as comments;
     where the data cannot be read, the settings as given and a comment saying why."""
     from suncet.engine.assemble import check_data, load_dataset
+    from suncet.optim import scale_learning_rates
 
     try:
         dataset = load_dataset(config)
     except ConfigError as exc:
-        return f"# not fitted to the data, which cannot be read here: {' '.join(str(exc).split())}\n" + to_yaml(
+        reason = " ".join(str(exc).split())
+        return f"# not fitted to the data, which cannot be read here: {reason}\n" + to_yaml(
             scale_learning_rates(config, world_size, given)
         )
     fitted, notes = check_data(config, world_size, given, dataset)

@@ -53,9 +53,6 @@ class TrainingStopped(SuncetError):
 def what_is_at(path: object) -> str:
     """What a path the user named turned out to be, for a message that refuses it ("does not
     exist", "is a directory", "is a named pipe", ...): never "does not exist" for what exists."""
-    import os
-    import stat
-
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
