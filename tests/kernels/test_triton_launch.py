@@ -6,7 +6,7 @@ graph capture (no plan shared, no autotuning), autotuning keyed by row buckets, 
 The interpreter runs where no GPU is (TRITON_INTERPRET=1, fp32 accumulation; the conftest shim
 widens half-precision dot operands as a tensor core does); the test at the end reruns this file's
 interpreter tests in a subprocess. On a card, benchmarks/gpu_check.sh runs the gpu-marked
-counterparts in tests/test_kernels.py.
+counterparts in tests/kernels/test_kernels.py.
 """
 
 from __future__ import annotations
