@@ -88,9 +88,9 @@ step "kernel tests (gpu-marked; one configuration per kernel, no autotuning)"
 # pytest's exit code 5 (nothing selected) is not a failure here.
 PYTEST=(bash -c '"$@"; rc=$?; ((rc == 5)) && exit 0; exit $rc' pytest "$PY" -m pytest -m gpu -q -rs)
 run "kernel gpu tests" 100 env SUNCET_TRITON_AUTOTUNE=0 "${PYTEST[@]}" \
-  tests/test_kernels.py tests/test_triton_launch.py
+  tests/kernels/test_kernels.py tests/kernels/test_triton_launch.py
 if ((ALL)); then
-  run "other gpu tests" 120 "${PYTEST[@]}" --ignore=tests/test_kernels.py tests
+  run "other gpu tests" 120 "${PYTEST[@]}" --ignore=tests/kernels/test_kernels.py tests
 fi
 
 step "kernel time of each Triton tile configuration against cuBLAS and flash attention, N = 8192"

@@ -12,7 +12,7 @@ from conftest import REPO
 # Lowest first. A module belongs to the longest prefix that names it; a module imports only
 # from its own layer or those below it.
 LAYERS = [
-    ("foundations", ["suncet", "suncet.errors", "suncet.moved"]),
+    ("foundations", ["suncet", "suncet.errors", "suncet.moved", "suncet.terminal"]),
     ("settings", ["suncet.config"]),
     ("plugin registry, processes", ["suncet.registry", "suncet.distributed"]),
     ("kernels", ["suncet.kernels"]),

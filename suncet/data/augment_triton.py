@@ -15,7 +15,7 @@ transfer, and the steps run as:
   solarizing and normalising.
 
 Four to six kernels per view, no host synchronisation, the same parameters and formulas as the
-PyTorch path (tests/test_augment_triton.py compares both).
+PyTorch path (tests/data/test_augment_triton.py compares both).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import check_losses_keep_non_finite, check_rows_that_see_a_non_finite_row_are_nan
 from suncet.losses import contrastive_loss, nt_xent, nt_xent_and_suncet, suncet_loss
 
 
@@ -145,54 +146,6 @@ def test_non_positive_tau_is_rejected(bad):
 def test_odd_rows_are_rejected_by_nt_xent():
     with pytest.raises(ValueError, match="even"):
         nt_xent(torch.randn(5, 3))
-
-
-def check_losses_keep_non_finite(backend):
-    """A NaN or an inf anywhere in the projections makes every loss that reads the row, and its
-    gradient, non-finite: the masked means must not hide it, even on a row without a positive."""
-    gen = torch.Generator().manual_seed(31)
-    labels = torch.tensor([0, 0, 1, 1, 2, 3])  # rows 4 and 5: singleton classes, no positive
-    for value in (float("nan"), float("inf"), float("-inf")):
-        for row in (1, 5):
-            z_u = torch.randn(8, 6, generator=gen)
-            z_l = torch.randn(6, 6, generator=gen)
-            z_l[row, 2] = value
-            z_l.requires_grad_(True)
-            z_u.requires_grad_(True)
-            suncet = suncet_loss(z_l, labels, backend=backend)
-            assert not torch.isfinite(suncet), (backend, value, row)
-            (grad,) = torch.autograd.grad(suncet, z_l)
-            assert not torch.isfinite(grad).all(), (backend, value, row)
-            _, both = nt_xent_and_suncet(z_u, z_l, labels, backend=backend)
-            assert not torch.isfinite(both), (backend, value, row)
-            z_u2 = z_u.detach().clone()
-            z_u2[3, 0] = value
-            assert not torch.isfinite(nt_xent(z_u2, backend=backend)), (backend, value)
-
-
-def check_rows_that_see_a_non_finite_row_are_nan(backend):
-    """docs/kernels.md, non-finite inputs: through the losses (which normalise first, so an inf
-    becomes NaN), every row that sees a non-finite row, and that row itself, has a NaN loss on
-    every backend; the cpu and cuda backends make every row NaN."""
-    from suncet.kernels.reference import allowed_and_positive
-
-    gen = torch.Generator().manual_seed(5)
-    rows, keys = 40, torch.arange(40) % 5
-    groups = (torch.arange(40) >= 20).long()
-    for value in (float("nan"), float("inf"), float("-inf")):
-        for towers in (1, 2):
-            q, k = torch.randn(rows, 8, generator=gen), torch.randn(rows, 8, generator=gen)
-            (q if towers == 1 else k)[33, 2] = value
-            columns = None if towers == 1 else k
-            loss, _ = contrastive_loss(q, keys, k=columns, col_keys=None if towers == 1 else keys, row_groups=groups,
-                                       col_groups=None if towers == 1 else groups, self_offset=0 if towers == 1 else rows,
-                                       tau=0.1, backend=backend)
-            allowed, _ = allowed_and_positive(keys, keys, groups, groups, 0 if towers == 1 else rows)
-            sees = allowed[:, 33].clone()
-            sees[33] |= towers == 1
-            assert torch.isnan(loss[sees]).all(), (backend, value, towers)
-            if backend in ("cpu", "cuda"):
-                assert torch.isnan(loss).all(), (backend, value, towers)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])

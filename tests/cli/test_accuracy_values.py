@@ -10,9 +10,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import refused
 from suncet.cli.main import main
 from suncet.registry import DATASETS
-from test_hostile_inputs import refused
 
 
 @pytest.mark.parametrize("value", ["1.5", "-0.01", "100"])

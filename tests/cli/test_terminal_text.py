@@ -15,7 +15,7 @@ import yaml
 from click.testing import CliRunner
 from rich.table import Table
 
-from conftest import SUNCET, TINY_RUN
+from conftest import SUNCET, TINY_RUN, install_fake_distribution
 from suncet.cli.main import main
 from suncet.terminal import Terminal, neutralised, styled
 
@@ -115,8 +115,6 @@ def test_an_error_quoting_a_hostile_path_or_value_is_one_line_of_text(tmp_path):
 
 
 def test_plugins_prints_a_third_party_docstring_as_text(tmp_path):
-    from test_registry import install_fake_distribution
-
     install_fake_distribution(tmp_path, "fake-hostile-doc", "suncet.loggers", {"hostile": "fakeplug_hostile:Hostile"}, {
         "fakeplug_hostile": 'class Hostile:\n    """Logs \\x1b]52;c;cm0gLXJm\\x07 to [link=https://evil.example]here[/link] [/b]"""\n'})
     result = subprocess.run([SUNCET, "plugins"], capture_output=True, timeout=300,

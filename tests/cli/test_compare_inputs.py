@@ -7,8 +7,8 @@ from __future__ import annotations
 import yaml
 from click.testing import CliRunner
 
+from conftest import refused
 from suncet.cli.main import main
-from test_hostile_inputs import refused
 
 
 def test_a_non_finite_target_is_refused(tmp_path, finished_run):

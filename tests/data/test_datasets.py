@@ -18,6 +18,7 @@ from torchvision.io import ImageReadMode, decode_image, encode_jpeg, encode_png,
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from conftest import cifar_images, dump, write_cifar10
 from suncet.data.augment import BatchAugment, eval_transform
 from suncet.data.recipe import ViewColumn, override_recipe
 from suncet.data import ImageDataset
@@ -35,31 +36,6 @@ def create(name: str, **kwargs) -> ImageDataset:
 
 # ---------------------------------------------------------------------------------------------
 # CIFAR: python pickles of {'data': uint8 [N, 3072] (R, G, B planes), 'labels': [...]}.
-
-
-def cifar_images(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
-
-
-def dump(path: Path, content: dict) -> None:
-    with open(path, "wb") as handle:
-        pickle.dump(content, handle, protocol=2)
-
-
-def write_cifar10(root: Path, per_batch: int = 3) -> dict[str, np.ndarray]:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    images, labels = [], []
-    for i in range(1, 6):
-        x, y = cifar_images(per_batch, i), [(i + j) % 10 for j in range(per_batch)]
-        dump(folder / f"data_batch_{i}", {"batch_label": f"training batch {i} of 5", "labels": y,
-                                          "data": x.reshape(per_batch, -1), "filenames": [f"{i}_{j}.png" for j in range(per_batch)]})
-        images.append(x)
-        labels += y
-    test = cifar_images(4, 99)
-    dump(folder / "test_batch", {"labels": [0, 1, 2, 3], "data": test.reshape(4, -1)})
-    dump(folder / "batches.meta", {"label_names": [f"class{c}" for c in range(10)], "num_vis": 3072})
-    return {"train": np.concatenate(images), "labels": np.array(labels), "test": test}
 
 
 def write_cifar100(root: Path) -> dict[str, np.ndarray]:

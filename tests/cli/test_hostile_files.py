@@ -1,7 +1,7 @@
-"""Reliability round three: hostile and careless inputs to exports, runs, resumes, settings files,
-image folders and signals. Each refusal is checked as in test_hostile_inputs.py (the exit code,
-one line naming what was wrong, no traceback, and every file under the test's folder unchanged);
-the cases that must succeed check that nothing they did not write is deleted or replaced."""
+"""Hostile and careless inputs to exports, runs, resumes, settings files, image folders and
+signals. Each refusal is checked as in test_hostile_inputs.py (the exit code, one line naming what
+was wrong, no traceback, and every file under the test's folder unchanged); the cases that must
+succeed check that nothing they did not write is deleted or replaced."""
 
 from __future__ import annotations
 
@@ -18,9 +18,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import SUNCET
+from conftest import SMALL, SUNCET, refused, snapshot
 from suncet.cli.main import main
-from test_hostile_inputs import SMALL, refused, snapshot
 
 TINY = [*SMALL, "--labels", "10%"]
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
+from conftest import install_fake_distribution
 from suncet.registry import (
     METHODS,
     DuplicatePluginError,
@@ -15,17 +15,6 @@ from suncet.registry import (
     Registry,
     UnknownPluginError,
 )
-
-
-def install_fake_distribution(root: Path, name: str, group: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
-    """A real installed distribution, as importlib.metadata finds it: a dist-info on sys.path."""
-    info = root / f"{name.replace('-', '_')}-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
-    lines = [f"[{group}]"] + [f"{k} = {v}" for k, v in entry_points.items()]
-    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
-    for module, source in modules.items():
-        (root / f"{module}.py").write_text(textwrap.dedent(source))
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from test_reliability import start, wait_for_checkpoint
+from conftest import start, wait_for_checkpoint
 
 SMALL = ("--batch-size", "64", "--proj-hidden", "64", "--backbone-opt", "width=8", "--warmup-epochs", "1",
          "--final-eval", "none", "--monitor-every", "1")

@@ -129,7 +129,8 @@ def test_triton_kernels_compile_for_sm90():
     if importlib.util.find_spec("triton") is None or importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.skip("triton with its NVIDIA backend is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # From tests/, so that `python -c` does not put the repository's unbuilt suncet/ first on the path.
+    # From this file's folder, so that `python -c` does not put the repository's unbuilt suncet/
+    # first on the path.
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT],
         env=env,

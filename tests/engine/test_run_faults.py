@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import csv
-import os
 import signal
-import subprocess
 import textwrap
-import time
 
 import pytest
 
-from conftest import SUNCET
+from conftest import start, wait_for_checkpoint
 
 SMALL = ("--batch-size", "64", "--proj-hidden", "64", "--backbone-opt", "width=8", "--warmup-epochs", "1",
          "--final-eval", "none", "--monitor-every", "1", "--seed", "5")
@@ -26,23 +23,6 @@ def rows(run):
 
 def comparable(run):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows(run)]
-
-
-def start(*args, env=None):
-    return subprocess.Popen(
-        [SUNCET, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
-    )
-
-
-def wait_for_checkpoint(run, process, at_least=1, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline and process.poll() is None:
-        checkpoints = list((run / "checkpoints").glob("step-*.pt")) if (run / "checkpoints").exists() else []
-        if len(checkpoints) >= at_least:
-            return
-        time.sleep(0.02)
-    raise AssertionError("the run ended before it could be interrupted")
 
 
 @pytest.fixture(scope="module")

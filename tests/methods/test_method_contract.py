@@ -41,7 +41,7 @@ def example_method() -> type[Method]:
 
 
 def earlier_contract_method() -> type[Method]:
-    return _load("earlier_contract_barlow_twins", REPO / "tests" / "data" / "earlier_contract_barlow_twins.py").BarlowTwins
+    return _load("earlier_contract_barlow_twins", REPO / "tests" / "fixtures" / "earlier_contract_barlow_twins.py").BarlowTwins
 
 
 METHOD_CLASSES = {name: METHODS.get(name).obj for name in METHODS.names()} | {"barlow_twins (example)": example_method()}

@@ -27,7 +27,8 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
-    # From tests/, so that `python -c` does not put the repository's unbuilt suncet/ first on the path.
+    # From this file's folder, so that `python -c` does not put the repository's unbuilt suncet/
+    # first on the path.
     return subprocess.run(
         [sys.executable, "-c", code],
         env={**os.environ, **env},

@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import SUNCET, TINY_RUN
+from conftest import SMALL, SUNCET, refused, snapshot
 from suncet.cli.main import main
 from suncet.engine import rundir
 from suncet.engine.state import newest_loadable
 from suncet.errors import ConfigError
-from test_hostile_inputs import SMALL, refused, snapshot
 
 
 def project_folder(root: Path, with_labels: bool = False) -> Path:

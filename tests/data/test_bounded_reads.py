@@ -5,7 +5,6 @@ of any size a row at a time."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import subprocess
@@ -14,10 +13,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import SUNCET
+from conftest import SUNCET, dump, write_cifar10
 from suncet.errors import ConfigError
 from suncet.registry import DATASETS
-from test_datasets import dump, write_cifar10
 
 
 def pickled_size(content: dict) -> int:

@@ -7,20 +7,14 @@ the formats suncet reads (YAML, label lists, checkpoints, metrics, run directori
 
 from __future__ import annotations
 
-import hashlib
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from conftest import SUNCET
-from suncet.cli.main import main
+from conftest import SMALL, SUNCET, refused
 
-SMALL = ["--batch-size", "64", "--proj-hidden", "64", "--epochs", "1", "--final-eval", "none", "--monitor-every", "0",
-         "--backbone-opt", "width=8"]
 FLOAT_FLAGS = ["--lr", "--start-lr", "--final-lr", "--warmup-epochs", "--weight-decay", "--momentum", "--tau",
                "--suncet-weight"]
 POSITIVE_INT_FLAGS = ["--epochs", "--batch-size", "--proj-hidden", "--proj-dim", "--knn-k", "--keep-checkpoints",
@@ -40,37 +34,6 @@ BOMB = """epochs:
   - [*h,*h,*h,*h,*h,*h,*h,*h,*h]
 """
 BOMB_VALUE = "[" + ",".join(["[" + ",".join(["[" + ",".join(["lol"] * 9) + "]"] * 9) + "]"] * 9) + "]"
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file and link under ``root``: its content's hash (a link: where it points)."""
-    state = {}
-    for path in sorted(root.rglob("*")):
-        key = str(path.relative_to(root))
-        if path.is_symlink():
-            state[key] = "link:" + os.readlink(path)
-        elif path.is_file():
-            state[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-        else:
-            state[key] = "dir"
-    return state
-
-
-def refused(tmp_path: Path, arguments: list[str], expected: str, code: int = 2, env: dict | None = None) -> None:
-    """Run ``suncet ARGS`` in-process from ``tmp_path``: one line with ``expected``, ``code``,
-    no traceback, and no file under ``tmp_path`` created, changed or removed."""
-    before = snapshot(tmp_path)
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        result = CliRunner().invoke(main, arguments, env=env)
-    finally:
-        os.chdir(cwd)
-    stderr = result.stderr
-    assert result.exit_code == code, (result.exit_code, stderr, result.output[-2000:])
-    assert expected in stderr, stderr
-    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
-    assert snapshot(tmp_path) == before
 
 
 # --- numbers: non-finite, negative, out of range, too large -------------------------------------

@@ -20,7 +20,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import rerun_under_triton_interpreter, skip_unless_triton_interpreter
+from conftest import (
+    check_losses_keep_non_finite,
+    check_rows_that_see_a_non_finite_row_are_nan,
+    rerun_under_triton_interpreter,
+    skip_unless_triton_interpreter,
+)
 from suncet import kernels
 from suncet.errors import ConfigError
 from suncet.kernels import Layout
@@ -665,14 +670,10 @@ def test_triton_interpreter_non_finite_inputs(triton_interpreter):
 
 
 def test_triton_interpreter_losses_keep_non_finite(triton_interpreter):
-    from test_losses import check_losses_keep_non_finite
-
     check_losses_keep_non_finite("triton")
 
 
 def test_triton_interpreter_losses_nan_every_row_that_sees_a_non_finite_row(triton_interpreter):
-    from test_losses import check_rows_that_see_a_non_finite_row_are_nan
-
     check_rows_that_see_a_non_finite_row_are_nan("triton")
 
 
