@@ -90,7 +90,7 @@ PYTEST=(bash -c '"$@"; rc=$?; ((rc == 5)) && exit 0; exit $rc' pytest "$PY" -m p
 run "kernel gpu tests" 100 env SUNCET_TRITON_AUTOTUNE=0 "${PYTEST[@]}" \
   tests/kernels/test_kernels.py tests/kernels/test_triton_launch.py
 if ((ALL)); then
-  run "other gpu tests" 120 "${PYTEST[@]}" --ignore=tests/kernels/test_kernels.py tests
+  run "other gpu tests" 120 "${PYTEST[@]}" --ignore=tests/kernels/test_kernels.py --ignore=tests/kernels/test_triton_launch.py tests
 fi
 
 step "kernel time of each Triton tile configuration against cuBLAS and flash attention, N = 8192"

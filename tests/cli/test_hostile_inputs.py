@@ -66,7 +66,7 @@ CHOICE_CASES = [
     (["--backend", "x" * 5000], "unknown contrastive backend 'xxxxxxxx"),
     (["--compile", "max"], "compile must be one of"),
     (["--data-pipeline", "tpu"], "data-pipeline must be one of"),
-    (["--label-loss", "mse"], "label-loss must be one of suncet, ce"),
+    (["--label-loss", "mse"], "unknown label loss 'mse'; available: ce, suncet"),
     (["--final-eval", "all"], "final-eval must be one of"),
     (["--device", "cuda:abc"], "device must be auto, cpu, cuda or cuda:N"),
     (["--device", "tpu:0"], "device must be auto, cpu, cuda or cuda:N"),

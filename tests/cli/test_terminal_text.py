@@ -147,7 +147,7 @@ def test_runs_keeps_whole_names_at_80_columns(copy_of_finished_run):
 
 
 def test_compare_eval_and_export_print_hostile_names_as_text(copy_of_finished_run, monkeypatch):
-    run = copy_of_finished_run("[/b]\x1b]0;t\x07-run")
+    run = copy_of_finished_run("[conceal]\x1b]0;t\x07-run")
     monkeypatch.chdir(run.parent)  # short names: each fits one line of the default width
     odd = copy_of_finished_run("odd")
     config = yaml.safe_load((odd / "config.yaml").read_text())
@@ -156,6 +156,6 @@ def test_compare_eval_and_export_print_hostile_names_as_text(copy_of_finished_ru
     compared = CliRunner().invoke(main, ["compare", odd.name])
     evaluated = CliRunner().invoke(main, ["eval", run.name, "--protocol", "knn"])
     exported = CliRunner().invoke(main, ["export", run.name, "--format", "\x1b[2J"])
-    for result, shown in ((compared, "[link="), (evaluated, "[/b]\\x1b]0;t"), (exported, "\\x1b[2J")):
+    for result, shown in ((compared, "[link="), (evaluated, "[conceal]\\x1b]0;t"), (exported, "\\x1b[2J")):
         assert not any(char in result.output for char in NEVER), result.output
         assert shown in result.output, result.output
