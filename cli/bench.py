@@ -57,8 +57,8 @@ def _fmt(value, digits: int = 3) -> str:
 @click.option("--cuda-graph", is_flag=True, help="Also time the step as a replayed CUDA graph (GPU only).")
 @click.option("--fp32-precision", type=click.Choice(["tf32", "ieee"]), help="How the triton backend runs fp32 dots.")
 @click.option("--cpu-variant", "cpu_variants", help="Time the cpu backend once per instruction-set variant among "
-              "avx512, avx2, generic (comma-separated, or 'all': every one this processor runs) "
-              "[default: the one that runs].")
+              "avx512, avx2, generic (comma-separated, or 'all': every one this processor runs), each against "
+              "the GEMM floor of its own instruction set [default: the one that runs].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write all figures and the machine here.")
 def kernels_command(
     sizes, dims, dtypes, backends, losses, device, repeats, warmup, cuda_graph, fp32_precision, cpu_variants, json_path

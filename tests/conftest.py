@@ -12,8 +12,12 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:  # numpy is imported where it is used: conftest loads before any test
+    import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 # The installed console script: `python -m` would put the working directory (the repository,

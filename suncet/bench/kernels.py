@@ -2,7 +2,9 @@
 torch.compile of the reference, and against the GEMM floor: the three products a fused step
 cannot avoid (q k^T forward; G k and G^T q backward, G the N x N gradient of the similarities),
 timed as PyTorch runs them on the same device, dtype and threads. On the CPU the cpu backend
-can be timed once per instruction-set variant (``cpu_variants``).
+can be timed once per instruction-set variant (``cpu_variants``); each variant is then held to
+the floor of its own instruction set: the same GEMMs in a process whose MKL is restricted to
+that set (``MKL_CBWR``; a torch without MKL ignores it).
 
 Loss kinds, on N L2-normalised rows laid out [view1; view2] with 100 classes:
   ntxent   NT-Xent (image ids as keys)
@@ -25,6 +27,9 @@ import ctypes
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -175,6 +180,27 @@ def _loss_fn(
     raise ValueError(f"unknown loss kind {kind!r}; choose from {', '.join(LOSS_KINDS)}")
 
 
+# MKL's code-path setting that keeps its GEMMs to each CPU variant's instruction set
+# (COMPATIBLE: SSE2, the generic variant's baseline).
+MKL_CODE_PATH = {"avx512": "AVX512", "avx2": "AVX2", "generic": "COMPATIBLE"}
+
+
+def _variant_floor_ms(n: int, d: int, dtype: str, variant: str, repeats: int, warmup: int) -> float:
+    """The GEMM floor in a fresh process whose MKL runs ``variant``'s instruction set (MKL reads
+    the setting once, when it starts)."""
+    code = (
+        "import sys, torch; from suncet.bench import kernels as kb; torch.set_num_threads(int(sys.argv[1])); "
+        "z = kb._problem(int(sys.argv[2]), int(sys.argv[3]), kb.DTYPES[sys.argv[4]], torch.device('cpu'))[0]; "
+        "print(kb._floor_ms(z, int(sys.argv[5]), int(sys.argv[6])))"
+    )
+    args = [torch.get_num_threads(), n, d, dtype, repeats, warmup]
+    done = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], env={**os.environ, "MKL_CBWR": MKL_CODE_PATH[variant]},
+        capture_output=True, text=True, check=True, cwd=tempfile.gettempdir(),
+    )
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def _floor_ms(z: torch.Tensor, repeats: int, warmup: int) -> float:
     grad = torch.randn(z.shape[0], z.shape[0], generator=torch.Generator().manual_seed(1)).to(z)
 
@@ -278,14 +304,17 @@ def run_grid(
             for dt in dtype:
                 z, _, _ = _problem(nn, dd, DTYPES[dt], device)
                 floor = _floor_ms(z, repeats, warmup)
+                variant_floors = {
+                    v: _variant_floor_ms(nn, dd, dt, v, repeats, warmup) for v in (cpu_variants or []) if "cpu" in backend
+                }
                 del z
                 for kind in loss:
                     eager = None
                     for name, variant in entries:
                         r = _measure_variant(nn, dd, dt, kind, name, variant, device, repeats, warmup, cuda_graph)
-                        r.floor_ms = floor
+                        r.floor_ms = floor if variant is None else variant_floors[variant]
                         if r.step_ms is not None:
-                            r.step_over_floor = r.step_ms / floor
+                            r.step_over_floor = r.step_ms / r.floor_ms
                             if name == "reference":
                                 eager = r.step_ms
                         results.append(r)
