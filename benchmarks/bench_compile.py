@@ -63,8 +63,12 @@ def main() -> None:
     parser.add_argument("--json", default="benchmarks/results/cpu_compile.json")
     args = parser.parse_args()
     report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "cores": os.cpu_count()},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "cores": os.cpu_count(),
+        },
         "results": [],
     }
     scratch = Path(tempfile.mkdtemp(prefix="suncet-compile-"))

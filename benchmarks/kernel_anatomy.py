@@ -78,8 +78,10 @@ def main() -> None:
     grad = torch.zeros(2, 2, device="cuda")  # upstream gradient of the means [segment, set]
     grad[0] = 1
 
-    header = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, N = {n}, D = {d}, bf16, both key sets, "
-              "kernel time (CUDA graphs); tile = (BLOCK_M, BLOCK_N, warps, stages)")
+    header = (
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, N = {n}, D = {d}, bf16, both key sets, "
+        "kernel time (CUDA graphs); tile = (BLOCK_M, BLOCK_N, warps, stages)"
+    )
     print(header)
     rows = []
 
@@ -99,7 +101,11 @@ def main() -> None:
     try:
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
             with torch.no_grad():
-                record("flash attention forward (q = k = v = z)", graph_ms(lambda: F.scaled_dot_product_attention(leaf, leaf, leaf)), 2)
+                record(
+                    "flash attention forward (q = k = v = z)",
+                    graph_ms(lambda: F.scaled_dot_product_attention(leaf, leaf, leaf)),
+                    2,
+                )
             record("flash attention forward + backward", graph_ms(attention_step), 7)
     except RuntimeError as exc:  # a reference that cannot run here must not cost the tile rows
         print(f"flash attention reference skipped: {str(exc).splitlines()[0]}")
@@ -130,6 +136,7 @@ def main() -> None:
         for entry in list(table):
             forced(triton_kernels.backward_kernel, table, entry)
             record(f"suncet backward ({mode}, tau {tau}), tile {entry}", graph_ms(backward), 2)
+
 
 if __name__ == "__main__":
     main()

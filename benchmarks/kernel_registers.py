@@ -38,6 +38,8 @@ from suncet.engine.rundir import write_json, write_text
 from suncet.kernels import triton_kernels as tk
 from suncet.kernels import triton_tiles as tiles
 
+# `# fmt: skip` keeps the kernels' argument types as tables: one group of arguments a line.
+
 _ALIGNED = {
     "q_ptr", "k_ptr", "row_keys_ptr", "col_keys_ptr", "row_groups_ptr", "col_groups_ptr", "partial_ptr", "loss_ptr",
     "valid_ptr", "stats_ptr", "dq_ptr", "dk_ptr", "tickets_ptr", "grad_ptr", "gmean0_ptr", "gmean1_ptr", "D",
@@ -85,7 +87,9 @@ def _main_loop(sass: str) -> tuple[collections.Counter, list[collections.Counter
     every = collections.Counter(op for _, op in body)
     if not body:
         return every, [every]
-    label_at = {name: next((n for n, (line, _) in enumerate(body) if line > at), len(body)) for name, at in labels.items()}
+    label_at = {
+        name: next((n for n, (line, _) in enumerate(body) if line > at), len(body)) for name, at in labels.items()
+    }
     branches = {}  # body index -> (target index, conditional)
     for n, (line, _) in enumerate(body):
         target = re.search(r"BRA\s+`\((\.L_x_\d+)\)", lines[line])
@@ -144,7 +148,9 @@ def analyse(kernel, dtype: str, constants: dict, tile: tuple[int, int, int, int]
         constexprs=constants,
         attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in types if n in _ALIGNED},
     )
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages}
+    )
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
         write_text(Path(ptx), compiled.asm["ptx"])

@@ -258,7 +258,9 @@ def main() -> None:
     )
     report = io.StringIO()
     measure = "CPU time of the calling thread" if args.stub else "wall time, the GPU never waited for"
-    report.write(f"{header}\n\nhost microseconds per call ({measure}; median of 7 rounds of {args.repeats}, the steps in turn):\n")
+    report.write(
+        f"{header}\n\nhost microseconds per call ({measure}; median of 7 rounds of {args.repeats}, the steps in turn):\n"
+    )
     for name, us in timings.items():
         report.write(f"  {us:9.1f}  {name}\n")
     report.write(f"  fused step / floor: {timings[FUSED] / timings[FLOOR]:.2f}\n")

@@ -20,8 +20,15 @@ def _fmt(mean: float, std: float, digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if std else f"{mean:.{digits}f}"
 
 
-def report(run_dirs: list[Path], metric: str, x: str, target: float | None, plot: Path | None,
-           json_path: Path | None, title: str | None = None) -> dict:
+def report(
+    run_dirs: list[Path],
+    metric: str,
+    x: str,
+    target: float | None,
+    plot: Path | None,
+    json_path: Path | None,
+    title: str | None = None,
+) -> dict:
     from suncet.compare import compare_table, group_runs, load_curve, per_seed_table, plot_groups, slowest_best
 
     named = {}
@@ -37,9 +44,13 @@ def report(run_dirs: list[Path], metric: str, x: str, target: float | None, plot
     for row in rows:
         speedups = "/".join("-" if math.isnan(row[f"{a}_speedup"]) else f"{row[f'{a}_speedup']:.2f}x" for a in X_AXES)
         table.add_row(
-            row["group"], str(row["runs"]), _fmt(row["best"], row["best_std"], 4),
-            _fmt(row["epochs"], row["epochs_std"], 1), _fmt(row["images"], row["images_std"], 0),
-            _fmt(row["seconds"], row["seconds_std"], 1), speedups,
+            row["group"],
+            str(row["runs"]),
+            _fmt(row["best"], row["best_std"], 4),
+            _fmt(row["epochs"], row["epochs_std"], 1),
+            _fmt(row["images"], row["images_std"], 0),
+            _fmt(row["seconds"], row["seconds_std"], 1),
+            speedups,
         )
     console.print(table)
     seeds = per_seed_table(groups)
@@ -48,9 +59,19 @@ def report(run_dirs: list[Path], metric: str, x: str, target: float | None, plot
         for column in ("seed", "group", "target", "best", "epochs", "images", "seconds", "speed-up ep/img/s"):
             paired.add_column(column, justify="left" if column == "group" else "right")
         for row in seeds:
-            speedups = "/".join("-" if math.isnan(row[f"{a}_speedup"]) else f"{row[f'{a}_speedup']:.2f}x" for a in X_AXES)
-            paired.add_row(str(row["seed"]), row["group"], f"{row['target']:.4f}", f"{row['best']:.4f}",
-                           _fmt(row["epochs"], 0, 1), _fmt(row["images"], 0, 0), _fmt(row["seconds"], 0, 1), speedups)
+            speedups = "/".join(
+                "-" if math.isnan(row[f"{a}_speedup"]) else f"{row[f'{a}_speedup']:.2f}x" for a in X_AXES
+            )
+            paired.add_row(
+                str(row["seed"]),
+                row["group"],
+                f"{row['target']:.4f}",
+                f"{row['best']:.4f}",
+                _fmt(row["epochs"], 0, 1),
+                _fmt(row["images"], 0, 0),
+                _fmt(row["seconds"], 0, 1),
+                speedups,
+            )
         console.print(paired)
     if plot is not None:
         plot_groups(groups, metric, x, target, plot, title)
@@ -77,9 +98,8 @@ def compare(run_dirs, metric, x_axis, target, plot, json_path, overwrite):
     Runs that differ only in their seed are grouped (mean ± standard deviation); a run named
     twice counts once. The files written go outside every run directory.
     """
-    from suncet.engine.rundir import check_output_file
-
     from suncet.compare import plot_formats
+    from suncet.engine.rundir import check_output_file
 
     if target is not None and not math.isfinite(target):
         raise click.BadParameter(f"must be an accuracy in [0, 1], got {target}", param_hint="--target")
@@ -88,8 +108,10 @@ def compare(run_dirs, metric, x_axis, target, plot, json_path, overwrite):
             check_output_file(path, overwrite, flag)
     suffix = plot.suffix.lstrip(".").lower() if plot is not None else ""
     if suffix and suffix not in plot_formats():
-        raise click.BadParameter(f"{plot} names no figure format (its suffix is one of {', '.join(plot_formats())}, "
-                                 "or none for png)", param_hint="--plot")
+        raise click.BadParameter(
+            f"{plot} names no figure format (its suffix is one of {', '.join(plot_formats())}, or none for png)",
+            param_hint="--plot",
+        )
     report(list(run_dirs), metric, x_axis, target, plot, json_path)
 
 

@@ -56,9 +56,13 @@ def _fmt(value, digits: int = 3) -> str:
 @click.option("--warmup", default=2, show_default=True, help="Untimed runs before timing.")
 @click.option("--cuda-graph", is_flag=True, help="Also time the step as a replayed CUDA graph (GPU only).")
 @click.option("--fp32-precision", type=click.Choice(["tf32", "ieee"]), help="How the triton backend runs fp32 dots.")
-@click.option("--cpu-variant", "cpu_variants", help="Time the cpu backend once per instruction-set variant among "
-              "avx512, avx2, generic (comma-separated, or 'all': every one this processor runs), each against "
-              "the GEMM floor of its own instruction set [default: the one that runs].")
+@click.option(
+    "--cpu-variant",
+    "cpu_variants",
+    help="Time the cpu backend once per instruction-set variant among "
+    "avx512, avx2, generic (comma-separated, or 'all': every one this processor runs), each against "
+    "the GEMM floor of its own instruction set [default: the one that runs].",
+)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write all figures and the machine here.")
 def kernels_command(
     sizes, dims, dtypes, backends, losses, device, repeats, warmup, cuda_graph, fp32_precision, cpu_variants, json_path
@@ -79,9 +83,11 @@ def kernels_command(
     chosen = _grid(dev, sizes, dims, dtypes, backends, losses)
     variants = _cpu_variants(cpu_variants, "cpu" in chosen["backend"])
     info = kb.machine_info(dev)
-    console.print(styled(
-        ("suncet bench kernels", "bold"), f" on {info['device']} (torch {info['torch']}, triton {info['triton']})"
-    ))
+    console.print(
+        styled(
+            ("suncet bench kernels", "bold"), f" on {info['device']} (torch {info['torch']}, triton {info['triton']})"
+        )
+    )
 
     command = shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
     done = []
@@ -99,7 +105,12 @@ def kernels_command(
         save(done)
 
     results = kb.run_grid(
-        **chosen, device=dev, repeats=repeats, warmup=warmup, cuda_graph=cuda_graph, progress=progress,
+        **chosen,
+        device=dev,
+        repeats=repeats,
+        warmup=warmup,
+        cuda_graph=cuda_graph,
+        progress=progress,
         cpu_variants=variants,
     )
     _print_results(results, cuda_graph, repeats)
@@ -109,8 +120,13 @@ def kernels_command(
 
 
 @bench.command("snn")
-@click.option("--shape", "shapes", multiple=True, metavar="A,S,D,C",
-              help="Anchors, supports, width, classes (repeatable) [default: digits, CIFAR-10 and ImageNet-like shapes].")
+@click.option(
+    "--shape",
+    "shapes",
+    multiple=True,
+    metavar="A,S,D,C",
+    help="Anchors, supports, width, classes (repeatable) [default: digits, CIFAR-10 and ImageNet-like shapes].",
+)
 @click.option("--dtype", "dtypes", default="fp32", show_default=True, help="Among fp32, bf16, fp16, comma-separated.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1), help="Timed runs (median).")
@@ -140,7 +156,9 @@ def snn_command(shapes, dtypes, device, repeats, warmup, json_path):
 
     def progress(r):
         status = r.error or f"{_fmt(r.step_ms)} ms, max rel error {r.max_rel_error:.1e}"
-        console.print(f"  A={r.anchors} S={r.supports} D={r.dim} C={r.classes} {r.dtype} {r.method}: {status}", highlight=False)
+        console.print(
+            f"  A={r.anchors} S={r.supports} D={r.dim} C={r.classes} {r.dtype} {r.method}: {status}", highlight=False
+        )
         done.append(r)
         if json_path:
             write_json(Path(json_path), snn.as_json(done, dev, command))
@@ -150,8 +168,16 @@ def snn_command(shapes, dtypes, device, repeats, warmup, json_path):
     for column in ("A", "S", "D", "C", "dtype", "method", "step ms", "max rel error"):
         table.add_column(column, justify="right")
     for r in results:
-        table.add_row(str(r.anchors), str(r.supports), str(r.dim), str(r.classes), r.dtype, r.method,
-                      r.error or _fmt(r.step_ms), "-" if r.max_rel_error is None else f"{r.max_rel_error:.1e}")
+        table.add_row(
+            str(r.anchors),
+            str(r.supports),
+            str(r.dim),
+            str(r.classes),
+            r.dtype,
+            r.method,
+            r.error or _fmt(r.step_ms),
+            "-" if r.max_rel_error is None else f"{r.max_rel_error:.1e}",
+        )
     console.print(table)
     if json_path:
         console.print(f"wrote {json_path}")
@@ -230,7 +256,9 @@ def _print_results(results, cuda_graph: bool, repeats: int) -> None:
     console.print(table)
     for r in results:
         if r.error:
-            console.print(f"N={r.n} D={r.d} {r.dtype} {r.loss} {_backend_name(r)}: {r.error}", highlight=False, soft_wrap=True)
+            console.print(
+                f"N={r.n} D={r.d} {r.dtype} {r.loss} {_backend_name(r)}: {r.error}", highlight=False, soft_wrap=True
+            )
 
 
 def _register_data_command() -> None:

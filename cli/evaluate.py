@@ -30,17 +30,28 @@ def print_scores(result: dict, title: str) -> None:
         table.add_row("raw pixels", "linear", labeled, fmt(raw["top1"]), fmt(raw.get("top5")))
     console.print(table)
     if classes is not None and classes <= 5:
-        console.print(f"the labeled images cover {classes} class{'es' if classes != 1 else ''}: no top-5 (it would "
-                      "rank classes that were never labeled)")
+        console.print(
+            f"the labeled images cover {classes} class{'es' if classes != 1 else ''}: no top-5 (it would "
+            "rank classes that were never labeled)"
+        )
 
 
 @click.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--protocol", type=click.Choice(["linear", "knn", "snn", "finetune"]), default="linear", show_default=True,
-              help="snn: PAWS's soft nearest neighbour over the labeled images (no training).")
+@click.option(
+    "--protocol",
+    type=click.Choice(["linear", "knn", "snn", "finetune"]),
+    default="linear",
+    show_default=True,
+    help="snn: PAWS's soft nearest neighbour over the labeled images (no training).",
+)
 @click.option("--labels", help="Evaluate with another labeled subset (spec or index file); default: the run's own.")
 @click.option("--k", "knn_k", type=click.IntRange(min=1), help="Neighbours for --protocol knn (default: the run's).")
-@click.option("--finetune-epochs", type=click.IntRange(min=1), help="Epochs for --protocol finetune (default 60 when the labeled images are at most 2% of the training set, else 30).")
+@click.option(
+    "--finetune-epochs",
+    type=click.IntRange(min=1),
+    help="Epochs for --protocol finetune (default 60 when the labeled images are at most 2% of the training set, else 30).",
+)
 @click.option("--device", help="auto, cpu, cuda or cuda:N (default: the run's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def eval_command(run_dir, protocol, labels, knn_k, finetune_epochs, device, as_json):

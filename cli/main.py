@@ -67,9 +67,15 @@ def plugins() -> None:
         failures += registry.failures()
     console.print(table)
     for failure in failures:
-        err_console.print(styled(
-            ("warning:", "yellow"), f" {failure.kind} entry point '{failure.entry_point}' from package "
-            f"'{failure.source}' failed to import: {failure.error}"), highlight=False, soft_wrap=True)
+        err_console.print(
+            styled(
+                ("warning:", "yellow"),
+                f" {failure.kind} entry point '{failure.entry_point}' from package "
+                f"'{failure.source}' failed to import: {failure.error}",
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @main.command()
@@ -118,7 +124,10 @@ def doctor() -> None:
         dtypes = ", ".join(str(t).removeprefix("torch.") for t in record.dtypes) if record.dtypes else "any dtype"
         width = f", D <= {record.max_dim}" if record.max_dim else ""
         backends.add_row(
-            record.name, styled(("yes", "green")) if usable else styled(("no", "red")), f"{devices}; {dtypes}{width}", reason
+            record.name,
+            styled(("yes", "green")) if usable else styled(("no", "red")),
+            f"{devices}; {dtypes}{width}",
+            reason,
         )
     console.print(backends)
     device = torch.device("cuda" if gpus else "cpu")

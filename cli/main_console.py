@@ -11,8 +11,9 @@ err_console = Terminal(stderr=True)
 
 def fail(detail: str, exit_code: int) -> None:
     """Print ``error: <detail>`` as one line of plain text and exit with ``exit_code``."""
-    err_console.print(styled(("error:", "red"), " ", " ".join(str(detail).splitlines()) or "error"),
-                      highlight=False, soft_wrap=True)
+    err_console.print(
+        styled(("error:", "red"), " ", " ".join(str(detail).splitlines()) or "error"), highlight=False, soft_wrap=True
+    )
     sys.exit(exit_code)
 
 

@@ -60,8 +60,12 @@ MIN_DETAILS_WIDTH = 64  # the other columns at their narrowest readable widths, 
 def _cells(s: dict) -> list:
     state = styled((s["state"], STATE_STYLES.get(s["state"], "yellow")), f": {s['reason']}" if s["reason"] else "")
     return [
-        s["method"] or "-", s["dataset"] or "-", s["labels"] or "-",
+        s["method"] or "-",
+        s["dataset"] or "-",
+        s["labels"] or "-",
         f"{s['epochs_done'] if s['epochs_done'] is not None else '-'}/{s['epochs'] if s['epochs'] is not None else '-'}",
-        state, _pair(s["knn_top1_best"], s["knn_top1_last"]), _pair(s["linear_top1_best"], s["linear_top1_last"]),
+        state,
+        _pair(s["knn_top1_best"], s["knn_top1_last"]),
+        _pair(s["linear_top1_best"], s["linear_top1_last"]),
         "-" if s["images_per_second"] is None else f"{s['images_per_second']:,.0f}",
     ]

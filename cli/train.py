@@ -13,7 +13,6 @@ import typing
 from pathlib import Path
 
 import click
-
 import yaml
 
 from suncet.cli.evaluate import print_scores
@@ -78,23 +77,45 @@ def overrides_from(flags: dict) -> dict:
         if f.name in _NOT_FLAGS or value is None or value == ():
             continue
         kind = _base_type(_TYPES[f.name])
-        overrides[f.name] = parse_key_values(value, _flag_name(f)) if kind is dict else list(value) if kind is list else value
+        overrides[f.name] = (
+            parse_key_values(value, _flag_name(f)) if kind is dict else list(value) if kind is list else value
+        )
     return overrides
 
 
 @click.command()
-@click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML file of settings (flags override it).")
+@click.option(
+    "--config", "config_file", type=click.Path(path_type=Path), help="YAML file of settings (flags override it)."
+)
 @config_options
-@click.option("--nproc-per-node", type=click.IntRange(min=1), help="Launch this many processes (torchrun) on this machine.")
-@click.option("--nnodes", type=click.IntRange(min=1), help="With --print-config: the machines the run will use "
-              "(the global batch is nnodes x nproc-per-node x batch-size). Start multi-node runs with torchrun.")
-@click.option("--print-config", is_flag=True, help="Print the resolved settings (presets applied, learning rates "
-              "scaled to the global batch) as YAML, and exit without training.")
+@click.option(
+    "--nproc-per-node", type=click.IntRange(min=1), help="Launch this many processes (torchrun) on this machine."
+)
+@click.option(
+    "--nnodes",
+    type=click.IntRange(min=1),
+    help="With --print-config: the machines the run will use "
+    "(the global batch is nnodes x nproc-per-node x batch-size). Start multi-node runs with torchrun.",
+)
+@click.option(
+    "--print-config",
+    is_flag=True,
+    help="Print the resolved settings (presets applied, learning rates "
+    "scaled to the global batch) as YAML, and exit without training.",
+)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Run directory (default: runs/<name>-<time>).")
-@click.option("--resume", "resume", help="RUN_DIR: continue that run. 'auto' (with --out): continue the run there "
-              "from its newest loadable checkpoint if it has one, else start it.")
-@click.option("--overwrite", is_flag=True, help="Start afresh in --out, which holds a run; its files are moved "
-              "into --out/replaced-<time>/, nothing is deleted.")
+@click.option(
+    "--resume",
+    "resume",
+    help="RUN_DIR: continue that run. 'auto' (with --out): continue the run there "
+    "from its newest loadable checkpoint if it has one, else start it.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Start afresh in --out, which holds a run; its files are moved "
+    "into --out/replaced-<time>/, nothing is deleted.",
+)
 def train(config_file, out_dir, resume, overwrite, nproc_per_node, nnodes, print_config, **flags):
     """Pre-train a backbone; ends with a semi-supervised evaluation.
 
@@ -107,7 +128,9 @@ def train(config_file, out_dir, resume, overwrite, nproc_per_node, nnodes, print
 
     launching = nproc_per_node is not None and not distributed.launched_by_torchrun()
     if nnodes is not None and not print_config:
-        raise ConfigError("--nnodes only sizes --print-config; start a multi-node run with torchrun (docs/distributed.md)")
+        raise ConfigError(
+            "--nnodes only sizes --print-config; start a multi-node run with torchrun (docs/distributed.md)"
+        )
     overrides = overrides_from(flags)
     config, given = None, frozenset()
     if resume not in (None, "auto") and (overrides or config_file or out_dir or print_config):
@@ -170,6 +193,14 @@ def launch_torchrun(nproc: int) -> None:
             skip = True
         elif not arg.startswith("--nproc-per-node="):
             args.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script, *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        script,
+        *args,
+    ]
     sys.stdout.flush()
     os.execv(sys.executable, command)

@@ -25,7 +25,9 @@ class SuNCEt(LabeledTerm):
     def forward(self, method: Method, features: Tensor, labels: Tensor) -> Tensor:
         return self.loss(method.project(features), labels)
 
-    def with_objective(self, method: Method, views: Views, features: Tensor, labels: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def with_objective(
+        self, method: Method, views: Views, features: Tensor, labels: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor]:
         return method.objective_with_suncet(views, features, labels)
 
 

@@ -25,9 +25,26 @@ X_AXES = {"epochs": "epoch", "images": "images_seen", "seconds": "train_seconds"
 DESCRIBING = ("method", "suncet_weight", "labels", "epochs", "dataset", "backbone", "tau", "batch_size")
 # Settings that change where or how a run executes, not what it learns: runs differing only in
 # these (and the seed) are seeds of one group.
-NOT_RECIPE = {"seed", "run_dir", "device", "data", "download", "num_workers", "data_pipeline", "kernel", "backend",
-              "compile", "sync_every", "checkpoint_every", "keep_checkpoints", "monitor_every", "probe_every",
-              "final_eval", "deterministic", "loggers"}
+NOT_RECIPE = {
+    "seed",
+    "run_dir",
+    "device",
+    "data",
+    "download",
+    "num_workers",
+    "data_pipeline",
+    "kernel",
+    "backend",
+    "compile",
+    "sync_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "monitor_every",
+    "probe_every",
+    "final_eval",
+    "deterministic",
+    "loggers",
+}
 
 
 @dataclass
@@ -55,7 +72,9 @@ def load_curve(run_dir: Path, metric: str) -> Curve:
     run_dir = Path(run_dir)
     metrics, config = run_dir / "metrics.csv", run_dir / "config.yaml"
     if not is_run_directory(run_dir) or not metrics.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (needs the metrics.csv, config.yaml and labels.txt suncet writes)")
+        raise ConfigError(
+            f"{run_dir} is not a run directory (needs the metrics.csv, config.yaml and labels.txt suncet writes)"
+        )
     points = []
     try:
         with open(metrics, newline="", encoding="utf-8") as handle:
@@ -77,10 +96,14 @@ def _point(path: Path, line: int, row: dict, metric: str) -> tuple[float, float,
     try:
         values = tuple(float(row[k]) for k in ("epoch", "images_seen", "train_seconds", metric))
     except (KeyError, TypeError, ValueError):
-        raise ConfigError(f"{path}:{line}: expected numbers in epoch, images_seen, train_seconds and {metric}") from None
+        raise ConfigError(
+            f"{path}:{line}: expected numbers in epoch, images_seen, train_seconds and {metric}"
+        ) from None
     if not all(math.isfinite(v) for v in values):
-        raise ConfigError(f"{path}:{line}: {metric} or its epoch, images or seconds is not finite "
-                          f"({', '.join(f'{v:g}' for v in values)}): the run diverged; leave it out of the comparison")
+        raise ConfigError(
+            f"{path}:{line}: {metric} or its epoch, images or seconds is not finite "
+            f"({', '.join(f'{v:g}' for v in values)}): the run diverged; leave it out of the comparison"
+        )
     if not 0 <= values[3] <= 1:
         raise ConfigError(f"{path}:{line}: {metric} is {values[3]:g}, not an accuracy in [0, 1]")
     return values
@@ -100,6 +123,7 @@ def crossing(xs: list[float], ys: list[float], target: float) -> float | None:
 
 def group_runs(curves: list[Curve]) -> list[Group]:
     """Runs whose settings differ only in the seed (and how they were executed) share a group."""
+
     def recipe(curve: Curve) -> dict:
         return {k: v for k, v in curve.config.items() if k not in NOT_RECIPE}
 
@@ -242,5 +266,7 @@ def plot_groups(groups: list[Group], metric: str, x: str, target: float, path: P
         axes.set_title(_as_text(title), fontsize=10)
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(Path(path), lambda handle: figure.savefig(handle, format=Path(path).suffix.lstrip(".").lower() or "png"))
+    write_atomic(
+        Path(path), lambda handle: figure.savefig(handle, format=Path(path).suffix.lstrip(".").lower() or "png")
+    )
     plt.close(figure)

@@ -47,12 +47,16 @@ class TrainConfig:
     data: str | None = setting(None, "Dataset root directory, for datasets read from disk.")
     download: bool = setting(False, "Download the dataset if it is missing (where a network exists).")
     dataset_options: dict[str, Any] = setting(
-        help="Dataset option, e.g. size=256 (imagefolder: cap on the short side) (repeatable).", flag="--dataset-opt", factory=dict
+        help="Dataset option, e.g. size=256 (imagefolder: cap on the short side) (repeatable).",
+        flag="--dataset-opt",
+        factory=dict,
     )
     labels: str = setting("10%", "Labeled subset: 10%, 1%, 0.5%, 0%, 100%, 4/class, or a file of training indices.")
     label_seed: int = setting(0, "Seed of the labeled-subset draw.")
     backbone: str = setting("small_resnet", "Backbone plugin (small_resnet, resnet18, resnet50, ...).")
-    backbone_options: dict[str, Any] = setting(help="Backbone option (repeatable).", flag="--backbone-opt", factory=dict)
+    backbone_options: dict[str, Any] = setting(
+        help="Backbone option (repeatable).", flag="--backbone-opt", factory=dict
+    )
     method_options: dict[str, Any] = setting(help="Method option (repeatable).", flag="--method-opt", factory=dict)
     augment: dict[str, Any] = setting(
         help="Augmentation override, e.g. global_crop_scale=[0.3,1] (repeatable).", flag="--augment", factory=dict
@@ -64,8 +68,9 @@ class TrainConfig:
     suncet_weight: float = setting(1.0, "Weight of the labeled term, SuNCEt or cross-entropy (0: off).")
     suncet_epochs: int | None = setting(None, "Epoch after which the labeled term is switched off (default: never).")
     label_loss: str = setting(
-        "suncet", "How labels enter pre-training (a label-loss plugin): suncet (supervised contrastive) or ce "
-        "(cross-entropy through a linear classifier on the backbone features)."
+        "suncet",
+        "How labels enter pre-training (a label-loss plugin): suncet (supervised contrastive) or ce "
+        "(cross-entropy through a linear classifier on the backbone features).",
     )
     classes_per_step: int = setting(10, "Classes in each step's labeled batch.")
     images_per_class: int = setting(4, "Labeled images per class in each step.")
@@ -73,18 +78,22 @@ class TrainConfig:
     epochs: int = setting(100, "Epochs (passes over the unlabeled images).")
     batch_size: int = setting(256, "Unlabeled images per step and process (each gives two views).")
     optimizer: str = setting("lars", "Optimizer plugin (lars, sgd, adamw).")
-    optimizer_options: dict[str, Any] = setting(help="Optimizer option (repeatable).", flag="--optimizer-opt", factory=dict)
+    optimizer_options: dict[str, Any] = setting(
+        help="Optimizer option (repeatable).", flag="--optimizer-opt", factory=dict
+    )
     lr: float = setting(1.0, "Peak learning rate.")
     start_lr: float = setting(0.0, "Learning rate at the start of the warm-up.")
     final_lr: float = setting(0.0, "Learning rate at the end of the cosine decay.")
     lr_batch: int | None = setting(
-        None, "Global batch (processes x images per step, counted as --lr-batch-counts says) that lr, start-lr and "
+        None,
+        "Global batch (processes x images per step, counted as --lr-batch-counts says) that lr, start-lr and "
         "final-lr are stated for: they scale linearly to the run's own (a preset's --lr-batch 256: per 256 images; an "
-        "--lr you give without --lr-batch is the run's own)."
+        "--lr you give without --lr-batch is the run's own).",
     )
     lr_batch_counts: str = setting(
-        "unlabeled", "What --lr-batch counts: unlabeled (the unlabeled images of a step) or views (two per unlabeled "
-        "image plus the labeled images: the paper's count)."
+        "unlabeled",
+        "What --lr-batch counts: unlabeled (the unlabeled images of a step) or views (two per unlabeled "
+        "image plus the labeled images: the paper's count).",
     )
     warmup_epochs: float = setting(2.0, "Linear warm-up length in epochs.")
     weight_decay: float = setting(1e-5, "Weight decay (not applied to biases and norms).")
@@ -95,11 +104,13 @@ class TrainConfig:
         "none", "Run the step under torch.compile: none, default, or reduce-overhead (CUDA graphs on GPUs)."
     )
     sync_every: int = setting(
-        10, "Steps between host synchronisations (loss terms, NaN check, stop requests; also at each epoch's end "
-        "and step checkpoint); more lets a GPU run ahead. A NaN is still reported with its own step."
+        10,
+        "Steps between host synchronisations (loss terms, NaN check, stop requests; also at each epoch's end "
+        "and step checkpoint); more lets a GPU run ahead. A NaN is still reported with its own step.",
     )
     data_pipeline: str = setting(
-        "device", "device (batched augmentation on the training device) or workers (torchvision per image in loader processes)."
+        "device",
+        "device (batched augmentation on the training device) or workers (torchvision per image in loader processes).",
     )
     num_workers: int = setting(4, "Loader processes for --data-pipeline workers.")
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
@@ -121,8 +132,9 @@ class TrainConfig:
         help="Logger plugin besides metrics.csv, e.g. tensorboard (repeatable).", flag="--logger", factory=list
     )
     preset: str | None = setting(
-        None, "Recipe preset (suncet plugins lists them): digits, cifar10, paper-imagenet-10pct, paper-imagenet-1pct, "
-        "paper-swav-imagenet-10pct, paper-cifar10, ... (docs/recipes.md); a dataset's own preset applies by default."
+        None,
+        "Recipe preset (suncet plugins lists them): digits, cifar10, paper-imagenet-10pct, paper-imagenet-1pct, "
+        "paper-swav-imagenet-10pct, paper-cifar10, ... (docs/recipes.md); a dataset's own preset applies by default.",
     )
 
 
@@ -212,7 +224,9 @@ def _as_kind(value: Any, kind: Any) -> Any:
     if isinstance(value, bool):
         return None
     if base is int:
-        return value if isinstance(value, int) else int(value) if isinstance(value, float) and value.is_integer() else None
+        return (
+            value if isinstance(value, int) else int(value) if isinstance(value, float) and value.is_integer() else None
+        )
     if base is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as text; to a user it is a number
             try:
@@ -243,7 +257,9 @@ def option_value(owner: str, name: str, value: Any, annotation: Any, default: An
         converted = typed(value, annotation, default)
     except NotOfType as exc:
         floating = exc.expected == "float"
-        raise ConfigError(f"option {name} of {owner} must be {'a finite ' if floating else ''}{exc.expected}, got {shown(value)}") from None
+        raise ConfigError(
+            f"option {name} of {owner} must be {'a finite ' if floating else ''}{exc.expected}, got {shown(value)}"
+        ) from None
     if isinstance(converted, float) and not math.isfinite(converted):
         raise ConfigError(f"option {name} of {owner} must be a finite float, got {shown(value)}")
     if isinstance(converted, int) and not isinstance(converted, bool) and abs(converted) > INT64_MAX:
@@ -298,7 +314,9 @@ def load_yaml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory; name a YAML file of settings")
     if not path.is_file():
-        raise ConfigError(f"config file {path} is not a regular file (a pipe or a device?); name a YAML file of settings")
+        raise ConfigError(
+            f"config file {path} is not a regular file (a pipe or a device?); name a YAML file of settings"
+        )
     if path.stat().st_size > MAX_YAML_BYTES:
         raise ConfigError(f"config file {path} is {path.stat().st_size:,} bytes; a settings file is at most 1 MiB")
     try:
@@ -306,7 +324,9 @@ def load_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
     except _DuplicateKey as exc:
-        raise ConfigError(f"config file {path} sets {shown(exc.key)} twice (again on line {exc.line}); keep one") from None
+        raise ConfigError(
+            f"config file {path} sets {shown(exc.key)} twice (again on line {exc.line}); keep one"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if data is None:
@@ -336,12 +356,37 @@ def config_from_saved(values: dict[str, Any], source: Path) -> TrainConfig:
     return config
 
 
-_POSITIVE = ("epochs", "batch_size", "proj_hidden", "proj_dim", "lr", "tau", "knn_k", "keep_checkpoints", "sync_every",
-             "classes_per_step", "images_per_class")
-_NON_NEGATIVE = ("suncet_weight", "weight_decay", "warmup_epochs", "start_lr", "final_lr", "monitor_every", "probe_every",
-                 "skip_nonfinite", "label_seed", "seed", "num_workers")
+_POSITIVE = (
+    "epochs",
+    "batch_size",
+    "proj_hidden",
+    "proj_dim",
+    "lr",
+    "tau",
+    "knn_k",
+    "keep_checkpoints",
+    "sync_every",
+    "classes_per_step",
+    "images_per_class",
+)
+_NON_NEGATIVE = (
+    "suncet_weight",
+    "weight_decay",
+    "warmup_epochs",
+    "start_lr",
+    "final_lr",
+    "monitor_every",
+    "probe_every",
+    "skip_nonfinite",
+    "label_seed",
+    "seed",
+    "num_workers",
+)
 _CHOICES = {
-    "compile": COMPILE_MODES, "data_pipeline": DATA_PIPELINES, "final_eval": FINAL_EVALS, "lr_batch_counts": LR_BATCH_COUNTS,
+    "compile": COMPILE_MODES,
+    "data_pipeline": DATA_PIPELINES,
+    "final_eval": FINAL_EVALS,
+    "lr_batch_counts": LR_BATCH_COUNTS,
 }
 
 
@@ -364,7 +409,9 @@ def validate(config: TrainConfig, sources: dict[str, str] | None = None) -> None
     for name in _POSITIVE + _NON_NEGATIVE:
         value, floating = getattr(config, name), _FIELD_TYPES[name] is float
         rule = ("> 0" if name in _POSITIVE else ">= 0") + (" and finite" if floating else f" and at most {INT64_MAX}")
-        if not (value > 0 if name in _POSITIVE else value >= 0) or not (math.isfinite(value) if floating else value <= INT64_MAX):
+        if not (value > 0 if name in _POSITIVE else value >= 0) or not (
+            math.isfinite(value) if floating else value <= INT64_MAX
+        ):
             refuse(name, rule)
     if not 0 <= config.momentum < 1:
         refuse("momentum", "in [0, 1)")
@@ -381,5 +428,3 @@ def validate(config: TrainConfig, sources: dict[str, str] | None = None) -> None
 
 def to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
-
-

@@ -35,7 +35,9 @@ def launched_by_torchrun() -> bool:
         )
     values = {name: os.environ[name] for name in _TORCHRUN_VARIABLES}
     if not all(v.isdigit() for v in values.values()) or int(values["RANK"]) >= int(values["WORLD_SIZE"]):
-        raise ConfigError(f"torchrun's RANK, WORLD_SIZE, LOCAL_RANK must be integers with RANK < WORLD_SIZE, got {values}"[:200])
+        raise ConfigError(
+            f"torchrun's RANK, WORLD_SIZE, LOCAL_RANK must be integers with RANK < WORLD_SIZE, got {values}"[:200]
+        )
     return True
 
 

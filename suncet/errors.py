@@ -61,8 +61,14 @@ def what_is_at(path: object) -> str:
         return "does not exist (a folder on its path is a file)"
     except OSError as exc:
         return f"cannot be examined ({exc.strerror})"
-    for test, kind in ((stat.S_ISDIR, "is a directory"), (stat.S_ISREG, "is a file"), (stat.S_ISFIFO, "is a named pipe"),
-                       (stat.S_ISSOCK, "is a socket"), (stat.S_ISCHR, "is a device"), (stat.S_ISBLK, "is a device")):
+    for test, kind in (
+        (stat.S_ISDIR, "is a directory"),
+        (stat.S_ISREG, "is a file"),
+        (stat.S_ISFIFO, "is a named pipe"),
+        (stat.S_ISSOCK, "is a socket"),
+        (stat.S_ISCHR, "is a device"),
+        (stat.S_ISBLK, "is a device"),
+    ):
         if test(mode):
             return kind
     return "is not a file or directory"

@@ -91,7 +91,9 @@ class LabeledTerm(nn.Module):
     def forward(self, method: Method, features: Tensor, labels: Tensor) -> Tensor:
         raise NotImplementedError(f"label loss {type(self).__name__} defines no forward(method, features, labels)")
 
-    def with_objective(self, method: Method, views: Views, features: Tensor, labels: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def with_objective(
+        self, method: Method, views: Views, features: Tensor, labels: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor]:
         """The method's objective terms and this term's value. A term that a method may compute in
         one launch with its objective overrides this (SuNCEt calls ``Method.objective_with_suncet``)."""
         return method.objective(views), self(method, features, labels)
@@ -151,8 +153,11 @@ class MethodConfig:
     @property
     def gather(self) -> str | None:
         """Deprecated: the losses in ``losses`` already see other ranks' rows as the run needs."""
-        warnings.warn("MethodConfig.gather is deprecated: use the losses in MethodConfig.losses, which hold it",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "MethodConfig.gather is deprecated: use the losses in MethodConfig.losses, which hold it",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self.losses.gather
 
 
@@ -192,7 +197,9 @@ class Method(nn.Module):
         self.options = parse_options(type(self).Options, config.train.method_options, type(self).__name__)
         term = config.labeled_term
         if term is FROM_SETTINGS:
-            term = labeled_term_from_settings(config.train, type(self), backbone.feature_dim, config.num_classes, config.losses)
+            term = labeled_term_from_settings(
+                config.train, type(self), backbone.feature_dim, config.num_classes, config.losses
+            )
         check_method(type(self), term, config.train)
         self.labeled_term = term
 
@@ -205,17 +212,22 @@ class Method(nn.Module):
         """The method's own loss on the unlabeled views: ``{"loss": total, name: term, ...}``
         (every entry is logged). A method without unlabeled views has none."""
         if self.global_views or self.local_views:
-            raise ConfigError(f"method {type(self).__name__} loads unlabeled views but defines no objective(views) "
-                              "(docs/plugins.md)")
+            raise ConfigError(
+                f"method {type(self).__name__} loads unlabeled views but defines no objective(views) (docs/plugins.md)"
+            )
         return {}
 
     def project(self, features: Tensor) -> Tensor:
         """The embedding of backbone ``features`` that SuNCEt compares (the method's projection)."""
-        raise ConfigError(f"method {type(self).__name__} defines no project(features) for the labeled term "
-                          f"'{self.labeled_term.name if self.labeled_term is not None else ''}' to compare; define it, "
-                          "or use --label-loss ce")
+        raise ConfigError(
+            f"method {type(self).__name__} defines no project(features) for the labeled term "
+            f"'{self.labeled_term.name if self.labeled_term is not None else ''}' to compare; define it, "
+            "or use --label-loss ce"
+        )
 
-    def objective_with_suncet(self, views: Views, labeled_features: Tensor, labels: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def objective_with_suncet(
+        self, views: Views, labeled_features: Tensor, labels: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor]:
         """Hook for a method that computes ``objective(views)`` and the SuNCEt term of the labeled
         images in one fused launch: returns (the objective's terms, the SuNCEt term). The default
         computes the two apart."""
@@ -241,16 +253,22 @@ class Method(nn.Module):
         labeled_features = features[unlabeled_rows:] if labeled is not None else None
         own_labels = self.objective_uses_labels and labeled is not None
         views = Views(
-            batch.global_views, features[:unlabeled_rows] if features is not None else None, batch.local_views,
-            batch.epoch, batch.step, labeled_features if own_labels else None, batch.labels if own_labels else None,
-        )  # fmt: skip
+            batch.global_views,
+            features[:unlabeled_rows] if features is not None else None,
+            batch.local_views,
+            batch.epoch,
+            batch.step,
+            labeled_features if own_labels else None,
+            batch.labels if own_labels else None,
+        )
         term = self.labeled_term if labeled is not None else None
         if term is None:
             return self._with_total(self.objective(views))
         terms, value = term.with_objective(self, views, labeled_features, batch.labels)
         if term.name in terms:
-            raise ConfigError(f"method {type(self).__name__}'s objective returns a '{term.name}' term, which the labeled "
-                              "term adds")
+            raise ConfigError(
+                f"method {type(self).__name__}'s objective returns a '{term.name}' term, which the labeled term adds"
+            )
         total = self._with_total(terms, term.weight * value)
         return {**total, term.name: value}
 
@@ -258,8 +276,10 @@ class Method(nn.Module):
         """The objective's ``terms`` with ``loss``: their own total plus the weighted labeled term."""
         own = terms.get("loss")
         if own is None and (labeled is None or self.global_views or self.local_views):
-            raise ConfigError(f"method {type(self).__name__}'s objective returns no 'loss' (its total; got "
-                              f"{', '.join(sorted(terms)) or 'no terms'}): return {{'loss': total, ...}} (docs/plugins.md)")
+            raise ConfigError(
+                f"method {type(self).__name__}'s objective returns no 'loss' (its total; got "
+                f"{', '.join(sorted(terms)) or 'no terms'}): return {{'loss': total, ...}} (docs/plugins.md)"
+            )
         total = labeled if own is None else own if labeled is None else own + labeled
         return {**terms, "loss": total}
 
@@ -292,16 +312,21 @@ def check_method(method_cls: type[Method], term: LabeledTerm | None, train: Trai
         if train.suncet_weight == 0:
             raise ConfigError(f"method {name} trains on labeled images, but --suncet-weight 0 turns them off")
         if train.suncet_epochs is not None and train.suncet_epochs < train.epochs:
-            raise ConfigError(f"method {name} trains on labeled images in every epoch; --suncet-epochs cannot stop them")
+            raise ConfigError(
+                f"method {name} trains on labeled images in every epoch; --suncet-epochs cannot stop them"
+            )
     # A plugin of the earlier contract is known by its own forward(batch), which returns the whole
     # loss with the SuNCEt term it adds itself.
     if method_cls.forward is not Method.forward:
         contract = "implement objective(views) and let suncet.methods.Method add the labeled term (docs/plugins.md)"
         if term is not None and train.label_loss != default_term:
-            raise ConfigError(f"method {name} overrides forward() and adds its labeled term itself, so it may ignore "
-                              f"--label-loss {train.label_loss}; {contract}")
-        warnings.warn(f"method {name} overrides forward() (the earlier method contract); {contract}", FutureWarning,
-                      stacklevel=4)
+            raise ConfigError(
+                f"method {name} overrides forward() and adds its labeled term itself, so it may ignore "
+                f"--label-loss {train.label_loss}; {contract}"
+            )
+        warnings.warn(
+            f"method {name} overrides forward() (the earlier method contract); {contract}", FutureWarning, stacklevel=4
+        )
 
 
 def parse_options(options_cls: type, values: dict[str, Any], owner: str) -> Any:
@@ -329,8 +354,12 @@ def projection_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
 def forward_in_one_pass(backbone: nn.Module, head: nn.Module, parts: list[Tensor]) -> list[Tensor]:
     """Deprecated (Method.forward runs the one backbone pass): same-resolution parts through
     backbone and head as one batch."""
-    warnings.warn("suncet.methods.forward_in_one_pass is deprecated: Method.forward encodes the large crops and the "
-                  "labeled images in one pass (docs/plugins.md)", DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "suncet.methods.forward_in_one_pass is deprecated: Method.forward encodes the large crops and the "
+        "labeled images in one pass (docs/plugins.md)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     sizes = [p.shape[0] for p in parts]
     out = head(backbone(torch.cat(parts)))
     return list(out.split(sizes))
@@ -338,7 +367,10 @@ def forward_in_one_pass(backbone: nn.Module, head: nn.Module, parts: list[Tensor
 
 def __getattr__(name: str):
     if name == "TrainBatch":  # where earlier docs showed it; it lives with the data path now
-        warnings.warn("suncet.methods.TrainBatch moved to suncet.data.TrainBatch; the old path goes in suncet 0.3",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "suncet.methods.TrainBatch moved to suncet.data.TrainBatch; the old path goes in suncet 0.3",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return data_batch.TrainBatch
     raise AttributeError(f"module 'suncet.methods' has no attribute {name!r}")

@@ -44,7 +44,8 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         targets = MOVED_MODULES[module.__name__]
         warnings.warn(
             f"{module.__name__} moved to {' and '.join(targets)}; the old path goes in suncet {REMOVED_IN}",
-            DeprecationWarning, stacklevel=2,
+            DeprecationWarning,
+            stacklevel=2,
         )
         loaded = [importlib.import_module(name) for name in targets]
 
@@ -52,7 +53,9 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             for target in loaded:
                 if hasattr(target, name):
                     return getattr(target, name)
-            raise AttributeError(f"module {module.__name__!r} (moved to {' and '.join(targets)}) has no attribute {name!r}")
+            raise AttributeError(
+                f"module {module.__name__!r} (moved to {' and '.join(targets)}) has no attribute {name!r}"
+            )
 
         module.__getattr__ = forward
         module.__dir__ = lambda: sorted({n for target in loaded for n in dir(target)})

@@ -66,5 +66,7 @@ def scale_learning_rates(config: TrainConfig, world_size: int, given: frozenset[
     scaled = {key: getattr(config, key) * (1 if key in keep else batch / config.lr_batch) for key in RATES}
     for key, value in scaled.items():
         if not math.isfinite(value):
-            raise ConfigError(f"{key.replace('_', '-')} scaled to a global batch of {batch} is {value}; state a smaller rate")
+            raise ConfigError(
+                f"{key.replace('_', '-')} scaled to a global batch of {batch} is {value}; state a smaller rate"
+            )
     return dataclasses.replace(config, **scaled, lr_batch=batch)

@@ -75,7 +75,9 @@ def _preset_values(preset: Any, dataset: Any) -> tuple[dict[str, Any], str | Non
     with plugin_code(info):
         values = info.obj()
     if not isinstance(values, dict):
-        raise ConfigError(f"preset '{preset}' from package '{info.source}' returned {type(values).__name__}, not a dict of settings")
+        raise ConfigError(
+            f"preset '{preset}' from package '{info.source}' returned {type(values).__name__}, not a dict of settings"
+        )
     values = dict(values)
     method_defaults = values.pop("method_defaults", {})
     _check_keys(values, f"preset '{preset}' (package '{info.source}')")

@@ -137,7 +137,9 @@ def plugin_code(info: PluginInfo, hook: str | None = None) -> Iterator[None]:
         raise
     except Exception as exc:
         where = f"failed in {hook}" if hook else "failed to build"
-        raise PluginCodeError(f"{info.kind} '{info.name}' from package '{info.source}' {where}: {plugin_failure(exc)}") from exc
+        raise PluginCodeError(
+            f"{info.kind} '{info.name}' from package '{info.source}' {where}: {plugin_failure(exc)}"
+        ) from exc
 
 
 class Registry:
@@ -189,7 +191,9 @@ class Registry:
         if self._entry_points_loaded:
             return
         self._entry_points_loaded = True
-        for ep in sorted(metadata.entry_points(group=self.group), key=lambda e: (e.dist.name if e.dist else "", e.name)):
+        for ep in sorted(
+            metadata.entry_points(group=self.group), key=lambda e: (e.dist.name if e.dist else "", e.name)
+        ):
             dist = ep.dist.name if ep.dist is not None else "?"
             token = _loading_source.set(dist)
             try:
@@ -197,9 +201,7 @@ class Registry:
                 if not isinstance(loaded, types.ModuleType):
                     self.add(ep.name, loaded, source=dist)
             except Exception as exc:  # any error inside third-party code is reported, never fatal here
-                self._failures.append(
-                    PluginFailure(self.kind, ep.name, ep.value, dist, f"{type(exc).__name__}: {exc}")
-                )
+                self._failures.append(PluginFailure(self.kind, ep.name, ep.value, dist, f"{type(exc).__name__}: {exc}"))
             finally:
                 _loading_source.reset(token)
 
@@ -222,7 +224,9 @@ class Registry:
             message += f" (plugins that failed to import: {broken})"
         raise UnknownPluginError(message)
 
-    def check_options(self, name: str, options: dict[str, Any] | None, engine_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    def check_options(
+        self, name: str, options: dict[str, Any] | None, engine_args: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
         """The user's ``options`` for plugin ``name``, each of a name it takes and of its declared
         type and range (``Annotated[float, Range(...)]``, else the default's type); else ConfigError."""
         info = self.get(name)
@@ -237,8 +241,11 @@ class Registry:
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
             return options
         named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        accepted = {n: p for n, p in parameters.items() if p.kind in named and p.default is not inspect.Parameter.empty
-                    and n not in engine_args}
+        accepted = {
+            n: p
+            for n, p in parameters.items()
+            if p.kind in named and p.default is not inspect.Parameter.empty and n not in engine_args
+        }
         unknown = sorted(set(options) - set(accepted))
         if unknown:
             raise ConfigError(

@@ -1,21 +1,21 @@
 """A grid of training runs from a small YAML file, one run directory each, resumable.
 
-    name: digits-suncet
-    out: runs/sweep-digits            # run directories go here
-    base: {dataset: digits, probe_every: 5}
-    variants:                         # optional: each grid point runs once per variant
-      - {suncet_weight: 0.0}
-      - {label_loss: ce}
-    grid:                             # every combination of these config keys
-      method: [simclr, swav]
-      suncet_weight: [0.0, 1.0]
-      labels: ["1%", "10%"]
-      epochs: [50, 100]
-      seed: [0, 1, 2]
-    compare:
-      metric: linear_top1
-      x: epochs
-      panels: [method, labels]        # one figure and table per combination of these keys
+name: digits-suncet
+out: runs/sweep-digits            # run directories go here
+base: {dataset: digits, probe_every: 5}
+variants:                         # optional: each grid point runs once per variant
+  - {suncet_weight: 0.0}
+  - {label_loss: ce}
+grid:                             # every combination of these config keys
+  method: [simclr, swav]
+  suncet_weight: [0.0, 1.0]
+  labels: ["1%", "10%"]
+  epochs: [50, 100]
+  seed: [0, 1, 2]
+compare:
+  metric: linear_top1
+  x: epochs
+  panels: [method, labels]        # one figure and table per combination of these keys
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from suncet.engine.state import newest_loadable
 from suncet.compare import METRICS, X_AXES
 from suncet.config import config_fields, load_yaml
+from suncet.engine.state import newest_loadable
 from suncet.errors import ConfigError
 from suncet.presets import build_config
 

@@ -25,11 +25,17 @@ REPO = Path(__file__).resolve().parents[1]
 SUNCET = str(Path(sys.executable).parent / "suncet")
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
     return subprocess.run(
         [SUNCET, *args],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -40,7 +46,10 @@ def cli():
 
 def start(*args, env=None):
     return subprocess.Popen(
-        [SUNCET, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [SUNCET, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "COLUMNS": "200", **(env or {})},
     )
 
@@ -57,8 +66,20 @@ def wait_for_checkpoint(run, process, at_least=1, timeout=300):
 
 # ---------------------------------------------------------------------------------------------
 # Refusals: a command that must fail in one line and leave every file as it was.
-SMALL = ["--batch-size", "64", "--proj-hidden", "64", "--epochs", "1", "--final-eval", "none", "--monitor-every", "0",
-         "--backbone-opt", "width=8"]
+SMALL = [
+    "--batch-size",
+    "64",
+    "--proj-hidden",
+    "64",
+    "--epochs",
+    "1",
+    "--final-eval",
+    "none",
+    "--monitor-every",
+    "0",
+    "--backbone-opt",
+    "width=8",
+]
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -120,8 +141,15 @@ def write_cifar10(root: Path, per_batch: int = 3) -> dict[str, np.ndarray]:
     images, labels = [], []
     for i in range(1, 6):
         x, y = cifar_images(per_batch, i), [(i + j) % 10 for j in range(per_batch)]
-        dump(folder / f"data_batch_{i}", {"batch_label": f"training batch {i} of 5", "labels": y,
-                                          "data": x.reshape(per_batch, -1), "filenames": [f"{i}_{j}.png" for j in range(per_batch)]})
+        dump(
+            folder / f"data_batch_{i}",
+            {
+                "batch_label": f"training batch {i} of 5",
+                "labels": y,
+                "data": x.reshape(per_batch, -1),
+                "filenames": [f"{i}_{j}.png" for j in range(per_batch)],
+            },
+        )
         images.append(x)
         labels += y
     test = cifar_images(4, 99)
@@ -130,7 +158,9 @@ def write_cifar10(root: Path, per_batch: int = 3) -> dict[str, np.ndarray]:
     return {"train": np.concatenate(images), "labels": np.array(labels), "test": test}
 
 
-def install_fake_distribution(root: Path, name: str, group: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
+def install_fake_distribution(
+    root: Path, name: str, group: str, entry_points: dict[str, str], modules: dict[str, str]
+) -> None:
     """A real installed distribution, as importlib.metadata finds it: a dist-info on sys.path."""
     info = root / f"{name.replace('-', '_')}-1.0.dist-info"
     info.mkdir(parents=True)
@@ -190,9 +220,17 @@ def check_rows_that_see_a_non_finite_row_are_nan(backend):
             q, k = torch.randn(rows, 8, generator=gen), torch.randn(rows, 8, generator=gen)
             (q if towers == 1 else k)[33, 2] = value
             columns = None if towers == 1 else k
-            loss, _ = contrastive_loss(q, keys, k=columns, col_keys=None if towers == 1 else keys, row_groups=groups,
-                                       col_groups=None if towers == 1 else groups, self_offset=0 if towers == 1 else rows,
-                                       tau=0.1, backend=backend)
+            loss, _ = contrastive_loss(
+                q,
+                keys,
+                k=columns,
+                col_keys=None if towers == 1 else keys,
+                row_groups=groups,
+                col_groups=None if towers == 1 else groups,
+                self_offset=0 if towers == 1 else rows,
+                tau=0.1,
+                backend=backend,
+            )
             allowed, _ = allowed_and_positive(keys, keys, groups, groups, 0 if towers == 1 else rows)
             sees = allowed[:, 33].clone()
             sees[33] |= towers == 1
@@ -236,8 +274,14 @@ def rerun_under_triton_interpreter(test_file: str, selection: str, passed: int) 
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", selection]
     # From the test file's folder, so that `python -m` does not put the repository's unbuilt
     # suncet/ first on the path.
-    proc = subprocess.run(command, env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=os.path.dirname(test_file),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        command,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        cwd=os.path.dirname(test_file),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     summary = proc.stdout.splitlines()[-1]
     assert f"{passed} passed" in summary and "skipped" not in summary, proc.stdout[-2000:]
@@ -282,8 +326,22 @@ def pytest_configure(config) -> None:
 # ---------------------------------------------------------------------------------------------
 # One small finished run (1 epoch of digits, a kNN monitor), trained once per session; tests
 # that damage or extend a run work on their own copy (``copy_of_finished_run``).
-TINY_RUN = ("--batch-size", "64", "--proj-hidden", "64", "--epochs", "1", "--final-eval", "none",
-            "--monitor-every", "1", "--backbone-opt", "width=8", "--labels", "10%")
+TINY_RUN = (
+    "--batch-size",
+    "64",
+    "--proj-hidden",
+    "64",
+    "--epochs",
+    "1",
+    "--final-eval",
+    "none",
+    "--monitor-every",
+    "1",
+    "--backbone-opt",
+    "width=8",
+    "--labels",
+    "10%",
+)
 
 
 @pytest.fixture(scope="session")

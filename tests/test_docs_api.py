@@ -10,13 +10,22 @@ import sys
 import warnings
 
 import pytest
-
 from conftest import REPO
 
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "plugins").glob("examples/*/README.md"))]
+DOCS = [
+    REPO / "README.md",
+    *sorted((REPO / "docs").glob("*.md")),
+    *sorted((REPO / "plugins").glob("examples/*/README.md")),
+]
 # Dotted names in the docs that are not Python paths: entry-point groups and a metadata key.
-NOT_PATHS = {"suncet.datasets", "suncet.backbones", "suncet.optimizers", "suncet.presets", "suncet.label_losses",
-             "suncet.backbone"}
+NOT_PATHS = {
+    "suncet.datasets",
+    "suncet.backbones",
+    "suncet.optimizers",
+    "suncet.presets",
+    "suncet.label_losses",
+    "suncet.backbone",
+}
 FROM_IMPORT = re.compile(r"^\s*from\s+(suncet[\w.]*)\s+import\s+(\([^)]*\)|[^\n]*)", re.M)
 DOTTED = re.compile(r"`(suncet(?:\.\w+)+)")
 

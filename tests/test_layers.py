@@ -48,7 +48,9 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> list[tuple[str, in
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             for alias in node.names:
                 # `from suncet.engine import rundir` imports the module suncet.engine.rundir.
                 edges.append((f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base, node.lineno))
@@ -67,8 +69,10 @@ def layer_of(module: str) -> int:
 
 def graph() -> dict[str, list[tuple[str, int]]]:
     known = modules()
-    return {name: [(t, line) for t, line in imports(name, path, known) if t in known and t != name]
-            for name, path in known.items()}
+    return {
+        name: [(t, line) for t, line in imports(name, path, known) if t in known and t != name]
+        for name, path in known.items()
+    }
 
 
 def test_the_walk_sees_the_package():
@@ -81,7 +85,9 @@ def test_the_walk_sees_the_package():
 def test_no_module_imports_from_a_layer_above_its_own():
     upward = [
         f"{name}:{line} imports {target} ({LAYERS[layer_of(target)][0]}, above {LAYERS[layer_of(name)][0]})"
-        for name, targets in graph().items() for target, line in targets if layer_of(target) > layer_of(name)
+        for name, targets in graph().items()
+        for target, line in targets
+        if layer_of(target) > layer_of(name)
     ]
     assert not upward, "\n".join(upward)
 
@@ -95,7 +101,7 @@ def test_no_import_loop():
         state[name] = "open"
         for target in edges[name]:
             if state.get(target) == "open":
-                loops.append(" -> ".join(path[path.index(target):] + [target]))
+                loops.append(" -> ".join(path[path.index(target) :] + [target]))
             elif target not in state:
                 visit(target, path + [target])
         state[name] = "done"

@@ -42,8 +42,10 @@ class TorchvisionResNet(nn.Module):
             stem = f"; model.conv1 = torch.nn.Conv2d({self.in_channels}, 64, 7, 2, 3, bias=False)"
         else:
             stem = ""
-        return {"torchvision": f"model = torchvision.models.{self.arch}(){stem}",
-                "timm": f"model = timm.create_model('{self.arch}'){stem}"}
+        return {
+            "torchvision": f"model = torchvision.models.{self.arch}(){stem}",
+            "timm": f"model = timm.create_model('{self.arch}'){stem}",
+        }
 
     def equivalent_state_dict(self) -> dict[str, Tensor]:
         return self.net.state_dict()  # fc is an Identity here: the library's classifier stays unset
@@ -98,7 +100,11 @@ class SmallResNet(nn.Module):
 
 @register_backbone("small_resnet", description="narrow ResNet for 8-32 px inputs on a CPU (width, blocks)")
 def small_resnet(
-    *, in_channels: int, image_size: int, width: Annotated[int, Range(1, 4096)] = 32, blocks: Annotated[int, Range(1, 64)] = 1
+    *,
+    in_channels: int,
+    image_size: int,
+    width: Annotated[int, Range(1, 4096)] = 32,
+    blocks: Annotated[int, Range(1, 64)] = 1,
 ) -> SmallResNet:
     if width < 1 or blocks < 1:
         raise ConfigError(f"small_resnet needs width >= 1 and blocks >= 1, got width={width}, blocks={blocks}")
@@ -146,7 +152,11 @@ class WideResNet(nn.Module):
 
 @register_backbone("wide_resnet", description="wide ResNet for 32 px inputs, WRN-28-2 by default (depth, widen)")
 def wide_resnet(
-    *, in_channels: int, image_size: int, depth: Annotated[int, Range(10, 100)] = 28, widen: Annotated[int, Range(1, 16)] = 2
+    *,
+    in_channels: int,
+    image_size: int,
+    depth: Annotated[int, Range(10, 100)] = 28,
+    widen: Annotated[int, Range(1, 16)] = 2,
 ) -> WideResNet:
     if (depth - 4) % 6:
         raise ConfigError(f"wide_resnet needs depth = 6 n + 4 (10, 16, 22, 28, ...), got {depth}")

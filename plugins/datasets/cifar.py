@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from suncet.data.recipe import AugmentRecipe, CropSpec
 from suncet.data import ImageDataset, InMemoryImages
+from suncet.data.recipe import AugmentRecipe, CropSpec
 from suncet.errors import ConfigError
 from suncet.registry import register_dataset
 
@@ -88,7 +88,9 @@ CIFAR100 = CifarLayout(
 def _latin1_bytes(text: str, encoding: str) -> bytes:
     """``_codecs.encode`` as Python 3 pickles bytes at protocol 2, restricted to that one use."""
     if not isinstance(text, str) or encoding != "latin1":
-        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not a latin1 bytes object")
+        raise pickle.UnpicklingError(
+            f"_codecs.encode({type(text).__name__}, {encoding!r}) is not a latin1 bytes object"
+        )
     return text.encode("latin1")
 
 
@@ -162,8 +164,15 @@ def _read_split(paths: list[Path], layout: CifarLayout) -> InMemoryImages:
         # refer to one row would become an array far larger than the file (the file's size bounds
         # an array's bytes, not a list's references).
         data = content["data"]
-        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != PIXELS_PER_IMAGE:
-            found = f"{data.dtype} of shape {data.shape}" if isinstance(data, np.ndarray) else f"a {type(data).__name__}"
+        if (
+            not isinstance(data, np.ndarray)
+            or data.dtype != np.uint8
+            or data.ndim != 2
+            or data.shape[1] != PIXELS_PER_IMAGE
+        ):
+            found = (
+                f"{data.dtype} of shape {data.shape}" if isinstance(data, np.ndarray) else f"a {type(data).__name__}"
+            )
             raise ConfigError(f"{path}: 'data' is {found}, expected uint8 [N, {PIXELS_PER_IMAGE}]")
         y = _labels(content[layout.label_key], path, layout.label_key)
         if y.shape != (data.shape[0],):
@@ -238,11 +247,15 @@ def load_cifar(layout: CifarLayout, root: str | None, download: bool) -> ImageDa
     )
 
 
-@register_dataset("cifar10", description="CIFAR-10, 32x32 colour, 10 classes (python release; --data DIR or --download)")
+@register_dataset(
+    "cifar10", description="CIFAR-10, 32x32 colour, 10 classes (python release; --data DIR or --download)"
+)
 def cifar10(*, root: str | None = None, download: bool = False) -> ImageDataset:
     return load_cifar(CIFAR10, root, download)
 
 
-@register_dataset("cifar100", description="CIFAR-100, 32x32 colour, 100 classes (python release; --data DIR or --download)")
+@register_dataset(
+    "cifar100", description="CIFAR-100, 32x32 colour, 100 classes (python release; --data DIR or --download)"
+)
 def cifar100(*, root: str | None = None, download: bool = False) -> ImageDataset:
     return load_cifar(CIFAR100, root, download)

@@ -7,8 +7,8 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from suncet.data.recipe import AugmentRecipe, CropSpec
 from suncet.data import ImageDataset, InMemoryImages
+from suncet.data.recipe import AugmentRecipe, CropSpec
 from suncet.registry import register_dataset
 
 SPLIT_SEED = 0

@@ -24,10 +24,10 @@ from torchvision.datasets.folder import find_classes, make_dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms.v2 import functional as TF
 
-from suncet.data.recipe import AugmentRecipe, CropSpec
 from suncet.data import ImageDataset
-from suncet.errors import ConfigError, shown
 from suncet.data.image_batch import ImageBatch
+from suncet.data.recipe import AugmentRecipe, CropSpec
+from suncet.errors import ConfigError, shown
 from suncet.registry import Range, register_dataset
 
 # The formats torchvision.io decodes (make_dataset compares lower-cased suffixes).
@@ -58,8 +58,15 @@ RECIPE = AugmentRecipe(
 class FolderImages:
     """One split of an image folder: file names relative to ``root``, decoded on ``load``."""
 
-    def __init__(self, root: Path, names: list[str], labels: Tensor, size: int | None, decode_device: str = "cpu",
-                 max_pixels: int = MAX_PIXELS):
+    def __init__(
+        self,
+        root: Path,
+        names: list[str],
+        labels: Tensor,
+        size: int | None,
+        decode_device: str = "cpu",
+        max_pixels: int = MAX_PIXELS,
+    ):
         self.root = Path(root)
         self.names = names
         self.labels = labels
@@ -87,13 +94,17 @@ class FolderImages:
                 with Image.open(io.BytesIO(data.numpy().tobytes())) as header:
                     width, height = header.size
             except Image.DecompressionBombError:  # beyond PIL's own hard bound, which no option lifts
-                raise ConfigError(f"image {self.root / name} declares more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels "
-                                  "(PIL's bound on decompression bombs); it is not decoded") from None
+                raise ConfigError(
+                    f"image {self.root / name} declares more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels "
+                    "(PIL's bound on decompression bombs); it is not decoded"
+                ) from None
             except (UnidentifiedImageError, OSError):
                 return  # not identified from its header: decoding reports what is wrong with it
         if width * height > self.max_pixels:
-            raise ConfigError(f"image {self.root / name} declares {width} x {height} pixels, more than max_pixels "
-                              f"{self.max_pixels:,}; raise it with --dataset-opt max_pixels=N if the image is genuine")
+            raise ConfigError(
+                f"image {self.root / name} declares {width} x {height} pixels, more than max_pixels "
+                f"{self.max_pixels:,}; raise it with --dataset-opt max_pixels=N if the image is genuine"
+            )
 
     def _decode(self, name: str, data: Tensor) -> Tensor:
         try:
@@ -149,9 +160,15 @@ def _classes(directory: Path) -> tuple[list[str], dict[str, int]]:
         raise ConfigError(f"{directory} holds no class folders: expected {directory}/<class>/<image files>") from None
 
 
-@register_dataset("imagefolder", description="class folders DIR/train/<class>/*.jpg and DIR/val/<class>/ (ImageNet); --data DIR")
+@register_dataset(
+    "imagefolder", description="class folders DIR/train/<class>/*.jpg and DIR/val/<class>/ (ImageNet); --data DIR"
+)
 def imagefolder(
-    *, root: str | None = None, download: bool = False, size: int | None = MAX_SHORT_SIDE, decode_device: str = "cpu",
+    *,
+    root: str | None = None,
+    download: bool = False,
+    size: int | None = MAX_SHORT_SIDE,
+    decode_device: str = "cpu",
     max_pixels: Annotated[int, Range(1)] = MAX_PIXELS,
 ) -> ImageDataset:
     if download:
@@ -161,7 +178,9 @@ def imagefolder(
     if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
         raise ConfigError(f"imagefolder option size must be a positive integer (or null: no cap), got {shown(size)}")
     if decode_device not in DECODE_DEVICES:
-        raise ConfigError(f"imagefolder option decode_device must be one of {', '.join(DECODE_DEVICES)}, got {shown(decode_device)}")
+        raise ConfigError(
+            f"imagefolder option decode_device must be one of {', '.join(DECODE_DEVICES)}, got {shown(decode_device)}"
+        )
     if decode_device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("imagefolder option decode_device=cuda: no CUDA device is available here")
     directory = Path(root).expanduser()

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from suncet.data.recipe import AugmentRecipe, CropSpec
 from suncet.data import ImageDataset, InMemoryImages
+from suncet.data.recipe import AugmentRecipe, CropSpec
 from suncet.errors import ConfigError
 from suncet.registry import register_dataset
 

@@ -19,7 +19,9 @@ class TensorBoardLogger(Logger):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("--logger tensorboard needs the tensorboard package: pip install 'suncet[tensorboard]'") from None
+            raise ConfigError(
+                "--logger tensorboard needs the tensorboard package: pip install 'suncet[tensorboard]'"
+            ) from None
         # Every scalar is recorded at its global step, so purging from the resumed step hides
         # what the interrupted process logged after its checkpoint, epoch scalars included.
         self.writer = SummaryWriter(str(self.run_dir / DIRECTORY), purge_step=step)

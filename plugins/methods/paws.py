@@ -13,6 +13,8 @@ from suncet.losses import PAWSLoss
 from suncet.methods import Method, MethodConfig, Views
 from suncet.registry import Range, register_method
 
+# `# fmt: skip` keeps each head as a table: one Linear-BN-ReLU block a line.
+
 
 def projection_mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     """PAWS's projection: Linear-BN-ReLU, Linear-BN-ReLU, Linear."""
@@ -31,7 +33,9 @@ def prediction_mlp(dim: int) -> nn.Sequential:
     )  # fmt: skip
 
 
-@register_method("paws", description="PAWS: views classified by a soft nearest-neighbour over labeled supports (needs labels)")
+@register_method(
+    "paws", description="PAWS: views classified by a soft nearest-neighbour over labeled supports (needs labels)"
+)
 class PAWS(Method):
     """Anchors (every view, after the prediction head) are classified against the supports (the
     step's class-balanced labeled batch) and learn the sharpened prediction of the other large
@@ -52,14 +56,21 @@ class PAWS(Method):
         super().__init__(backbone, config)
         o, train = self.options, config.train
         if o.prediction_head and train.proj_dim < 4:
-            raise ConfigError(f"paws's prediction head narrows proj-dim by 4: proj-dim must be >= 4, got {train.proj_dim}")
+            raise ConfigError(
+                f"paws's prediction head narrows proj-dim by 4: proj-dim must be >= 4, got {train.proj_dim}"
+            )
         self.local_views = o.local_crops
         self.projection = projection_mlp(backbone.feature_dim, train.proj_hidden, train.proj_dim)
         self.prediction = prediction_mlp(train.proj_dim) if o.prediction_head else nn.Identity()
         self.paws_loss = PAWSLoss(
-            o.temperature, o.sharpen_temperature, o.local_crops, o.me_max, o.label_smoothing, config.num_classes,
+            o.temperature,
+            o.sharpen_temperature,
+            o.local_crops,
+            o.me_max,
+            o.label_smoothing,
+            config.num_classes,
             gather=config.losses.gather,
-        )  # fmt: skip
+        )
 
     def objective(self, views: Views) -> dict[str, Tensor]:
         parts = [views.labeled_features, views.global_features]

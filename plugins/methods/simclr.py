@@ -26,7 +26,9 @@ class SimCLR(Method):
         ntxent = self.losses.ntxent(out0, out1)
         return {"loss": ntxent, "ntxent": ntxent}
 
-    def objective_with_suncet(self, views: Views, labeled_features: Tensor, labels: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def objective_with_suncet(
+        self, views: Views, labeled_features: Tensor, labels: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor]:
         z = self.head(torch.cat([views.global_features, labeled_features]))
         batch = views.batch_size
         ntxent, suncet = self.losses.ntxent_suncet(z[:batch], z[batch : 2 * batch], z[2 * batch :], labels)

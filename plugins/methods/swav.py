@@ -14,7 +14,9 @@ from suncet.methods import Method, MethodConfig, Views, projection_head
 from suncet.registry import register_method
 
 
-@register_method("swav", description="SwAV (Sinkhorn codes, swapped prediction, multi-crop) + SuNCEt (or cross-entropy)")
+@register_method(
+    "swav", description="SwAV (Sinkhorn codes, swapped prediction, multi-crop) + SuNCEt (or cross-entropy)"
+)
 class SwAV(Method):
     """Codes of the two large crops (Sinkhorn-Knopp, no gradient) are predicted from every other
     crop through K prototypes; SuNCEt compares the labeled images' normalised embeddings."""
@@ -35,8 +37,16 @@ class SwAV(Method):
     def __init__(self, backbone: nn.Module, config: MethodConfig):
         super().__init__(backbone, config)
         o = self.options
-        if (o.prototypes < 0 or o.prototypes == 1 or o.local_crops < 0 or o.sinkhorn_iters < 1 or o.sinkhorn_eps <= 0
-                or o.queue_length < 0 or o.freeze_prototypes_epochs < 0 or o.temperature <= 0):
+        if (
+            o.prototypes < 0
+            or o.prototypes == 1
+            or o.local_crops < 0
+            or o.sinkhorn_iters < 1
+            or o.sinkhorn_eps <= 0
+            or o.queue_length < 0
+            or o.freeze_prototypes_epochs < 0
+            or o.temperature <= 0
+        ):
             raise ConfigError(
                 "swav options need prototypes >= 2 (or 0 for three per class), local_crops >= 0, sinkhorn_iters >= 1, "
                 "sinkhorn_eps > 0, queue_length >= 0, freeze_prototypes_epochs >= 0, temperature > 0"

@@ -18,10 +18,14 @@ class LARS(Optimizer):
     step with no weight decay and no trust ratio.
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 1e-6, trust_coefficient: float = 0.001):
+    def __init__(
+        self, params, lr: float, momentum: float = 0.9, weight_decay: float = 1e-6, trust_coefficient: float = 0.001
+    ):
         if trust_coefficient <= 0:
             raise ConfigError(f"optimizer lars: trust_coefficient must be positive, got {trust_coefficient}")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, lars_exclude=False)
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, lars_exclude=False
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -57,7 +61,11 @@ class LARS(Optimizer):
 
 @register_optimizer("lars", description="LARS: layer-wise trust ratio, momentum; biases/norms excluded by type")
 def create_lars(
-    param_groups, *, lr: float, weight_decay: float, momentum: float,
+    param_groups,
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
     trust_coefficient: Annotated[float, Range(0, low_open=True)] = 0.001,
 ) -> LARS:
     return LARS(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient)

@@ -72,8 +72,14 @@ def paper_swav_imagenet_10pct() -> dict[str, Any]:
         "warmup_epochs": 0,
         "augment": {"global_crop_scale": [0.14, 1.0]},
         "method_options": {
-            "prototypes": 3000, "temperature": 0.1, "local_crops": 6, "sinkhorn_eps": 0.05, "sinkhorn_iters": 3,
-            "freeze_prototypes_epochs": 1.0, "queue_length": 3840, "queue_start_epoch": 15,
+            "prototypes": 3000,
+            "temperature": 0.1,
+            "local_crops": 6,
+            "sinkhorn_eps": 0.05,
+            "sinkhorn_iters": 3,
+            "freeze_prototypes_epochs": 1.0,
+            "queue_length": 3840,
+            "queue_start_epoch": 15,
         },
     }
 
@@ -108,8 +114,12 @@ def _paws_imagenet(labels: str) -> dict[str, Any]:
         "proj_hidden": 2048,
         "proj_dim": 2048,
         "method_options": {
-            "temperature": 0.1, "sharpen_temperature": 0.25, "local_crops": 6, "label_smoothing": 0.1,
-            "me_max": True, "prediction_head": True,
+            "temperature": 0.1,
+            "sharpen_temperature": 0.25,
+            "local_crops": 6,
+            "label_smoothing": 0.1,
+            "me_max": True,
+            "prediction_head": True,
         },
         "augment": {"global_crop_scale": [0.14, 1.0]},
         "optimizer": "lars",
@@ -157,8 +167,12 @@ def paws_cifar10() -> dict[str, Any]:
         "proj_hidden": 128,
         "proj_dim": 128,
         "method_options": {
-            "temperature": 0.1, "sharpen_temperature": 0.25, "local_crops": 6, "label_smoothing": 0.1,
-            "me_max": True, "prediction_head": False,
+            "temperature": 0.1,
+            "sharpen_temperature": 0.25,
+            "local_crops": 6,
+            "label_smoothing": 0.1,
+            "me_max": True,
+            "prediction_head": False,
         },
         # PAWS's CIFAR-10 crops: large 32 px of 0.75-1 of the area, small 18 px of 0.3-0.75
         "augment": {"global_crop_scale": [0.75, 1.0], "local_crop_size": 18, "local_crop_scale": [0.3, 0.75]},

@@ -34,12 +34,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from suncet.data.augment import BatchAugment, triton_augment_usable
-from suncet.data.recipe import AugmentRecipe
 from suncet.data import InMemoryImages
+from suncet.data.augment import BatchAugment, triton_augment_usable
+from suncet.data.pipeline import DevicePipeline, StepPlan
+from suncet.data.recipe import AugmentRecipe
 from suncet.engine.rundir import write_json
 from suncet.errors import ConfigError, shown
-from suncet.data.pipeline import DevicePipeline, StepPlan
 
 RESOLUTIONS = {32: 32, 96: 96, 224: 256}  # output side -> stored side of the source images
 PER_IMAGE_SAMPLE = 64  # images per call of the torchvision per-image baseline
@@ -60,7 +60,9 @@ class Figure:
 def recipe_for(resolution: int) -> AugmentRecipe:
     from suncet.plugins.datasets import cifar, imagefolder, stl10
 
-    return {32: cifar.cifar_recipe(cifar.CIFAR10.mean, cifar.CIFAR10.std), 96: stl10.RECIPE, 224: imagefolder.RECIPE}[resolution]
+    return {32: cifar.cifar_recipe(cifar.CIFAR10.mean, cifar.CIFAR10.std), 96: stl10.RECIPE, 224: imagefolder.RECIPE}[
+        resolution
+    ]
 
 
 def _sync(device: torch.device) -> None:
@@ -108,22 +110,41 @@ def augment_figures(resolution: int, batch: int, device: torch.device, seconds: 
         baseline = measure(per_image, len(sample), torch.device("cpu"), seconds)
     finally:
         torch.set_num_threads(threads)
-    figures = [Figure("augment", "torchvision v2 per image", resolution, len(sample), baseline, "views/s",
-                      notes=["this process, 1 thread"])]
+    figures = [
+        Figure(
+            "augment",
+            "torchvision v2 per image",
+            resolution,
+            len(sample),
+            baseline,
+            "views/s",
+            notes=["this process, 1 thread"],
+        )
+    ]
     on_device = host.to(device)
     generator = torch.Generator().manual_seed(0)  # parameters drawn on the host, as DevicePipeline does
     paths = {f"device ({device.type})": BatchAugment(recipe, recipe.global_crop)}
     if triton_augment_usable(device):  # the default there; the PyTorch operations are the comparison
         paths[f"device ({device.type}, PyTorch ops)"] = BatchAugment(recipe, recipe.global_crop, triton_kernels=False)
     for path, augment in paths.items():
-        figures.append(Figure("augment", path, resolution, batch,
-                              measure(lambda: augment(on_device, generator), batch, device, seconds), "views/s"))
+        figures.append(
+            Figure(
+                "augment",
+                path,
+                resolution,
+                batch,
+                measure(lambda: augment(on_device, generator), batch, device, seconds),
+                "views/s",
+            )
+        )
     if kornia:
         figures.append(kornia_figure(recipe, on_device, resolution, device, seconds))
     return figures
 
 
-def kornia_figure(recipe: AugmentRecipe, images: torch.Tensor, resolution: int, device: torch.device, seconds: float) -> Figure:
+def kornia_figure(
+    recipe: AugmentRecipe, images: torch.Tensor, resolution: int, device: torch.device, seconds: float
+) -> Figure:
     """The same recipe with kornia.augmentation (evaluated, not a dependency: docs/data.md)."""
     import kornia.augmentation as K
 
@@ -170,13 +191,16 @@ def _plans(n_images: int, batch: int, steps: int, seed: int) -> list[StepPlan]:
     return [StepPlan(order[s * batch : (s + 1) * batch], None, None) for s in range(steps)]
 
 
-def pipeline_figures(resolution: int, batch: int, steps: int, device: torch.device, workers: list[int],
-                     seconds: float) -> list[Figure]:
+def pipeline_figures(
+    resolution: int, batch: int, steps: int, device: torch.device, workers: list[int], seconds: float
+) -> list[Figure]:
     from suncet.data.worker_pipeline import WorkerPipeline, image_transform
 
     recipe = recipe_for(resolution)
     n_images = batch * steps
-    host = InMemoryImages(random_images(n_images, RESOLUTIONS[resolution], torch.device("cpu")), torch.zeros(n_images, dtype=torch.long))
+    host = InMemoryImages(
+        random_images(n_images, RESOLUTIONS[resolution], torch.device("cpu")), torch.zeros(n_images, dtype=torch.long)
+    )
     views = 2 * n_images
     figures = []
     on_device = host.to(device)
@@ -188,23 +212,53 @@ def pipeline_figures(resolution: int, batch: int, steps: int, device: torch.devi
         for _ in pipeline.batches(_plans(n_images, batch, steps, e), e, e * steps):
             pass
 
-    figures.append(Figure("pipeline", f"device ({device.type})", resolution, batch,
-                          measure(lambda: drain(device_pipeline), views, device, seconds), "views/s",
-                          notes=["decoded images resident on the device"]))
+    figures.append(
+        Figure(
+            "pipeline",
+            f"device ({device.type})",
+            resolution,
+            batch,
+            measure(lambda: drain(device_pipeline), views, device, seconds),
+            "views/s",
+            notes=["decoded images resident on the device"],
+        )
+    )
     copies = "pinned copies" if device.type == "cuda" else "views stay on the host"
     for count in workers:
         loader = torch.utils.data.DataLoader(
-            _TorchvisionViews(host.images, image_transform(recipe, recipe.global_crop)), batch_size=batch, shuffle=True,
-            num_workers=count, persistent_workers=count > 0, pin_memory=device.type == "cuda",
+            _TorchvisionViews(host.images, image_transform(recipe, recipe.global_crop)),
+            batch_size=batch,
+            shuffle=True,
+            num_workers=count,
+            persistent_workers=count > 0,
+            pin_memory=device.type == "cuda",
         )
-        figures.append(Figure("pipeline", "torchvision DataLoader (baseline)", resolution, batch,
-                              measure(partial(_drain_loader, loader, device), views, device, seconds), "views/s", workers=count,
-                              notes=["per-image Dataset, default collate", copies]))
+        figures.append(
+            Figure(
+                "pipeline",
+                "torchvision DataLoader (baseline)",
+                resolution,
+                batch,
+                measure(partial(_drain_loader, loader, device), views, device, seconds),
+                "views/s",
+                workers=count,
+                notes=["per-image Dataset, default collate", copies],
+            )
+        )
         del loader  # its workers exit before the next figure
         worker_pipeline = WorkerPipeline(host, host, recipe, 2, 0, device, seed=0, num_workers=count)
-        figures.append(Figure("pipeline", "workers", resolution, batch,
-                              measure(partial(drain, worker_pipeline), views, device, seconds), "views/s", workers=count,
-                              notes=[copies]))
+        figures.append(
+            Figure(
+                "pipeline",
+                "workers",
+                resolution,
+                batch,
+                measure(partial(drain, worker_pipeline), views, device, seconds),
+                "views/s",
+                workers=count,
+                notes=[copies],
+            )
+        )
         worker_pipeline.close()
     return figures
 
@@ -220,7 +274,9 @@ def decode_figures(files: int, device: torch.device, seconds: float) -> list[Fig
         for i in range(files):
             # ImageNet's typical 500 x 375 photographs; smooth content compresses like a photograph.
             coarse = torch.rand(1, 3, 12, 16, generator=torch.Generator().manual_seed(i))
-            image = (torch.nn.functional.interpolate(coarse, size=(375, 500), mode="bicubic").clamp(0, 1) * 255).to(torch.uint8)[0]
+            image = (torch.nn.functional.interpolate(coarse, size=(375, 500), mode="bicubic").clamp(0, 1) * 255).to(
+                torch.uint8
+            )[0]
             names.append(f"class/{i}.jpg")
             (Path(tmp) / "class").mkdir(exist_ok=True)
             write_file(str(Path(tmp) / names[-1]), encode_jpeg(image, quality=90))
@@ -230,7 +286,9 @@ def decode_figures(files: int, device: torch.device, seconds: float) -> list[Fig
         for where in decoders:
             source = FolderImages(Path(tmp), names, labels, 256, decode_device=where)
             rate = measure(partial(source.load, everything), files, torch.device(where), seconds)
-            note = "one process, torchvision.io.decode_image" if where == "cpu" else "batched nvJPEG (decode_jpeg on cuda)"
+            note = (
+                "one process, torchvision.io.decode_image" if where == "cpu" else "batched nvJPEG (decode_jpeg on cuda)"
+            )
             figures.append(Figure("decode", f"jpeg -> 256 px ({where})", 256, files, rate, "images/s", notes=[note]))
     return figures
 
@@ -243,23 +301,27 @@ def write_cifar_files(root: Path, images: int) -> None:
     per_batch = -(-images // 5)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         count = per_batch if name != "test_batch" else 10
-        content = {"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8), "labels": (np.arange(count) % 10).tolist()}
+        content = {
+            "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+            "labels": (np.arange(count) % 10).tolist(),
+        }
         with open(folder / name, "wb") as handle:
             pickle.dump(content, handle, protocol=2)
     with open(folder / "batches.meta", "wb") as handle:
         pickle.dump({"label_names": [f"class{c}" for c in range(10)]}, handle, protocol=2)
 
 
-def train_figures(backbone_name: str, batch: int, steps: int, device: torch.device, workers: list[int],
-                  seconds: float) -> list[Figure]:
+def train_figures(
+    backbone_name: str, batch: int, steps: int, device: torch.device, workers: list[int], seconds: float
+) -> list[Figure]:
     """SimCLR steps (NT-Xent only) on CIFAR-format data through each pipeline and on synthetic views."""
     from suncet.config import TrainConfig
     from suncet.data import TrainBatch
+    from suncet.data.samplers import UnlabeledSampler
+    from suncet.data.worker_pipeline import WorkerPipeline
     from suncet.methods import MethodConfig
     from suncet.optim import parameter_groups
     from suncet.registry import BACKBONES, DATASETS, METHODS, OPTIMIZERS
-    from suncet.data.samplers import UnlabeledSampler
-    from suncet.data.worker_pipeline import WorkerPipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         write_cifar_files(Path(tmp), batch * steps)
@@ -267,7 +329,11 @@ def train_figures(backbone_name: str, batch: int, steps: int, device: torch.devi
     recipe = dataset.recipe
     backbone = BACKBONES.create(backbone_name, in_channels=3, image_size=recipe.global_crop.size)
     sampler = UnlabeledSampler(len(dataset.train), batch, seed=0)
-    method = METHODS.get("simclr").obj(backbone, MethodConfig(TrainConfig(suncet_weight=0.0), num_classes=10, steps_per_epoch=steps)).to(device)
+    method = (
+        METHODS.get("simclr")
+        .obj(backbone, MethodConfig(TrainConfig(suncet_weight=0.0), num_classes=10, steps_per_epoch=steps))
+        .to(device)
+    )
     if device.type == "cuda":
         method = method.to(memory_format=torch.channels_last)
     optimizer = OPTIMIZERS.create("lars", parameter_groups(method, 1e-6), lr=0.1, weight_decay=1e-6, momentum=0.9)
@@ -290,6 +356,7 @@ def train_figures(backbone_name: str, batch: int, steps: int, device: torch.devi
             plans = [StepPlan(ix, None, None) for ix in sampler.epoch_batches(e)]
             for views in pipeline.batches(plans, e, e * len(plans)):
                 step(views)
+
         return run
 
     synthetic_views = [torch.randn(batch, 3, 32, 32, device=device) for _ in range(2)]
@@ -303,13 +370,29 @@ def train_figures(backbone_name: str, batch: int, steps: int, device: torch.devi
     figures = [Figure("train", "synthetic views on the device", 32, batch, base, "images/s", notes=[backbone_name])]
     train_on_device = dataset.train.to(device)
     feeds = [("device pipeline", DevicePipeline(train_on_device, train_on_device, recipe, 2, 0, device, seed=0), None)]
-    feeds += [("worker pipeline", WorkerPipeline(dataset.train, dataset.train, recipe, 2, 0, device, seed=0, num_workers=n), n)
-              for n in workers]
+    feeds += [
+        (
+            "worker pipeline",
+            WorkerPipeline(dataset.train, dataset.train, recipe, 2, 0, device, seed=0, num_workers=n),
+            n,
+        )
+        for n in workers
+    ]
     for name, pipeline, count in feeds:
         rate = measure(epoch_through(pipeline), images_per_epoch, device, seconds)
         pipeline.close()
-        figures.append(Figure("train", f"{name}, CIFAR-format files", 32, batch, rate, "images/s", workers=count,
-                              notes=[backbone_name, f"{100 * rate / base:.0f}% of synthetic"]))
+        figures.append(
+            Figure(
+                "train",
+                f"{name}, CIFAR-format files",
+                32,
+                batch,
+                rate,
+                "images/s",
+                workers=count,
+                notes=[backbone_name, f"{100 * rate / base:.0f}% of synthetic"],
+            )
+        )
     return figures
 
 
@@ -337,27 +420,67 @@ def _ints(text: str, option: str) -> list[int]:
 
 @click.command("data")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--resolution", "resolutions", default="32,96,224", show_default=True, help="Output sides among 32, 96, 224.")
-@click.option("--batch", "batch_text", help="Images per batch for each resolution, comma-separated "
-              "[default: 512,256,64 on CPU; 4096,1024,256 on GPU].")
-@click.option("--workers", "workers_text", default=None, help="Worker counts for the worker path [default: 2 on CPU; 4,12 on GPU].")
+@click.option(
+    "--resolution", "resolutions", default="32,96,224", show_default=True, help="Output sides among 32, 96, 224."
+)
+@click.option(
+    "--batch",
+    "batch_text",
+    help="Images per batch for each resolution, comma-separated [default: 512,256,64 on CPU; 4096,1024,256 on GPU].",
+)
+@click.option(
+    "--workers",
+    "workers_text",
+    default=None,
+    help="Worker counts for the worker path [default: 2 on CPU; 4,12 on GPU].",
+)
 @click.option("--steps", default=4, show_default=True, help="Steps per pass of the pipeline figures.")
 @click.option("--seconds", default=1.0, show_default=True, help="Least timed duration of each figure.")
-@click.option("--train/--no-train", "with_train", default=True, show_default=True, help="Time SimCLR steps (real vs synthetic data).")
+@click.option(
+    "--train/--no-train",
+    "with_train",
+    default=True,
+    show_default=True,
+    help="Time SimCLR steps (real vs synthetic data).",
+)
 @click.option("--train-batch", type=int, help="Images per SimCLR step [default: 32 on CPU, 512 on GPU].")
-@click.option("--train-steps", type=int, help="SimCLR steps per timed epoch [default: 4 on CPU, 16 on GPU]: each epoch "
-              "starts on an idle device, so short epochs understate what a pipeline overlaps.")
+@click.option(
+    "--train-steps",
+    type=int,
+    help="SimCLR steps per timed epoch [default: 4 on CPU, 16 on GPU]: each epoch "
+    "starts on an idle device, so short epochs understate what a pipeline overlaps.",
+)
 @click.option("--backbone", help="Backbone of the SimCLR figures [default: small_resnet on CPU, resnet18 on GPU].")
 @click.option("--decode-files", default=32, show_default=True, help="JPEG files in the decoding figure (0: skip it).")
-@click.option("--kornia/--no-kornia", "with_kornia", default=False, show_default=True,
-              help="Also time kornia.augmentation with the same recipe (needs kornia installed).")
+@click.option(
+    "--kornia/--no-kornia",
+    "with_kornia",
+    default=False,
+    show_default=True,
+    help="Also time kornia.augmentation with the same recipe (needs kornia installed).",
+)
 @click.option("--threads", type=int, help="torch intra-op threads of this process [default: torch's choice].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write all figures and the machine here.")
-def data(device, resolutions, batch_text, workers_text, steps, seconds, with_train, train_batch, train_steps, backbone,
-         decode_files, with_kornia, threads, json_path):
+def data(
+    device,
+    resolutions,
+    batch_text,
+    workers_text,
+    steps,
+    seconds,
+    with_train,
+    train_batch,
+    train_steps,
+    backbone,
+    decode_files,
+    with_kornia,
+    threads,
+    json_path,
+):
     """Augmentation, loader, decoding and training-step throughput of the data pipeline."""
-    dev, chosen, batches, workers = _settings(device, resolutions, batch_text, workers_text, steps, train_steps,
-                                              with_kornia, threads)
+    dev, chosen, batches, workers = _settings(
+        device, resolutions, batch_text, workers_text, steps, train_steps, with_kornia, threads
+    )
     gpu = dev.type == "cuda"
     console = Console()
     figures: list[Figure] = []
@@ -366,8 +489,10 @@ def data(device, resolutions, batch_text, workers_text, steps, seconds, with_tra
         """Print each figure as it lands and rewrite the JSON, so a run cut short keeps what it measured."""
         for f in new:
             workers = "" if f.workers is None else f", {f.workers} workers"
-            console.print(f"  {f.measurement} / {f.path} / {f.resolution or '-'} px{workers}: {f.rate:,.0f} {f.unit}",
-                          highlight=False)
+            console.print(
+                f"  {f.measurement} / {f.path} / {f.resolution or '-'} px{workers}: {f.rate:,.0f} {f.unit}",
+                highlight=False,
+            )
         figures.extend(new)
         if json_path:
             write_json(Path(json_path), {"machine": machine(dev), "figures": [asdict(f) for f in figures]})
@@ -381,8 +506,16 @@ def data(device, resolutions, batch_text, workers_text, steps, seconds, with_tra
         record(decode_figures(decode_files, dev, seconds))
     if with_train:
         console.print("[dim]training steps...[/dim]")
-        record(train_figures(backbone or ("resnet18" if gpu else "small_resnet"), train_batch or (512 if gpu else 32),
-                             train_steps or (16 if gpu else 4), dev, workers, seconds))
+        record(
+            train_figures(
+                backbone or ("resnet18" if gpu else "small_resnet"),
+                train_batch or (512 if gpu else 32),
+                train_steps or (16 if gpu else 4),
+                dev,
+                workers,
+                seconds,
+            )
+        )
     _print_table(console, figures, dev)
     if json_path:
         console.print(f"wrote {json_path}")
@@ -426,6 +559,14 @@ def _print_table(console: Console, figures: list[Figure], dev: torch.device) -> 
     for column in ("measurement", "path", "px", "batch", "workers", "rate", "unit", "notes"):
         table.add_column(column, justify="right" if column in ("px", "batch", "workers", "rate") else "left")
     for f in figures:
-        table.add_row(f.measurement, f.path, str(f.resolution or "-"), str(f.batch), "-" if f.workers is None else str(f.workers),
-                      f"{f.rate:,.0f}", f.unit, "; ".join(f.notes))
+        table.add_row(
+            f.measurement,
+            f.path,
+            str(f.resolution or "-"),
+            str(f.batch),
+            "-" if f.workers is None else str(f.workers),
+            f"{f.rate:,.0f}",
+            f.unit,
+            "; ".join(f.notes),
+        )
     console.print(table)

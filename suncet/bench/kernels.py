@@ -195,8 +195,12 @@ def _variant_floor_ms(n: int, d: int, dtype: str, variant: str, repeats: int, wa
     )
     args = [torch.get_num_threads(), n, d, dtype, repeats, warmup]
     done = subprocess.run(
-        [sys.executable, "-c", code, *map(str, args)], env={**os.environ, "MKL_CBWR": MKL_CODE_PATH[variant]},
-        capture_output=True, text=True, check=True, cwd=tempfile.gettempdir(),
+        [sys.executable, "-c", code, *map(str, args)],
+        env={**os.environ, "MKL_CBWR": MKL_CODE_PATH[variant]},
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tempfile.gettempdir(),
     )
     return float(done.stdout.strip().splitlines()[-1])
 
@@ -305,7 +309,9 @@ def run_grid(
                 z, _, _ = _problem(nn, dd, DTYPES[dt], device)
                 floor = _floor_ms(z, repeats, warmup)
                 variant_floors = {
-                    v: _variant_floor_ms(nn, dd, dt, v, repeats, warmup) for v in (cpu_variants or []) if "cpu" in backend
+                    v: _variant_floor_ms(nn, dd, dt, v, repeats, warmup)
+                    for v in (cpu_variants or [])
+                    if "cpu" in backend
                 }
                 del z
                 for kind in loss:

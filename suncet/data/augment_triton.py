@@ -29,6 +29,9 @@ from torch import Tensor
 
 from suncet.data.recipe import VIEW_COLUMNS, ViewColumn
 
+# `# fmt: skip` keeps the kernels' signatures and launches as tables: runtime arguments, then
+# compile-time constants, a group a line.
+
 _PIXELS = 1024  # output elements per program
 _MAX_ELEMENTS = 2**31  # offsets are int32
 
@@ -36,6 +39,7 @@ _MAX_ELEMENTS = 2**31  # offsets are int32
 def _check_size(name: str, *sizes: int) -> None:
     if math.prod(sizes) >= _MAX_ELEMENTS:
         raise ValueError(f"{name}: a batch of {' x '.join(map(str, sizes))} elements is over 2^31; split the batch")
+
 
 _COLUMNS = tl.constexpr(VIEW_COLUMNS)
 _TOP = tl.constexpr(int(ViewColumn.TOP))
@@ -83,9 +87,7 @@ def _resample(src_ptr, start, length, in_size, out_size, along, stride, ok, TAPS
 
 
 @triton.jit
-def _crop_rows_kernel(
-    images_ptr, params_ptr, rows_ptr, C, H, W, S, TAPS: tl.constexpr, BLOCK: tl.constexpr
-):
+def _crop_rows_kernel(images_ptr, params_ptr, rows_ptr, C, H, W, S, TAPS: tl.constexpr, BLOCK: tl.constexpr):
     """rows[n, c, i, x] for the box's columns x: the box's rows resampled to S, from uint8."""
     plane = tl.program_id(0)
     sample = plane // C
@@ -185,7 +187,11 @@ def _rotate_hue(r, g, b, shift):
     numerator = tl.where(red_max, g - b, tl.where(green_max, b - r, r - g))
     sector = tl.where(red_max, 0.0, tl.where(green_max, 2.0, 4.0)) + 6.0 * shift
     hue6 = numerator / safe_delta + sector
-    return _hue_channel(maxc, delta, hue6, 5.0), _hue_channel(maxc, delta, hue6, 3.0), _hue_channel(maxc, delta, hue6, 1.0)
+    return (
+        _hue_channel(maxc, delta, hue6, 5.0),
+        _hue_channel(maxc, delta, hue6, 3.0),
+        _hue_channel(maxc, delta, hue6, 1.0),
+    )
 
 
 @triton.jit

@@ -116,7 +116,9 @@ def _entries(path: Path) -> list[tuple[int, str]]:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"label file {path} is not UTF-8 text (byte {exc.start}): expected one index or file name a line") from None
+        raise ConfigError(
+            f"label file {path} is not UTF-8 text (byte {exc.start}): expected one index or file name a line"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"label file {path} cannot be read: {exc.strerror}") from None
     for number, line in enumerate(text.splitlines(), start=1):
@@ -158,7 +160,9 @@ def read_subset_file(path: Path, dataset: ImageDataset) -> Tensor:
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"label subset file {path} {what_is_at(path)}; name a text file of training indices or image names")
+        raise ConfigError(
+            f"label subset file {path} {what_is_at(path)}; name a text file of training indices or image names"
+        )
     entries = _entries(path)
     if not entries:
         raise ConfigError(f"label subset file {path} lists no images")
@@ -167,7 +171,9 @@ def read_subset_file(path: Path, dataset: ImageDataset) -> Tensor:
         return _indices(path, entries, len(dataset.train))
     if any(numeric):
         number, entry = entries[numeric.index(True)]
-        raise ConfigError(f"{path}:{number}: {shown(entry)} is an index, but other lines are file names; use one kind per file")
+        raise ConfigError(
+            f"{path}:{number}: {shown(entry)} is an index, but other lines are file names; use one kind per file"
+        )
     names = getattr(dataset.train, "names", None)
     if names is None:
         raise ConfigError(

@@ -20,8 +20,8 @@ from suncet.data.batch import TrainBatch
 from suncet.data.image_batch import images_to
 from suncet.data.recipe import AugmentRecipe
 from suncet.data.sources import ImageSource
-from suncet.errors import CheckpointError
 from suncet.data.transfer import to_device
+from suncet.errors import CheckpointError
 
 
 @dataclass

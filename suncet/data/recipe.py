@@ -59,7 +59,9 @@ def override_recipe(recipe: AugmentRecipe, overrides: dict) -> AugmentRecipe:
             raise ConfigError(f"augment option {which}_crop_size must be a positive integer, got {shown(size)}")
         bounds = [_number(v) for v in scale] if isinstance(scale, (list, tuple)) and len(scale) == 2 else []
         if not (len(bounds) == 2 and None not in bounds and 0 < bounds[0] <= bounds[1] <= 1):
-            raise ConfigError(f"augment option {which}_crop_scale must be [low, high] with 0 < low <= high <= 1, got {shown(scale)}")
+            raise ConfigError(
+                f"augment option {which}_crop_scale must be [low, high] with 0 < low <= high <= 1, got {shown(scale)}"
+            )
         crops[f"{which}_crop"] = CropSpec(size, (bounds[0], bounds[1]))
     fields = {f.name: f for f in dataclasses.fields(AugmentRecipe)}
     for key, value in values.items():
@@ -69,9 +71,13 @@ def override_recipe(recipe: AugmentRecipe, overrides: dict) -> AugmentRecipe:
             raise ConfigError(f"unknown augment option '{key}'; known: {', '.join(known)}")
         current, given = getattr(recipe, key), value
         if isinstance(current, tuple):
-            numbers = [_number(v) for v in value] if isinstance(value, (list, tuple)) and len(value) == len(current) else []
+            numbers = (
+                [_number(v) for v in value] if isinstance(value, (list, tuple)) and len(value) == len(current) else []
+            )
             if len(numbers) != len(current) or not all(v is not None and math.isfinite(v) for v in numbers):
-                raise ConfigError(f"augment option {key} must be a list of {len(current)} finite numbers, got {shown(given)}")
+                raise ConfigError(
+                    f"augment option {key} must be a list of {len(current)} finite numbers, got {shown(given)}"
+                )
             value = tuple(numbers)
         else:
             value = _number(value)

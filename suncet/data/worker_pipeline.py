@@ -26,10 +26,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from suncet.data.batch import TrainBatch
+from suncet.data.pipeline import StepPlan
 from suncet.data.recipe import AugmentRecipe, CropSpec, blur_kernel_size
 from suncet.data.sources import ImageSource, InMemoryImages
 from suncet.errors import ConfigError
-from suncet.data.pipeline import StepPlan
 
 UNLABELED_STREAM, LABELED_STREAM = 0, 1
 _MASK64 = (1 << 64) - 1
@@ -89,8 +89,16 @@ def normalize_views(views: Tensor, recipe: AugmentRecipe) -> Tensor:
 class _StepViews(Dataset):
     """Item (epoch, step, unlabeled indices, labeled indices) -> that step's views, built in a worker."""
 
-    def __init__(self, unlabeled: ImageSource, labeled: ImageSource, recipe: AugmentRecipe,
-                 global_views: int, local_views: int, seed: int, normalize: bool):
+    def __init__(
+        self,
+        unlabeled: ImageSource,
+        labeled: ImageSource,
+        recipe: AugmentRecipe,
+        global_views: int,
+        local_views: int,
+        seed: int,
+        normalize: bool,
+    ):
         self.unlabeled, self.labeled = unlabeled, labeled
         self.global_views, self.local_views = global_views, local_views
         # Views stay uint8 per image; ToDtype and Normalize run once on each collated batch (less
@@ -195,8 +203,15 @@ class WorkerPipeline:
         self.device = torch.device(device)
         self.recipe = recipe
         self.normalize_on_arrival = self.device.type != "cpu"
-        self.steps = _StepViews(_on_cpu(unlabeled), _on_cpu(labeled), recipe, global_views, local_views, seed,
-                                normalize=not self.normalize_on_arrival)
+        self.steps = _StepViews(
+            _on_cpu(unlabeled),
+            _on_cpu(labeled),
+            recipe,
+            global_views,
+            local_views,
+            seed,
+            normalize=not self.normalize_on_arrival,
+        )
         self.sampler = _PlannedSteps()
         self.loader = DataLoader(
             self.steps,

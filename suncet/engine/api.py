@@ -1,9 +1,9 @@
 """The Python API: what ``suncet train`` does, as one call.
 
-    import suncet
-    result = suncet.train(method="simclr", labels="10%", epochs=20, out="runs/quick")
-    print(result.evaluation["top1"])
-    backbone = suncet.load_backbone(result.run_dir)
+import suncet
+result = suncet.train(method="simclr", labels="10%", epochs=20, out="runs/quick")
+print(result.evaluation["top1"])
+backbone = suncet.load_backbone(result.run_dir)
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def _train_and_evaluate(start: Start, console: Console | None, given: frozenset[
         _record_end(start.run_dir, "interrupted", "interrupted at once (a second Ctrl-C), after the last checkpoint")
         raise
     except Exception as exc:
-        _record_end(start.run_dir, "failed", str(exc) if isinstance(exc, SuncetError) else f"{type(exc).__name__}: {exc}")
+        _record_end(
+            start.run_dir, "failed", str(exc) if isinstance(exc, SuncetError) else f"{type(exc).__name__}: {exc}"
+        )
         raise
     _record_end(start.run_dir, "finished")
     distributed.shutdown()

@@ -30,7 +30,6 @@ from suncet.methods import Method, MethodConfig, labeled_term_from_settings, par
 from suncet.optim import parameter_groups
 from suncet.registry import BACKBONES, DATASETS, LABEL_LOSSES, LOGGERS, METHODS, OPTIMIZERS, PluginInfo, plugin_code
 
-
 # Stands in for the dataset's own recipe when augmentation overrides are checked before any
 # data is read (the launcher of a multi-process run checks them once, before workers start).
 _ANY_RECIPE = AugmentRecipe(CropSpec(224, (0.08, 1.0)), CropSpec(96, (0.05, 0.14)), 1.0, 0.5, (0.5,) * 3, (0.25,) * 3)
@@ -46,7 +45,9 @@ def check_settings(config: TrainConfig) -> None:
         parse_label_spec(config.labels)
     parse_every(config.checkpoint_every)
     if config.backend not in ("auto", *BACKENDS):
-        raise ConfigError(f"unknown contrastive backend {shown(config.backend)}; choose one of auto, {', '.join(BACKENDS)}")
+        raise ConfigError(
+            f"unknown contrastive backend {shown(config.backend)}; choose one of auto, {', '.join(BACKENDS)}"
+        )
     LABEL_LOSSES.get(config.label_loss)
     method = METHODS.get(config.method).obj
     if hasattr(method, "Options"):
@@ -73,7 +74,9 @@ class PluginImages:
 
 
 def load_dataset(config: TrainConfig) -> ImageDataset:
-    dataset = DATASETS.create(config.dataset, root=config.data, download=config.download, options=config.dataset_options)
+    dataset = DATASETS.create(
+        config.dataset, root=config.data, download=config.download, options=config.dataset_options
+    )
     plugin = DATASETS.get(config.dataset)
     for split in ("train", "test", "extra_unlabeled"):
         source = getattr(dataset, split)
@@ -142,20 +145,33 @@ def may_skip_parameters(method: Method) -> bool:
     return method.may_skip_parameters or (term is not None and term.may_skip_parameters)
 
 
-def _labeled_sampler(config: TrainConfig, dataset: ImageDataset, labeled: Tensor, method: Method) -> ClassStratifiedSampler | None:
+def _labeled_sampler(
+    config: TrainConfig, dataset: ImageDataset, labeled: Tensor, method: Method
+) -> ClassStratifiedSampler | None:
     if len(labeled) == 0 and method.needs_labels:
-        raise ConfigError(f"method '{config.method}' trains on labeled images, but --labels {config.labels} selects none")
+        raise ConfigError(
+            f"method '{config.method}' trains on labeled images, but --labels {config.labels} selects none"
+        )
     if not method.wants_labeled(0) or len(labeled) == 0:
         return None
     return ClassStratifiedSampler(
-        dataset.train.labels[labeled], config.classes_per_step, config.images_per_class, config.seed,
-        distributed.rank(), distributed.world_size(),
+        dataset.train.labels[labeled],
+        config.classes_per_step,
+        config.images_per_class,
+        config.seed,
+        distributed.rank(),
+        distributed.world_size(),
     )
 
 
 def assemble(
-    config: TrainConfig, run_dir: Path, labeled: Tensor | None = None, checkpoint: dict | None = None,
-    checkpoint_path: Path | None = None, resuming: bool = False, given: frozenset[str] = frozenset(),
+    config: TrainConfig,
+    run_dir: Path,
+    labeled: Tensor | None = None,
+    checkpoint: dict | None = None,
+    checkpoint_path: Path | None = None,
+    resuming: bool = False,
+    given: frozenset[str] = frozenset(),
 ) -> Run:
     """The run of ``config``, to be loaded from ``checkpoint`` (read from ``checkpoint_path``)
     when given: resuming, the checkpoint must come from these very settings; in any case its
@@ -165,14 +181,20 @@ def assemble(
     check_settings(config)
     device = distributed.init_from_environment(config.device)
     if config.sync_bn and distributed.world_size() > 1 and device.type != "cuda":
-        raise ConfigError("--sync-bn with several processes needs CUDA devices (SyncBatchNorm has no CPU implementation)")
+        raise ConfigError(
+            "--sync-bn with several processes needs CUDA devices (SyncBatchNorm has no CPU implementation)"
+        )
     torch.manual_seed(config.seed)
     dataset = load_dataset(config)
     if labeled is None:
         labeled = choose_labeled(config, dataset)
-    unlabeled = dataset.train if dataset.extra_unlabeled is None else ConcatImages(dataset.train, dataset.extra_unlabeled)
+    unlabeled = (
+        dataset.train if dataset.extra_unlabeled is None else ConcatImages(dataset.train, dataset.extra_unlabeled)
+    )
     config, adapted = fit_to_data(config, dataset, labeled, len(unlabeled), distributed.world_size(), given)
-    unlabeled_sampler = UnlabeledSampler(len(unlabeled), config.batch_size, config.seed, distributed.rank(), distributed.world_size())
+    unlabeled_sampler = UnlabeledSampler(
+        len(unlabeled), config.batch_size, config.seed, distributed.rank(), distributed.world_size()
+    )
     if checkpoint is not None:
         if resuming:
             check_compatible(config, checkpoint, run_dir)  # as fitted to the data, as the checkpoint's was
@@ -187,16 +209,30 @@ def assemble(
         LOGGERS.get(name)  # an unknown name fails here, on every rank, before any file is written
     labeled_sampler = _labeled_sampler(config, dataset, labeled, method)
     optimizer = OPTIMIZERS.create(
-        config.optimizer, parameter_groups(method, config.weight_decay), lr=config.lr,
-        weight_decay=config.weight_decay, momentum=config.momentum, options=config.optimizer_options,
+        config.optimizer,
+        parameter_groups(method, config.weight_decay),
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        momentum=config.momentum,
+        options=config.optimizer_options,
     )
     train_images = on_device(dataset.train, device) if config.data_pipeline == "device" else dataset.train
     if dataset.extra_unlabeled is None:
         unlabeled = train_images
     return Run(
-        config=config, run_dir=run_dir, device=device, dataset=dataset, labeled=labeled, method=method,
-        optimizer=optimizer, unlabeled=unlabeled, train_images=train_images, unlabeled_sampler=unlabeled_sampler,
-        labeled_sampler=labeled_sampler, backbone_args=backbone_args_of(config, dataset), adapted=adapted,
+        config=config,
+        run_dir=run_dir,
+        device=device,
+        dataset=dataset,
+        labeled=labeled,
+        method=method,
+        optimizer=optimizer,
+        unlabeled=unlabeled,
+        train_images=train_images,
+        unlabeled_sampler=unlabeled_sampler,
+        labeled_sampler=labeled_sampler,
+        backbone_args=backbone_args_of(config, dataset),
+        adapted=adapted,
     )
 
 
@@ -205,9 +241,19 @@ def make_pipeline(run: Run) -> Pipeline:
     method, recipe, device, config = run.method, run.dataset.recipe, run.device, run.config
     seed = config.seed + 1_000_003 * distributed.rank()
     if config.data_pipeline == "workers":
-        return WorkerPipeline(run.unlabeled, run.train_images, recipe, method.global_views, method.local_views,
-                              device, seed, num_workers=config.num_workers)
-    return DevicePipeline(run.unlabeled, run.train_images, recipe, method.global_views, method.local_views, device, seed)
+        return WorkerPipeline(
+            run.unlabeled,
+            run.train_images,
+            recipe,
+            method.global_views,
+            method.local_views,
+            device,
+            seed,
+            num_workers=config.num_workers,
+        )
+    return DevicePipeline(
+        run.unlabeled, run.train_images, recipe, method.global_views, method.local_views, device, seed
+    )
 
 
 def wrap_model(run: Run) -> nn.Module:
@@ -222,10 +268,17 @@ def wrap_model(run: Run) -> nn.Module:
         # all with --sync-bn. Wrapping copies rank 0's buffers to every rank, so state that differs
         # between ranks (Method.rank_state) is restored after it (loop.train).
         ddp = torch.nn.parallel.DistributedDataParallel
-        per_rank_buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                            else {"broadcast_buffers": False})  # before torch 2.13
-        model = ddp(model, device_ids=[run.device] if run.device.type == "cuda" else None,
-                    find_unused_parameters=may_skip_parameters(run.method), **per_rank_buffers)
+        per_rank_buffers = (
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(ddp).parameters
+            else {"broadcast_buffers": False}
+        )  # before torch 2.13
+        model = ddp(
+            model,
+            device_ids=[run.device] if run.device.type == "cuda" else None,
+            find_unused_parameters=may_skip_parameters(run.method),
+            **per_rank_buffers,
+        )
     if run.config.compile != "none":
         model = torch.compile(model, mode=run.config.compile)
     return model

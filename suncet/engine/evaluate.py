@@ -13,8 +13,15 @@ from suncet.config import TrainConfig
 from suncet.data import InMemoryImages
 from suncet.engine import rundir
 from suncet.engine.assemble import assemble
+from suncet.engine.protocols import (
+    extract_features,
+    finetune,
+    knn_classify,
+    linear_probe,
+    raw_pixel_baseline,
+    snn_classify,
+)
 from suncet.engine.run import Run
-from suncet.engine.protocols import extract_features, finetune, knn_classify, linear_probe, raw_pixel_baseline, snn_classify
 from suncet.engine.state import load_checkpoint
 from suncet.errors import ConfigError, NonFiniteError
 from suncet.registry import METHODS, plugin_code
@@ -54,15 +61,24 @@ def evaluate_run(
         train_labels = dataset.train.labels[bank].to(device)
         if protocol == "knn":
             scores = knn_classify(
-                train_features, train_labels, test_features, dataset.test.labels, dataset.num_classes, k=run.config.knn_k
+                train_features,
+                train_labels,
+                test_features,
+                dataset.test.labels,
+                dataset.num_classes,
+                k=run.config.knn_k,
             )
         elif protocol == "snn":
             scores = snn_classify(train_features, train_labels, test_features, dataset.test.labels, dataset.num_classes)
         else:
             scores = linear_probe(train_features, train_labels, test_features, dataset.test.labels, dataset.num_classes)
     covered = int(torch.unique(dataset.train.labels[bank]).numel())
-    result = {"protocol": protocol, "labeled_images": len(bank), "labeled_classes": covered,
-              **_covered(scores.as_dict(), covered)}
+    result = {
+        "protocol": protocol,
+        "labeled_images": len(bank),
+        "labeled_classes": covered,
+        **_covered(scores.as_dict(), covered),
+    }
     if baseline and isinstance(dataset.train, InMemoryImages) and dataset.image_size <= 32:
         result["raw_pixels"] = _covered(raw_pixel_baseline(dataset, bank, device).as_dict(), covered)
     return result
@@ -96,8 +112,9 @@ def check_finite(weights: dict[str, Tensor], source: Path) -> None:
     """Refuse weights holding NaN or inf: any accuracy measured on them would be meaningless."""
     bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
-        raise NonFiniteError(f"the weights in {source} are not finite ({bad}); "
-                             "the training diverged, there is nothing to evaluate")
+        raise NonFiniteError(
+            f"the weights in {source} are not finite ({bad}); the training diverged, there is nothing to evaluate"
+        )
 
 
 def final_evaluation(run_dir: Path, config: TrainConfig) -> dict | None:

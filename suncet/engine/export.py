@@ -35,7 +35,9 @@ DESCRIPTION_VERSION = 1
 # Bounds on what a file may declare of its inputs, checked before a model is built from it.
 MAX_CHANNELS = 1024
 MAX_IMAGE_SIZE = 16384
-_SAFETENSORS_HINT = "reading and writing .safetensors files needs the safetensors package: pip install 'suncet[safetensors]'"
+_SAFETENSORS_HINT = (
+    "reading and writing .safetensors files needs the safetensors package: pip install 'suncet[safetensors]'"
+)
 
 
 def _safetensors():
@@ -67,9 +69,16 @@ def _checked_description(info: object, source: Path) -> dict:
     whole("image_size", MAX_IMAGE_SIZE)
     for key, low in (("mean", -math.inf), ("std", 0.0)):
         values = info.get(key)
-        if not (isinstance(values, list) and len(values) == info["in_channels"] and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > low for v in values)):
-            refuse(key, f"{info['in_channels']} finite numbers (one per input channel){', each > 0' if low == 0 else ''}")
+        if not (
+            isinstance(values, list)
+            and len(values) == info["in_channels"]
+            and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > low for v in values
+            )
+        ):
+            refuse(
+                key, f"{info['in_channels']} finite numbers (one per input channel){', each > 0' if low == 0 else ''}"
+            )
     return info
 
 
@@ -83,8 +92,9 @@ def _backbone_holding(info: dict, weights: dict[str, Tensor], source: Path) -> n
     check_finite(weights, source)
 
     def build() -> nn.Module:
-        return BACKBONES.create(info["backbone"], options=info["options"], in_channels=info["in_channels"],
-                                image_size=info["image_size"])
+        return BACKBONES.create(
+            info["backbone"], options=info["options"], in_channels=info["in_channels"], image_size=info["image_size"]
+        )
 
     try:
         with torch.device("meta"):
@@ -92,8 +102,10 @@ def _backbone_holding(info: dict, weights: dict[str, Tensor], source: Path) -> n
     except SuncetError:
         raise
     except Exception as exc:  # a plugin's own error while building from stated options
-        raise ConfigError(f"{source}: backbone '{info['backbone']}' cannot be built from {shown(info['options'])}: "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}") from None
+        raise ConfigError(
+            f"{source}: backbone '{info['backbone']}' cannot be built from {shown(info['options'])}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        ) from None
     check_state_matches(shell.state_dict(), weights, source)
     backbone = build()
     backbone.load_state_dict(weights)
@@ -112,7 +124,7 @@ def _from_run(run_dir: Path) -> tuple[nn.Module, dict]:
     info = _checked_description(describe(config, args, normalisation), checkpoint)
     # The network the method names for evaluation (Method.evaluated_backbone; older checkpoints: the backbone).
     prefix = f"{state.get('evaluated', 'backbone')}."
-    weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    weights = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
     backbone = _backbone_holding(info, weights, checkpoint)
     return backbone, {**info, "feature_dim": backbone.feature_dim}
 
@@ -139,9 +151,13 @@ def _from_safetensors(path: Path) -> nn.Module:
             metadata = handle.metadata() or {}
             weights = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:  # the library reports a damaged header in its own exception types
-        raise ConfigError(f"{path} cannot be read as a safetensors file: {str(exc).strip().splitlines()[0][:200]}") from None
+        raise ConfigError(
+            f"{path} cannot be read as a safetensors file: {str(exc).strip().splitlines()[0][:200]}"
+        ) from None
     if METADATA_KEY not in metadata:
-        raise ConfigError(f"{path} is a safetensors file but not a suncet backbone export (no '{METADATA_KEY}' metadata)")
+        raise ConfigError(
+            f"{path} is a safetensors file but not a suncet backbone export (no '{METADATA_KEY}' metadata)"
+        )
     try:
         info = json.loads(metadata[METADATA_KEY])
     except ValueError:
@@ -162,8 +178,11 @@ def load_backbone(source: Path | str, device: str | torch.device = "cpu") -> nn.
     elif source.is_file():
         backbone = _from_safetensors(source)
     else:
-        raise ConfigError(f"{source}: no such run directory or exported backbone file" if not source.exists()
-                          else f"{source} {what_is_at(source)}, not a run directory or an exported backbone file")
+        raise ConfigError(
+            f"{source}: no such run directory or exported backbone file"
+            if not source.exists()
+            else f"{source} {what_is_at(source)}, not a run directory or an exported backbone file"
+        )
     return backbone.to(device).eval()
 
 
@@ -183,7 +202,11 @@ def export_backbone(
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got '{format}'")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ConfigError(f"{run_dir}: no such run directory" if not run_dir.exists() else f"{run_dir} {what_is_at(run_dir)}, not a run directory")
+        raise ConfigError(
+            f"{run_dir}: no such run directory"
+            if not run_dir.exists()
+            else f"{run_dir} {what_is_at(run_dir)}, not a run directory"
+        )
     default = run_dir / ("backbone.safetensors" if format == "safetensors" else f"backbone-{format}.pt")
     out = rundir.check_output_file(default if out is None else out, overwrite, "--out", own_run=run_dir)
     backbone, info = _from_run(run_dir)

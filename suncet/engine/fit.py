@@ -43,12 +43,18 @@ def _repetition_note(config: TrainConfig, dataset: ImageDataset, labeled: Tensor
     if fewest >= config.images_per_class:
         return []
     name = dataset.class_names[int(classes[counts.argmin()])] if dataset.class_names else int(classes[counts.argmin()])
-    return [f"class {name} has {max(fewest, 1)} labeled image(s) per rank, fewer than --images-per-class "
-            f"{config.images_per_class}: a step repeats them under other augmentations"]
+    return [
+        f"class {name} has {max(fewest, 1)} labeled image(s) per rank, fewer than --images-per-class "
+        f"{config.images_per_class}: a step repeats them under other augmentations"
+    ]
 
 
 def fit_to_data(
-    config: TrainConfig, dataset: ImageDataset, labeled: Tensor, unlabeled: int, world_size: int,
+    config: TrainConfig,
+    dataset: ImageDataset,
+    labeled: Tensor,
+    unlabeled: int,
+    world_size: int,
     given: frozenset[str] = frozenset(),
 ) -> tuple[TrainConfig, list[str]]:
     """``config`` with the settings the user did not give (``given``: see presets.given_keys)
@@ -69,6 +75,8 @@ def fit_to_data(
     if changes:
         unfitted = scale_learning_rates(config, world_size, given)
         if fitted.lr != unfitted.lr:
-            notes.append(f"--lr {fitted.lr:.4g} (not {unfitted.lr:.4g}): the rates follow the global batch, now "
-                         f"{fitted.lr_batch} ({fitted.lr_batch_counts})")
+            notes.append(
+                f"--lr {fitted.lr:.4g} (not {unfitted.lr:.4g}): the rates follow the global batch, now "
+                f"{fitted.lr_batch} ({fitted.lr_batch_counts})"
+            )
     return fitted, notes + _repetition_note(fitted, dataset, labeled, world_size)

@@ -67,9 +67,12 @@ class Meters:
         state = state or {"sums": {}, "counts": {}}
         self.names: list[str] = list(state["sums"])
         # Checkpoints written before per-term counts held one count for every term.
-        self.counts: dict[str, int] = {k: int(state["counts"][k]) if "counts" in state else int(state["steps"])
-                                       for k in self.names}
-        self.sums: Tensor | None = torch.tensor(list(state["sums"].values()), dtype=torch.float64) if self.names else None
+        self.counts: dict[str, int] = {
+            k: int(state["counts"][k]) if "counts" in state else int(state["steps"]) for k in self.names
+        }
+        self.sums: Tensor | None = (
+            torch.tensor(list(state["sums"].values()), dtype=torch.float64) if self.names else None
+        )
         self.first_bad: tuple[Tensor, Tensor] | None = None  # (step, term values) on the device
 
     def add(self, terms: dict[str, Tensor], step: int) -> None:
@@ -82,8 +85,9 @@ class Meters:
                 seen, previous = self.first_bad
                 self.first_bad = (seen, torch.cat([previous, previous.new_zeros(len(new))]))
         some = terms["loss"].detach()
-        values = torch.stack([terms[k].detach().float() if k in terms else some.new_zeros((), dtype=torch.float32)
-                              for k in self.names]).double()
+        values = torch.stack(
+            [terms[k].detach().float() if k in terms else some.new_zeros((), dtype=torch.float32) for k in self.names]
+        ).double()
         self.sums = values if self.sums is None else self.sums.to(values.device) + values
         for k in terms:
             self.counts[k] = self.counts.get(k, 0) + 1
@@ -153,7 +157,9 @@ class Loop:
 
     def rate(self) -> float:
         """Images per second over the epoch so far."""
-        return (self.progress.images_seen - self.epoch_images) / max(self.epoch_seconds + time.perf_counter() - self.mark, 1e-9)
+        return (self.progress.images_seen - self.epoch_images) / max(
+            self.epoch_seconds + time.perf_counter() - self.mark, 1e-9
+        )
 
     def lap(self) -> None:
         """Count the time since the last lap as training time."""
@@ -167,9 +173,16 @@ class Loop:
         return [v > 0 for v in distributed.all_reduce_max(flags.float().to(self.run.device)).tolist()]
 
     def checkpoint(self, sampler_state: dict | None) -> None:
-        state = checkpoint_state(self.run, self.pipeline, dataclasses.asdict(self.progress), self.meters.state_dict(), sampler_state)
+        state = checkpoint_state(
+            self.run, self.pipeline, dataclasses.asdict(self.progress), self.meters.state_dict(), sampler_state
+        )
         if distributed.is_main_process():
-            save_rotating(self.run.run_dir / rundir.CHECKPOINTS, self.progress.global_step, state, self.run.config.keep_checkpoints)
+            save_rotating(
+                self.run.run_dir / rundir.CHECKPOINTS,
+                self.progress.global_step,
+                state,
+                self.run.config.keep_checkpoints,
+            )
         self.policy.saved()
 
     def stop_run(self, where: str) -> None:
@@ -203,8 +216,10 @@ def step(loop: Loop, batch: TrainBatch) -> dict[str, Tensor] | None:
     loop.lr = loop.schedule(loop.progress.global_step)
     for group in run.optimizer.param_groups:
         group["lr"] = loop.lr
-    with plugin_code(loop.method_plugin, "forward"), \
-            torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
+    with (
+        plugin_code(loop.method_plugin, "forward"),
+        torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.device.type == "cuda"),
+    ):
         terms = loop.model(batch)
     if cfg.skip_nonfinite and loop.agreed(~torch.isfinite(terms["loss"]).view(1))[0]:
         skip_step(loop, terms)
@@ -232,8 +247,13 @@ def skip_step(loop: Loop, terms: dict[str, Tensor]) -> None:
     if loop.progress.skipped_steps >= loop.run.config.skip_nonfinite:
         raise nonfinite_error(loop, where)
     loop.progress.skipped_steps += 1
-    loop.console.print(styled(("skipped", "yellow"), f" a non-finite step at epoch {loop.progress.epoch + 1}, {where} "
-                              f"({loop.progress.skipped_steps}/{loop.run.config.skip_nonfinite})"))
+    loop.console.print(
+        styled(
+            ("skipped", "yellow"),
+            f" a non-finite step at epoch {loop.progress.epoch + 1}, {where} "
+            f"({loop.progress.skipped_steps}/{loop.run.config.skip_nonfinite})",
+        )
+    )
 
 
 def first_nonfinite(values: dict[str, float]) -> str:
@@ -246,14 +266,18 @@ def sync(loop: Loop, terms: dict[str, Tensor] | None) -> tuple[bool, bool]:
     """Wait for the device: stop on a non-finite loss, read the last loss, and agree across
     ranks on (stop requested, checkpoint due by the clock)."""
     device = loop.run.device
-    flags = torch.stack([
-        loop.meters.nonfinite(device),
-        torch.tensor(loop.stop.requested, device=device),
-        torch.tensor(loop.policy.minutes_due(), device=device),
-    ])
+    flags = torch.stack(
+        [
+            loop.meters.nonfinite(device),
+            torch.tensor(loop.stop.requested, device=device),
+            torch.tensor(loop.policy.minutes_due(), device=device),
+        ]
+    )
     nonfinite, stopping, due = loop.agreed(flags)
     if nonfinite:
-        raise nonfinite_error(loop, loop.meters.describe_first_bad() if loop.meters.nonfinite(device).item() else "on another rank")
+        raise nonfinite_error(
+            loop, loop.meters.describe_first_bad() if loop.meters.nonfinite(device).item() else "on another rank"
+        )
     if terms is not None:
         values = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
         loop.last_loss = values["loss"]
@@ -265,7 +289,7 @@ def train_one_epoch(loop: Loop, epoch: int) -> tuple[dict, bool]:
     """The epoch's remaining steps; returns its metrics row and whether a checkpoint is due."""
     run, progress, cfg = loop.run, loop.progress, loop.run.config
     sampler_at_start = run.labeled_sampler.state_dict() if run.labeled_sampler else None
-    plans = plan_epoch(run, epoch)[progress.step_in_epoch:]
+    plans = plan_epoch(run, epoch)[progress.step_in_epoch :]
     loop.epoch_images, loop.epoch_seconds, loop.mark = progress.images_seen, 0.0, time.perf_counter()
     due_at_end = False
     for plan, batch in zip(plans, loop.pipeline.batches(plans, epoch, progress.global_step)):
@@ -287,12 +311,22 @@ def train_one_epoch(loop: Loop, epoch: int) -> tuple[dict, bool]:
                 loop.checkpoint(sampler_at_start)
                 if stopping:
                     loop.stop_run(f"at epoch {epoch + 1}, step {progress.global_step}")
-        loop.bar.update(loop.task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs}",
-                        status=f"loss {loop.last_loss:.3f} lr {loop.lr:.3g} {loop.rate():,.0f} img/s")
+        loop.bar.update(
+            loop.task,
+            advance=1,
+            description=f"epoch {epoch + 1}/{cfg.epochs}",
+            status=f"loss {loop.last_loss:.3f} lr {loop.lr:.3g} {loop.rate():,.0f} img/s",
+        )
     loop.lap()
-    row = {"epoch": epoch + 1, "step": progress.global_step, **loop.meters.means(run.device), "lr": loop.lr,
-           "images_seen": progress.images_seen, "train_seconds": round(progress.train_seconds, 3),
-           "images_per_second": round((progress.images_seen - loop.epoch_images) / max(loop.epoch_seconds, 1e-9), 1)}
+    row = {
+        "epoch": epoch + 1,
+        "step": progress.global_step,
+        **loop.meters.means(run.device),
+        "lr": loop.lr,
+        "images_seen": progress.images_seen,
+        "train_seconds": round(progress.train_seconds, 3),
+        "images_per_second": round((progress.images_seen - loop.epoch_images) / max(loop.epoch_seconds, 1e-9), 1),
+    }
     return row, due_at_end
 
 
@@ -313,8 +347,14 @@ def finish_epoch(loop: Loop, epoch: int, row: dict, due: bool) -> None:
     if distributed.is_main_process():
         monitor(run, row, epoch)
         loop.loggers.log_epoch(epoch + 1, row)
-    loop.console.print(plain(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(
-        f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step", "train_seconds", "images_seen"))))
+    loop.console.print(
+        plain(
+            f"epoch {epoch + 1}/{cfg.epochs}  "
+            + "  ".join(
+                f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step", "train_seconds", "images_seen")
+            )
+        )
+    )
     loop.progress.epoch, loop.progress.step_in_epoch = epoch + 1, 0
     loop.meters = Meters()
     stopping = loop.agreed(torch.tensor([loop.stop.requested]))[0]
@@ -331,14 +371,18 @@ def train(run: Run, state: dict | None = None, console: Console | None = None) -
     cfg, main_process = run.config, distributed.is_main_process()
     console = (console or Terminal()) if main_process else Terminal(quiet=True)
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
-    console.print(styled(
-        (cfg.method, "bold"), f" on {cfg.dataset}" + (f" (preset {cfg.preset})" if cfg.preset else "")
-        + f": {len(run.unlabeled)} unlabeled, {len(run.labeled)} labeled "
-        f"({cfg.labels}), {cfg.backbone}, {cfg.epochs} epochs x {run.unlabeled_sampler.steps_per_epoch} steps, "
-        f"{distributed.world_size()} x {run.device}, lr {cfg.lr:.4g}"
-        + (f" (for a global batch of {cfg.lr_batch})" if cfg.lr_batch else "")
-        + f", backend {cfg.backend}, compile {cfg.compile} -> {run.run_dir}"
-    ))
+    console.print(
+        styled(
+            (cfg.method, "bold"),
+            f" on {cfg.dataset}"
+            + (f" (preset {cfg.preset})" if cfg.preset else "")
+            + f": {len(run.unlabeled)} unlabeled, {len(run.labeled)} labeled "
+            f"({cfg.labels}), {cfg.backbone}, {cfg.epochs} epochs x {run.unlabeled_sampler.steps_per_epoch} steps, "
+            f"{distributed.world_size()} x {run.device}, lr {cfg.lr:.4g}"
+            + (f" (for a global batch of {cfg.lr_batch})" if cfg.lr_batch else "")
+            + f", backend {cfg.backend}, compile {cfg.compile} -> {run.run_dir}",
+        )
+    )
     for note in run.adapted:
         console.print(styled(("fitted to the data:", "yellow"), f" {note}"))
     pipeline = make_pipeline(run)
@@ -356,14 +400,39 @@ def train(run: Run, state: dict | None = None, console: Console | None = None) -
         console.print(plain(f"resuming {run.run_dir} at epoch {progress.epoch}, step {progress.step_in_epoch}"))
     loggers = Loggers(cfg, run.run_dir, progress.epoch, progress.global_step, build=main_process)
     if len(run.labeled) == 0 and (cfg.monitor_every or cfg.probe_every or cfg.final_eval != "none"):
-        console.print(plain("no labeled images (--labels 0%): the kNN and linear monitors and the final evaluation are off"))
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
+        console.print(
+            plain("no labeled images (--labels 0%): the kNN and linear monitors and the final evaluation are off")
+        )
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeRemainingColumn(),
+    ]
     row: dict = {}
-    with StopRequests(announce=lambda line: console.print(plain(line))) as stop, ProgressBar(*columns, console=console, transient=True) as bar, \
-            contextlib.closing(pipeline), contextlib.closing(loggers):
-        loop = Loop(run, model, pipeline, console, stop, CheckpointPolicy(cfg.checkpoint_every), progress, meters,
-                    bar, loggers, METHODS.get(cfg.method), OPTIMIZERS.get(cfg.optimizer))
-        loop.task = bar.add_task("train", total=cfg.epochs * loop.steps_per_epoch, completed=progress.global_step, status="")
+    with (
+        StopRequests(announce=lambda line: console.print(plain(line))) as stop,
+        ProgressBar(*columns, console=console, transient=True) as bar,
+        contextlib.closing(pipeline),
+        contextlib.closing(loggers),
+    ):
+        loop = Loop(
+            run,
+            model,
+            pipeline,
+            console,
+            stop,
+            CheckpointPolicy(cfg.checkpoint_every),
+            progress,
+            meters,
+            bar,
+            loggers,
+            METHODS.get(cfg.method),
+            OPTIMIZERS.get(cfg.optimizer),
+        )
+        loop.task = bar.add_task(
+            "train", total=cfg.epochs * loop.steps_per_epoch, completed=progress.global_step, status=""
+        )
         run.method.train()
         for epoch in range(progress.epoch, cfg.epochs):
             row, due = train_one_epoch(loop, epoch)
@@ -372,10 +441,18 @@ def train(run: Run, state: dict | None = None, console: Console | None = None) -
     return row
 
 
-def train_run(config, run_dir, state: dict | None = None, console: Console | None = None,
-              given: frozenset[str] = frozenset()) -> dict:
+def train_run(
+    config, run_dir, state: dict | None = None, console: Console | None = None, given: frozenset[str] = frozenset()
+) -> dict:
     """Assemble the run of ``config`` in ``run_dir`` (``given``: the settings the user gave) and
     train it (from ``state`` when given)."""
-    run = assemble(config, run_dir, labeled=state["labeled"] if state else None, checkpoint=state,
-                   checkpoint_path=run_dir / rundir.CHECKPOINTS, resuming=True, given=given)
+    run = assemble(
+        config,
+        run_dir,
+        labeled=state["labeled"] if state else None,
+        checkpoint=state,
+        checkpoint_path=run_dir / rundir.CHECKPOINTS,
+        resuming=True,
+        given=given,
+    )
     return train(run, state, console)

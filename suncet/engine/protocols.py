@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from suncet.data import ImageDataset, ImageSource
 from suncet.data.augment import BatchAugment, eval_transform
 from suncet.data.recipe import AugmentRecipe
-from suncet.data import ImageDataset, ImageSource
 from suncet.losses.paws import soft_nearest_neighbours
 
 
@@ -40,7 +40,11 @@ def topk_scores(logits: Tensor, targets: Tensor, num_classes: int) -> Scores:
 
 @torch.no_grad()
 def extract_features(
-    backbone: nn.Module, source: ImageSource, dataset: ImageDataset, device: torch.device, batch_size: int = 512,
+    backbone: nn.Module,
+    source: ImageSource,
+    dataset: ImageDataset,
+    device: torch.device,
+    batch_size: int = 512,
     indices: Tensor | None = None,
 ) -> Tensor:
     """Backbone features (fp32, on ``device``) of the deterministic view of each image."""
@@ -57,8 +61,13 @@ def extract_features(
 
 
 def knn_classify(
-    train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
-    num_classes: int, k: int = 20, temperature: float = 0.07,
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
 ) -> Scores:
     """Cosine kNN with exp(sim / T) weighted votes (the usual self-supervised monitor)."""
     train = F.normalize(train_features, dim=1)
@@ -75,8 +84,12 @@ def knn_classify(
 
 
 def snn_classify(
-    train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
-    num_classes: int, temperature: float = 0.1,
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    num_classes: int,
+    temperature: float = 0.1,
 ) -> Scores:
     """PAWS's soft nearest-neighbour classifier: each test image's class probabilities are the
     labels of every labeled image, weighted by a softmax of cosine similarity / ``temperature``;
@@ -90,8 +103,13 @@ def snn_classify(
 
 
 def linear_probe(
-    train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
-    num_classes: int, weight_decay: float = 1e-3, max_iter: int = 300,
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    num_classes: int,
+    weight_decay: float = 1e-3,
+    max_iter: int = 300,
 ) -> Scores:
     """Multinomial logistic regression on frozen features, fit by L-BFGS (deterministic).
 
@@ -154,8 +172,15 @@ class FinetuneSettings:
 
 
 def finetune_settings(
-    num_labeled: int, num_train: int, *, epochs: int | None = None, batch_size: int = 256, base_lr: float = 0.05,
-    momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0,
+    num_labeled: int,
+    num_train: int,
+    *,
+    epochs: int | None = None,
+    batch_size: int = 256,
+    base_lr: float = 0.05,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    weight_decay: float = 0.0,
 ) -> FinetuneSettings:
     """SimCLR's fine-tuning settings, which the paper follows (method.md section 7): Nesterov
     momentum 0.9, lr = base_lr x B / 256 with B the fine-tuning batch (0.8 at 4096), no weight
@@ -179,23 +204,42 @@ def finetune_recipe(recipe: AugmentRecipe) -> AugmentRecipe:
 
 def finetune_optimizer(model: nn.Module, settings: FinetuneSettings) -> torch.optim.SGD:
     return torch.optim.SGD(
-        model.parameters(), lr=settings.lr, momentum=settings.momentum, nesterov=settings.nesterov,
+        model.parameters(),
+        lr=settings.lr,
+        momentum=settings.momentum,
+        nesterov=settings.nesterov,
         weight_decay=settings.weight_decay,
     )
 
 
 def finetune(
-    backbone: nn.Module, dataset: ImageDataset, labeled: Tensor, device: torch.device, *,
-    epochs: int | None = None, batch_size: int = 256, base_lr: float = 0.05, momentum: float = 0.9,
-    nesterov: bool = True, weight_decay: float = 0.0, recipe: AugmentRecipe | None = None, seed: int = 0,
+    backbone: nn.Module,
+    dataset: ImageDataset,
+    labeled: Tensor,
+    device: torch.device,
+    *,
+    epochs: int | None = None,
+    batch_size: int = 256,
+    base_lr: float = 0.05,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    weight_decay: float = 0.0,
+    recipe: AugmentRecipe | None = None,
+    seed: int = 0,
 ) -> Scores:
     """The paper's protocol: drop the head, add a zero-initialised linear layer, fine-tune the
     whole network on the labeled subset only, then test. Defaults are ``finetune_settings``'s
     and ``finetune_recipe`` of the dataset's recipe; each argument overrides one of them. The
     learning rate follows a cosine from its peak to 0 per step, as SimCLR's fine-tuning does."""
     settings = finetune_settings(
-        len(labeled), len(dataset.train), epochs=epochs, batch_size=batch_size, base_lr=base_lr,
-        momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+        len(labeled),
+        len(dataset.train),
+        epochs=epochs,
+        batch_size=batch_size,
+        base_lr=base_lr,
+        momentum=momentum,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
     )
     torch.manual_seed(seed)
     model = nn.Sequential(copy.deepcopy(backbone), nn.Linear(backbone.feature_dim, dataset.num_classes)).to(device)

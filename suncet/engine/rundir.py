@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
-import itertools
 import os
 import re
 import socket
@@ -28,11 +28,11 @@ from typing import Any, Callable
 
 from torch import Tensor
 
+from suncet import terminal
 from suncet.config import TrainConfig, config_from_saved, load_yaml, to_yaml
 from suncet.data.labels import LABELS_HEADER, labels_text
 from suncet.engine.files import fsync_directory, remove_partial_writes, write_atomic
 from suncet.engine.state import find_checkpoint
-from suncet import terminal
 from suncet.errors import ConfigError, shown, what_is_at
 
 CONFIG_FILE = "config.yaml"
@@ -104,7 +104,9 @@ def append_metrics_row(run_dir: Path, row: dict) -> None:
 def truncate_metrics(run_dir: Path, completed_epochs: int) -> None:
     """Drop rows of epochs the checkpoint does not cover (written after it, then lost)."""
     if (Path(run_dir) / METRICS_FILE).exists():
-        write_csv(Path(run_dir) / METRICS_FILE, [r for r in read_metrics(run_dir) if int(r["epoch"]) <= completed_epochs])
+        write_csv(
+            Path(run_dir) / METRICS_FILE, [r for r in read_metrics(run_dir) if int(r["epoch"]) <= completed_epochs]
+        )
 
 
 def write_run_files(run_dir: Path, config: TrainConfig, labeled: Tensor, fresh: bool) -> Path | None:
@@ -125,8 +127,11 @@ def move_aside(run_dir: Path) -> Path | None:
     All or nothing: an entry that cannot be moved (read-only, a mount point, a stop request
     half-way) moves the others back, and the message says where everything is."""
     run_dir = Path(run_dir)
-    entries = sorted(p for p in run_dir.iterdir() if p.name != LOCK_FILE and not _is_set_aside_folder(p)) \
-        if run_dir.is_dir() else []
+    entries = (
+        sorted(p for p in run_dir.iterdir() if p.name != LOCK_FILE and not _is_set_aside_folder(p))
+        if run_dir.is_dir()
+        else []
+    )
     if not entries:
         return None
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -227,8 +232,10 @@ def check_output_file(out: Path | str, overwrite: bool, flag: str, own_run: Path
         if ancestor == own and folder == own and not (is_suncet_file(out.name) and not out.name.startswith("backbone")):
             break
         if ancestor == own:
-            raise ConfigError(f"{flag} {out} is one of the run's own files or folders; write beside them in {own} "
-                              "under another name, or outside the run")
+            raise ConfigError(
+                f"{flag} {out} is one of the run's own files or folders; write beside them in {own} "
+                "under another name, or outside the run"
+            )
         raise ConfigError(f"{flag} {out} is inside another run directory, {ancestor}; choose a file outside it")
     return out
 
@@ -276,10 +283,16 @@ def write_status(run_dir: Path, state: str, reason: str | None = None) -> None:
     """Record where the run stands. 'running' names this process, so that a later reader can tell
     a live run from one whose process was killed before it could say so."""
     first_line = reason.strip().splitlines()[0] if reason and reason.strip() else None
-    write_json(Path(run_dir) / STATUS_FILE, {
-        "state": state, "reason": first_line, "pid": os.getpid(), "host": socket.gethostname(),
-        "time": datetime.now().astimezone().isoformat(timespec="seconds"),
-    })
+    write_json(
+        Path(run_dir) / STATUS_FILE,
+        {
+            "state": state,
+            "reason": first_line,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "time": datetime.now().astimezone().isoformat(timespec="seconds"),
+        },
+    )
 
 
 def owns_status(run_dir: Path) -> bool:
@@ -288,8 +301,12 @@ def owns_status(run_dir: Path) -> bool:
         status = read_status(run_dir)
     except ConfigError:
         return False
-    return bool(status and status["state"] == "running" and status["pid"] == os.getpid()
-                and status["host"] == socket.gethostname())
+    return bool(
+        status
+        and status["state"] == "running"
+        and status["pid"] == os.getpid()
+        and status["host"] == socket.gethostname()
+    )
 
 
 def default_run_dir(config: TrainConfig) -> Path:
@@ -337,7 +354,9 @@ class RunLock:
         except BlockingIOError:
             holder = self.handle.read().strip()[:20] or "another process"
             self.release()
-            raise ConfigError(f"run directory {self.path.parent} is in use by process {holder}; wait for it or choose another --out") from None
+            raise ConfigError(
+                f"run directory {self.path.parent} is in use by process {holder}; wait for it or choose another --out"
+            ) from None
         self.handle.seek(0)
         self.handle.truncate()
         self.handle.write(str(os.getpid()))
@@ -383,8 +402,10 @@ def _check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
         raise ConfigError(f"--out {run_dir} cannot be made: {blocking} {what_is_at(blocking)}, not a folder")
     host = next((p for p in absolute.parents if is_run_directory(p)), None)
     if host is not None:
-        raise ConfigError(f"--out {run_dir} is inside another run directory, {host}; choose a folder outside it "
-                          "(a run moved aside or rotated there would take this one with it)")
+        raise ConfigError(
+            f"--out {run_dir} is inside another run directory, {host}; choose a folder outside it "
+            "(a run moved aside or rotated there would take this one with it)"
+        )
     if is_run_directory(run_dir):
         if not overwrite:
             raise ConfigError(
@@ -401,7 +422,9 @@ def _take(run_dir: Path, lock: bool, report: Callable[[str], None]) -> RunLock |
     if not lock or os.environ.get("RANK", "0") != "0":
         return None
     taken = RunLock(run_dir).acquire()
-    for leftover in remove_partial_writes(run_dir, is_suncet_file) + remove_partial_writes(run_dir / CHECKPOINTS, is_suncet_file):
+    for leftover in remove_partial_writes(run_dir, is_suncet_file) + remove_partial_writes(
+        run_dir / CHECKPOINTS, is_suncet_file
+    ):
         report(f"removed {leftover.name}, left by an interrupted write")
     return taken
 
@@ -443,7 +466,11 @@ def start_or_resume(
         raise ConfigError("--resume RUN_DIR continues a run with its saved config; give no other settings with it")
     run_dir = Path(resume)
     if not run_dir.is_dir():
-        raise ConfigError(f"--resume {resume}: no such run directory" if not run_dir.exists() else f"--resume {resume} {what_is_at(run_dir)}, not a run directory")
+        raise ConfigError(
+            f"--resume {resume}: no such run directory"
+            if not run_dir.exists()
+            else f"--resume {resume} {what_is_at(run_dir)}, not a run directory"
+        )
     check_own_files(run_dir)
     config = load_run_config(run_dir)
     taken = _take(run_dir, lock, report)

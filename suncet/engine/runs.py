@@ -22,15 +22,21 @@ def find_runs(folder: Path | str) -> list[Path]:
     nest them), but earlier runs set aside inside a run (``RUN/replaced-<time>/``)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ConfigError(f"{folder}: no such folder of runs" if not folder.exists() else f"{folder} {what_is_at(folder)}, not a folder of runs")
+        raise ConfigError(
+            f"{folder}: no such folder of runs"
+            if not folder.exists()
+            else f"{folder} {what_is_at(folder)}, not a folder of runs"
+        )
     found = {path.parent for path in folder.rglob(rundir.CONFIG_FILE)}
     return sorted(run for run in found if rundir.is_run_directory(run) and not _set_aside(run))
 
 
 def _set_aside(run_dir: Path) -> bool:
     """Whether ``run_dir`` is an earlier run moved aside inside a run (rundir.move_aside)."""
-    return any(part.name.startswith(rundir.REPLACED_PREFIX) and rundir.is_run_directory(part.parent)
-               for part in (run_dir, *run_dir.parents))
+    return any(
+        part.name.startswith(rundir.REPLACED_PREFIX) and rundir.is_run_directory(part.parent)
+        for part in (run_dir, *run_dir.parents)
+    )
 
 
 def _alive(status: dict) -> bool:
@@ -120,7 +126,9 @@ def _read_metrics(run_dir: Path, summary: dict) -> None:
         raise ConfigError(f"{rundir.METRICS_FILE} cannot be read as suncet's metrics ({str(exc)[:60]})") from None
     summary["epochs_done"] = _epoch(last["epoch"]) if last is not None else 0
     if last is not None:
-        summary["images_per_second"] = _number(last.get("images_per_second"), f"{rundir.METRICS_FILE} images_per_second")
+        summary["images_per_second"] = _number(
+            last.get("images_per_second"), f"{rundir.METRICS_FILE} images_per_second"
+        )
 
 
 def _settings(run_dir: Path, summary: dict) -> None:
@@ -139,8 +147,17 @@ def summarise(run_dir: Path) -> dict:
     """One run's line in ``suncet runs``, from its files alone. A damaged run (whatever its files
     hold or however they fail to read) is reported in its own line, state "damaged" with the
     reason naming the file, never fatal to the listing; every value is plain JSON data."""
-    summary = {"run": str(run_dir), "method": None, "dataset": None, "labels": None, "epochs_done": None,
-               "epochs": None, "state": "damaged", "reason": None, "images_per_second": None}
+    summary = {
+        "run": str(run_dir),
+        "method": None,
+        "dataset": None,
+        "labels": None,
+        "epochs_done": None,
+        "epochs": None,
+        "state": "damaged",
+        "reason": None,
+        "images_per_second": None,
+    }
     for monitor in MONITORS:
         summary[f"{monitor}_best"] = summary[f"{monitor}_last"] = None
     try:
@@ -150,5 +167,7 @@ def summarise(run_dir: Path) -> dict:
     except ConfigError as exc:
         summary["reason"] = str(exc)
     except OSError as exc:
-        summary["reason"] = f"{Path(exc.filename).name if exc.filename else 'a file'} cannot be read ({exc.strerror or exc})"
+        summary["reason"] = (
+            f"{Path(exc.filename).name if exc.filename else 'a file'} cannot be read ({exc.strerror or exc})"
+        )
     return summary

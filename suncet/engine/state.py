@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 LAST = "last.pt"
 # How torch's weights-only unpickler reports a global or a call it refuses (as opposed to bytes
 # that are no pickle at all: "invalid load key").
-_ASKS_FOR_CODE = re.compile(r"Unsupported global|whose module \S+ is blocked|call reduce for unrecognized|Can only create new object")
+_ASKS_FOR_CODE = re.compile(
+    r"Unsupported global|whose module \S+ is blocked|call reduce for unrecognized|Can only create new object"
+)
 _NUMBERED = re.compile(r"^step-(\d+)\.pt$")
 
 
@@ -76,7 +78,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint holding only tensors and plain data (no pickled code is executed)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} {what_is_at(path)}" + (", not a checkpoint file" if path.exists() else ""))
+        raise CheckpointError(
+            f"checkpoint {path} {what_is_at(path)}" + (", not a checkpoint file" if path.exists() else "")
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -85,7 +89,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         elif not _looks_saved_by_torch(path):
             reason = "it is not a file torch.save writes"
         else:
-            reason = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+            reason = (
+                re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()[0][:120]
+                if str(exc).strip()
+                else type(exc).__name__
+            )
         raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a checkpoint: {reason})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"checkpoint {path} is not a suncet training checkpoint")
@@ -102,7 +110,7 @@ _RENAMED_PREFIXES = {"label_head.": "labeled_term.head."}
 def _current_name(key: object) -> object:
     for old, new in _RENAMED_PREFIXES.items():
         if isinstance(key, str) and key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return key
 
 
@@ -218,8 +226,10 @@ def evaluated_module(method) -> str:
     for name, module in method.named_modules():
         if module is network and name:
             return name
-    raise ConfigError(f"method {type(method).__name__}'s evaluated_backbone() is not one of its submodules; return "
-                      "a network the method holds (docs/plugins.md)")
+    raise ConfigError(
+        f"method {type(method).__name__}'s evaluated_backbone() is not one of its submodules; return "
+        "a network the method holds (docs/plugins.md)"
+    )
 
 
 def check_compatible(config: TrainConfig, state: dict, source: Path) -> None:
@@ -260,8 +270,11 @@ def check_state_matches(expected: dict[str, torch.Tensor], saved: dict[str, torc
     else:
         first = f"it holds {extra[0]}, which the model does not have"
     more = len(missing) + len(extra) + len(shapes) - 1
-    raise CheckpointError(f"{source} does not match the model its settings describe: {first}"
-                          + (f" (and {more} more)" if more else "") + " (settings edited, or written by another version?)")
+    raise CheckpointError(
+        f"{source} does not match the model its settings describe: {first}"
+        + (f" (and {more} more)" if more else "")
+        + " (settings edited, or written by another version?)"
+    )
 
 
 def find_checkpoint(directory: Path, fallback: bool, report=None) -> dict | None:

@@ -21,9 +21,18 @@ from suncet.kernels.layout import MAX_KEY_SETS, Layout
 from suncet.kernels.op import FusedContrastive, multi_positive, multi_positive_mean, segment_means, traced
 
 __all__ = [
-    "BACKENDS", "MAX_KEY_SETS", "FusedContrastive", "Layout", "backend_status", "multi_positive", "multi_positive_mean",
-    "resolve_backend", "segment_means", "set_fp32_precision", "traced",
-]  # fmt: skip
+    "BACKENDS",
+    "MAX_KEY_SETS",
+    "FusedContrastive",
+    "Layout",
+    "backend_status",
+    "multi_positive",
+    "multi_positive_mean",
+    "resolve_backend",
+    "segment_means",
+    "set_fp32_precision",
+    "traced",
+]
 
 
 def set_fp32_precision(mode: str) -> None:

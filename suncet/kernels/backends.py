@@ -41,8 +41,9 @@ class Kernels(Protocol):
 
     def forward(self, q: Tensor, k: Tensor, layout: Layout, tau: float) -> tuple[Tensor, ...]: ...
 
-    def backward(self, grad_loss: Tensor, q: Tensor, k: Tensor, layout: Layout, tau: float, *stats: Tensor
-                 ) -> tuple[Tensor, Tensor | None]: ...  # fmt: skip
+    def backward(
+        self, grad_loss: Tensor, q: Tensor, k: Tensor, layout: Layout, tau: float, *stats: Tensor
+    ) -> tuple[Tensor, Tensor | None]: ...
 
     def statistics(self, rows: int, sets: int, d: int, tau: float, dtype: torch.dtype, means: bool) -> list[tuple]: ...
 

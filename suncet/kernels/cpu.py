@@ -56,10 +56,17 @@ def set_variant(name: str) -> None:
 def forward(q, k, layout, tau):
     return tuple(
         _C.multi_positive_forward_cpu(
-            q, k, layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups, layout.self_offset, tau,
+            q,
+            k,
+            layout.row_keys,
+            layout.col_keys,
+            layout.row_groups,
+            layout.col_groups,
+            layout.self_offset,
+            tau,
             layout.one_tower,
         )
-    )  # fmt: skip
+    )
 
 
 def statistics(rows, sets, d, tau, dtype, means):
@@ -71,7 +78,17 @@ def statistics(rows, sets, d, tau, dtype, means):
 
 def backward(grad_loss, q, k, layout, tau, lse_all, lse_pos):
     dq, dk = _C.multi_positive_backward_cpu(
-        grad_loss, q, k, layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups, lse_all, lse_pos,
-        layout.self_offset, tau, layout.one_tower,
-    )  # fmt: skip
+        grad_loss,
+        q,
+        k,
+        layout.row_keys,
+        layout.col_keys,
+        layout.row_groups,
+        layout.col_groups,
+        lse_all,
+        lse_pos,
+        layout.self_offset,
+        tau,
+        layout.one_tower,
+    )
     return dq, (None if layout.one_tower else dk)

@@ -68,8 +68,13 @@ class Layout:
     def __post_init__(self) -> None:
         rows, sets = self.row_keys.shape
         symmetric = self.one_tower and self.col_keys is self.row_keys and self.col_groups is self.row_groups
-        for name, value in (("rows", rows), ("cols", self.col_keys.shape[0]), ("sets", sets), ("symmetric", symmetric),
-                            ("segments", 1 if self.boundary >= rows else 2)):  # fmt: skip
+        for name, value in (
+            ("rows", rows),
+            ("cols", self.col_keys.shape[0]),
+            ("sets", sets),
+            ("symmetric", symmetric),
+            ("segments", 1 if self.boundary >= rows else 2),
+        ):
             object.__setattr__(self, name, value)
 
     @classmethod
@@ -91,7 +96,9 @@ class Layout:
         rk = _key_sets("row_keys", row_keys, rows)
         ck = rk if col_keys is None or col_keys is row_keys else _key_sets("col_keys", col_keys, col_keys.shape[0])
         if ck.shape[1] != rk.shape[1]:
-            raise ValueError(f"row_keys and col_keys must have the same number of key sets, got {rk.shape[1]} and {ck.shape[1]}")
+            raise ValueError(
+                f"row_keys and col_keys must have the same number of key sets, got {rk.shape[1]} and {ck.shape[1]}"
+            )
         if one_tower and ck.shape[0] != rows:
             raise ValueError(f"one tower: the columns are the {rows} rows, got {ck.shape[0]} column keys")
         rg = (
@@ -117,8 +124,12 @@ class Layout:
         if self.col_keys is self.row_keys:
             col_keys = row_keys
         elif col_keys is None or col_keys.shape != self.col_keys.shape:
-            raise ValueError(f"col_keys of shape {tuple(self.col_keys.shape)} are needed: this layout's columns have their own keys")
-        return Layout(row_keys, col_keys, self.row_groups, self.col_groups, self.self_offset, self.one_tower, self.boundary)
+            raise ValueError(
+                f"col_keys of shape {tuple(self.col_keys.shape)} are needed: this layout's columns have their own keys"
+            )
+        return Layout(
+            row_keys, col_keys, self.row_groups, self.col_groups, self.self_offset, self.one_tower, self.boundary
+        )
 
     def fields(self) -> tuple:
         """The given fields in declaration order, as the traced custom ops take them (``Layout(*fields)``)."""

@@ -49,7 +49,9 @@ _LAYOUT_SCHEMA = (
     "SymInt self_offset, bool one_tower, SymInt boundary"
 )
 _LIB = torch.library.Library("suncet", "FRAGMENT")
-_LIB.define(f"multi_positive(Tensor q, Tensor k, {_LAYOUT_SCHEMA}, float tau, str backend) -> (Tensor, Tensor, Tensor[])")
+_LIB.define(
+    f"multi_positive(Tensor q, Tensor k, {_LAYOUT_SCHEMA}, float tau, str backend) -> (Tensor, Tensor, Tensor[])"
+)
 _LIB.define(
     f"multi_positive_backward(Tensor grad, Tensor q, Tensor k, {_LAYOUT_SCHEMA}, float tau, str backend, "
     "Tensor[] stats) -> (Tensor, Tensor)"
@@ -190,7 +192,9 @@ def _checked(q: Tensor, k: Tensor | None, layout: Layout, backend: str) -> str:
     return resolve_backend(backend, q.device, q.dtype, q.shape[1])
 
 
-def multi_positive(q: Tensor, k: Tensor | None, layout: Layout, tau: float, backend: str = "auto") -> tuple[Tensor, Tensor]:
+def multi_positive(
+    q: Tensor, k: Tensor | None, layout: Layout, tau: float, backend: str = "auto"
+) -> tuple[Tensor, Tensor]:
     """Per-row losses [M, P] (fp32; fp64 for fp64 inputs on the cpu backend) and valid flags
     [M, P], differentiable in q and k; ``k`` None when the columns are the rows (``layout.one_tower``).
 

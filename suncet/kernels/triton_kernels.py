@@ -32,6 +32,9 @@ import triton.language as tl
 
 from suncet.kernels import triton_tiles as tiles
 
+# `# fmt: skip` keeps the kernels' argument lists as tables: pointers, sizes, then compile-time
+# constants, a group a line (one argument a line would triple these signatures).
+
 _FLOOR = tl.constexpr(-1.0e30)  # start of running maxima: finite, so -inf (masked) minus it stays -inf
 _DEAD = tl.constexpr(1.0e30)  # exponent offset of rows that receive no gradient: exp2(s - _DEAD) == 0
 _SCAN = tl.constexpr(4096)  # column groups read at once by the range scan
@@ -870,7 +873,9 @@ def _backward_tile(
         col_ok = cols < B_COUNT
         # Addresses from a scalar base each step: loop-carried pointer tiles would hold registers
         # this kernel needs.
-        b = _load_tile(b_ptr + col0 * D + tl.arange(0, BLOCK_N)[:, None] * D + dims[None, :], col_ok, dims, D, EVEN_D, EVEN_N)
+        b = _load_tile(
+            b_ptr + col0 * D + tl.arange(0, BLOCK_N)[:, None] * D + dims[None, :], col_ok, dims, D, EVEN_D, EVEN_N
+        )
         col_key_words = _low_words(col_keys_ptr) + 2 * P * cols
         row_key_words = _low_words(row_keys_ptr) + 2 * P * cols
         col_group_words = _low_words(col_groups_ptr) + 2 * cols

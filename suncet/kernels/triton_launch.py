@@ -20,6 +20,8 @@ import triton
 from suncet.kernels import triton_kernels as kernels
 from suncet.kernels import triton_tiles as tiles
 
+# `# fmt: skip` keeps the launches' argument lists as tables, a group of the kernel's arguments a line.
+
 _fp32_precision = os.environ.get("SUNCET_TRITON_FP32_PRECISION", "tf32")
 
 
@@ -80,7 +82,11 @@ class _Plan:
         self.bounded_backward = tiles.bounded_backward(tau, d)
         self.scale2, self.inv_tau = tiles.LOG2E / tau, 1.0 / tau
         self.buckets = (triton.next_power_of_2(m), triton.next_power_of_2(n))
-        self.tuning_key = (*self.buckets, d, dtype)  # what the autotuner's choice depends on, beside the kernel's constants
+        self.tuning_key = (
+            *self.buckets,
+            d,
+            dtype,
+        )  # what the autotuner's choice depends on, beside the kernel's constants
         self.first_configs = (tiles.first_forward_config(d), tiles.first_backward_config(d, self.bounded_backward))
         common = dict(P=p, BLOCK_D=tiles.block_d(d), EVEN_D=tiles.block_d(d) == d, PRECISION=_precision(dtype))
         self.forward_constants = dict(
@@ -126,8 +132,10 @@ def check_int32_offsets(m: int, n: int, d: int, p: int, splits: int) -> None:
     refuse shapes whose offsets would pass 2^31 rather than read or write the wrong memory."""
     largest = max(max(m, n) * tiles.block_d(d), splits * (2 + 2 * p) * m)
     if largest >= 2**31:
-        raise ValueError(f"{m} x {n} rows of width {d} exceed the triton kernels' int32 offsets (2^31); "
-                         "split the batch, or use the cpu or reference backend")
+        raise ValueError(
+            f"{m} x {n} rows of width {d} exceed the triton kernels' int32 offsets (2^31); "
+            "split the batch, or use the cpu or reference backend"
+        )
 
 
 # Plans hold scratch buffers and split tickets that a launch uses from start to end: two
@@ -155,7 +163,9 @@ def _plan(q: torch.Tensor, n: int, p: int, tau: float, one_tower: bool, splits: 
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = _Plan(m, n, d, p, q.dtype, device, tau, one_tower, splits)
-        while len(_PLANS) > 1 and (len(_PLANS) > MAX_PLANS or sum(kept.nbytes for kept in _PLANS.values()) > MAX_PLAN_BYTES):
+        while len(_PLANS) > 1 and (
+            len(_PLANS) > MAX_PLANS or sum(kept.nbytes for kept in _PLANS.values()) > MAX_PLAN_BYTES
+        ):
             _PLANS.popitem(last=False)
     elif next(reversed(_PLANS)) != key:  # a step's launches mostly find the plan already newest
         _PLANS.move_to_end(key)

@@ -28,14 +28,30 @@ _BOUNDED_SCALE2 = 48.0  # tau >= 0.03006: exponents relative to the bound stay w
 # the autotuner to find; the 4-warp, 64-row tiles are there because they fit more programs per
 # multiprocessor, which a latency-bound loop needs.
 FORWARD_TABLE = {
-    128: [(128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (128, 32, 8, 4),
-          (64, 128, 8, 3), (64, 32, 4, 3), (64, 32, 4, 4)],
+    128: [
+        (128, 64, 8, 3),
+        (64, 64, 8, 3),
+        (128, 32, 8, 3),
+        (64, 64, 4, 3),
+        (128, 64, 8, 4),
+        (128, 32, 8, 4),
+        (64, 128, 8, 3),
+        (64, 32, 4, 3),
+        (64, 32, 4, 4),
+    ],
     256: [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
 }
 # The running-maxima backward: tau < 0.03006, or D > 128.
 BACKWARD_TABLE = {
-    128: [(64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3),
-          (128, 16, 8, 2)],
+    128: [
+        (64, 64, 8, 2),
+        (64, 32, 8, 2),
+        (128, 32, 8, 2),
+        (64, 32, 4, 3),
+        (64, 64, 8, 3),
+        (128, 32, 8, 3),
+        (128, 16, 8, 2),
+    ],
     256: [(64, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 2)],
 }
 # The bounded backward (D <= 128): its similarity tile feeds the second product through plain

@@ -20,7 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from suncet.distributed import GATHER_MODES, all_gather_plain, all_gather_rows, all_reduce_sum, is_distributed, rank, world_size
+from suncet.distributed import (
+    GATHER_MODES,
+    all_gather_plain,
+    all_gather_rows,
+    all_reduce_sum,
+    is_distributed,
+    rank,
+    world_size,
+)
 from suncet.kernels import BACKENDS, Layout, multi_positive, multi_positive_mean, traced
 from suncet.losses import checks
 
@@ -76,8 +84,9 @@ class _ContrastiveLoss(nn.Module):
     def _across_ranks(self) -> bool:
         return self.gather is not None and is_distributed()
 
-    def _gathered_means(self, z: Tensor, keys: Tensor, col_keys: Tensor, groups: Tensor | None = None,
-                        boundary: int | None = None) -> Tensor:  # fmt: skip
+    def _gathered_means(
+        self, z: Tensor, keys: Tensor, col_keys: Tensor, groups: Tensor | None = None, boundary: int | None = None
+    ) -> Tensor:
         """[2, P] means of this rank's rows ``z`` (raw) against every rank's, divided by the
         valid rows of all ranks over the world size: the ranks' values then average, as DDP
         averages gradients, to the global batch's means."""
@@ -180,7 +189,9 @@ class NTXentSuNCEtLoss(_ContrastiveLoss):
             means = self._gathered_means(z, keys, col_keys, layout.row_groups, unlabeled)
             return means[0, 0], means[1, 0]
         keys = torch.cat([ids, labels])[:, None]
-        ntxent, suncet = multi_positive_mean(_normalize(z), None, layout.with_keys(keys), self.temperature, self.backend)
+        ntxent, suncet = multi_positive_mean(
+            _normalize(z), None, layout.with_keys(keys), self.temperature, self.backend
+        )
         return ntxent, suncet
 
 
@@ -222,7 +233,9 @@ class MultiPositiveContrastiveLoss(_ContrastiveLoss):
         labels = checks.class_labels("labels", labels, embeddings.shape[0], device)
         ref_labels = labels if own_columns else checks.class_labels("ref_labels", ref_labels, ref_emb.shape[0], device)
         if own_columns and ref_emb.shape[0] != embeddings.shape[0]:
-            raise ValueError(f"ref_labels is labels, so ref_emb needs {embeddings.shape[0]} rows, got {ref_emb.shape[0]}")
+            raise ValueError(
+                f"ref_labels is labels, so ref_emb needs {embeddings.shape[0]} rows, got {ref_emb.shape[0]}"
+            )
         columns, col_keys = ref_emb, ref_labels
         if self._across_ranks():
             columns, col_keys = all_gather_rows(ref_emb, self.gather), all_gather_plain(ref_labels)
@@ -231,9 +244,13 @@ class MultiPositiveContrastiveLoss(_ContrastiveLoss):
         offset = rank() * embeddings.shape[0] if own_columns else columns.shape[0]
         layout = Layout.of(labels, col_keys, self_offset=offset)
         if not self._across_ranks():
-            (mean,) = multi_positive_mean(_normalize(embeddings), _normalize(columns), layout, self.temperature, self.backend)
+            (mean,) = multi_positive_mean(
+                _normalize(embeddings), _normalize(columns), layout, self.temperature, self.backend
+            )
             return mean
-        loss, valid = multi_positive(_normalize(embeddings), _normalize(columns), layout, self.temperature, self.backend)
+        loss, valid = multi_positive(
+            _normalize(embeddings), _normalize(columns), layout, self.temperature, self.backend
+        )
         count = all_reduce_sum(valid.sum().float()) / world_size()
         return (loss * valid).sum() / count.clamp(min=1)
 
@@ -266,24 +283,37 @@ def nt_xent(z: Tensor, tau: float = 0.1, *, backend: str = "auto", gather: str |
     return _module(NTXentLoss, checks.temperature("tau", tau), backend, gather)(*_split_views(z))
 
 
-def suncet_loss(z: Tensor, labels: Tensor, tau: float = 0.1, *, backend: str = "auto", gather: str | None = None) -> Tensor:
+def suncet_loss(
+    z: Tensor, labels: Tensor, tau: float = 0.1, *, backend: str = "auto", gather: str | None = None
+) -> Tensor:
     """``SuNCEtLoss(tau)(z, labels)``."""
     return _module(SuNCEtLoss, checks.temperature("tau", tau), backend, gather)(z, labels)
 
 
 def nt_xent_and_suncet(
-    z_unlabeled: Tensor, z_labeled: Tensor, labels: Tensor, tau: float = 0.1, *, backend: str = "auto",
+    z_unlabeled: Tensor,
+    z_labeled: Tensor,
+    labels: Tensor,
+    tau: float = 0.1,
+    *,
+    backend: str = "auto",
     gather: str | None = None,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor]:
     """``NTXentSuNCEtLoss(tau)`` of the unlabeled views ``[view1; view2]`` and the labeled rows."""
     out0, out1 = _split_views(z_unlabeled)
     return _module(NTXentSuNCEtLoss, checks.temperature("tau", tau), backend, gather)(out0, out1, z_labeled, labels)
 
 
 def multi_positive_loss(
-    embeddings: Tensor, labels: Tensor, tau: float = 0.1, *, ref: Tensor | None = None, ref_labels: Tensor | None = None,
-    backend: str = "auto", gather: str | None = None,
-) -> Tensor:  # fmt: skip
+    embeddings: Tensor,
+    labels: Tensor,
+    tau: float = 0.1,
+    *,
+    ref: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+    backend: str = "auto",
+    gather: str | None = None,
+) -> Tensor:
     """``MultiPositiveContrastiveLoss(tau)(embeddings, labels, ref, ref_labels)``."""
     loss = _module(MultiPositiveContrastiveLoss, checks.temperature("tau", tau), backend, gather)
     return loss(embeddings, labels, ref, ref_labels)

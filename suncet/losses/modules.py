@@ -19,8 +19,13 @@ from suncet.losses.contrastive import MultiPositiveContrastiveLoss, NTXentLoss, 
 from suncet.losses.swav import sinkhorn, swapped_prediction_loss
 
 __all__ = [
-    "ContrastiveLosses", "MultiPositiveContrastiveLoss", "NTXentLoss", "NTXentSuNCEtLoss", "SuNCEtLoss", "SwAVLoss",
-]  # fmt: skip
+    "ContrastiveLosses",
+    "MultiPositiveContrastiveLoss",
+    "NTXentLoss",
+    "NTXentSuNCEtLoss",
+    "SuNCEtLoss",
+    "SwAVLoss",
+]
 
 
 class SwAVLoss(nn.Module):
@@ -43,15 +48,17 @@ class SwAVLoss(nn.Module):
         self.sinkhorn_epsilon = checks.temperature("sinkhorn_epsilon", sinkhorn_epsilon)
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, sinkhorn_iterations={self.sinkhorn_iterations}, "
-                f"sinkhorn_epsilon={self.sinkhorn_epsilon}")
+        return (
+            f"temperature={self.temperature}, sinkhorn_iterations={self.sinkhorn_iterations}, "
+            f"sinkhorn_epsilon={self.sinkhorn_epsilon}"
+        )
 
     def codes(self, scores: Tensor, queued: Tensor | None = None) -> Tensor:
         """The Sinkhorn codes of one crop's ``scores`` [B, K], assigned together with ``queued`` rows."""
         if queued is None:
             return sinkhorn(scores.detach(), self.sinkhorn_epsilon, self.sinkhorn_iterations)
         both = torch.cat([queued.detach(), scores.detach()])
-        return sinkhorn(both, self.sinkhorn_epsilon, self.sinkhorn_iterations)[-scores.shape[0]:]
+        return sinkhorn(both, self.sinkhorn_epsilon, self.sinkhorn_iterations)[-scores.shape[0] :]
 
     def forward(
         self,
@@ -70,7 +77,9 @@ class SwAVLoss(nn.Module):
             )
         queued = list(queue_outputs) if queue_outputs is not None else [None] * len(high)
         if len(queued) != len(high):
-            raise ValueError(f"queue_outputs must hold one entry per high-resolution crop ({len(high)}), got {len(queued)}")
+            raise ValueError(
+                f"queue_outputs must hold one entry per high-resolution crop ({len(high)}), got {len(queued)}"
+            )
         codes = [self.codes(s, q) for s, q in zip(high, queued)]
         return swapped_prediction_loss(high + low, codes, self.temperature)
 
@@ -94,6 +103,8 @@ class ContrastiveLosses:
     def build(cls, temperature: float, backend: str = "auto", gather: str | None = "grad") -> ContrastiveLosses:
         settings = dict(backend=backend, gather=gather)
         return cls(
-            NTXentLoss(temperature, **settings), SuNCEtLoss(temperature, **settings),
-            NTXentSuNCEtLoss(temperature, **settings), MultiPositiveContrastiveLoss(temperature, **settings),
+            NTXentLoss(temperature, **settings),
+            SuNCEtLoss(temperature, **settings),
+            NTXentSuNCEtLoss(temperature, **settings),
+            MultiPositiveContrastiveLoss(temperature, **settings),
         )

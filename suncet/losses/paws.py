@@ -24,7 +24,9 @@ SNN_METHODS = ("matmul", "attention")
 ATTENTION_MAX_CLASSES = 256
 
 
-def soft_nearest_neighbours(queries: Tensor, supports: Tensor, labels: Tensor, tau: float, method: str = "matmul") -> Tensor:
+def soft_nearest_neighbours(
+    queries: Tensor, supports: Tensor, labels: Tensor, tau: float, method: str = "matmul"
+) -> Tensor:
     """``softmax(norm(queries) . norm(supports)^T / tau) @ labels``: [A, D], [S, D], [S, C] -> [A, C].
 
     ``matmul``: the similarity GEMM, a softmax, the label GEMM. ``attention``: the same through
@@ -38,7 +40,9 @@ def soft_nearest_neighbours(queries: Tensor, supports: Tensor, labels: Tensor, t
     if method != "attention":
         raise ValueError(f"soft nearest-neighbour method must be one of {', '.join(SNN_METHODS)}, got {method!r}")
     chunks = [
-        F.scaled_dot_product_attention(q[None], s[None], labels[None, :, start : start + ATTENTION_MAX_CLASSES], scale=1 / tau)[0]
+        F.scaled_dot_product_attention(
+            q[None], s[None], labels[None, :, start : start + ATTENTION_MAX_CLASSES], scale=1 / tau
+        )[0]
         for start in range(0, labels.shape[1], ATTENTION_MAX_CLASSES)
     ]
     return torch.cat(chunks, dim=1)
@@ -91,8 +95,14 @@ class PAWSLoss(nn.Module):
     """
 
     def __init__(
-        self, temperature: float = 0.1, sharpen_temperature: float = 0.25, multicrop: int = 6, me_max: bool = True,
-        label_smoothing: float = 0.1, num_classes: int | None = None, gather: str | None = "grad",
+        self,
+        temperature: float = 0.1,
+        sharpen_temperature: float = 0.25,
+        multicrop: int = 6,
+        me_max: bool = True,
+        label_smoothing: float = 0.1,
+        num_classes: int | None = None,
+        gather: str | None = "grad",
         snn: str = "matmul",
     ):
         super().__init__()
@@ -106,8 +116,10 @@ class PAWSLoss(nn.Module):
         self.snn = checks.choice("snn", snn, SNN_METHODS)
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, sharpen_temperature={self.sharpen_temperature}, "
-                f"multicrop={self.multicrop}, me_max={self.me_max}, label_smoothing={self.label_smoothing}")
+        return (
+            f"temperature={self.temperature}, sharpen_temperature={self.sharpen_temperature}, "
+            f"multicrop={self.multicrop}, me_max={self.me_max}, label_smoothing={self.label_smoothing}"
+        )
 
     def support_rows(self, labels: Tensor, name: str = "support labels", rows: int | None = None) -> Tensor:
         """The supports' label rows [S, C] (``rows`` = S where known): smoothed one-hot rows of
@@ -130,8 +142,13 @@ class PAWSLoss(nn.Module):
         return all_gather_rows(supports, self.gather), all_gather_plain(labels.contiguous())
 
     def forward(
-        self, anchor_views: Tensor, anchor_supports: Tensor, anchor_support_labels: Tensor, target_views: Tensor,
-        target_supports: Tensor, target_support_labels: Tensor,
+        self,
+        anchor_views: Tensor,
+        anchor_supports: Tensor,
+        anchor_support_labels: Tensor,
+        target_views: Tensor,
+        target_supports: Tensor,
+        target_support_labels: Tensor,
     ) -> tuple[Tensor, Tensor]:
         checks.embeddings("anchor_views", anchor_views)
         width = anchor_views.shape[1]

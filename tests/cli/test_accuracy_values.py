@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import refused
+
 from suncet.cli.main import main
 from suncet.registry import DATASETS
 
@@ -33,13 +33,17 @@ def test_an_evaluation_says_what_classes_its_labels_cover(tmp_path, finished_run
     labels = DATASETS.create("digits").train.labels
     chosen = torch.cat([torch.nonzero(labels == c).flatten()[:4] for c in range(classes)])
     (tmp_path / "labels.txt").write_text("\n".join(map(str, chosen.tolist())) + "\n")
-    result = CliRunner().invoke(main, ["eval", str(finished_run), "--protocol", "knn", "--labels",
-                                       str(tmp_path / "labels.txt"), "--json"])
+    result = CliRunner().invoke(
+        main, ["eval", str(finished_run), "--protocol", "knn", "--labels", str(tmp_path / "labels.txt"), "--json"]
+    )
     assert result.exit_code == 0, result.output
     scores = json.loads(result.stdout)
     assert scores["labeled_classes"] == classes and ("top5" in scores) == top5
     assert ("top5" in scores["raw_pixels"]) == top5
-    table = CliRunner().invoke(main, ["eval", str(finished_run), "--protocol", "knn", "--labels", str(tmp_path / "labels.txt")],
-                               env={"COLUMNS": "200"})
+    table = CliRunner().invoke(
+        main,
+        ["eval", str(finished_run), "--protocol", "knn", "--labels", str(tmp_path / "labels.txt")],
+        env={"COLUMNS": "200"},
+    )
     assert f"{4 * classes} ({classes} class" in table.stdout
     assert ("no top-5" in table.stdout) == (not top5)

@@ -23,8 +23,14 @@ def test_plugins_table_shows_builtins_with_their_source(cli):
     result = cli("plugins")
     assert result.returncode == 0
     lines = result.stdout.splitlines()
-    for kind, name in [("method", "simclr"), ("method", "supervised"), ("dataset", "digits"),
-                       ("backbone", "resnet18"), ("backbone", "small_resnet"), ("optimizer", "lars")]:
+    for kind, name in [
+        ("method", "simclr"),
+        ("method", "supervised"),
+        ("dataset", "digits"),
+        ("backbone", "resnet18"),
+        ("backbone", "small_resnet"),
+        ("optimizer", "lars"),
+    ]:
         row = next(line for line in lines if f" {name} " in line and kind in line)
         assert " suncet " in row
 
@@ -53,8 +59,26 @@ def test_bad_label_spec_is_one_line(cli, tmp_path):
 
 def test_bench_kernels_writes_figures_for_the_cpu_backends(cli, tmp_path):
     report = tmp_path / "kernels.json"
-    result = cli("bench", "kernels", "--device", "cpu", "--n", "64", "--d", "16", "--dtype", "fp32",
-                 "--backend", "cpu,reference", "--repeats", "2", "--warmup", "1", "--json", str(report))
+    result = cli(
+        "bench",
+        "kernels",
+        "--device",
+        "cpu",
+        "--n",
+        "64",
+        "--d",
+        "16",
+        "--dtype",
+        "fp32",
+        "--backend",
+        "cpu,reference",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        str(report),
+    )
     assert result.returncode == 0, result.stderr
     results = json.loads(report.read_text())["results"]
     assert {r["backend"] for r in results} == {"cpu", "reference"}
@@ -65,8 +89,27 @@ def test_bench_kernels_writes_figures_for_the_cpu_backends(cli, tmp_path):
 
 def test_bench_data_times_every_path_against_the_torchvision_loader(cli, tmp_path):
     report = tmp_path / "data.json"
-    result = cli("bench", "data", "--device", "cpu", "--resolution", "32", "--batch", "8", "--steps", "1",
-                 "--workers", "0", "--seconds", "0.01", "--decode-files", "2", "--no-train", "--json", str(report))
+    result = cli(
+        "bench",
+        "data",
+        "--device",
+        "cpu",
+        "--resolution",
+        "32",
+        "--batch",
+        "8",
+        "--steps",
+        "1",
+        "--workers",
+        "0",
+        "--seconds",
+        "0.01",
+        "--decode-files",
+        "2",
+        "--no-train",
+        "--json",
+        str(report),
+    )
     assert result.returncode == 0, result.stderr
     figures = json.loads(report.read_text())["figures"]
     paths = {(f["measurement"], f["path"]) for f in figures}

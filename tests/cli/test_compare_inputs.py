@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import yaml
 from click.testing import CliRunner
-
 from conftest import refused
+
 from suncet.cli.main import main
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import SMALL, SUNCET, refused, snapshot
+
 from suncet.cli.main import main
 
 TINY = [*SMALL, "--labels", "10%"]
@@ -42,8 +42,9 @@ def run(trained, tmp_path) -> Path:
 
 def suncet(*arguments: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """The installed command in its own process, its lines unwrapped."""
-    return subprocess.run([SUNCET, *arguments], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "COLUMNS": "1000"})
+    return subprocess.run(
+        [SUNCET, *arguments], capture_output=True, text=True, timeout=timeout, env={**os.environ, "COLUMNS": "1000"}
+    )
 
 
 def invoke(tmp_path: Path, arguments: list[str]):
@@ -57,12 +58,15 @@ def invoke(tmp_path: Path, arguments: list[str]):
 
 # --- data loss: nothing deleted that suncet did not write -----------------------------------------
 
+
 def test_resume_auto_refuses_a_folder_with_only_a_checkpoints_subfolder(tmp_path):
     folder = tmp_path / "photos"
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "checkpoints" / "holiday.jpg").write_bytes(b"precious")
     (folder / ".notes.tmp-12345678").write_text("a hidden file that looks temporary")
-    refused(tmp_path, ["train", *SMALL, "--out", str(folder), "--resume", "auto"], "is not empty and holds no suncet run")
+    refused(
+        tmp_path, ["train", *SMALL, "--out", str(folder), "--resume", "auto"], "is not empty and holds no suncet run"
+    )
 
 
 def test_resume_auto_on_a_run_whose_only_checkpoint_is_unreadable_keeps_it_and_the_old_results(run, tmp_path):
@@ -116,7 +120,9 @@ EXPORT_PATH_CASES = [
 ]
 
 
-@pytest.mark.parametrize("arguments,message", EXPORT_PATH_CASES, ids=[m[:30] + str(i) for i, (_, m) in enumerate(EXPORT_PATH_CASES)])
+@pytest.mark.parametrize(
+    "arguments,message", EXPORT_PATH_CASES, ids=[m[:30] + str(i) for i, (_, m) in enumerate(EXPORT_PATH_CASES)]
+)
 def test_export_never_replaces_or_writes_into_runs(run, tmp_path, arguments, message):
     (run / "backbone.safetensors").write_bytes(b"an earlier export")
     shutil.copytree(run, tmp_path / "other")
@@ -143,8 +149,10 @@ def test_compare_never_replaces_or_writes_into_runs(run, tmp_path, arguments, me
 
 # --- security: every writer is exclusive and never follows a link ---------------------------------
 
-@pytest.mark.parametrize("command", [["export", "{run}", "--out", "{tmp}/b.safetensors"],
-                                     ["compare", "{run}", "--plot", "{tmp}/curves.png"]])
+
+@pytest.mark.parametrize(
+    "command", [["export", "{run}", "--out", "{tmp}/b.safetensors"], ["compare", "{run}", "--plot", "{tmp}/curves.png"]]
+)
 def test_links_planted_at_predictable_temporary_names_are_neither_followed_nor_removed(run, tmp_path, command):
     victim = tmp_path / "victim.txt"
     victim.write_text("not yours")
@@ -171,6 +179,7 @@ def test_writes_leave_no_temporary_file_and_replace_links_not_their_targets(tmp_
 
 # --- silent wrong results -------------------------------------------------------------------------
 
+
 def _export(run: Path, tmp_path: Path) -> Path:
     out = tmp_path / "backbone.safetensors"
     result = invoke(tmp_path, ["export", str(run), "--out", str(out)])
@@ -187,7 +196,9 @@ def _rewrite(path: Path, weights=None, metadata=None) -> None:
         old_weights = {k: handle.get_tensor(k) for k in handle.keys()}
     info = json.loads(old_metadata["suncet.backbone"])
     info.update(metadata or {})
-    save_file(weights(old_weights) if weights else old_weights, str(path), metadata={"suncet.backbone": json.dumps(info)})
+    save_file(
+        weights(old_weights) if weights else old_weights, str(path), metadata={"suncet.backbone": json.dumps(info)}
+    )
 
 
 def _nan_first(weights):
@@ -205,7 +216,10 @@ LOAD_CASES = [
     ({"metadata": {"options": {"width": 4096}}}, "does not match the model its settings describe"),
     ({"metadata": {"options": {"width": 2**70}}}, "option width of backbone 'small_resnet' must be int"),
     ({"metadata": {"options": "width=8"}}, "backbone options must be a mapping"),
-    ({"weights": lambda w: {k: v[:1] if v.dim() else v for k, v in w.items()}}, "does not match the model its settings describe"),
+    (
+        {"weights": lambda w: {k: v[:1] if v.dim() else v for k, v in w.items()}},
+        "does not match the model its settings describe",
+    ),
 ]
 
 
@@ -225,15 +239,26 @@ def test_export_refuses_invalid_normalisation_statistics(run, tmp_path):
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     state["normalisation"] = {"mean": [float("nan")], "std": [0.4]}
     torch.save(state, run / "checkpoints" / "last.pt")
-    refused(tmp_path, ["export", str(run), "--out", str(tmp_path / "b.safetensors")], "backbone mean must be 1 finite numbers")
+    refused(
+        tmp_path,
+        ["export", str(run), "--out", str(tmp_path / "b.safetensors")],
+        "backbone mean must be 1 finite numbers",
+    )
 
 
-@pytest.mark.parametrize("command,edit,message", [
-    ("eval", ("width: 8", "width: 16"), "is [8, 1, 3, 3] there but [16, 1, 3, 3] here"),
-    ("export", ("width: 8", "width: 16"), "is [8, 1, 3, 3] there but [16, 1, 3, 3] here"),
-    # 10^9 hidden units would take gigabytes: refused from a meta-device build, nothing allocated
-    ("eval", ("proj_hidden: 64", "proj_hidden: 1000000000"), "head.0.weight is [64, 32] there but [1000000000, 32] here"),
-])
+@pytest.mark.parametrize(
+    "command,edit,message",
+    [
+        ("eval", ("width: 8", "width: 16"), "is [8, 1, 3, 3] there but [16, 1, 3, 3] here"),
+        ("export", ("width: 8", "width: 16"), "is [8, 1, 3, 3] there but [16, 1, 3, 3] here"),
+        # 10^9 hidden units would take gigabytes: refused from a meta-device build, nothing allocated
+        (
+            "eval",
+            ("proj_hidden: 64", "proj_hidden: 1000000000"),
+            "head.0.weight is [64, 32] there but [1000000000, 32] here",
+        ),
+    ],
+)
 def test_a_config_that_no_longer_matches_its_checkpoint_is_named_in_one_line(run, tmp_path, command, edit, message):
     config = run / "config.yaml"
     config.write_text(config.read_text().replace(*edit))
@@ -241,10 +266,13 @@ def test_a_config_that_no_longer_matches_its_checkpoint_is_named_in_one_line(run
     refused(tmp_path, arguments, message)
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"epochs: 3\ntau: 0.2\nepochs: 5\n", "sets 'epochs' twice (again on line 3); keep one"),
-    (b"method_options:\n  local_crops: 2\n  local_crops: 4\n", "sets 'local_crops' twice"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"epochs: 3\ntau: 0.2\nepochs: 5\n", "sets 'epochs' twice (again on line 3); keep one"),
+        (b"method_options:\n  local_crops: 2\n  local_crops: 4\n", "sets 'local_crops' twice"),
+    ],
+)
 def test_settings_files_that_set_a_key_twice_are_refused(tmp_path, content, message):
     (tmp_path / "twice.yaml").write_bytes(content)
     refused(tmp_path, ["train", "--config", str(tmp_path / "twice.yaml"), "--out", str(tmp_path / "r")], message)
@@ -282,11 +310,21 @@ def test_compare_counts_a_run_named_twice_once(run, tmp_path):
 
 # --- crashes, tracebacks, unclear exits -----------------------------------------------------------
 
-@pytest.mark.parametrize("arguments,message", [
-    (["--nproc-per-node", "3", "--batch-size", "1000"], "--batch-size 1000 is more than the 1437 unlabeled images of digits per rank (3 ranks); at most 479 works"),
-    (["--nproc-per-node", "2", "--classes-per-step", "11"], "--classes-per-step 11 is more than the 10 classes with labeled images"),
-    (["--nproc-per-node", "2", "--labels", "0.01%"], "selects none of the 1437 training images"),
-])
+
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (
+            ["--nproc-per-node", "3", "--batch-size", "1000"],
+            "--batch-size 1000 is more than the 1437 unlabeled images of digits per rank (3 ranks); at most 479 works",
+        ),
+        (
+            ["--nproc-per-node", "2", "--classes-per-step", "11"],
+            "--classes-per-step 11 is more than the 10 classes with labeled images",
+        ),
+        (["--nproc-per-node", "2", "--labels", "0.01%"], "selects none of the 1437 training images"),
+    ],
+)
 def test_checks_that_need_the_data_run_before_torchrun_starts(tmp_path, arguments, message):
     refused(tmp_path, ["train", *SMALL, *arguments, "--out", str(tmp_path / "run")], message)
 
@@ -329,9 +367,28 @@ def _image_folder(root: Path, bomb: tuple[int, int]) -> Path:
 def test_an_image_whose_header_declares_too_many_pixels_is_refused_before_decoding(tmp_path, size):
     data = _image_folder(tmp_path / "data", size)
     assert (data / "train" / "ant" / "bomb.png").stat().st_size < 100_000
-    arguments = ["train", "--dataset", "imagefolder", "--data", str(data), "--labels", "50%", "--dataset-opt", "size=16",
-                 "--augment", "global_crop_size=16", "--augment", "local_crop_size=8", "--backbone", "small_resnet",
-                 *SMALL, "--batch-size", "4", "--out", str(tmp_path / "run")]
+    arguments = [
+        "train",
+        "--dataset",
+        "imagefolder",
+        "--data",
+        str(data),
+        "--labels",
+        "50%",
+        "--dataset-opt",
+        "size=16",
+        "--augment",
+        "global_crop_size=16",
+        "--augment",
+        "local_crop_size=8",
+        "--backbone",
+        "small_resnet",
+        *SMALL,
+        "--batch-size",
+        "4",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     result = suncet(*arguments, timeout=300)
     assert result.returncode == 2, result.stderr
     declared = f"{size[0]} x {size[1]} pixels" if size[0] * size[1] < 178_956_970 else "more than 178,956,970 pixels"
@@ -343,15 +400,21 @@ def test_max_pixels_lets_a_genuine_large_image_through(tmp_path):
     from suncet.registry import DATASETS
 
     data = _image_folder(tmp_path / "data", (12_000, 9_000))
-    dataset = DATASETS.create("imagefolder", root=str(data), download=False, options={"max_pixels": 200_000_000, "size": 16})
+    dataset = DATASETS.create(
+        "imagefolder", root=str(data), download=False, options={"max_pixels": 200_000_000, "size": 16}
+    )
     index = dataset.train.names.index("ant/bomb.png")
     assert dataset.train.load(torch.tensor([index])).sizes.tolist() == [[16, 21]]
 
 
 def test_sigterm_during_the_final_evaluation_says_so_and_records_it(tmp_path):
     run = tmp_path / "run"
-    process = subprocess.Popen([SUNCET, "train", *SMALL, "--labels", "100%", "--final-eval", "finetune", "--out", str(run)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [SUNCET, "train", *SMALL, "--labels", "100%", "--final-eval", "finetune", "--out", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None and not (run / "checkpoints" / "last.pt").exists():
         time.sleep(0.05)
@@ -361,7 +424,11 @@ def test_sigterm_during_the_final_evaluation_says_so_and_records_it(tmp_path):
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 75, err
-    assert err.strip().splitlines()[-1].startswith("SIGTERM: the final evaluation (training finished; it runs again with --resume")
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith("SIGTERM: the final evaluation (training finished; it runs again with --resume")
+    )
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "interrupted" and "final evaluation" in status["reason"]
     assert not list(run.glob("eval_*.json"))
@@ -377,8 +444,12 @@ def test_sigterm_during_an_export_says_so_and_writes_nothing(run, tmp_path, monk
         return real(run_dir)
 
     monkeypatch.setattr(export, "_from_run", interrupted)
-    refused(tmp_path, ["export", str(run), "--out", str(tmp_path / "b.safetensors")],
-            "SIGTERM: the export (nothing was written) interrupted", code=75)
+    refused(
+        tmp_path,
+        ["export", str(run), "--out", str(tmp_path / "b.safetensors")],
+        "SIGTERM: the export (nothing was written) interrupted",
+        code=75,
+    )
 
 
 def test_a_full_disk_during_an_export_is_named_in_one_line(run, tmp_path, monkeypatch):
@@ -386,8 +457,11 @@ def test_a_full_disk_during_an_export_is_named_in_one_line(run, tmp_path, monkey
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
-    refused(tmp_path, ["export", str(run), "--out", str(tmp_path / "b.safetensors")],
-            f"no space left on device while writing {tmp_path / 'b.safetensors'}")
+    refused(
+        tmp_path,
+        ["export", str(run), "--out", str(tmp_path / "b.safetensors")],
+        f"no space left on device while writing {tmp_path / 'b.safetensors'}",
+    )
 
 
 def test_stop_at_once_restores_the_handlers_it_replaced():

@@ -12,14 +12,38 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import SMALL, SUNCET, refused
 
-FLOAT_FLAGS = ["--lr", "--start-lr", "--final-lr", "--warmup-epochs", "--weight-decay", "--momentum", "--tau",
-               "--suncet-weight"]
-POSITIVE_INT_FLAGS = ["--epochs", "--batch-size", "--proj-hidden", "--proj-dim", "--knn-k", "--keep-checkpoints",
-                      "--sync-every", "--classes-per-step", "--images-per-class", "--lr-batch"]
-NON_NEGATIVE_INT_FLAGS = ["--monitor-every", "--probe-every", "--skip-nonfinite", "--label-seed", "--seed", "--num-workers"]
+FLOAT_FLAGS = [
+    "--lr",
+    "--start-lr",
+    "--final-lr",
+    "--warmup-epochs",
+    "--weight-decay",
+    "--momentum",
+    "--tau",
+    "--suncet-weight",
+]
+POSITIVE_INT_FLAGS = [
+    "--epochs",
+    "--batch-size",
+    "--proj-hidden",
+    "--proj-dim",
+    "--knn-k",
+    "--keep-checkpoints",
+    "--sync-every",
+    "--classes-per-step",
+    "--images-per-class",
+    "--lr-batch",
+]
+NON_NEGATIVE_INT_FLAGS = [
+    "--monitor-every",
+    "--probe-every",
+    "--skip-nonfinite",
+    "--label-seed",
+    "--seed",
+    "--num-workers",
+]
 
 # "Billion laughs": 9^9 strings from a few hundred bytes, all under one settings key.
 BOMB = """epochs:
@@ -42,8 +66,11 @@ NUMBER_CASES = (
     [(flag, value, f"{flag[2:]} must be") for flag in FLOAT_FLAGS for value in ("nan", "inf", "-inf", "-1")]
     + [(flag, value, f"{flag[2:]} must be") for flag in POSITIVE_INT_FLAGS for value in ("0", "-3", str(2**70))]
     + [(flag, value, f"{flag[2:]} must be") for flag in NON_NEGATIVE_INT_FLAGS for value in ("-1", str(2**64))]
-    + [("--momentum", "1.0", "momentum must be in [0, 1)"), ("--suncet-epochs", "-1", "suncet-epochs must be between"),
-       ("--suncet-epochs", "2", "suncet-epochs must be between")]
+    + [
+        ("--momentum", "1.0", "momentum must be in [0, 1)"),
+        ("--suncet-epochs", "-1", "suncet-epochs must be between"),
+        ("--suncet-epochs", "2", "suncet-epochs must be between"),
+    ]
 )
 
 
@@ -94,12 +121,21 @@ def test_names_and_choices(tmp_path, arguments, message):
 
 OPTION_CASES = [
     (["--method-opt", "prototypes=3"], "unknown option 'prototypes' for method SimCLR"),
-    (["--method", "swav", "--method-opt", "temperature=nan"], "option temperature of method SwAV must be a finite float"),
-    (["--method", "swav", "--method-opt", "temperature=inf"], "option temperature of method SwAV must be a finite float"),
+    (
+        ["--method", "swav", "--method-opt", "temperature=nan"],
+        "option temperature of method SwAV must be a finite float",
+    ),
+    (
+        ["--method", "swav", "--method-opt", "temperature=inf"],
+        "option temperature of method SwAV must be a finite float",
+    ),
     (["--method", "swav", "--method-opt", "prototypes=abc"], "option prototypes of method SwAV must be int"),
     (["--method", "swav", "--method-opt", "prototypes=2.5"], "option prototypes of method SwAV must be int"),
     (["--method", "swav", "--method-opt", f"prototypes={2**80}"], "option prototypes of method SwAV must be int"),
-    (["--method", "swav", "--method-opt", f"local_crops={BOMB_VALUE}"], "option local_crops of method SwAV must be int"),
+    (
+        ["--method", "swav", "--method-opt", f"local_crops={BOMB_VALUE}"],
+        "option local_crops of method SwAV must be int",
+    ),
     (["--method", "swav", "--method-opt", "sinkhorn_eps=0"], "swav options need"),
     (["--method-opt", "=3"], "unknown option '' for method SimCLR"),
     (["--backbone-opt", "width=abc"], "option width of backbone 'small_resnet' must be int"),
@@ -109,11 +145,20 @@ OPTION_CASES = [
     (["--backbone-opt", "blocks=-1"], "option blocks of backbone 'small_resnet' must be >= 1"),
     (["--backbone-opt", "blocks=maybe"], "option blocks of backbone 'small_resnet' must be int"),
     (["--backbone", "resnet18"], "backbone 'resnet18' has no option 'width'; its options: cifar_stem"),
-    (["--optimizer-opt", "trust_coefficient=nan"], "option trust_coefficient of optimizer 'lars' must be a finite float"),
+    (
+        ["--optimizer-opt", "trust_coefficient=nan"],
+        "option trust_coefficient of optimizer 'lars' must be a finite float",
+    ),
     (["--optimizer-opt", "trust_coefficient=0"], "option trust_coefficient of optimizer 'lars' must be > 0"),
-    (["--optimizer-opt", "trust_coefficient=-inf"], "option trust_coefficient of optimizer 'lars' must be a finite float"),
+    (
+        ["--optimizer-opt", "trust_coefficient=-inf"],
+        "option trust_coefficient of optimizer 'lars' must be a finite float",
+    ),
     (["--optimizer", "sgd", "--optimizer-opt", "nesterov=2"], "option nesterov of optimizer 'sgd' must be bool"),
-    (["--optimizer", "adamw", "--optimizer-opt", "beta2=1.5"], "option beta2 of optimizer 'adamw' must be >= 0 and <= 1"),
+    (
+        ["--optimizer", "adamw", "--optimizer-opt", "beta2=1.5"],
+        "option beta2 of optimizer 'adamw' must be >= 0 and <= 1",
+    ),
     (["--optimizer", "adamw", "--optimizer-opt", "eps=0"], "option eps of optimizer 'adamw' must be > 0"),
     (["--dataset-opt", "root=/etc"], "dataset 'digits' has no option 'root'"),
     (["--augment", "color_strength=.nan"], "augment option color_strength must be a finite non-negative number"),
@@ -173,10 +218,13 @@ LABEL_FILE_CASES = [
 @pytest.mark.parametrize("content,message", LABEL_FILE_CASES, ids=[m[:20] for _, m in LABEL_FILE_CASES])
 def test_label_files(tmp_path, content, message):
     (tmp_path / "subset.txt").write_bytes(content)
-    refused(tmp_path, ["train", *SMALL, "--labels", str(tmp_path / "subset.txt"), "--out", str(tmp_path / "run")], message)
+    refused(
+        tmp_path, ["train", *SMALL, "--labels", str(tmp_path / "subset.txt"), "--out", str(tmp_path / "run")], message
+    )
 
 
 # --- run directories -----------------------------------------------------------------------------
+
 
 def _fake_run(run: Path) -> None:
     (run / "checkpoints").mkdir(parents=True)
@@ -255,13 +303,16 @@ def test_resume_mistakes(tmp_path, arguments, message):
     refused(tmp_path, ["train", *(a.replace("{tmp}", str(tmp_path)) for a in arguments)], message)
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"\x00\x01binary", "is not valid YAML"),
-    (b"\xc3\x28 invalid", "is not UTF-8 text"),
-    (b"epochs: [1\n", "is not valid YAML"),
-    (b"kernel_size: 3\n", "unknown key 'kernel_size'"),
-    (b"tau: .nan\n", "tau must be > 0 and finite"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"\x00\x01binary", "is not valid YAML"),
+        (b"\xc3\x28 invalid", "is not UTF-8 text"),
+        (b"epochs: [1\n", "is not valid YAML"),
+        (b"kernel_size: 3\n", "unknown key 'kernel_size'"),
+        (b"tau: .nan\n", "tau must be > 0 and finite"),
+    ],
+)
 def test_resume_with_a_broken_saved_config(tmp_path, content, message):
     _fake_run(tmp_path / "run")
     (tmp_path / "run" / "config.yaml").write_bytes(content)
@@ -270,17 +321,22 @@ def test_resume_with_a_broken_saved_config(tmp_path, content, message):
 
 # --- environment variables -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("env,message", [
-    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "not started by torchrun"),
-    ({"WORLD_SIZE": "8"}, "not started by torchrun"),
-    ({"RANK": "5", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "x"}, "RANK < WORLD_SIZE"),
-    ({"RANK": "a", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "x"}, "must be integers"),
-])
+
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "not started by torchrun"),
+        ({"WORLD_SIZE": "8"}, "not started by torchrun"),
+        ({"RANK": "5", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "x"}, "RANK < WORLD_SIZE"),
+        ({"RANK": "a", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "x"}, "must be integers"),
+    ],
+)
 def test_stale_distributed_variables_fail_at_once(tmp_path, env, message):
     refused(tmp_path, ["train", *SMALL, "--out", str(tmp_path / "run")], message, env=env)
 
 
 # --- evaluation, comparison and sweeps of hand-made files ---------------------------------------
+
 
 class _WritesAFile:
     def __init__(self, path):
@@ -302,10 +358,13 @@ def test_checkpoint_with_code_is_refused_and_never_run(tmp_path):
     assert not victim.exists()
 
 
-@pytest.mark.parametrize("payload,message", [
-    (b"PK\x03\x04 not a zip", "cannot be read"),
-    (b"", "cannot be read"),
-])
+@pytest.mark.parametrize(
+    "payload,message",
+    [
+        (b"PK\x03\x04 not a zip", "cannot be read"),
+        (b"", "cannot be read"),
+    ],
+)
 def test_garbage_checkpoints(tmp_path, payload, message):
     _fake_run(tmp_path / "run")
     (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(payload)
@@ -327,7 +386,9 @@ METRICS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("content,message", METRICS_CASES, ids=[m[:20] + str(i) for i, (_, m) in enumerate(METRICS_CASES)])
+@pytest.mark.parametrize(
+    "content,message", METRICS_CASES, ids=[m[:20] + str(i) for i, (_, m) in enumerate(METRICS_CASES)]
+)
 def test_compare_hand_made_metrics(tmp_path, content, message):
     _fake_run(tmp_path / "run")
     (tmp_path / "run" / "metrics.csv").write_bytes(content)
@@ -336,8 +397,10 @@ def test_compare_hand_made_metrics(tmp_path, content, message):
 
 SWEEP_CASES = [
     (BOMB.replace("epochs:", "grid:").encode(), "'grid' must map config keys to non-empty lists"),
-    (b"grid: {epochs: [1]}\nbase:\n" + BOMB.replace("epochs:", "  tau:").replace("\n  -", "\n    -").encode(),
-     "config key 'tau' must be float"),
+    (
+        b"grid: {epochs: [1]}\nbase:\n" + BOMB.replace("epochs:", "  tau:").replace("\n  -", "\n    -").encode(),
+        "config key 'tau' must be float",
+    ),
     (b"grid: {epochs: 3}\n", "'grid' must map config keys to non-empty lists"),
     (b"grid: {epochs: [1]}\nvariants: 3\n", "'variants' must be a list of mappings"),
     (b"grid: {epochs: [1]}\nbase: {tau: .nan}\n", "tau must be > 0 and finite"),
@@ -355,8 +418,11 @@ def test_sweep_files(tmp_path, content, message):
 
 def test_eval_refuses_zero_labels_instead_of_borrowing_all(tmp_path):
     run = tmp_path / "run"
-    result = subprocess.run([SUNCET, "train", *SMALL, "--final-eval", "linear", "--labels", "0%", "--out", str(run)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [SUNCET, "train", *SMALL, "--final-eval", "linear", "--labels", "0%", "--out", str(run)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "no labeled images" in result.stdout and not list(run.glob("eval_*.json"))
     refused(tmp_path, ["eval", str(run), "--labels", "0%"], "evaluation needs labeled images")
@@ -373,8 +439,12 @@ def test_eval_of_non_finite_weights_says_so(tmp_path):
 
 def test_a_second_training_into_the_same_folder_is_refused(tmp_path):
     run = tmp_path / "run"
-    first = subprocess.Popen([SUNCET, "train", *SMALL, "--epochs", "50", "--out", str(run)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [SUNCET, "train", *SMALL, "--epochs", "50", "--out", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for _ in range(600):
             if (run / "config.yaml").exists():

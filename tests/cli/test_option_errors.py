@@ -40,16 +40,25 @@ CASES = [
     (["--epochs", "0"], "epochs must be > 0"),
     (["--epochs", "abc"], "'abc' is not a valid integer"),
     (["--batch-size", "0"], "batch-size must be > 0"),
-    (["--batch-size", "5000"], "--batch-size 5000 is more than the 1437 unlabeled images of digits; at most 1437 works"),
+    (
+        ["--batch-size", "5000"],
+        "--batch-size 5000 is more than the 1437 unlabeled images of digits; at most 1437 works",
+    ),
     (["--tau", "0"], "tau must be > 0"),
     (["--lr", "-1"], "lr must be > 0"),
     (["--momentum", "1.5"], "momentum must be in [0, 1)"),
     (["--weight-decay", "-1"], "weight-decay must be >= 0"),
     (["--suncet-weight", "-1"], "suncet-weight must be >= 0"),
     (["--suncet-epochs", "500"], "suncet-epochs must be between 0 and epochs"),
-    (["--classes-per-step", "20"], "--classes-per-step 20 is more than the 10 classes with labeled images in digits; at most 10 works"),
+    (
+        ["--classes-per-step", "20"],
+        "--classes-per-step 20 is more than the 10 classes with labeled images in digits; at most 10 works",
+    ),
     (["--logger", "nope"], "unknown logger 'nope'; available:"),
-    (["--images-per-class", "0"], "images-per-class must be > 0 and at most 9223372036854775807, got 0 (from --images-per-class)"),
+    (
+        ["--images-per-class", "0"],
+        "images-per-class must be > 0 and at most 9223372036854775807, got 0 (from --images-per-class)",
+    ),
     (["--proj-dim", "0"], "proj-dim must be > 0"),
     (["--seed", "-1"], "seed must be >= 0"),
     (["--backend", "nope"], "unknown contrastive backend 'nope'"),
@@ -111,10 +120,13 @@ def test_existing_run_directory_is_left_alone(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "labels.txt"]
 
 
-@pytest.mark.parametrize("arguments,message", [
-    (["eval", "{tmp}/nothing"], "is not a run directory"),
-    (["eval", "{tmp}", "--protocol", "nope"], "'nope' is not one of"),
-])
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (["eval", "{tmp}/nothing"], "is not a run directory"),
+        (["eval", "{tmp}", "--protocol", "nope"], "'nope' is not one of"),
+    ],
+)
 def test_bad_eval_input(tmp_path, arguments, message):
     result = CliRunner().invoke(main, [a.replace("{tmp}", str(tmp_path)) for a in arguments])
     assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.stderr
@@ -137,7 +149,15 @@ def test_cifar_pickle_with_code_is_one_line_and_never_run(tmp_path):
     with open(batch, "wb") as handle:
         pickle.dump({"labels": [0], "data": _RunsShell(f"touch {marker}")}, handle, protocol=2)
     out = tmp_path / "out"
-    args = [*(x for kv in SMALL.items() for x in kv), "--dataset", "cifar10", "--data", str(tmp_path), "--out", str(out)]
+    args = [
+        *(x for kv in SMALL.items() for x in kv),
+        "--dataset",
+        "cifar10",
+        "--data",
+        str(tmp_path),
+        "--out",
+        str(out),
+    ]
     result = CliRunner().invoke(main, ["train", *args])
     assert result.exit_code == 2, (result.exit_code, result.stderr)
     assert f"{batch} is not a CIFAR python pickle: it asks for" in result.stderr

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import SUNCET, TINY_RUN, install_fake_distribution
 from rich.table import Table
 
-from conftest import SUNCET, TINY_RUN, install_fake_distribution
 from suncet.cli.main import main
 from suncet.terminal import Terminal, neutralised, styled
 
@@ -92,22 +92,28 @@ def hostile_runs(copy_of_finished_run) -> Path:
 
 
 def test_runs_prints_hostile_run_files_and_folder_names_as_text(hostile_runs):
-    result = subprocess.run([SUNCET, "runs", str(hostile_runs)], capture_output=True,
-                            env={**os.environ, "COLUMNS": "1000"}, timeout=120)
+    result = subprocess.run(
+        [SUNCET, "runs", str(hostile_runs)], capture_output=True, env={**os.environ, "COLUMNS": "1000"}, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout.decode("utf-8")
     assert not any(char in out for char in NEVER), out
     assert "[link=https://evil.example]simclr[/link]" in out and "simclr[/b]" in out and "\\x1b]52;c;" in out
     assert "folder-\\x1b]0;title\\x07-[/b]" in out and "undecodable-\\udcff-name" in out
-    listed = json.loads(subprocess.run([SUNCET, "runs", str(hostile_runs), "--json"], capture_output=True,
-                                       timeout=120).stdout)
+    listed = json.loads(
+        subprocess.run([SUNCET, "runs", str(hostile_runs), "--json"], capture_output=True, timeout=120).stdout
+    )
     assert len(listed) == len(HOSTILE) + 2
     assert {r["method"] for r in listed} >= set(HOSTILE.values())
 
 
 def test_an_error_quoting_a_hostile_path_or_value_is_one_line_of_text(tmp_path):
-    for arguments in (["runs", str(tmp_path / "\x1b]52;c;QQ==\x07nope")], ["eval", "x", "--protocol", "\x1b[2J[/b]"],
-                      ["\x1b]8;;http://evil\x1b\\cmd"], ["--\x1b[2Jflag"]):
+    for arguments in (
+        ["runs", str(tmp_path / "\x1b]52;c;QQ==\x07nope")],
+        ["eval", "x", "--protocol", "\x1b[2J[/b]"],
+        ["\x1b]8;;http://evil\x1b\\cmd"],
+        ["--\x1b[2Jflag"],
+    ):
         result = subprocess.run([SUNCET, *arguments], capture_output=True, timeout=120)
         err = result.stderr.decode()
         assert result.returncode == 2 and not any(char in err for char in NEVER), err
@@ -115,10 +121,21 @@ def test_an_error_quoting_a_hostile_path_or_value_is_one_line_of_text(tmp_path):
 
 
 def test_plugins_prints_a_third_party_docstring_as_text(tmp_path):
-    install_fake_distribution(tmp_path, "fake-hostile-doc", "suncet.loggers", {"hostile": "fakeplug_hostile:Hostile"}, {
-        "fakeplug_hostile": 'class Hostile:\n    """Logs \\x1b]52;c;cm0gLXJm\\x07 to [link=https://evil.example]here[/link] [/b]"""\n'})
-    result = subprocess.run([SUNCET, "plugins"], capture_output=True, timeout=300,
-                            env={**os.environ, "COLUMNS": "300", "PYTHONPATH": str(tmp_path)})
+    install_fake_distribution(
+        tmp_path,
+        "fake-hostile-doc",
+        "suncet.loggers",
+        {"hostile": "fakeplug_hostile:Hostile"},
+        {
+            "fakeplug_hostile": 'class Hostile:\n    """Logs \\x1b]52;c;cm0gLXJm\\x07 to [link=https://evil.example]here[/link] [/b]"""\n'
+        },
+    )
+    result = subprocess.run(
+        [SUNCET, "plugins"],
+        capture_output=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "300", "PYTHONPATH": str(tmp_path)},
+    )
     out = result.stdout.decode()
     assert result.returncode == 0, result.stderr
     assert not any(char in out for char in NEVER) and "[link=https://evil.example]here[/link] [/b]" in out
@@ -126,8 +143,12 @@ def test_plugins_prints_a_third_party_docstring_as_text(tmp_path):
 
 def test_training_into_a_folder_named_with_markup_and_escapes_prints_it_as_text(tmp_path):
     run = tmp_path / "[/b][conceal]\x1b]0;t\x07run"
-    result = subprocess.run([SUNCET, "train", *TINY_RUN, "--monitor-every", "0", "--out", str(run)], capture_output=True,
-                            timeout=600, env={**os.environ, "COLUMNS": "300"})
+    result = subprocess.run(
+        [SUNCET, "train", *TINY_RUN, "--monitor-every", "0", "--out", str(run)],
+        capture_output=True,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "300"},
+    )
     out, err = result.stdout.decode(), result.stderr.decode()
     assert result.returncode == 0, err
     assert not any(char in out + err for char in NEVER) and "[/b][conceal]\\x1b]0;t\\x07run" in out

@@ -13,8 +13,12 @@ from suncet.data.recipe import AugmentRecipe, CropSpec
 
 def recipe(**changes) -> AugmentRecipe:
     base = dict(
-        global_crop=CropSpec(16, (0.08, 1.0)), local_crop=CropSpec(8, (0.05, 0.14)), color_strength=1.0,
-        blur_p=0.5, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+        global_crop=CropSpec(16, (0.08, 1.0)),
+        local_crop=CropSpec(8, (0.05, 0.14)),
+        color_strength=1.0,
+        blur_p=0.5,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
     )
     base.update(changes)
     return AugmentRecipe(**base)
@@ -46,7 +50,9 @@ def test_crop_boxes_match_torchvision_where_draws_often_do_not_fit():
     ours = sample_crop_boxes(n, height, width, scale, ratio, torch.Generator().manual_seed(0), torch.device("cpu"))
     torch.manual_seed(0)
     image = torch.zeros(1, height, width)
-    theirs = torch.tensor([RandomResizedCrop.get_params(image, list(scale), list(ratio)) for _ in range(n)], dtype=torch.float32)
+    theirs = torch.tensor(
+        [RandomResizedCrop.get_params(image, list(scale), list(ratio)) for _ in range(n)], dtype=torch.float32
+    )
     quantiles = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
     for column in range(4):  # top, left, h, w
         a, b = ours[:, column], theirs[:, column]
@@ -55,7 +61,9 @@ def test_crop_boxes_match_torchvision_where_draws_often_do_not_fit():
 
 
 def test_crop_boxes_fall_back_to_the_central_crop_when_nothing_fits():
-    boxes = sample_crop_boxes(100, 64, 64, (0.9, 1.0), (3.0, 4.0), torch.Generator().manual_seed(0), torch.device("cpu"))
+    boxes = sample_crop_boxes(
+        100, 64, 64, (0.9, 1.0), (3.0, 4.0), torch.Generator().manual_seed(0), torch.device("cpu")
+    )
     # The aspect ratio is clamped to the range (width / 3), the crop centred, as in torchvision.
     assert boxes.tolist() == [[21.0, 0.0, 21.0, 64.0]] * 100
 
@@ -74,7 +82,9 @@ def test_crop_takes_the_right_window():
 
 
 def test_views_are_normalised_floats_of_the_crop_size():
-    view = BatchAugment(recipe(mean=(0.5,) * 3, std=(0.25,) * 3), CropSpec(12, (0.3, 1.0)))(images(), torch.Generator().manual_seed(1))
+    view = BatchAugment(recipe(mean=(0.5,) * 3, std=(0.25,) * 3), CropSpec(12, (0.3, 1.0)))(
+        images(), torch.Generator().manual_seed(1)
+    )
     assert view.shape == (64, 3, 12, 12) and view.dtype == torch.float32
     assert view.min() >= -2.0 - 1e-5 and view.max() <= 2.0 + 1e-5
 

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import rerun_under_triton_interpreter, skip_unless_triton_interpreter
+
 from suncet.data.augment import BatchAugment
 from suncet.data.recipe import AugmentRecipe, CropSpec
 
 
 def recipe(**changes) -> AugmentRecipe:
     base = dict(
-        global_crop=CropSpec(16, (0.08, 1.0)), local_crop=CropSpec(8, (0.05, 0.14)), color_strength=1.0,
-        blur_p=0.5, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3),
-    )  # fmt: skip
+        global_crop=CropSpec(16, (0.08, 1.0)),
+        local_crop=CropSpec(8, (0.05, 0.14)),
+        color_strength=1.0,
+        blur_p=0.5,
+        mean=(0.4, 0.5, 0.6),
+        std=(0.2, 0.25, 0.3),
+    )
     base.update(changes)
     return AugmentRecipe(**base)
 
@@ -53,7 +57,9 @@ def interpreter():
 def test_interpreted_colour_kernels_equal_the_pytorch_path(interpreter, name):
     r = RECIPES[name]
     channels = len(r.mean)
-    images = torch.randint(0, 256, (24, channels, 44, 44), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    images = torch.randint(
+        0, 256, (24, channels, 44, 44), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)
+    )
     reference, fused = both_paths(r, images, seed=7)
     assert fused.shape == reference.shape and fused.dtype == torch.float32
     torch.testing.assert_close(fused, reference, atol=2e-5, rtol=0)
@@ -65,8 +71,8 @@ def test_interpreted_colour_kernels_equal_the_pytorch_path(interpreter, name):
 
 def test_interpreted_wide_blur_equals_gaussian_blur(interpreter):
     from suncet.data.augment import gaussian_blur
-    from suncet.data.recipe import VIEW_COLUMNS, ViewColumn
     from suncet.data.augment_triton import blur_steps
+    from suncet.data.recipe import VIEW_COLUMNS, ViewColumn
 
     gen = torch.Generator().manual_seed(5)
     x = torch.rand(4, 3, 26, 31, generator=gen)
@@ -81,8 +87,8 @@ def test_interpreted_wide_blur_equals_gaussian_blur(interpreter):
 @pytest.mark.parametrize("stored,size", [(44, 16), (20, 36), (37, 37)])
 def test_interpreted_crop_equals_crop_resize_flip(interpreter, stored, size):
     from suncet.data.augment import crop_resize_flip, sample_crop_boxes
-    from suncet.data.recipe import VIEW_COLUMNS, ViewColumn
     from suncet.data.augment_triton import crop_views
+    from suncet.data.recipe import VIEW_COLUMNS, ViewColumn
 
     gen = torch.Generator().manual_seed(stored + size)
     images = torch.randint(0, 256, (10, 3, stored, stored + 3), dtype=torch.uint8, generator=gen)
@@ -104,8 +110,12 @@ def test_interpreted_views_of_images_of_different_sizes(interpreter):
     batch = ImageBatch.stack([torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for h, w in shapes])
     r = RECIPES["imagenet-like (jitter, grayscale, blur)"]
     fused, torch_ops = (BatchAugment(r, r.global_crop, triton_kernels=flag) for flag in (True, False))
-    torch.testing.assert_close(fused(batch, torch.Generator().manual_seed(0)),
-                               torch_ops(batch, torch.Generator().manual_seed(0)), atol=2e-5, rtol=0)
+    torch.testing.assert_close(
+        fused(batch, torch.Generator().manual_seed(0)),
+        torch_ops(batch, torch.Generator().manual_seed(0)),
+        atol=2e-5,
+        rtol=0,
+    )
 
 
 def test_batches_over_int32_offsets_are_refused_with_a_clear_error():
@@ -141,7 +151,9 @@ def test_colour_kernels_equal_the_pytorch_path_on_cuda(name):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("name", ["imagenet-like (jitter, grayscale, blur)", "no blur: solarize and normalise in the kernel"])
+@pytest.mark.parametrize(
+    "name", ["imagenet-like (jitter, grayscale, blur)", "no blur: solarize and normalise in the kernel"]
+)
 def test_device_pipeline_on_cuda_never_synchronises_the_host(name):
     from suncet.data import InMemoryImages
     from suncet.data.pipeline import DevicePipeline, StepPlan

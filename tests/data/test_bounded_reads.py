@@ -12,8 +12,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import SUNCET, dump, write_cifar10
+
 from suncet.errors import ConfigError
 from suncet.registry import DATASETS
 
@@ -25,14 +25,21 @@ def pickled_size(content: dict) -> int:
 ROW = list(range(256)) * 12  # one 3,072-value row, as a list
 
 
-@pytest.mark.parametrize("content,message", [
-    # 60,000 references to one row: 180 KB pickled, 1.5 GB as an int64 array.
-    ({"labels": [0] * 60_000, "data": [ROW] * 60_000}, "'data' is a list, expected uint8 [N, 3072]"),
-    ({"labels": [0] * 4, "data": np.zeros((4, 3072), np.int64)}, "'data' is int64 of shape (4, 3072)"),
-    ({"labels": [ROW] * 60_000, "data": np.zeros((60_000, 3072), np.uint8)[:1]}, "'labels' is not a list of class numbers"),
-    ({"labels": [10**30], "data": np.zeros((1, 3072), np.uint8)}, "too large to be a class"),
-    ({"labels": ["cat"], "data": np.zeros((1, 3072), np.uint8)}, "'labels' is not a list of class numbers"),
-], ids=["rows by reference", "int64 rows", "labels by reference", "huge label", "text label"])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        # 60,000 references to one row: 180 KB pickled, 1.5 GB as an int64 array.
+        ({"labels": [0] * 60_000, "data": [ROW] * 60_000}, "'data' is a list, expected uint8 [N, 3072]"),
+        ({"labels": [0] * 4, "data": np.zeros((4, 3072), np.int64)}, "'data' is int64 of shape (4, 3072)"),
+        (
+            {"labels": [ROW] * 60_000, "data": np.zeros((60_000, 3072), np.uint8)[:1]},
+            "'labels' is not a list of class numbers",
+        ),
+        ({"labels": [10**30], "data": np.zeros((1, 3072), np.uint8)}, "too large to be a class"),
+        ({"labels": ["cat"], "data": np.zeros((1, 3072), np.uint8)}, "'labels' is not a list of class numbers"),
+    ],
+    ids=["rows by reference", "int64 rows", "labels by reference", "huge label", "text label"],
+)
 def test_a_cifar_pickle_is_checked_as_read_before_anything_is_built(tmp_path, content, message):
     write_cifar10(tmp_path)
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
@@ -52,9 +59,11 @@ def test_cifar_class_names_by_reference_are_refused(tmp_path):
 def peak_memory_of(*command: str) -> tuple[int, str]:
     """Run ``command``; its peak resident memory in KiB (a wrapper process whose one child it
     is reports it) and its output."""
-    measure = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], capture_output=True); "
-               "assert done.returncode == 0, done.stderr; "
-               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.stdout.write(done.stdout.decode())")
+    measure = (
+        "import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], capture_output=True); "
+        "assert done.returncode == 0, done.stderr; "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.stdout.write(done.stdout.decode())"
+    )
     result = subprocess.run([sys.executable, "-c", measure, *command], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     head, _, output = result.stdout.partition("\n")

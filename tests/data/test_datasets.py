@@ -14,20 +14,20 @@ import numpy as np
 import pytest
 import torch
 import torchvision.datasets
+from conftest import cifar_images, dump, write_cifar10
 from torchvision.io import ImageReadMode, decode_image, encode_jpeg, encode_png, write_file
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from conftest import cifar_images, dump, write_cifar10
-from suncet.data.augment import BatchAugment, eval_transform
-from suncet.data.recipe import ViewColumn, override_recipe
 from suncet.data import ImageDataset
-from suncet.errors import ConfigError
-from suncet.engine.protocols import finetune_recipe
+from suncet.data.augment import BatchAugment, eval_transform
 from suncet.data.image_batch import ImageBatch
 from suncet.data.pipeline import DevicePipeline, StepPlan
-from suncet.registry import DATASETS
+from suncet.data.recipe import ViewColumn, override_recipe
 from suncet.data.worker_pipeline import WorkerPipeline
+from suncet.engine.protocols import finetune_recipe
+from suncet.errors import ConfigError
+from suncet.registry import DATASETS
 
 
 def create(name: str, **kwargs) -> ImageDataset:
@@ -42,7 +42,10 @@ def write_cifar100(root: Path) -> dict[str, np.ndarray]:
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
     train, test = cifar_images(6, 1), cifar_images(2, 2)
-    dump(folder / "train", {"fine_labels": [0, 5, 10, 50, 98, 99], "coarse_labels": [0] * 6, "data": train.reshape(6, -1)})
+    dump(
+        folder / "train",
+        {"fine_labels": [0, 5, 10, 50, 98, 99], "coarse_labels": [0] * 6, "data": train.reshape(6, -1)},
+    )
     dump(folder / "test", {"fine_labels": [7, 8], "coarse_labels": [0, 0], "data": test.reshape(2, -1)})
     dump(folder / "meta", {"fine_label_names": [f"f{c}" for c in range(100)], "coarse_label_names": ["c"] * 20})
     return {"train": train, "test": test}
@@ -138,8 +141,15 @@ def test_cifar_python2_release_format_loads(tmp_path):
     folder.mkdir()
     train = [cifar_images(2, i) for i in range(1, 6)]
     for i, x in enumerate(train, start=1):
-        dump_python2(folder / f"data_batch_{i}", {"batch_label": f"training batch {i} of 5", "labels": [i, 9 - i],
-                                                  "data": x.reshape(2, -1), "filenames": ["a.png", "b.png"]})
+        dump_python2(
+            folder / f"data_batch_{i}",
+            {
+                "batch_label": f"training batch {i} of 5",
+                "labels": [i, 9 - i],
+                "data": x.reshape(2, -1),
+                "filenames": ["a.png", "b.png"],
+            },
+        )
     test = cifar_images(1, 7)
     dump_python2(folder / "test_batch", {"labels": [3], "data": test.reshape(1, -1)})
     dump_python2(folder / "batches.meta", {"label_names": [f"class{c}" for c in range(10)], "num_vis": 3072})
@@ -178,7 +188,9 @@ class _WritesFile:
 @pytest.mark.parametrize("payload", ["os.system", "builtins.open"])
 def test_cifar_pickle_with_code_is_refused_and_not_run(tmp_path, payload):
     marker = tmp_path / "created-by-the-pickle"
-    function, arguments = {"os.system": (os.system, (f"touch {marker}",)), "builtins.open": (open, (str(marker), "w"))}[payload]
+    function, arguments = {"os.system": (os.system, (f"touch {marker}",)), "builtins.open": (open, (str(marker), "w"))}[
+        payload
+    ]
     content = {"labels": [0], "data": _WritesFile(function, *arguments)}
     pickle.loads(pickle.dumps(content, protocol=2))  # the payload is real: a plain unpickler runs it
     assert marker.exists()
@@ -193,7 +205,9 @@ def test_cifar_pickle_with_code_is_refused_and_not_run(tmp_path, payload):
     assert not marker.exists()
     message = str(error.value)
     assert "\n" not in message
-    assert re.fullmatch(f"{re.escape(str(batch))} is not a CIFAR python pickle: it asks for {named}, .*refused.*", message)
+    assert re.fullmatch(
+        f"{re.escape(str(batch))} is not a CIFAR python pickle: it asks for {named}, .*refused.*", message
+    )
 
 
 def test_cifar_garbage_and_truncated_files_give_one_line(tmp_path):
@@ -212,7 +226,9 @@ def test_cifar_wrong_shapes_and_missing_files_are_errors(tmp_path):
     write_cifar10(tmp_path)
     folder = tmp_path / "cifar-10-batches-py"
     dump(folder / "data_batch_2", {"labels": [1], "data": np.zeros((1, 1024), np.uint8)})
-    with pytest.raises(ConfigError, match=r"data_batch_2: 'data' is uint8 of shape \(1, 1024\), expected uint8 \[N, 3072\]"):
+    with pytest.raises(
+        ConfigError, match=r"data_batch_2: 'data' is uint8 of shape \(1, 1024\), expected uint8 \[N, 3072\]"
+    ):
         create("cifar10", root=str(tmp_path))
     dump(folder / "data_batch_2", {"labels": [1, 2], "data": np.zeros((1, 3072), np.uint8)})
     with pytest.raises(ConfigError, match="data_batch_2: 1 images but 2 labels"):
@@ -348,7 +364,9 @@ def test_imagefolder_size_caps_the_short_side_keeping_the_whole_image(tmp_path):
         decoded = decode_image(str(tmp_path / "train" / dataset.train.names[index]), mode=ImageReadMode.RGB)
         expected = decoded if min(decoded.shape[-2:]) <= 24 else TF.resize(decoded, [24], antialias=True)
         assert torch.equal(image, expected)
-    assert create("imagefolder", root=str(tmp_path), size=None).train.load(torch.tensor([1])).sizes.tolist() == [[70, 30]]
+    assert create("imagefolder", root=str(tmp_path), size=None).train.load(torch.tensor([1])).sizes.tolist() == [
+        [70, 30]
+    ]
 
 
 def test_imagefolder_errors(tmp_path):
@@ -383,7 +401,12 @@ def test_imagefolder_without_images(tmp_path):
 
 def write_noise_folder(root: Path) -> dict[str, torch.Tensor]:
     """Non-square noise images, one JPEG and one PNG per orientation; returns what torchvision decodes."""
-    shapes = {"train/a/wide.jpg": (48, 80), "train/a/tall.png": (90, 36), "train/b/wide.png": (30, 70), "train/b/tall.jpg": (64, 40)}
+    shapes = {
+        "train/a/wide.jpg": (48, 80),
+        "train/a/tall.png": (90, 36),
+        "train/b/wide.png": (30, 70),
+        "train/b/tall.jpg": (64, 40),
+    }
     decoded = {}
     for i, (name, (height, width)) in enumerate(shapes.items()):
         image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
@@ -400,16 +423,22 @@ def test_imagefolder_crop_boxes_reach_every_edge_as_torchvision(tmp_path):
     crop = dataset.recipe.global_crop
     draws = 3000
     augment = BatchAugment(dataset.recipe, crop, triton_kernels=False)
-    params = augment.sample(draws * len(batch), batch.sizes[:, 0].repeat(draws), batch.sizes[:, 1].repeat(draws), 3,
-                            torch.Generator().manual_seed(0))
+    params = augment.sample(
+        draws * len(batch),
+        batch.sizes[:, 0].repeat(draws),
+        batch.sizes[:, 1].repeat(draws),
+        3,
+        torch.Generator().manual_seed(0),
+    )
     ours = params[:, ViewColumn.TOP : ViewColumn.WIDTH + 1].long().view(draws, len(batch), 4)
     torch.manual_seed(0)
     for i, name in enumerate(dataset.train.names):
         image = decoded[name]
         height, width = image.shape[-2:]
         assert batch.sizes[i].tolist() == [height, width]
-        theirs = torch.tensor([v2.RandomResizedCrop.get_params(image, list(crop.scale), list(dataset.recipe.ratio))
-                               for _ in range(draws)])
+        theirs = torch.tensor(
+            [v2.RandomResizedCrop.get_params(image, list(crop.scale), list(dataset.recipe.ratio)) for _ in range(draws)]
+        )
         for boxes in (ours[:, i], theirs):
             top, left, h, w = boxes.unbind(1)
             assert top.min() == 0 and left.min() == 0, name  # the top and left edges
@@ -445,8 +474,13 @@ def test_imagefolder_evaluation_is_resize_256_center_crop_224(tmp_path):
     decoded = write_noise_folder(tmp_path)
     dataset = create("imagefolder", root=str(tmp_path))
     views = eval_transform(dataset.train.load(torch.arange(4)), dataset.recipe)
-    torchvision_eval = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224),
-                                   v2.Normalize(list(dataset.recipe.mean), list(dataset.recipe.std))])
+    torchvision_eval = v2.Compose(
+        [
+            v2.Resize(256, antialias=True),
+            v2.CenterCrop(224),
+            v2.Normalize(list(dataset.recipe.mean), list(dataset.recipe.std)),
+        ]
+    )
     expected = torch.stack([torchvision_eval(decoded[name].float() / 255) for name in dataset.train.names])
     assert views.shape == (4, 3, 224, 224) and (views - expected).abs().max() < 1e-4
 

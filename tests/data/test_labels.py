@@ -6,14 +6,19 @@ import numpy as np
 import pytest
 import torch
 
+from suncet.data.labels import labels_text, parse_label_spec, read_index_file, select_labeled
 from suncet.errors import ConfigError
-from suncet.data.labels import parse_label_spec, labels_text, read_index_file, select_labeled
 
 # An unbalanced 10-class training set: class c has 90 + 7c images.
-LABELS = torch.cat([torch.full((90 + 7 * c,), c) for c in range(10)])[torch.randperm(1215, generator=torch.Generator().manual_seed(0))]
+LABELS = torch.cat([torch.full((90 + 7 * c,), c) for c in range(10)])[
+    torch.randperm(1215, generator=torch.Generator().manual_seed(0))
+]
 
 
-@pytest.mark.parametrize("text,fraction,per_class", [("10%", 0.1, None), ("0.5%", 0.005, None), ("0%", 0.0, None), ("100%", 1.0, None), ("4/class", None, 4)])
+@pytest.mark.parametrize(
+    "text,fraction,per_class",
+    [("10%", 0.1, None), ("0.5%", 0.005, None), ("0%", 0.0, None), ("100%", 1.0, None), ("4/class", None, 4)],
+)
 def test_parse_valid(text, fraction, per_class):
     spec = parse_label_spec(text)
     assert spec.fraction == fraction and spec.per_class == per_class
@@ -67,7 +72,10 @@ def test_label_file_round_trip(tmp_path):
     assert torch.equal(read_index_file(tmp_path / "labels.txt", len(LABELS)), chosen)
 
 
-@pytest.mark.parametrize("content,message", [("3\nx\n", "expected a training index"), ("1\n5000\n", "outside the training set"), ("2\n2\n", "listed twice")])
+@pytest.mark.parametrize(
+    "content,message",
+    [("3\nx\n", "expected a training index"), ("1\n5000\n", "outside the training set"), ("2\n2\n", "listed twice")],
+)
 def test_label_file_errors(tmp_path, content, message):
     path = tmp_path / "bad.txt"
     path.write_text(content)

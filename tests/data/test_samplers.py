@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from suncet.errors import ConfigError
 from suncet.data.samplers import ClassStratifiedSampler, UnlabeledSampler
+from suncet.errors import ConfigError
 
 LABELS = torch.tensor([c for c in range(6) for _ in range(5)])  # 6 classes x 5 labeled images
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torchvision.io import encode_jpeg, write_file
 
-from suncet.data.recipe import AugmentRecipe, CropSpec
 from suncet.data import ImageDataset, InMemoryImages
-from suncet.errors import ConfigError
 from suncet.data.labels import read_index_file, read_subset_file
+from suncet.data.recipe import AugmentRecipe, CropSpec
+from suncet.errors import ConfigError
 from suncet.registry import DATASETS
 
 NAMES = [
@@ -53,7 +53,9 @@ def test_index_list_reads_as_indices(tmp_path):
 def test_unknown_name_names_it_and_the_file(tmp_path):
     subset = tmp_path / "10percent.txt"
     subset.write_text("n01440764_10026.JPEG\nn09999999_1.JPEG\n")
-    with pytest.raises(ConfigError, match=rf"{subset}:2: no training image of dataset named is named 'n09999999_1.JPEG'"):
+    with pytest.raises(
+        ConfigError, match=rf"{subset}:2: no training image of dataset named is named 'n09999999_1.JPEG'"
+    ):
         read_subset_file(subset, named_dataset())
 
 

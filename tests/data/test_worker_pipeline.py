@@ -11,11 +11,19 @@ import torch
 from torchvision.transforms import RandomResizedCrop as RandomResizedCropV1
 from torchvision.transforms.v2 import functional as TF
 
-from suncet.data.augment import BatchAugment, JitterParameters, apply_jitter, crop_resize_flip, eval_transform, gaussian_blur, sample_crop_boxes, sample_jitter
-from suncet.data.recipe import AugmentRecipe, CropSpec
 from suncet.data import InMemoryImages
-from suncet.errors import ConfigError
+from suncet.data.augment import (
+    BatchAugment,
+    JitterParameters,
+    apply_jitter,
+    crop_resize_flip,
+    eval_transform,
+    gaussian_blur,
+    sample_crop_boxes,
+    sample_jitter,
+)
 from suncet.data.pipeline import DevicePipeline, StepPlan
+from suncet.data.recipe import AugmentRecipe, CropSpec
 from suncet.data.worker_pipeline import (
     LABELED_STREAM,
     UNLABELED_STREAM,
@@ -25,14 +33,19 @@ from suncet.data.worker_pipeline import (
     image_transform,
     normalize_views,
 )
+from suncet.errors import ConfigError
 
 CPU = torch.device("cpu")
 
 
 def recipe(**changes) -> AugmentRecipe:
     base = dict(
-        global_crop=CropSpec(16, (0.08, 1.0)), local_crop=CropSpec(8, (0.05, 0.14)), color_strength=1.0,
-        blur_p=0.5, mean=(0.5, 0.4, 0.3), std=(0.25, 0.25, 0.25),
+        global_crop=CropSpec(16, (0.08, 1.0)),
+        local_crop=CropSpec(8, (0.05, 0.14)),
+        color_strength=1.0,
+        blur_p=0.5,
+        mean=(0.5, 0.4, 0.3),
+        std=(0.25, 0.25, 0.25),
     )
     base.update(changes)
     return AugmentRecipe(**base)
@@ -51,8 +64,14 @@ def plans(steps: int = 3, batch: int = 8, labeled: int = 4) -> list[StepPlan]:
     ]
 
 
-def run(num_workers: int, seed: int = 0, local_views: int = 2, steps: list[StepPlan] | None = None,
-        epoch: int = 0, first_step: int = 0) -> list:
+def run(
+    num_workers: int,
+    seed: int = 0,
+    local_views: int = 2,
+    steps: list[StepPlan] | None = None,
+    epoch: int = 0,
+    first_step: int = 0,
+) -> list:
     data = source()
     pipeline = WorkerPipeline(data, data, recipe(), 2, local_views, CPU, seed, num_workers=num_workers)
     return list(pipeline.batches(steps if steps is not None else plans(), epoch, first_step))
@@ -88,7 +107,9 @@ def test_worker_views_do_not_depend_on_the_number_of_workers():
 
 def test_worker_views_follow_the_seed_and_survive_a_resume():
     full = run(num_workers=0, seed=1, epoch=3, first_step=30)
-    assert not torch.equal(full[0].global_views[0], run(num_workers=0, seed=2, epoch=3, first_step=30)[0].global_views[0])
+    assert not torch.equal(
+        full[0].global_views[0], run(num_workers=0, seed=2, epoch=3, first_step=30)[0].global_views[0]
+    )
     resumed = run(num_workers=0, seed=1, steps=plans()[1:], epoch=3, first_step=31)
     for a, b in zip(full[1:], resumed, strict=True):
         assert a.step == b.step and all(torch.equal(x, y) for x, y in zip(tensors(a), tensors(b)))
@@ -136,9 +157,13 @@ def test_worker_views_are_torchvisions_full_per_image_pipeline():
     (plan,) = plans(steps=1)
     (batch,) = WorkerPipeline(data, data, r, 2, 2, CPU, seed, num_workers=1).batches([plan], epoch, step)
     for view in range(2):
-        expected = full_pipeline_views(data, r, seed, epoch, step, plan.unlabeled, r.global_crop, UNLABELED_STREAM, view)
+        expected = full_pipeline_views(
+            data, r, seed, epoch, step, plan.unlabeled, r.global_crop, UNLABELED_STREAM, view
+        )
         assert torch.equal(batch.global_views[view], expected)
-        expected = full_pipeline_views(data, r, seed, epoch, step, plan.unlabeled, r.local_crop, UNLABELED_STREAM, 2 + view)
+        expected = full_pipeline_views(
+            data, r, seed, epoch, step, plan.unlabeled, r.local_crop, UNLABELED_STREAM, 2 + view
+        )
         assert torch.equal(batch.local_views[view], expected)
     expected = full_pipeline_views(data, r, seed, epoch, step, plan.labeled, r.global_crop, LABELED_STREAM, 0)
     assert torch.equal(batch.labeled, expected)
@@ -151,7 +176,9 @@ def test_uint8_views_normalised_on_arrival_equal_the_full_pipeline():
     views = _StepViews(data, data, r, 2, 0, seed, normalize=False)[(epoch, step, plan.unlabeled.numpy(), None)]
     for view, uint8_views in enumerate(views["global"]):
         assert uint8_views.dtype == torch.uint8
-        expected = full_pipeline_views(data, r, seed, epoch, step, plan.unlabeled, r.global_crop, UNLABELED_STREAM, view)
+        expected = full_pipeline_views(
+            data, r, seed, epoch, step, plan.unlabeled, r.global_crop, UNLABELED_STREAM, view
+        )
         assert torch.equal(normalize_views(uint8_views, r), expected)
 
 
@@ -228,7 +255,9 @@ def test_jitter_parameters_follow_color_jitter_distributions():
 
 def test_jitter_leaves_grayscale_images_hue_and_saturation_alone():
     x = torch.rand(6, 1, 5, 5)
-    params = JitterParameters(torch.tensor([[1.0, 1.0, 0.2, 1.0]] * 6), torch.full((6,), 0.3), torch.tensor([[2, 3, 0, 1]] * 6))
+    params = JitterParameters(
+        torch.tensor([[1.0, 1.0, 0.2, 1.0]] * 6), torch.full((6,), 0.3), torch.tensor([[2, 3, 0, 1]] * 6)
+    )
     torch.testing.assert_close(apply_jitter(x, params, torch.ones(6, dtype=torch.bool)), x)
 
 

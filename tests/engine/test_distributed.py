@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import SUNCET
 from torch import nn
 
-from conftest import SUNCET
 from suncet.distributed import shutdown
 from suncet.kernels import backend_status
 from suncet.losses import (
@@ -71,14 +71,27 @@ def objectives(model, x1, x2, xl, y, k1, k2, prototypes, backend, gather):
         "MultiPositiveContrastiveLoss": MultiPositiveContrastiveLoss(0.2, backend=backend)(z1, k1, z2, k2),
         "SwAVLoss": SwAVLoss()([p1, p2]),
         # supports gathered with gradient, me-max over every rank's anchors
-        "PAWSLoss": sum(PAWSLoss(0.2, multicrop=0, num_classes=5)(
-            torch.cat([z1, z2]), zl, y, torch.cat([z2, z1]).detach(), zl.detach(), y)),
+        "PAWSLoss": sum(
+            PAWSLoss(0.2, multicrop=0, num_classes=5)(
+                torch.cat([z1, z2]), zl, y, torch.cat([z2, z1]).detach(), zl.detach(), y
+            )
+        ),
     }
     return {"ntxent": ntxent, "suncet": suncet, "both": both, "swav": swav, **modules}
 
 
-OBJECTIVES = ("ntxent", "suncet", "both", "swav", "NTXentLoss", "SuNCEtLoss", "NTXentSuNCEtLoss",
-              "MultiPositiveContrastiveLoss", "SwAVLoss", "PAWSLoss")
+OBJECTIVES = (
+    "ntxent",
+    "suncet",
+    "both",
+    "swav",
+    "NTXentLoss",
+    "SuNCEtLoss",
+    "NTXentSuNCEtLoss",
+    "MultiPositiveContrastiveLoss",
+    "SwAVLoss",
+    "PAWSLoss",
+)
 
 
 def model_for_test():
@@ -108,7 +121,9 @@ def rank_worker(r, init_file, backend, results):
 def test_two_ranks_on_halves_equal_one_rank_on_the_whole(tmp_path, backend):
     context = mp.get_context("spawn")
     results = context.Queue()
-    processes = [context.Process(target=rank_worker, args=(r, tmp_path / "init", backend, results)) for r in range(WORLD)]
+    processes = [
+        context.Process(target=rank_worker, args=(r, tmp_path / "init", backend, results)) for r in range(WORLD)
+    ]
     for p in processes:
         p.start()
     gathered = dict(results.get(timeout=300) for _ in processes)
@@ -130,40 +145,97 @@ def test_two_ranks_on_halves_equal_one_rank_on_the_whole(tmp_path, backend):
 
 def rows(run):
     with open(run / "metrics.csv", newline="") as handle:
-        return [{k: v for k, v in r.items() if k not in ("images_per_second", "train_seconds")} for r in csv.DictReader(handle)]
+        return [
+            {k: v for k, v in r.items() if k not in ("images_per_second", "train_seconds")}
+            for r in csv.DictReader(handle)
+        ]
 
 
-SMALL = ("--batch-size", "32", "--proj-hidden", "64", "--backbone-opt", "width=8", "--warmup-epochs", "1",
-         "--final-eval", "none", "--seed", "2")
+SMALL = (
+    "--batch-size",
+    "32",
+    "--proj-hidden",
+    "64",
+    "--backbone-opt",
+    "width=8",
+    "--warmup-epochs",
+    "1",
+    "--final-eval",
+    "none",
+    "--seed",
+    "2",
+)
 
 
 # SwAV with a queue: each rank queues its own embeddings, which a resumed run must get back.
-SWAV_QUEUE = ("--method", "swav", "--method-opt", "local_crops=0", "--method-opt", "queue_length=64",
-              "--method-opt", "queue_start_epoch=0")
+SWAV_QUEUE = (
+    "--method",
+    "swav",
+    "--method-opt",
+    "local_crops=0",
+    "--method-opt",
+    "queue_length=64",
+    "--method-opt",
+    "queue_start_epoch=0",
+)
 
 
 def test_two_process_training_writes_one_run_and_resumes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     whole = tmp_path / "whole"
-    done = subprocess.run([SUNCET, "train", "--nproc-per-node", "2", "--epochs", "2", *SMALL, *SWAV_QUEUE, "--out", str(whole)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [SUNCET, "train", "--nproc-per-node", "2", "--epochs", "2", *SMALL, *SWAV_QUEUE, "--out", str(whole)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert sorted(p.name for p in whole.iterdir()) == [".lock", "checkpoints", "config.yaml", "labels.txt", "metrics.csv", "status.json"]
+    assert sorted(p.name for p in whole.iterdir()) == [
+        ".lock",
+        "checkpoints",
+        "config.yaml",
+        "labels.txt",
+        "metrics.csv",
+        "status.json",
+    ]
     assert '"state": "finished"' in (whole / "status.json").read_text()
     assert done.stdout.count("epoch 2/2") == 1  # rank 0 alone reports
     assert "FutureWarning" not in done.stderr  # suncet asks DDP for per-rank buffers with its current argument
 
     part = tmp_path / "part"
-    process = subprocess.Popen([SUNCET, "train", "--nproc-per-node", "2", "--epochs", "2", *SMALL, *SWAV_QUEUE,
-                                "--checkpoint-every", "3steps", "--out", str(part)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        [
+            SUNCET,
+            "train",
+            "--nproc-per-node",
+            "2",
+            "--epochs",
+            "2",
+            *SMALL,
+            *SWAV_QUEUE,
+            "--checkpoint-every",
+            "3steps",
+            "--out",
+            str(part),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None and not list(part.glob("checkpoints/step-*.pt")):
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank
     _, err = process.communicate(timeout=300)
     assert process.returncode != 0 and "checkpoint written" in err
-    resumed = subprocess.run([SUNCET, "train", "--nproc-per-node", "2", "--resume", str(part)],
-                             capture_output=True, text=True, env=env, timeout=600)
+    resumed = subprocess.run(
+        [SUNCET, "train", "--nproc-per-node", "2", "--resume", str(part)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert rows(part) == rows(whole)

@@ -11,14 +11,26 @@ import torch
 
 import suncet
 from suncet.config import TrainConfig
-from suncet.errors import ConfigError
 from suncet.data import TrainBatch
+from suncet.errors import ConfigError
 from suncet.methods import MethodConfig
 from suncet.plugins.backbones.resnet import small_resnet
 from suncet.plugins.methods.simclr import SimCLR
 
-SMALL = ("--batch-size", "64", "--proj-hidden", "64", "--backbone-opt", "width=8", "--warmup-epochs", "1",
-         "--monitor-every", "0", "--final-eval", "none")
+SMALL = (
+    "--batch-size",
+    "64",
+    "--proj-hidden",
+    "64",
+    "--backbone-opt",
+    "width=8",
+    "--warmup-epochs",
+    "1",
+    "--monitor-every",
+    "0",
+    "--final-eval",
+    "none",
+)
 TIMING = {"images_per_second", "train_seconds"}
 
 
@@ -61,8 +73,15 @@ def test_syncing_every_k_steps_gives_the_same_metrics(cli, tmp_path):
 
 
 def test_python_api_trains_and_returns_the_backbone(tmp_path):
-    result = suncet.train(epochs=1, batch_size=64, proj_hidden=64, backbone_options={"width": 8}, monitor_every=0,
-                          final_eval="knn", out=tmp_path / "run")
+    result = suncet.train(
+        epochs=1,
+        batch_size=64,
+        proj_hidden=64,
+        backbone_options={"width": 8},
+        monitor_every=0,
+        final_eval="knn",
+        out=tmp_path / "run",
+    )
     assert result.run_dir == tmp_path / "run" and result.metrics["epoch"] == 1
     assert 0 <= result.evaluation["top1"] <= 1 and (tmp_path / "run" / "eval_knn.json").is_file()
     backbone = suncet.load_backbone(result.run_dir)
@@ -75,8 +94,9 @@ def test_python_api_trains_and_returns_the_backbone(tmp_path):
 
 
 def test_python_api_refuses_an_existing_run_and_resumes_it(tmp_path):
-    settings = dict(epochs=1, batch_size=64, proj_hidden=64, backbone_options={"width": 8}, monitor_every=0,
-                    final_eval="none")
+    settings = dict(
+        epochs=1, batch_size=64, proj_hidden=64, backbone_options={"width": 8}, monitor_every=0, final_eval="none"
+    )
     suncet.train(settings, out=tmp_path / "run")
     with pytest.raises(ConfigError, match="already holds a run"):
         suncet.train(settings, out=tmp_path / "run")
@@ -105,4 +125,7 @@ def test_a_term_that_first_appears_at_a_later_step_is_logged_over_its_own_steps(
     again.add({"loss": torch.tensor(6.0), "later": torch.tensor(1.0)}, step=3)
     assert again.means(torch.device("cpu")) == {"late": 6.0, "later": 1.0, "loss": 3.0}
     # A checkpoint written before per-term counts held one step count for every term.
-    assert Meters({"sums": {"loss": 6.0, "ntxent": 4.0}, "steps": 2}).means(torch.device("cpu")) == {"loss": 3.0, "ntxent": 2.0}
+    assert Meters({"sums": {"loss": 6.0, "ntxent": 4.0}, "steps": 2}).means(torch.device("cpu")) == {
+        "loss": 3.0,
+        "ntxent": 2.0,
+    }

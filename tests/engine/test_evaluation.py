@@ -37,9 +37,23 @@ def test_paper_settings_for_the_10pct_and_1pct_lists():
     assert (one.epochs, one.batch_size, one.lr) == (60, 256, pytest.approx(0.05))
     small = finetune_settings(14, 1437)  # fewer labeled images than a batch: one batch of them
     assert (small.epochs, small.batch_size, small.lr) == (60, 14, pytest.approx(0.05 * 14 / 256))
-    custom = finetune_settings(SIMCLR_1PCT, IMAGENET_TRAIN, epochs=5, batch_size=512, base_lr=0.1, momentum=0.8,
-                               nesterov=False, weight_decay=1e-4)
-    assert (custom.epochs, custom.lr, custom.momentum, custom.nesterov, custom.weight_decay) == (5, 0.2, 0.8, False, 1e-4)
+    custom = finetune_settings(
+        SIMCLR_1PCT,
+        IMAGENET_TRAIN,
+        epochs=5,
+        batch_size=512,
+        base_lr=0.1,
+        momentum=0.8,
+        nesterov=False,
+        weight_decay=1e-4,
+    )
+    assert (custom.epochs, custom.lr, custom.momentum, custom.nesterov, custom.weight_decay) == (
+        5,
+        0.2,
+        0.8,
+        False,
+        1e-4,
+    )
 
 
 def test_optimizer_is_nesterov_sgd_without_weight_decay():

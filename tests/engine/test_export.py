@@ -59,7 +59,9 @@ def test_torchvision_export_loads_into_torchvision_with_the_same_features(resnet
     missing = model.load_state_dict(torch.load(out, weights_only=True), strict=False)
     assert sorted(missing.missing_keys) == ["fc.bias", "fc.weight"] and not missing.unexpected_keys
     model.fc = torch.nn.Identity()
-    torch.testing.assert_close(features(model, digits), features(suncet.load_backbone(resnet_run), digits), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        features(model, digits), features(suncet.load_backbone(resnet_run), digits), rtol=0, atol=1e-6
+    )
 
 
 def test_timm_export_loads_into_timm_with_the_same_features(resnet_run, digits, tmp_path):
@@ -70,7 +72,9 @@ def test_timm_export_loads_into_timm_with_the_same_features(resnet_run, digits, 
     missing = model.load_state_dict(torch.load(exported.path, weights_only=True), strict=False)
     assert sorted(missing.missing_keys) == ["fc.bias", "fc.weight"] and not missing.unexpected_keys
     model.reset_classifier(0)
-    torch.testing.assert_close(features(model, digits), features(suncet.load_backbone(resnet_run), digits), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        features(model, digits), features(suncet.load_backbone(resnet_run), digits), rtol=0, atol=1e-6
+    )
 
 
 def test_safetensors_export_describes_the_backbone_and_loads_without_pickle(resnet_run, digits, tmp_path, monkeypatch):
@@ -79,8 +83,13 @@ def test_safetensors_export_describes_the_backbone_and_loads_without_pickle(resn
     with safetensors.safe_open(str(exported.path), framework="pt") as handle:
         info = json.loads(handle.metadata()["suncet.backbone"])
     assert {k: info[k] for k in ("backbone", "options", "in_channels", "image_size", "feature_dim", "mean", "std")} == {
-        "backbone": "resnet18", "options": {}, "in_channels": 1, "image_size": 8, "feature_dim": 512,
-        "mean": [0.3], "std": [0.4],
+        "backbone": "resnet18",
+        "options": {},
+        "in_channels": 1,
+        "image_size": 8,
+        "feature_dim": 512,
+        "mean": [0.3],
+        "std": [0.4],
     }
     expected = features(suncet.load_backbone(resnet_run), digits)
 

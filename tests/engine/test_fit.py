@@ -30,10 +30,35 @@ def write_image_folder(root: Path) -> Path:
 @pytest.fixture
 def folder_args(tmp_path):
     data = write_image_folder(tmp_path / "data")
-    return ("train", "--dataset", "imagefolder", "--data", str(data), "--labels", "25%", "--dataset-opt", "size=16",
-            "--augment", "global_crop_size=16", "--augment", "local_crop_size=8", "--backbone", "small_resnet",
-            "--backbone-opt", "width=8", "--proj-hidden", "32", "--epochs", "1", "--warmup-epochs", "1",
-            "--monitor-every", "0", "--final-eval", "none")
+    return (
+        "train",
+        "--dataset",
+        "imagefolder",
+        "--data",
+        str(data),
+        "--labels",
+        "25%",
+        "--dataset-opt",
+        "size=16",
+        "--augment",
+        "global_crop_size=16",
+        "--augment",
+        "local_crop_size=8",
+        "--backbone",
+        "small_resnet",
+        "--backbone-opt",
+        "width=8",
+        "--proj-hidden",
+        "32",
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "1",
+        "--monitor-every",
+        "0",
+        "--final-eval",
+        "none",
+    )
 
 
 def test_defaults_fit_a_three_class_folder_and_say_so_once(cli, folder_args, tmp_path):
@@ -50,10 +75,19 @@ def test_defaults_fit_a_three_class_folder_and_say_so_once(cli, folder_args, tmp
     assert again.returncode == 0, again.stderr
 
 
-@pytest.mark.parametrize("given,message", [
-    (("--classes-per-step", "10"), "--classes-per-step 10 is more than the 3 classes with labeled images in imagefolder; at most 3 works"),
-    (("--batch-size", "100"), "--batch-size 100 is more than the 24 unlabeled images of imagefolder; at most 24 works"),
-])
+@pytest.mark.parametrize(
+    "given,message",
+    [
+        (
+            ("--classes-per-step", "10"),
+            "--classes-per-step 10 is more than the 3 classes with labeled images in imagefolder; at most 3 works",
+        ),
+        (
+            ("--batch-size", "100"),
+            "--batch-size 100 is more than the 24 unlabeled images of imagefolder; at most 24 works",
+        ),
+    ],
+)
 def test_values_the_user_gave_are_refused_with_the_largest_that_works(cli, folder_args, tmp_path, given, message):
     result = cli(*folder_args, *given, "--out", str(tmp_path / "run"))
     assert result.returncode == 2
@@ -91,7 +125,9 @@ def test_learning_rate_is_computed_once_from_what_the_user_gave(cli, folder_args
     assert "--batch-size 24 (not 128)" in own.stdout and "--lr " not in own.stdout
     saved = yaml.safe_load((tmp_path / "own" / "config.yaml").read_text())
     assert (saved["batch_size"], saved["lr"], saved["lr_batch"], saved["preset"]) == (24, 0.5, 24, "digits")
-    stated = cli(*folder_args, "--preset", "digits", "--lr", "0.5", "--lr-batch", "256", "--out", str(tmp_path / "stated"))
+    stated = cli(
+        *folder_args, "--preset", "digits", "--lr", "0.5", "--lr-batch", "256", "--out", str(tmp_path / "stated")
+    )
     assert stated.returncode == 0, stated.stderr
     assert "--lr 0.04688 (not 0.25): the rates follow the global batch, now 24 (unlabeled)" in stated.stdout
     saved = yaml.safe_load((tmp_path / "stated" / "config.yaml").read_text())

@@ -7,11 +7,24 @@ import signal
 import textwrap
 
 import pytest
-
 from conftest import start, wait_for_checkpoint
 
-SMALL = ("--batch-size", "64", "--proj-hidden", "64", "--backbone-opt", "width=8", "--warmup-epochs", "1",
-         "--final-eval", "none", "--monitor-every", "1", "--seed", "5")
+SMALL = (
+    "--batch-size",
+    "64",
+    "--proj-hidden",
+    "64",
+    "--backbone-opt",
+    "width=8",
+    "--warmup-epochs",
+    "1",
+    "--final-eval",
+    "none",
+    "--monitor-every",
+    "1",
+    "--seed",
+    "5",
+)
 TIMING = {"images_per_second", "train_seconds"}
 EXIT_PREEMPTED, EXIT_INTERRUPTED, EXIT_NONFINITE = 75, 130, 3
 
@@ -48,7 +61,9 @@ def test_kill_9_mid_epoch_loses_nothing_beyond_the_last_checkpoint(uninterrupted
     assert comparable(run) == comparable(uninterrupted)
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, EXIT_PREEMPTED), (signal.SIGUSR1, EXIT_PREEMPTED), (signal.SIGINT, EXIT_INTERRUPTED)])
+@pytest.mark.parametrize(
+    "sig,code", [(signal.SIGTERM, EXIT_PREEMPTED), (signal.SIGUSR1, EXIT_PREEMPTED), (signal.SIGINT, EXIT_INTERRUPTED)]
+)
 def test_signal_writes_a_checkpoint_and_exits_with_its_code(uninterrupted, tmp_path, sig, code):
     run = tmp_path / "run"
     process = start("train", "--epochs", "3", *SMALL, "--checkpoint-every", "4steps", "--out", str(run))
@@ -67,7 +82,18 @@ def test_signal_writes_a_checkpoint_and_exits_with_its_code(uninterrupted, tmp_p
 
 def test_truncated_checkpoint_is_named_and_auto_falls_back(uninterrupted, tmp_path, cli):
     run = tmp_path / "run"
-    args = ("train", "--epochs", "2", *SMALL, "--checkpoint-every", "5steps", "--keep-checkpoints", "3", "--out", str(run))
+    args = (
+        "train",
+        "--epochs",
+        "2",
+        *SMALL,
+        "--checkpoint-every",
+        "5steps",
+        "--keep-checkpoints",
+        "3",
+        "--out",
+        str(run),
+    )
     assert cli(*args).returncode == 0
     last = run / "checkpoints" / "last.pt"
     with open(last, "r+b") as handle:  # in place: the newest numbered file shares these bytes
@@ -115,8 +141,19 @@ def nan_plugin(tmp_path):
 
 def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_checkpoint(cli, nan_plugin, tmp_path):
     run = tmp_path / "run"
-    result = cli("train", "--method", "nan_after", "--method-opt", "bad_steps=25", "--epochs", "3", *SMALL,
-                 "--out", str(run), env=nan_plugin)
+    result = cli(
+        "train",
+        "--method",
+        "nan_after",
+        "--method-opt",
+        "bad_steps=25",
+        "--epochs",
+        "3",
+        *SMALL,
+        "--out",
+        str(run),
+        env=nan_plugin,
+    )
     assert result.returncode == EXIT_NONFINITE
     assert "non-finite loss at epoch 2, step 25: suncet = nan" in result.stderr and "Traceback" not in result.stderr
     assert [r["epoch"] for r in rows(run)] == ["1"]
@@ -125,19 +162,58 @@ def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_checkpoint(cli, nan
 
 def test_nan_read_at_a_later_sync_still_names_its_step(cli, nan_plugin, tmp_path):
     """With --sync-every 10 the NaN of step 3 is read at step 10 and reported as step 3."""
-    result = cli("train", "--method", "nan_after", "--method-opt", "bad_steps=3", "--sync-every", "10", "--epochs", "1",
-                 *SMALL, "--out", str(tmp_path / "run"), env=nan_plugin)
+    result = cli(
+        "train",
+        "--method",
+        "nan_after",
+        "--method-opt",
+        "bad_steps=3",
+        "--sync-every",
+        "10",
+        "--epochs",
+        "1",
+        *SMALL,
+        "--out",
+        str(tmp_path / "run"),
+        env=nan_plugin,
+    )
     assert result.returncode == EXIT_NONFINITE and "Traceback" not in result.stderr
     assert "non-finite loss at epoch 1, step 3: suncet = nan" in result.stderr
 
 
 def test_skip_nonfinite_skips_up_to_n_steps(cli, nan_plugin, tmp_path):
     run = tmp_path / "run"
-    result = cli("train", "--method", "nan_after", "--method-opt", "bad_steps=3,7", "--skip-nonfinite", "2",
-                 "--epochs", "1", *SMALL, "--out", str(run), env=nan_plugin)
+    result = cli(
+        "train",
+        "--method",
+        "nan_after",
+        "--method-opt",
+        "bad_steps=3,7",
+        "--skip-nonfinite",
+        "2",
+        "--epochs",
+        "1",
+        *SMALL,
+        "--out",
+        str(run),
+        env=nan_plugin,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("skipped a non-finite step") == 2
     assert rows(run)[0]["loss"] not in ("nan", "")
-    result = cli("train", "--method", "nan_after", "--method-opt", "bad_steps=3,7", "--skip-nonfinite", "1",
-                 "--epochs", "1", *SMALL, "--out", str(tmp_path / "again"), env=nan_plugin)
+    result = cli(
+        "train",
+        "--method",
+        "nan_after",
+        "--method-opt",
+        "bad_steps=3,7",
+        "--skip-nonfinite",
+        "1",
+        "--epochs",
+        "1",
+        *SMALL,
+        "--out",
+        str(tmp_path / "again"),
+        env=nan_plugin,
+    )
     assert result.returncode == EXIT_NONFINITE and "step 7" in result.stderr

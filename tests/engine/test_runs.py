@@ -8,11 +8,22 @@ import signal
 import textwrap
 
 import pytest
-
 from conftest import start, wait_for_checkpoint
 
-SMALL = ("--batch-size", "64", "--proj-hidden", "64", "--backbone-opt", "width=8", "--warmup-epochs", "1",
-         "--final-eval", "none", "--monitor-every", "1")
+SMALL = (
+    "--batch-size",
+    "64",
+    "--proj-hidden",
+    "64",
+    "--backbone-opt",
+    "width=8",
+    "--warmup-epochs",
+    "1",
+    "--final-eval",
+    "none",
+    "--monitor-every",
+    "1",
+)
 
 NAN_AT_STEP_3 = '''
     from suncet.plugins.methods.simclr import SimCLR
@@ -40,10 +51,21 @@ def runs(tmp_path_factory):
     (site / "nan_plugin.py").write_text(textwrap.dedent(NAN_AT_STEP_3))
     folder = root / "runs"
     finished = start("train", "--epochs", "1", *SMALL, "--out", str(folder / "finished"))
-    failed = start("train", "--method", "nan_at_three", "--epochs", "1", *SMALL, "--out", str(folder / "sweep" / "failed"),
-                   env={"PYTHONPATH": str(site)})
-    stopped, killed = (start("train", "--epochs", "3", *SMALL, "--checkpoint-every", "4steps", "--out", str(folder / name))
-                       for name in ("stopped", "killed"))
+    failed = start(
+        "train",
+        "--method",
+        "nan_at_three",
+        "--epochs",
+        "1",
+        *SMALL,
+        "--out",
+        str(folder / "sweep" / "failed"),
+        env={"PYTHONPATH": str(site)},
+    )
+    stopped, killed = (
+        start("train", "--epochs", "3", *SMALL, "--checkpoint-every", "4steps", "--out", str(folder / name))
+        for name in ("stopped", "killed")
+    )
     for process, sig in ((stopped, signal.SIGTERM), (killed, signal.SIGKILL)):
         wait_for_checkpoint(folder / ("stopped" if process is stopped else "killed"), process)
         process.send_signal(sig)
@@ -64,7 +86,12 @@ def test_runs_json_gives_each_state_and_reason(runs, cli):
     finished = summaries["finished"]
     with open(runs / "finished" / "metrics.csv", newline="") as handle:
         row = list(csv.DictReader(handle))[-1]
-    assert (finished["state"], finished["reason"], finished["epochs_done"], finished["epochs"]) == ("finished", None, 1, 1)
+    assert (finished["state"], finished["reason"], finished["epochs_done"], finished["epochs"]) == (
+        "finished",
+        None,
+        1,
+        1,
+    )
     assert (finished["method"], finished["dataset"], finished["labels"]) == ("simclr", "digits", "10%")
     assert finished["knn_top1_best"] == finished["knn_top1_last"] == float(row["knn_top1"])
     assert finished["images_per_second"] == float(row["images_per_second"]) and finished["linear_top1_best"] is None

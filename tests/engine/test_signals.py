@@ -11,17 +11,34 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import SUNCET
 
-SMALL = ("--batch-size", "64", "--proj-hidden", "64", "--backbone-opt", "width=8", "--final-eval", "none",
-         "--monitor-every", "0", "--seed", "3")
+SMALL = (
+    "--batch-size",
+    "64",
+    "--proj-hidden",
+    "64",
+    "--backbone-opt",
+    "width=8",
+    "--final-eval",
+    "none",
+    "--monitor-every",
+    "0",
+    "--seed",
+    "3",
+)
 
 
 def start(*args: str) -> subprocess.Popen:
     """The installed command leading its own process group, as a batch job's step does."""
-    return subprocess.Popen([SUNCET, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "300"}, start_new_session=True)
+    return subprocess.Popen(
+        [SUNCET, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "300"},
+        start_new_session=True,
+    )
 
 
 def wait_for(path_glob: Path, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -35,8 +52,20 @@ def wait_for(path_glob: Path, process: subprocess.Popen, timeout: float = 300) -
 
 def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_exits_75(tmp_path):
     run = tmp_path / "run"
-    process = start("train", *SMALL, "--epochs", "1", "--data-pipeline", "workers", "--num-workers", "2",
-                    "--checkpoint-every", "3steps", "--out", str(run))
+    process = start(
+        "train",
+        *SMALL,
+        "--epochs",
+        "1",
+        "--data-pipeline",
+        "workers",
+        "--num-workers",
+        "2",
+        "--checkpoint-every",
+        "3steps",
+        "--out",
+        str(run),
+    )
     wait_for(run / "checkpoints" / "step-*.pt", process)
     os.killpg(process.pid, signal.SIGTERM)  # the trainer and every loader worker, as SLURM does
     _, err = process.communicate(timeout=300)
@@ -52,27 +81,38 @@ def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_exits_
 def catches(pid: int, sig: signal.Signals) -> bool:
     """Whether process ``pid`` has installed a handler for ``sig`` (Linux's /proc)."""
     try:
-        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        fields = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+        )
     except OSError:
         return False
     return bool(int(fields["SigCgt"], 16) >> (sig - 1) & 1)
 
 
-@pytest.mark.parametrize("arguments", [
-    ["train", *SMALL, "--epochs", "1"],
-    ["runs", "."],
-    ["plugins"],
-    ["export", "nowhere"],
-    ["compare", "a", "b"],
-], ids=lambda a: a[0])
-@pytest.mark.parametrize("sig,code,line", [
-    (signal.SIGTERM, 75, "SIGTERM: suncet {command} interrupted"),
-    (signal.SIGUSR1, 75, "SIGUSR1: suncet {command} interrupted"),
-    (signal.SIGINT, 130, "error: interrupted"),
-], ids=["SIGTERM", "SIGUSR1", "SIGINT"])
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["train", *SMALL, "--epochs", "1"],
+        ["runs", "."],
+        ["plugins"],
+        ["export", "nowhere"],
+        ["compare", "a", "b"],
+    ],
+    ids=lambda a: a[0],
+)
+@pytest.mark.parametrize(
+    "sig,code,line",
+    [
+        (signal.SIGTERM, 75, "SIGTERM: suncet {command} interrupted"),
+        (signal.SIGUSR1, 75, "SIGUSR1: suncet {command} interrupted"),
+        (signal.SIGINT, 130, "error: interrupted"),
+    ],
+    ids=["SIGTERM", "SIGUSR1", "SIGINT"],
+)
 def test_a_signal_while_a_command_starts_is_answered_with_its_line_and_code(tmp_path, arguments, sig, code, line):
-    process = subprocess.Popen([SUNCET, *arguments], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=tmp_path)
+    process = subprocess.Popen(
+        [SUNCET, *arguments], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+    )
     # The first instant the command's own code runs: its handlers are installed, and click,
     # rich, torch and the plugins are still to be imported.
     deadline = time.time() + 60

@@ -10,7 +10,6 @@ import subprocess
 import time
 
 import yaml
-
 from conftest import SUNCET
 
 SMALL = ("--batch-size", "64", "--proj-hidden", "64", "--backbone-opt", "width=8", "--warmup-epochs", "1")
@@ -27,7 +26,12 @@ def test_two_epoch_run_writes_every_file(cli, tmp_path):
     result = cli("train", "--method", "simclr", "--labels", "10%", "--epochs", "2", *SMALL, "--out", str(run))
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load((run / "config.yaml").read_text())
-    assert config["method"] == "simclr" and config["labels"] == "10%" and config["tau"] == 0.5 and config["proj_dim"] == 128  # defaults included
+    assert (
+        config["method"] == "simclr"
+        and config["labels"] == "10%"
+        and config["tau"] == 0.5
+        and config["proj_dim"] == 128
+    )  # defaults included
     metrics = rows(run)
     assert [r["epoch"] for r in metrics] == ["1", "2"]
     for column in ("loss", "ntxent", "suncet", "lr", "images_per_second", "knn_top1"):
@@ -44,8 +48,22 @@ def test_worker_pipeline_run_does_not_depend_on_the_worker_count(cli, tmp_path):
     losses = []
     for workers in ("1", "2"):
         run = tmp_path / f"workers{workers}"
-        result = cli("train", "--epochs", "2", *SMALL, "--data-pipeline", "workers", "--num-workers", workers,
-                     "--monitor-every", "0", "--final-eval", "none", "--out", str(run))
+        result = cli(
+            "train",
+            "--epochs",
+            "2",
+            *SMALL,
+            "--data-pipeline",
+            "workers",
+            "--num-workers",
+            workers,
+            "--monitor-every",
+            "0",
+            "--final-eval",
+            "none",
+            "--out",
+            str(run),
+        )
         assert result.returncode == 0, result.stderr
         losses.append([{k: v for k, v in row.items() if k not in TIMING} for row in rows(run)])
     assert losses[0] == losses[1] and len(losses[0]) == 2
@@ -68,7 +86,9 @@ def test_killed_run_resumes_to_the_same_metrics(cli, tmp_path):
     part = tmp_path / "part"
     process = subprocess.Popen(
         [SUNCET, *args, "--checkpoint-every", "30steps", "--out", str(part)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ},
     )
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None and not list(part.glob("checkpoints/step-*.pt")):
@@ -106,17 +126,36 @@ def test_eval_json_protocols(cli, tmp_path):
 
 def test_zero_labels_is_plain_simclr_and_supervised_needs_labels(cli, tmp_path):
     run = tmp_path / "plain"
-    assert cli("train", "--labels", "0%", "--epochs", "1", *SMALL, "--final-eval", "none", "--out", str(run)).returncode == 0
+    assert (
+        cli("train", "--labels", "0%", "--epochs", "1", *SMALL, "--final-eval", "none", "--out", str(run)).returncode
+        == 0
+    )
     assert "suncet" not in rows(run)[0]
-    result = cli("train", "--method", "supervised", "--labels", "0%", "--epochs", "1", *SMALL, "--out", str(tmp_path / "s"))
+    result = cli(
+        "train", "--method", "supervised", "--labels", "0%", "--epochs", "1", *SMALL, "--out", str(tmp_path / "s")
+    )
     assert result.returncode == 2 and "selects none" in result.stderr
 
 
 def test_supervised_baseline_and_config_file(cli, tmp_path):
     config = tmp_path / "config.yaml"
-    config.write_text("method: supervised\nlabel_loss: ce\nepochs: 3\nlabels: 4/class\nbatch_size: 64\noptimizer: sgd\nlr: 0.1\n")
+    config.write_text(
+        "method: supervised\nlabel_loss: ce\nepochs: 3\nlabels: 4/class\nbatch_size: 64\noptimizer: sgd\nlr: 0.1\n"
+    )
     run = tmp_path / "run"
-    result = cli("train", "--config", str(config), "--epochs", "1", "--backbone-opt", "width=8", "--final-eval", "none", "--out", str(run))
+    result = cli(
+        "train",
+        "--config",
+        str(config),
+        "--epochs",
+        "1",
+        "--backbone-opt",
+        "width=8",
+        "--final-eval",
+        "none",
+        "--out",
+        str(run),
+    )
     assert result.returncode == 0, result.stderr
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["method"] == "supervised" and saved["epochs"] == 1 and saved["optimizer"] == "sgd"

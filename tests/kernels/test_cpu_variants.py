@@ -45,7 +45,9 @@ def test_the_best_supported_variant_runs_unless_one_is_forced():
     if X86:
         assert cpu.variants(False) == ["avx512", "avx2", "generic"]
     assert cpu._C.build_info()["cpu_variants"] == cpu.variants(False)
-    show = "from suncet import _C, kernels; print(_C.build_info()['cpu_variant']); print(kernels.backend_status()['cpu'])"
+    show = (
+        "from suncet import _C, kernels; print(_C.build_info()['cpu_variant']); print(kernels.backend_status()['cpu'])"
+    )
     # Fresh processes: the variable is read once, and this process's variant may be forced.
     best = _python(show, SUNCET_CPU_VARIANT="")
     assert best.returncode == 0 and best.stdout.splitlines()[0] == supported[0]

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import (
     check_losses_keep_non_finite,
     check_rows_that_see_a_non_finite_row_are_nan,
     rerun_under_triton_interpreter,
     skip_unless_triton_interpreter,
 )
+
 from suncet import kernels
 from suncet.errors import ConfigError
 from suncet.kernels import Layout
@@ -94,12 +94,16 @@ def layout_of(q, k, rk, ck, rg, cg, offset, boundary=None):
 
 
 def per_row(q, k, rk, ck, rg, cg, offset, tau, backend="auto"):
-    loss, valid = kernels.multi_positive(q, None if k is q else k, layout_of(q, k, rk, ck, rg, cg, offset), tau, backend)
+    loss, valid = kernels.multi_positive(
+        q, None if k is q else k, layout_of(q, k, rk, ck, rg, cg, offset), tau, backend
+    )
     return (loss[:, 0], valid[:, 0]) if rk.dim() == 1 else (loss, valid)
 
 
 def means_of(q, k, rk, ck, rg, cg, offset, tau, boundary=None, backend="auto"):
-    return kernels.multi_positive_mean(q, None if k is q else k, layout_of(q, k, rk, ck, rg, cg, offset, boundary), tau, backend)
+    return kernels.multi_positive_mean(
+        q, None if k is q else k, layout_of(q, k, rk, ck, rg, cg, offset, boundary), tau, backend
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,9 +501,17 @@ def check_means_against_oracle(backend, layout, rows, dim, sets, tau, boundary, 
     inputs = (qf,) if k is None else (qf, kf)
     grads = torch.autograd.grad(total, inputs)
     want, want_dq, want_dk = _oracle_means(
-        q.double(), q.double() if k is None else k.double(), rk, ck, rg, cg, offset, tau,
-        rows if boundary is None else boundary, weights,
-    )  # fmt: skip
+        q.double(),
+        q.double() if k is None else k.double(),
+        rk,
+        ck,
+        rg,
+        cg,
+        offset,
+        tau,
+        rows if boundary is None else boundary,
+        weights,
+    )
     got = np.stack([np.atleast_1d(m.detach().double().numpy()) for m in means])
     assert np.abs(got - want[:segments]).max() <= 1e-4 * max(1.0, np.abs(want).max())
     assert rel(grads[0].double().numpy(), want_dq + want_dk if k is None else want_dq) <= 1e-4
@@ -992,7 +1004,16 @@ def test_gpu_triton_plan_made_during_graph_capture_leaves_eager_launches_correct
     torch.cuda.synchronize()
     for g, e in zip(captured, eager):
         assert torch.equal(g, e)
-    want = run_backend("cpu", *[t.cpu().double() if t is not None and t.is_floating_point() else (t.cpu() if t is not None else None) for t in problem[:6]], problem[6], 0.1, grad.cpu().double())
+    want = run_backend(
+        "cpu",
+        *[
+            t.cpu().double() if t is not None and t.is_floating_point() else (t.cpu() if t is not None else None)
+            for t in problem[:6]
+        ],
+        problem[6],
+        0.1,
+        grad.cpu().double(),
+    )
     assert rel(eager[2].double().cpu(), want[2]) <= 1e-2
 
 

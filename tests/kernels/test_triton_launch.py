@@ -17,8 +17,8 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import rerun_under_triton_interpreter, skip_unless_triton_interpreter
+
 from suncet import kernels
 from suncet.losses import MultiPositiveContrastiveLoss, NTXentLoss, NTXentSuNCEtLoss, SuNCEtLoss
 
@@ -169,7 +169,9 @@ def test_interpreted_every_entry_point_launches_on_the_operands_device(launch, m
     means, mean_stats = launch.forward_mean(z, z, layout, 0.1)
     ones = torch.ones_like(loss)
     calls["backward"] = lambda: launch.backward(ones, z, z, layout, 0.1, stats)
-    calls["backward_mean"] = lambda: launch.backward_mean([torch.ones(()), torch.ones(())], z, z, layout, 0.1, mean_stats)
+    calls["backward_mean"] = lambda: launch.backward_mean(
+        [torch.ones(()), torch.ones(())], z, z, layout, 0.1, mean_stats
+    )
     for name, call in calls.items():
         want = call()
         entered.clear()

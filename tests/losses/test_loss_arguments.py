@@ -39,10 +39,13 @@ def test_labels_that_are_not_integers_are_refused(labels):
 
 def test_labels_as_a_list_or_of_the_wrong_shape_are_named():
     refused(lambda: SuNCEtLoss()(Z, Y.tolist()), "^labels must be a tensor of integer class indices, got list")
-    refused(lambda: SuNCEtLoss()(Z, Y[:5]), r"^labels must be 1-D with one class index per row \(12\), got shape \(5,\)")
+    refused(
+        lambda: SuNCEtLoss()(Z, Y[:5]), r"^labels must be 1-D with one class index per row \(12\), got shape \(5,\)"
+    )
     refused(lambda: SuNCEtLoss()(Z, Y[:, None]), r"^labels must be 1-D .* got shape \(12, 1\)")
     refused(
-        lambda: MultiPositiveContrastiveLoss()(Z, Y, Z[:5], Y.float()[:5]), "^ref_labels must hold integer class indices"
+        lambda: MultiPositiveContrastiveLoss()(Z, Y, Z[:5], Y.float()[:5]),
+        "^ref_labels must hold integer class indices",
     )
 
 
@@ -59,7 +62,10 @@ def test_embeddings_that_are_not_real_floating_point_are_refused(dtype):
 def test_embeddings_of_the_wrong_shape_are_named():
     refused(lambda: SuNCEtLoss()(Z[0], Y[:1]), r"^embeddings must be 2-D \[rows, dim\], got shape \(8,\)")
     refused(lambda: NTXentLoss()(Z[:6], Z[6:, :4]), r"^out0 and out1 must have the same shape")
-    refused(lambda: NTXentSuNCEtLoss()(Z[:4], Z[4:8], Z[:, :3], Y), "^labeled must have 8 columns like the other embeddings, got 3")
+    refused(
+        lambda: NTXentSuNCEtLoss()(Z[:4], Z[4:8], Z[:, :3], Y),
+        "^labeled must have 8 columns like the other embeddings, got 3",
+    )
     refused(lambda: nt_xent(Z[:11]), "^NT-Xent needs .* an even count; got 11")
 
 
@@ -100,8 +106,13 @@ def test_the_smallest_temperature_is_computed_right():
 
 def test_swav_needs_floating_scores_and_two_crops():
     scores = F.normalize(Z, dim=1)[:, :5]
-    refused(lambda: SwAVLoss()([scores.long(), scores.long()]), r"^high_resolution_outputs\[0\] must be a floating-point")
-    refused(lambda: SwAVLoss()([scores]), "^SwAV predicts each high-resolution crop's code from another crop: .* got 1 and 0")
+    refused(
+        lambda: SwAVLoss()([scores.long(), scores.long()]), r"^high_resolution_outputs\[0\] must be a floating-point"
+    )
+    refused(
+        lambda: SwAVLoss()([scores]),
+        "^SwAV predicts each high-resolution crop's code from another crop: .* got 1 and 0",
+    )
     refused(lambda: SwAVLoss()([], [scores, scores]), ".* got 0 and 2")
     refused(lambda: SwAVLoss()([scores], [scores.int()]), r"^low_resolution_outputs\[0\] must be a floating-point")
     assert torch.isfinite(SwAVLoss()([scores], [scores]))  # one high and one low crop: a pair
@@ -121,12 +132,18 @@ def test_paws_num_classes_is_a_positive_integer(bad):
 def test_paws_labels_are_class_indices_within_its_classes():
     loss = PAWSLoss(multicrop=0, num_classes=3)
     views, supports = Z[:8], Z[8:12]
-    refused(lambda: loss(views, supports, torch.tensor([0, 1, 2, 3]), views[:8], supports, torch.tensor([0, 1, 2, 2])),
-            r"^anchor_support_labels must be class indices in \[0, 3\), got values from 0 to 3")  # fmt: skip
-    refused(lambda: loss(views, supports, torch.tensor([0, 1, 2, 2.0]), views, supports, torch.tensor([0, 1, 2, 2])),
-            "^anchor_support_labels must hold integer class indices")  # fmt: skip
-    refused(lambda: loss(views.long(), supports, torch.tensor([0, 1, 2, 2]), views, supports, torch.tensor([0, 1, 2, 2])),
-            "^anchor_views must be a floating-point tensor")  # fmt: skip
+    refused(
+        lambda: loss(views, supports, torch.tensor([0, 1, 2, 3]), views[:8], supports, torch.tensor([0, 1, 2, 2])),
+        r"^anchor_support_labels must be class indices in \[0, 3\), got values from 0 to 3",
+    )
+    refused(
+        lambda: loss(views, supports, torch.tensor([0, 1, 2, 2.0]), views, supports, torch.tensor([0, 1, 2, 2])),
+        "^anchor_support_labels must hold integer class indices",
+    )
+    refused(
+        lambda: loss(views.long(), supports, torch.tensor([0, 1, 2, 2]), views, supports, torch.tensor([0, 1, 2, 2])),
+        "^anchor_views must be a floating-point tensor",
+    )
 
 
 def _l_in(z, labels, ref, ref_labels, own_column_out):
@@ -152,8 +169,13 @@ def test_ref_labels_that_are_labels_leave_out_each_rows_own_column():
     for backend in ("reference", "cpu"):
         loss = MultiPositiveContrastiveLoss(0.2, backend=backend)
         torch.testing.assert_close(loss(Z, Y, Z, Y), loss(Z, Y))
-        torch.testing.assert_close(loss(Z, pairs, other, pairs), pml.NTXentLoss(temperature=0.2)(Z, pairs, ref_emb=other, ref_labels=pairs))
+        torch.testing.assert_close(
+            loss(Z, pairs, other, pairs), pml.NTXentLoss(temperature=0.2)(Z, pairs, ref_emb=other, ref_labels=pairs)
+        )
         torch.testing.assert_close(loss(Z, Y, other, Y).double(), _l_in(Z, Y, other, Y, own_column_out=True))
         # Equal labels in another tensor: a reference set of its own, row i's column included.
         torch.testing.assert_close(loss(Z, Y, other, Y.clone()).double(), _l_in(Z, Y, other, Y, own_column_out=False))
-    refused(lambda: MultiPositiveContrastiveLoss()(Z, Y, other[:5], Y), "^ref_labels is labels, so ref_emb needs 12 rows, got 5")
+    refused(
+        lambda: MultiPositiveContrastiveLoss()(Z, Y, other[:5], Y),
+        "^ref_labels is labels, so ref_emb needs 12 rows, got 5",
+    )

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import rerun_under_triton_interpreter, skip_unless_triton_interpreter
+
 from suncet.kernels import backend_status, set_fp32_precision
 from suncet.losses import (
     MultiPositiveContrastiveLoss,
@@ -120,7 +120,9 @@ def assert_value_and_grad(module_call, reference_call, inputs, rtol=1e-5, atol=1
 @pytest.mark.parametrize("t", [0.1, 0.5])
 def test_ntxent_equals_lightlys_formula(backend, t):
     out0, out1 = data(6, seed=1), data(6, seed=2)
-    assert_value_and_grad(NTXentLoss(temperature=t, backend=backend), lambda a, b: lightly_ntxent(a, b, t), [out0, out1])
+    assert_value_and_grad(
+        NTXentLoss(temperature=t, backend=backend), lambda a, b: lightly_ntxent(a, b, t), [out0, out1]
+    )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -138,8 +140,9 @@ def test_multi_positive_sums_positives_inside_the_log(backend):
     ref_labels = torch.tensor([1, 0, 2, 2, 5, 0, 1])
     assert_value_and_grad(
         lambda z, r: loss(z, LABELS, r, ref_labels),
-        lambda z, r: supcon_in(z, LABELS, t, r, ref_labels), [data(), data(7, seed=3)],
-    )  # fmt: skip
+        lambda z, r: supcon_in(z, LABELS, t, r, ref_labels),
+        [data(), data(7, seed=3)],
+    )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -159,8 +162,9 @@ def test_swav_equals_lightlys_formula():
     assert_value_and_grad(
         lambda *z: loss([c @ prototypes.float().T for c in z[:2]], [c @ prototypes.float().T for c in z[2:]]),
         lambda *z: lightly_swav([c @ prototypes.T for c in z[:2]], [c @ prototypes.T for c in z[2:]], 0.1, 3, 0.05),
-        crops, rtol=1e-4,
-    )  # fmt: skip
+        crops,
+        rtol=1e-4,
+    )
 
 
 def test_swav_codes_take_the_queue_into_the_assignment():
@@ -178,15 +182,20 @@ def test_peer_library_gives_the_same_values():
     z, t = data(), 0.2
     out0, out1 = data(6, seed=1), data(6, seed=2)
     torch.testing.assert_close(
-        NTXentLoss(t, backend="reference")(out0, out1), pml.NTXentLoss(temperature=t)(torch.cat([out0, out1]), torch.arange(6).repeat(2))
+        NTXentLoss(t, backend="reference")(out0, out1),
+        pml.NTXentLoss(temperature=t)(torch.cat([out0, out1]), torch.arange(6).repeat(2)),
     )
-    torch.testing.assert_close(SuNCEtLoss(t, backend="reference")(z, LABELS), pml.NCALoss(softmax_scale=1 / (2 * t))(z, LABELS))
+    torch.testing.assert_close(
+        SuNCEtLoss(t, backend="reference")(z, LABELS), pml.NCALoss(softmax_scale=1 / (2 * t))(z, LABELS)
+    )
     # SupConLoss is the L_out form: another loss as soon as a row has several positives...
     ours = MultiPositiveContrastiveLoss(t, backend="reference")
     assert not math.isclose(ours(z, LABELS).item(), pml.SupConLoss(temperature=t)(z, LABELS).item(), rel_tol=1e-3)
     # ...and the same one with a single positive per row.
     pairs = torch.arange(6).repeat(2)
-    torch.testing.assert_close(ours(torch.cat([out0, out1]), pairs), pml.SupConLoss(temperature=t)(torch.cat([out0, out1]), pairs))
+    torch.testing.assert_close(
+        ours(torch.cat([out0, out1]), pairs), pml.SupConLoss(temperature=t)(torch.cat([out0, out1]), pairs)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +259,9 @@ def test_triton_interpreter_modules_in_subprocess():
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1e-39, float("nan"), float("inf"), True, "0.1"])
 def test_bad_temperatures_are_refused_in_one_line(bad):
     for make in (NTXentLoss, SuNCEtLoss, NTXentSuNCEtLoss, MultiPositiveContrastiveLoss, SwAVLoss):
-        with pytest.raises(ValueError, match="^temperature must be a (finite number >= 0.001|real number), got ") as info:
+        with pytest.raises(
+            ValueError, match="^temperature must be a (finite number >= 0.001|real number), got "
+        ) as info:
             make(temperature=bad)
         assert "\n" not in str(info.value)
 
@@ -284,7 +295,9 @@ def test_a_nan_stays_visible():
 # PAWS: a float64 transcription of method.md section 9.
 
 
-def paws_reference(anchor_views, anchor_supports, support_rows, target_views, target_supports, tau, sharpen_t, multicrop):
+def paws_reference(
+    anchor_views, anchor_supports, support_rows, target_views, target_supports, tau, sharpen_t, multicrop
+):
     """Loops over rows: soft nearest neighbours, sharpened swapped targets, multi-crop targets,
     entries below 1e-4 zeroed, cross-entropy and me-max."""
 
@@ -328,8 +341,9 @@ def test_paws_loss_equals_method_md_in_float64(multicrop, snn):
     assert_value_and_grad(
         lambda a, s: sum(loss(a, s, labels, targets.float(), s.detach(), labels)),
         lambda a, s: paws_reference(a, s, rows, targets, s.detach(), 0.1, 0.25, multicrop),
-        [anchors, supports], rtol=1e-4,
-    )  # fmt: skip
+        [anchors, supports],
+        rtol=1e-4,
+    )
 
 
 def test_soft_nearest_neighbours_by_attention_equals_the_matmul_path_past_the_fused_width():
@@ -339,13 +353,23 @@ def test_soft_nearest_neighbours_by_attention_equals_the_matmul_path_past_the_fu
     queries, supports = torch.randn(50, 32, generator=g), torch.randn(700, 32, generator=g)
     labels = torch.nn.functional.one_hot(torch.arange(700) % 600, 600).float()  # more classes than one call takes
     assert labels.shape[1] > ATTENTION_MAX_CLASSES
-    torch.testing.assert_close(soft_nearest_neighbours(queries, supports, labels, 0.1, "attention"),
-                               soft_nearest_neighbours(queries, supports, labels, 0.1, "matmul"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        soft_nearest_neighbours(queries, supports, labels, 0.1, "attention"),
+        soft_nearest_neighbours(queries, supports, labels, 0.1, "matmul"),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_paws_loss_refuses_bad_settings_and_keeps_a_nan():
-    for bad in (dict(temperature=0.0), dict(sharpen_temperature=float("nan")), dict(multicrop=-1),
-                dict(label_smoothing=1.0), dict(gather="all"), dict(snn="flash")):
+    for bad in (
+        dict(temperature=0.0),
+        dict(sharpen_temperature=float("nan")),
+        dict(multicrop=-1),
+        dict(label_smoothing=1.0),
+        dict(gather="all"),
+        dict(snn="flash"),
+    ):
         with pytest.raises(ValueError):
             PAWSLoss(**bad)
     loss = PAWSLoss(multicrop=0, num_classes=3)

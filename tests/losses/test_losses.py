@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import check_losses_keep_non_finite, check_rows_that_see_a_non_finite_row_are_nan
+
 from suncet.losses import contrastive_loss, nt_xent, nt_xent_and_suncet, suncet_loss
 
 
@@ -117,7 +117,9 @@ def test_cross_layout_with_self_offset_matches_loops():
     rank = 1
     rows = cols[rank * local : (rank + 1) * local]
     row_keys = col_keys[rank * local : (rank + 1) * local]
-    loss, valid = contrastive_loss(rows, row_keys, k=cols, col_keys=col_keys, self_offset=rank * local, tau=0.2, backend="reference")
+    loss, valid = contrastive_loss(
+        rows, row_keys, k=cols, col_keys=col_keys, self_offset=rank * local, tau=0.2, backend="reference"
+    )
     expected = loop_row_losses(
         rows, cols, row_keys, col_keys, torch.zeros(local), torch.zeros(world * local), rank * local, 0.2
     )

@@ -14,12 +14,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO
+
 from suncet.config import TrainConfig
-from suncet.errors import ConfigError
 from suncet.data import TrainBatch
 from suncet.engine.assemble import may_skip_parameters
+from suncet.errors import ConfigError
 from suncet.methods import LabeledTerm, LabeledTermConfig, Method, MethodConfig, projection_head
 from suncet.plugins.backbones.resnet import small_resnet
 from suncet.registry import LABEL_LOSSES, METHODS
@@ -41,10 +41,14 @@ def example_method() -> type[Method]:
 
 
 def earlier_contract_method() -> type[Method]:
-    return _load("earlier_contract_barlow_twins", REPO / "tests" / "fixtures" / "earlier_contract_barlow_twins.py").BarlowTwins
+    return _load(
+        "earlier_contract_barlow_twins", REPO / "tests" / "fixtures" / "earlier_contract_barlow_twins.py"
+    ).BarlowTwins
 
 
-METHOD_CLASSES = {name: METHODS.get(name).obj for name in METHODS.names()} | {"barlow_twins (example)": example_method()}
+METHOD_CLASSES = {name: METHODS.get(name).obj for name in METHODS.names()} | {
+    "barlow_twins (example)": example_method()
+}
 # Options that make every parameter train from the first step (SwAV freezes its prototypes at first).
 OPTIONS = {"swav": {"local_crops": 1, "freeze_prototypes_epochs": 0.0}, "paws": {"local_crops": 1}}
 # Methods whose own objective takes the unlabeled views only: the base class adds the labeled term.
@@ -55,7 +59,9 @@ OWN_OBJECTIVE = [n for n in ADDS_LABELED_TERM if METHOD_CLASSES[n].global_views 
 def build(name: str, **settings) -> Method:
     torch.manual_seed(0)
     settings = {"backend": "reference", **settings}
-    train = TrainConfig(proj_hidden=32, proj_dim=16, tau=0.5, epochs=10, method_options=OPTIONS.get(name, {}), **settings)
+    train = TrainConfig(
+        proj_hidden=32, proj_dim=16, tau=0.5, epochs=10, method_options=OPTIONS.get(name, {}), **settings
+    )
     return METHOD_CLASSES[name](small_resnet(in_channels=1, image_size=8, width=4), MethodConfig(train, NUM_CLASSES))
 
 
@@ -65,8 +71,14 @@ def batch_for(method: Method, epoch: int = 0) -> TrainBatch:
     views = [torch.randn(8, 1, 8, 8, generator=g) for _ in range(method.global_views)]
     local = [torch.randn(8, 1, 8, 8, generator=g) for _ in range(method.local_views)]
     labeled = method.wants_labeled(epoch)
-    return TrainBatch(views, local, torch.randn(8, 1, 8, 8, generator=g) if labeled else None,
-                      torch.arange(8) % NUM_CLASSES if labeled else None, epoch=epoch, step=epoch)
+    return TrainBatch(
+        views,
+        local,
+        torch.randn(8, 1, 8, 8, generator=g) if labeled else None,
+        torch.arange(8) % NUM_CLASSES if labeled else None,
+        epoch=epoch,
+        step=epoch,
+    )
 
 
 def step_terms(method: Method, epoch: int = 0) -> dict[str, torch.Tensor]:
@@ -135,7 +147,9 @@ def test_the_total_is_the_objective_plus_the_weighted_labeled_term(name):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_a_fused_objective_equals_its_terms_computed_apart(backend):
-    fused = [name for name, cls in METHOD_CLASSES.items() if cls.objective_with_suncet is not Method.objective_with_suncet]
+    fused = [
+        name for name, cls in METHOD_CLASSES.items() if cls.objective_with_suncet is not Method.objective_with_suncet
+    ]
     assert "simclr" in fused
     for name in fused:
         method = build(name, backend=backend)
@@ -186,9 +200,11 @@ def test_a_plugin_without_an_objective_projection_or_total_is_refused_in_one_lin
 
     config = MethodConfig(TrainConfig(proj_hidden=32, proj_dim=16), NUM_CLASSES)
     backbone = small_resnet(in_channels=1, image_size=8, width=4)
-    for cls, message in ((NoObjective, "method NoObjective loads unlabeled views but defines no objective"),
-                         (NoProjection, "method NoProjection defines no project\\(features\\) for the labeled term 'suncet'"),
-                         (NoTotal, "method NoTotal's objective returns no 'loss' \\(its total; got mine\\)")):
+    for cls, message in (
+        (NoObjective, "method NoObjective loads unlabeled views but defines no objective"),
+        (NoProjection, "method NoProjection defines no project\\(features\\) for the labeled term 'suncet'"),
+        (NoTotal, "method NoTotal's objective returns no 'loss' \\(its total; got mine\\)"),
+    ):
         method = cls(backbone, config)
         with pytest.raises(ConfigError, match=message):
             method(batch_for(method))
@@ -291,8 +307,18 @@ def small_run(tmp_path, **settings):
     from suncet.engine.assemble import assemble
     from suncet.presets import build_config
 
-    config = build_config(overrides={"epochs": 1, "batch_size": 64, "proj_hidden": 32, "backbone_options": {"width": 8},
-                                     "monitor_every": 0, "final_eval": "none", "backend": "reference", **settings})
+    config = build_config(
+        overrides={
+            "epochs": 1,
+            "batch_size": 64,
+            "proj_hidden": 32,
+            "backbone_options": {"width": 8},
+            "monitor_every": 0,
+            "final_eval": "none",
+            "backend": "reference",
+            **settings,
+        }
+    )
     return assemble(config, tmp_path / "run")
 
 
@@ -334,7 +360,9 @@ def test_a_teacher_is_what_evaluation_and_export_use_and_stays_out_of_the_optimi
 
     used = []
     extract = evaluate.extract_features
-    monkeypatch.setattr(evaluate, "extract_features", lambda network, *args, **kw: used.append(network) or extract(network, *args, **kw))
+    monkeypatch.setattr(
+        evaluate, "extract_features", lambda network, *args, **kw: used.append(network) or extract(network, *args, **kw)
+    )
     assert 0 <= evaluate.evaluate_run(run, "knn")["top1"] <= 1
     assert used and all(network is run.method.teacher for network in used)
 

@@ -11,11 +11,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-
 from conftest import SUNCET
 
-SMALL = ("--batch-size", "64", "--proj-hidden", "64", "--backbone-opt", "width=8", "--epochs", "1",
-         "--monitor-every", "0", "--method-opt", "local_crops=1")
+SMALL = (
+    "--batch-size",
+    "64",
+    "--proj-hidden",
+    "64",
+    "--backbone-opt",
+    "width=8",
+    "--epochs",
+    "1",
+    "--monitor-every",
+    "0",
+    "--method-opt",
+    "local_crops=1",
+)
 
 
 def test_paws_trains_on_digits_and_evaluates_by_soft_nearest_neighbour(cli, tmp_path):
@@ -28,14 +39,20 @@ def test_paws_trains_on_digits_and_evaluates_by_soft_nearest_neighbour(cli, tmp_
     assert scores["protocol"] == "snn" and 0.1 < scores["top1"] <= 1.0
 
 
-@pytest.mark.parametrize("arguments,message", [
-    (("--labels", "0%"), "trains on labeled images, but --labels 0% selects none"),
-    (("--suncet-weight", "0"), "trains on labeled images, but --suncet-weight 0 turns them off"),
-    (("--epochs", "3", "--suncet-epochs", "1"), "trains on labeled images in every epoch; --suncet-epochs cannot stop them"),
-    (("--label-loss", "ce"), "uses the labels in its own objective; --label-loss does not apply"),
-    (("--method-opt", "sharpen_temperature=0"), "option sharpen_temperature of method PAWS must be > 0"),
-    (("--method-opt", "label_smoothing=nan"), "option label_smoothing of method PAWS must be a finite float"),
-])
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (("--labels", "0%"), "trains on labeled images, but --labels 0% selects none"),
+        (("--suncet-weight", "0"), "trains on labeled images, but --suncet-weight 0 turns them off"),
+        (
+            ("--epochs", "3", "--suncet-epochs", "1"),
+            "trains on labeled images in every epoch; --suncet-epochs cannot stop them",
+        ),
+        (("--label-loss", "ce"), "uses the labels in its own objective; --label-loss does not apply"),
+        (("--method-opt", "sharpen_temperature=0"), "option sharpen_temperature of method PAWS must be > 0"),
+        (("--method-opt", "label_smoothing=nan"), "option label_smoothing of method PAWS must be a finite float"),
+    ],
+)
 def test_paws_without_supports_or_with_bad_options_is_refused_in_one_line(cli, tmp_path, arguments, message):
     result = cli("train", "--method", "paws", *SMALL, *arguments, "--out", str(tmp_path / "run"))
     assert result.returncode == 2, result.stderr
@@ -58,7 +75,9 @@ def test_paws_cifar10_preset_is_wrn_28_2_at_3_2(cli):
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
     assert (printed["backbone"], printed["backbone_options"]) == ("wide_resnet", {"depth": 28, "widen": 2})
-    assert (printed["lr"], printed["start_lr"], printed["final_lr"], printed["epochs"]) == pytest.approx((3.2, 0.8, 0.032, 600))
+    assert (printed["lr"], printed["start_lr"], printed["final_lr"], printed["epochs"]) == pytest.approx(
+        (3.2, 0.8, 0.032, 600)
+    )
     assert printed["method_options"]["prediction_head"] is False and printed["labels"] == "400/class"
 
 
@@ -95,8 +114,26 @@ def test_every_method_gets_the_snn_protocol(cli, tmp_path):
 
 def test_paws_trains_under_torchrun_with_two_processes(tmp_path):
     run = tmp_path / "run"
-    done = subprocess.run([SUNCET, "train", "--method", "paws", "--nproc-per-node", "2", *SMALL, "--batch-size", "32",
-                           "--final-eval", "none", "--out", str(run)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    done = subprocess.run(
+        [
+            SUNCET,
+            "train",
+            "--method",
+            "paws",
+            "--nproc-per-node",
+            "2",
+            *SMALL,
+            "--batch-size",
+            "32",
+            "--final-eval",
+            "none",
+            "--out",
+            str(run),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "paws" in (run / "metrics.csv").read_text().splitlines()[0]

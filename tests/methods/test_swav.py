@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from suncet.losses import sinkhorn, swapped_prediction_loss
 from suncet.config import TrainConfig
 from suncet.data import TrainBatch
+from suncet.losses import sinkhorn, swapped_prediction_loss
 from suncet.methods import MethodConfig
 from suncet.plugins.backbones.resnet import small_resnet
 from suncet.plugins.methods.swav import SwAV
@@ -42,14 +42,22 @@ def test_sinkhorn_matches_loops():
 @pytest.mark.parametrize("batch,prototypes", [(64, 10), (33, 7), (1, 5)])
 def test_sinkhorn_marginals(batch, prototypes):
     torch.manual_seed(batch)
-    scores = torch.nn.functional.normalize(torch.randn(batch, 16), dim=1) @ torch.nn.functional.normalize(torch.randn(prototypes, 16), dim=1).T
+    scores = (
+        torch.nn.functional.normalize(torch.randn(batch, 16), dim=1)
+        @ torch.nn.functional.normalize(torch.randn(prototypes, 16), dim=1).T
+    )
     codes = sinkhorn(scores, 0.05, 3)
     torch.testing.assert_close(codes.sum(dim=1), torch.ones(batch))
     assert (codes >= 0).all()
     converged = sinkhorn(scores.double(), 0.05, 200)
     torch.testing.assert_close(converged.sum(dim=1), torch.ones(batch, dtype=torch.float64))
     if batch > 1:
-        torch.testing.assert_close(converged.sum(dim=0), torch.full((prototypes,), batch / prototypes, dtype=torch.float64), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            converged.sum(dim=0),
+            torch.full((prototypes,), batch / prototypes, dtype=torch.float64),
+            rtol=1e-4,
+            atol=1e-6,
+        )
 
 
 def test_sinkhorn_is_safe_for_large_scores_and_ties():
@@ -81,7 +89,9 @@ def test_swapped_prediction_matches_loops():
 
 def make_swav(**options):
     backbone = small_resnet(in_channels=1, image_size=8, width=8)
-    config = MethodConfig(TrainConfig(proj_hidden=32, proj_dim=16, method_options=options), num_classes=10, steps_per_epoch=3)
+    config = MethodConfig(
+        TrainConfig(proj_hidden=32, proj_dim=16, method_options=options), num_classes=10, steps_per_epoch=3
+    )
     return SwAV(backbone, config)
 
 
@@ -93,7 +103,8 @@ def batch(step, epoch=0, n=12, local=2, labeled=True):
         local_views=[torch.randn(n, 1, 6, 6, generator=g) for _ in range(local)],
         labeled=torch.randn(8, 1, 8, 8, generator=g) if labeled else None,
         labels=torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]) if labeled else None,
-        epoch=epoch, step=step,
+        epoch=epoch,
+        step=step,
     )
 
 
@@ -128,7 +139,9 @@ def test_queue_fills_with_the_newest_embeddings_and_changes_the_codes():
     method(b)
     assert int(method.queue_filled) == 24
     with torch.no_grad():
-        newest = method.project(method.backbone(torch.cat(b.global_views)))[:12]  # the same batch, so the same BN statistics
+        newest = method.project(method.backbone(torch.cat(b.global_views)))[
+            :12
+        ]  # the same batch, so the same BN statistics
     torch.testing.assert_close(method.queue[0][:12], newest)
     scores = newest @ method.prototypes.weight.T
     with_queue = method.swav_loss.codes(scores, method._queued_scores(2, epoch=1)[0])
@@ -136,8 +149,20 @@ def test_queue_fills_with_the_newest_embeddings_and_changes_the_codes():
 
 
 def test_swav_cli_runs_with_and_without_labels(cli, tmp_path):
-    small = ("--epochs", "2", "--batch-size", "64", "--proj-hidden", "64", "--backbone-opt", "width=8",
-             "--method-opt", "local_crops=2", "--final-eval", "knn")
+    small = (
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--proj-hidden",
+        "64",
+        "--backbone-opt",
+        "width=8",
+        "--method-opt",
+        "local_crops=2",
+        "--final-eval",
+        "knn",
+    )
     result = cli("train", "--method", "swav", "--labels", "10%", *small, "--out", str(tmp_path / "a"))
     assert result.returncode == 0, result.stderr
     header = (tmp_path / "a" / "metrics.csv").read_text().splitlines()[0]

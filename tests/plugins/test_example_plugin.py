@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 EXAMPLE = REPO / "plugins" / "examples" / "suncet-barlow-twins"
@@ -19,9 +18,21 @@ def plugin_env(tmp_path_factory):
     """Install the example with pip into a directory that the test processes import from."""
     target = tmp_path_factory.mktemp("site-packages")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(EXAMPLE)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(EXAMPLE),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     # No empty entry: it would put the working directory (the checkout's unbuilt suncet/) first.
     return {"PYTHONPATH": os.pathsep.join(p for p in [str(target), os.environ.get("PYTHONPATH")] if p)}
@@ -37,8 +48,22 @@ def test_example_plugin_is_listed_with_its_package(cli, plugin_env):
 def test_example_plugin_trains_and_evaluates(cli, plugin_env, tmp_path):
     run = tmp_path / "run"
     result = cli(
-        "train", "--method", "barlow_twins", "--labels", "10%", "--epochs", "2", "--batch-size", "64",
-        "--method-opt", "redundancy_weight=0.01", "--final-eval", "none", "--out", str(run), env=plugin_env,
+        "train",
+        "--method",
+        "barlow_twins",
+        "--labels",
+        "10%",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--method-opt",
+        "redundancy_weight=0.01",
+        "--final-eval",
+        "none",
+        "--out",
+        str(run),
+        env=plugin_env,
     )
     assert result.returncode == 0, result.stderr
     assert "barlow" in (run / "metrics.csv").read_text().splitlines()[0]
@@ -50,8 +75,24 @@ def test_example_plugin_trains_and_evaluates(cli, plugin_env, tmp_path):
 def test_example_plugin_honours_label_loss_ce(cli, plugin_env, tmp_path):
     run = tmp_path / "run"
     result = cli(
-        "train", "--method", "barlow_twins", "--labels", "10%", "--label-loss", "ce", "--epochs", "1", "--batch-size", "64",
-        "--proj-hidden", "64", "--final-eval", "none", "--out", str(run), env=plugin_env,
+        "train",
+        "--method",
+        "barlow_twins",
+        "--labels",
+        "10%",
+        "--label-loss",
+        "ce",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--proj-hidden",
+        "64",
+        "--final-eval",
+        "none",
+        "--out",
+        str(run),
+        env=plugin_env,
     )
     assert result.returncode == 0, result.stderr
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
@@ -59,6 +100,8 @@ def test_example_plugin_honours_label_loss_ce(cli, plugin_env, tmp_path):
 
 
 def test_unknown_option_of_the_plugin_is_a_clear_error(cli, plugin_env, tmp_path):
-    result = cli("train", "--method", "barlow_twins", "--method-opt", "lambda=1", "--out", str(tmp_path / "r"), env=plugin_env)
+    result = cli(
+        "train", "--method", "barlow_twins", "--method-opt", "lambda=1", "--out", str(tmp_path / "r"), env=plugin_env
+    )
     assert result.returncode == 2
     assert "unknown option 'lambda' for method BarlowTwins; known: redundancy_weight" in result.stderr

@@ -9,8 +9,20 @@ import textwrap
 
 import pytest
 
-SMALL = ("--batch-size", "64", "--proj-hidden", "64", "--backbone-opt", "width=8", "--warmup-epochs", "1",
-         "--monitor-every", "1", "--final-eval", "none")
+SMALL = (
+    "--batch-size",
+    "64",
+    "--proj-hidden",
+    "64",
+    "--backbone-opt",
+    "width=8",
+    "--warmup-epochs",
+    "1",
+    "--monitor-every",
+    "1",
+    "--final-eval",
+    "none",
+)
 STEPS_PER_EPOCH, EPOCHS, SYNC_EVERY = 1437 // 64, 2, 5
 
 RECORDER = '''
@@ -49,8 +61,21 @@ def logged_run(tmp_path_factory):
     (info / "entry_points.txt").write_text("[suncet.loggers]\nrecorder = recorder_plugin:Recorder\n")
     (site / "recorder_plugin.py").write_text(textwrap.dedent(RECORDER))
     run = root / "run"
-    result = run_cli("train", "--epochs", str(EPOCHS), *SMALL, "--sync-every", str(SYNC_EVERY), "--logger", "tensorboard",
-                     "--logger", "recorder", "--out", str(run), env={"PYTHONPATH": str(site)})
+    result = run_cli(
+        "train",
+        "--epochs",
+        str(EPOCHS),
+        *SMALL,
+        "--sync-every",
+        str(SYNC_EVERY),
+        "--logger",
+        "tensorboard",
+        "--logger",
+        "recorder",
+        "--out",
+        str(run),
+        env={"PYTHONPATH": str(site)},
+    )
     assert result.returncode == 0, result.stderr
     with open(run / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))

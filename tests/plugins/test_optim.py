@@ -19,7 +19,9 @@ def test_lars_matches_a_hand_computed_step():
         {"params": [weight], "weight_decay": 0.1, "lars_exclude": False},
         {"params": [bias], "weight_decay": 0.0, "lars_exclude": True},
     ]
-    optimizer = OPTIMIZERS.create("lars", groups, lr=0.5, weight_decay=0.1, momentum=0.9, options={"trust_coefficient": 0.001})
+    optimizer = OPTIMIZERS.create(
+        "lars", groups, lr=0.5, weight_decay=0.1, momentum=0.9, options={"trust_coefficient": 0.001}
+    )
     weight.grad = torch.tensor([1.0, 0.0], dtype=torch.float64)
     bias.grad = torch.tensor([2.0], dtype=torch.float64)
     optimizer.step()
@@ -46,7 +48,12 @@ def test_parameter_groups_exempt_biases_and_norms_by_type():
     decayed, exempt = parameter_groups(model, 0.01)
     assert {id(p) for p in decayed["params"]} == {id(model[0].weight), id(model[4].weight)}
     assert {id(p) for p in exempt["params"]} == {
-        id(model[0].bias), id(model[1].weight), id(model[1].bias), id(model[3].weight), id(model[3].bias), id(model[4].bias)
+        id(model[0].bias),
+        id(model[1].weight),
+        id(model[1].bias),
+        id(model[3].weight),
+        id(model[3].bias),
+        id(model[4].bias),
     }
     assert decayed["weight_decay"] == 0.01 and exempt["weight_decay"] == 0.0 and exempt["lars_exclude"]
 

@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import REPO
 
 # Registers broken plugins in the process, then runs the real command line in it.
@@ -90,10 +89,16 @@ class Broken(LabeledTerm):
         raise ValueError("bad head")
 """,
 }
-FLAGS = {"method": ["--method", "broken"], "method hook": ["--method", "broken"], "dataset": ["--dataset", "broken"],
-         "dataset hook": ["--dataset", "broken"],
-         "optimizer hook": ["--optimizer", "broken"], "logger hook": ["--logger", "broken"],
-         "preset": ["--preset", "broken"], "label loss": ["--label-loss", "broken"]}
+FLAGS = {
+    "method": ["--method", "broken"],
+    "method hook": ["--method", "broken"],
+    "dataset": ["--dataset", "broken"],
+    "dataset hook": ["--dataset", "broken"],
+    "optimizer hook": ["--optimizer", "broken"],
+    "logger hook": ["--logger", "broken"],
+    "preset": ["--preset", "broken"],
+    "label loss": ["--label-loss", "broken"],
+}
 EXPECTED = {
     "method": "method 'broken' from package '__main__' failed to build: ValueError: no such layer size",
     "method hook": "method 'broken' from package '__main__' failed in forward: RuntimeError: shapes do not match",
@@ -109,9 +114,27 @@ EXPECTED = {
 @pytest.mark.parametrize("kind", list(BROKEN))
 def test_an_exception_from_plugin_code_is_one_line_naming_the_plugin(tmp_path, kind):
     script = SCRIPT.format(plugin=textwrap.dedent(BROKEN[kind]))
-    command = [sys.executable, "-c", script, "train", *FLAGS[kind], "--epochs", "1", "--batch-size", "64",
-               "--proj-hidden", "32", "--backbone-opt", "width=8", "--monitor-every", "0", "--final-eval", "none",
-               "--out", str(tmp_path / "run")]
+    command = [
+        sys.executable,
+        "-c",
+        script,
+        "train",
+        *FLAGS[kind],
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--proj-hidden",
+        "32",
+        "--backbone-opt",
+        "width=8",
+        "--monitor-every",
+        "0",
+        "--final-eval",
+        "none",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     # From tests/, so that the repository's unbuilt suncet/ is not first on the path.
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO / "tests", timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]

@@ -12,10 +12,10 @@ from suncet.config import TrainConfig
 from suncet.data import TrainBatch
 from suncet.methods import MethodConfig
 from suncet.optim import scale_learning_rates
-from suncet.presets import build_config, given_keys
 from suncet.plugins.backbones.resnet import small_resnet
 from suncet.plugins.methods.simclr import SimCLR
 from suncet.plugins.methods.swav import SwAV
+from suncet.presets import build_config, given_keys
 
 
 def resolved(file_values: dict | None = None, overrides: dict | None = None, world: int = 1) -> TrainConfig:
@@ -34,8 +34,15 @@ def test_paper_imagenet_presets_count_the_batch_as_the_paper_did(world):
         assert config.labels == labels and config.method == "simclr" and config.backbone == "resnet50"
         assert config.lr == pytest.approx(0.3 * views / 512) and config.start_lr == pytest.approx(0.6 * views / 8192)
         assert config.lr_batch == views and config.lr_batch_counts == "views" and config.final_lr == 0.0
-        assert (config.epochs, config.suncet_epochs, config.classes_per_step, config.images_per_class) == (500, 250, 20, 2)
-        assert config.sync_bn and config.optimizer == "lars" and config.optimizer_options == {"trust_coefficient": 0.001}
+        assert (config.epochs, config.suncet_epochs, config.classes_per_step, config.images_per_class) == (
+            500,
+            250,
+            20,
+            2,
+        )
+        assert (
+            config.sync_bn and config.optimizer == "lars" and config.optimizer_options == {"trust_coefficient": 0.001}
+        )
         assert (config.weight_decay, config.warmup_epochs, config.tau, config.final_eval) == (1e-6, 10, 0.1, "finetune")
     assert resolved(overrides={"preset": "paper-imagenet-10pct"}, world=64).lr == pytest.approx(4.8)
 
@@ -91,7 +98,9 @@ def test_saved_config_is_not_scaled_again():
 
 
 def test_print_config_resolves_the_preset_for_the_processes_named(cli):
-    result = cli("train", "--preset", "paper-imagenet-10pct", "--print-config", "--nproc-per-node", "8", "--nnodes", "8")
+    result = cli(
+        "train", "--preset", "paper-imagenet-10pct", "--print-config", "--nproc-per-node", "8", "--nnodes", "8"
+    )
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
     assert result.stdout.splitlines()[0].startswith("# preset paper-imagenet-10pct; learning rates for 64 process(es)")
@@ -110,8 +119,24 @@ def test_the_preset_a_dataset_applies_by_default_is_named_and_recorded(cli, tmp_
 
 
 def test_run_header_shows_the_effective_learning_rate(cli, tmp_path):
-    result = cli("train", "--epochs", "1", "--batch-size", "64", "--proj-hidden", "64", "--backbone-opt", "width=8",
-                 "--sync-bn", "--monitor-every", "0", "--final-eval", "none", "--out", str(tmp_path / "run"))
+    result = cli(
+        "train",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--proj-hidden",
+        "64",
+        "--backbone-opt",
+        "width=8",
+        "--sync-bn",
+        "--monitor-every",
+        "0",
+        "--final-eval",
+        "none",
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert result.returncode == 0, result.stderr  # --sync-bn is a no-op for one process, CPU included
     assert "lr 0.5 (for a global batch of 64)" in " ".join(result.stdout.split())
     assert result.stdout.splitlines()[0].startswith("simclr on digits (preset digits): ")  # the first line names it
@@ -120,14 +145,23 @@ def test_run_header_shows_the_effective_learning_rate(cli, tmp_path):
 
 def _labeled_batch():
     images = torch.randn(3, 8, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    return TrainBatch(global_views=[images[0], images[1]], labeled=images[2], labels=torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))
+    return TrainBatch(
+        global_views=[images[0], images[1]], labeled=images[2], labels=torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    )
 
 
 @pytest.mark.parametrize("method_cls", [SimCLR, SwAV])
 def test_cross_entropy_label_term_matches_a_float64_reference(method_cls):
     torch.manual_seed(0)
-    train = TrainConfig(proj_hidden=32, proj_dim=16, backend="reference", tau=0.5, label_loss="ce", suncet_weight=0.7,
-                        method_options={"local_crops": 0} if method_cls is SwAV else {})
+    train = TrainConfig(
+        proj_hidden=32,
+        proj_dim=16,
+        backend="reference",
+        tau=0.5,
+        label_loss="ce",
+        suncet_weight=0.7,
+        method_options={"local_crops": 0} if method_cls is SwAV else {},
+    )
     method = method_cls(small_resnet(in_channels=1, image_size=8, width=4), MethodConfig(train, num_classes=4))
     method.eval()  # BatchNorm by running statistics: the features below are the forward's own
     batch = _labeled_batch()

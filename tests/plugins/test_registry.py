@@ -6,8 +6,8 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import install_fake_distribution
+
 from suncet.registry import (
     METHODS,
     DuplicatePluginError,
@@ -43,12 +43,12 @@ def test_entry_point_object_and_module_forms(site):
                 class Alpha:
                     """The alpha thing."""
             ''',
-            "fakeplug_bundle": '''
+            "fakeplug_bundle": """
                 import fakeplug_registry_holder as holder
                 @holder.REGISTRY.register("beta", description="decorated in a module")
                 class Beta:
                     pass
-            ''',
+            """,
             "fakeplug_registry_holder": "REGISTRY = None\n",
         },
     )
@@ -83,7 +83,9 @@ def test_duplicate_name_names_both_packages(site):
     class Mine:
         pass
 
-    with pytest.raises(DuplicatePluginError, match=r"'simclr' is registered twice: by package '.*' .* and by package 'fake-dup'"):
+    with pytest.raises(
+        DuplicatePluginError, match=r"'simclr' is registered twice: by package '.*' .* and by package 'fake-dup'"
+    ):
         registry.get("simclr")
 
 
@@ -97,7 +99,9 @@ def test_broken_plugin_is_reported_with_its_package_and_others_still_load(site):
     )
     registry = Registry("method", "test.broken")
     assert registry.get("fine").source == "fake-broken"
-    with pytest.raises(PluginImportError, match=r"'broken' from package 'fake-broken' failed to import .*a_module_that_does_not_exist"):
+    with pytest.raises(
+        PluginImportError, match=r"'broken' from package 'fake-broken' failed to import .*a_module_that_does_not_exist"
+    ):
         registry.get("broken")
     with pytest.raises(UnknownPluginError, match=r"failed to import: 'broken' from package 'fake-broken'"):
         registry.get("other")
@@ -149,7 +153,8 @@ def test_a_dataset_package_ships_a_preset_that_its_dataset_picks_up(cli, tmp_pat
     source = tmp_path / "src"
     (source / "suncet_toyset").mkdir(parents=True)
     (source / "suncet_toyset" / "__init__.py").write_text(TOY_PACKAGE)
-    (source / "pyproject.toml").write_text(textwrap.dedent("""
+    (source / "pyproject.toml").write_text(
+        textwrap.dedent("""
         [build-system]
         requires = ["setuptools>=64"]
         build-backend = "setuptools.build_meta"
@@ -162,10 +167,26 @@ def test_a_dataset_package_ships_a_preset_that_its_dataset_picks_up(cli, tmp_pat
         toyset = "suncet_toyset:toyset_preset"
         [tool.setuptools]
         packages = ["suncet_toyset"]
-    """))
+    """)
+    )
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(source)], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     env = {"PYTHONPATH": str(target)}
     listed = cli("plugins", env=env)
     assert any("toyset" in line and "preset" in line and "suncet-toyset" in line for line in listed.stdout.splitlines())
