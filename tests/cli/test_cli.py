@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import suncet
+from suncet.kernels import cpu
 
 
 def test_help_lists_the_commands(cli):
@@ -76,15 +77,24 @@ def test_bench_kernels_writes_figures_for_the_cpu_backends(cli, tmp_path):
         "2",
         "--warmup",
         "1",
+        "--cpu-variant",
+        "all",
         "--json",
         str(report),
     )
     assert result.returncode == 0, result.stderr
     results = json.loads(report.read_text())["results"]
-    assert {r["backend"] for r in results} == {"cpu", "reference"}
+    # The cpu backend once per variant this processor runs, each against its own GEMM floor.
+    variants = cpu.variants()
+    assert [(r["backend"], r["cpu_variant"]) for r in results] == [("cpu", v) for v in variants] + [("reference", None)]
     assert all(r["n"] == 64 and r["d"] == 16 and r["error"] is None and r["step_ms"] > 0 for r in results)
+    assert all(r["floor_ms"] > 0 and r["step_over_floor"] == r["step_ms"] / r["floor_ms"] for r in results)
     # Rewritten after each row and once more at the end, with the ratios to eager.
     assert all(r["speedup_vs_eager"] > 0 for r in results) and not report.with_name("kernels.json.partial").exists()
+    refused = cli("bench", "kernels", "--device", "cpu", "--n", "64", "--backend", "reference", "--cpu-variant", "avx2")
+    assert refused.returncode == 2 and "--cpu-variant times the cpu backend" in refused.stderr
+    refused = cli("bench", "kernels", "--device", "cpu", "--n", "64", "--cpu-variant", "sse9")
+    assert refused.returncode == 2 and "unknown --cpu-variant 'sse9'" in refused.stderr
 
 
 def test_bench_data_times_every_path_against_the_torchvision_loader(cli, tmp_path):
