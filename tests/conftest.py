@@ -259,7 +259,9 @@ def skip_unless_triton_interpreter() -> None:
         pytest.skip("with a GPU the Triton kernels are checked compiled, by the gpu tests")
     pytest.importorskip("triton")
     if not triton_interpreting():
-        pytest.skip("triton runs compiled here (TRITON_INTERPRET unset): a test of this file reruns these in an interpreting subprocess")
+        pytest.skip(
+            "triton runs compiled here (TRITON_INTERPRET unset): a test of this file reruns these in an interpreting subprocess"
+        )
 
 
 def rerun_under_triton_interpreter(test_file: str, selection: str, passed: int) -> None:
