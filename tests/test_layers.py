@@ -17,7 +17,7 @@ LAYERS = [
     ("plugin registry, processes", ["suncet.registry", "suncet.distributed"]),
     ("kernels", ["suncet.kernels"]),
     ("losses, data path, optimisation", ["suncet.losses", "suncet.data", "suncet.optim"]),
-    ("methods, loggers, presets", ["suncet.methods", "suncet.loggers", "suncet.presets"]),
+    ("methods, loggers, presets", ["suncet.methods", "suncet.ema", "suncet.loggers", "suncet.presets"]),
     ("engine", ["suncet.engine"]),
     ("plugins, tools", ["suncet.plugins", "suncet.compare", "suncet.sweep", "suncet.bench"]),
     ("command line", ["suncet.cli"]),
