@@ -163,28 +163,28 @@ def _steps(n: int, d: int, device, dtype) -> dict:
 
     class _Saving(torch.autograd.Function):  # the floor with the op's arguments and saved tensors
         @staticmethod
-        def forward(ctx, q, k, layout, tau, backend, means):
-            ctx.call = (layout, tau, backend, means)
+        def forward(ctx, q, k, call):
+            ctx.call = call
             ctx.save_for_backward(q, k, stats)
             return q.new_empty(()), q.new_empty(())
 
         @staticmethod
         def backward(ctx, a, b):
             q, _, _ = ctx.saved_tensors
-            return torch.empty_like(q), None, None, None, None, None
+            return torch.empty_like(q), None, None
 
     def saving_step():
-        a, b = _Saving.apply(z, None, layout, 0.1, "triton", True)
+        a, b = _Saving.apply(z, None, (layout, 0.1, "triton", True))
         return torch.autograd.grad(a + b, z)
 
     def function_step():  # the op's Function without the argument checks and backend resolution
-        a, b = kernels.FusedContrastive.apply(z, None, layout, 0.1, "triton", True)
+        a, b = kernels.FusedContrastive.apply(z, None, (layout, 0.1, "triton", True))
         return torch.autograd.grad(a + b, z)
 
     return {
         FLOOR: floor_step,
         FUSED: fused_step,
-        "floor with the op's six arguments, saving operands and statistics, forward + gradient": saving_step,
+        "floor with the op's three arguments, saving operands and statistics, forward + gradient": saving_step,
         "FusedContrastive alone (no argument checks), forward + gradient": function_step,
         "module step: NTXentSuNCEtLoss on raw projections (cat, normalise, labels), forward + gradient": module_step,
         "per-row step: multi_positive + PyTorch masked means, forward + gradient": per_row_step,

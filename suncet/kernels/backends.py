@@ -174,7 +174,7 @@ def resolve_backend(
     ``reference`` on CPU tensors, ``triton``, ``cuda``, ``reference`` on CUDA tensors. An
     explicit backend that cannot run raises ConfigError with the reason.
     """
-    device = torch.device(device)
+    device = device if isinstance(device, torch.device) else torch.device(device)
     status = backend_status()
     if _RESOLVED.get("status") is not status:  # recomputed (cache cleared): decide afresh
         _RESOLVED.clear()

@@ -133,14 +133,16 @@ torch.library.register_fake("suncet::multi_positive_mean_backward", _gradients_f
 
 
 class FusedContrastive(torch.autograd.Function):
-    """The fused backends' losses, differentiable in q and k: ``apply(q, k, layout, tau,
-    backend, means)`` with ``k`` None for one tower (a Function that takes one tensor twice
+    """The fused backends' losses, differentiable in q and k: ``apply(q, k, (layout, tau,
+    backend, means))`` with ``k`` None for one tower (a Function that takes one tensor twice
     cannot be traced). ``means`` False: (loss [M, P], valid [M, P], not differentiable);
     True: the masked mean of each segment ([P], a scalar with one key set), for a backend whose
-    record ``fuses_means``."""
+    record ``fuses_means``. The settings travel as one tuple: each argument of ``apply`` costs
+    autograd host time, in the forward and again in the backward's returned Nones."""
 
     @staticmethod
-    def forward(ctx, q, k, layout, tau, backend, means):
+    def forward(ctx, q, k, call):
+        layout, tau, backend, means = call
         columns = q if k is None else k
         if traced(q):
             op = torch.ops.suncet.multi_positive_mean if means else torch.ops.suncet.multi_positive
@@ -150,7 +152,7 @@ class FusedContrastive(torch.autograd.Function):
         else:
             kernels = kernels_of(backend)
             outputs = (kernels.forward_mean if means else kernels.forward)(q, columns, layout, tau)
-        ctx.call = (layout, tau, backend, means)
+        ctx.call = call
         if means:
             segment_means, stats = outputs
             ctx.save_for_backward(q, k, stats)
@@ -174,7 +176,7 @@ class FusedContrastive(torch.autograd.Function):
         else:
             kernels = kernels_of(backend)
             dq, dk = (kernels.backward_mean if means else kernels.backward)(upstream, q, columns, layout, tau, *stats)
-        return dq, (None if k is None else dk), None, None, None, None
+        return dq, (None if k is None else dk), None
 
 
 def _checked(q: Tensor, k: Tensor | None, layout: Layout, backend: str) -> str:
@@ -214,7 +216,7 @@ def multi_positive(
         from suncet.kernels.reference import multi_positive_reference
 
         return multi_positive_reference(q, q if k is None else k, layout, tau)
-    return FusedContrastive.apply(q, k, layout, float(tau), name, False)
+    return FusedContrastive.apply(q, k, (layout, float(tau), name, False))
 
 
 def multi_positive_mean(
@@ -232,7 +234,7 @@ def multi_positive_mean(
     """
     name = _checked(q, k, layout, backend)
     if BY_NAME[name].fuses_means:
-        return FusedContrastive.apply(q, k, layout, float(tau), name, True)
+        return FusedContrastive.apply(q, k, (layout, float(tau), name, True))
     loss, valid = multi_positive(q, k, layout, tau, name)
     return segment_means(loss, valid, layout)
 

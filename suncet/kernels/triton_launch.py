@@ -97,7 +97,12 @@ class _Plan:
         # share of the denominator's inverse as well (no validity test per column).
         self.mean_stats = 2 * p if self.bounded_backward else p
         self.backward_variants: dict[tuple, dict] = {}
-        self.finish = dict(P=p, INVERSE=self.bounded_backward, BLOCK=tiles.FINISH_BLOCK)
+        # The keyword arguments of each launch, merged once: per statistics count for the forward
+        # kernel, per path (per-row losses, masked means) for the finishing one.
+        self.forward_variants: dict[int, dict] = {}
+        finish = dict(P=p, INVERSE=self.bounded_backward, BLOCK=tiles.FINISH_BLOCK)
+        self.finish_rows = dict(STATS=p, MERGE=True, MEANS=False, **finish)
+        self.finish_means = dict(STATS=self.mean_stats, MERGE=self.splits > 1, MEANS=True, **finish)
         self.forward_grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), self.splits)
         self.finish_grid = (triton.cdiv(m, tiles.FINISH_BLOCK),)
         # The backward: q's row tiles, then (two towers) k's, by column splits; the partial sums
@@ -153,12 +158,12 @@ def capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _plan(q: torch.Tensor, n: int, p: int, tau: float, one_tower: bool, splits: int | None, capture: bool) -> _Plan:
+def _plan(q: torch.Tensor, layout, tau: float, splits: int | None, capture: bool) -> _Plan:
     m, d = q.shape
-    device = q.device
+    n, p, one_tower, device = layout.cols, layout.sets, layout.one_tower, q.device
     if capture:
         return _Plan(m, n, d, p, q.dtype, device, tau, one_tower, splits)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    stream = torch.cuda.current_stream(device).cuda_stream if q.is_cuda else None
     key = (m, n, d, p, q.dtype, device, tau, one_tower, splits, _fp32_precision, stream)
     plan = _PLANS.get(key)
     if plan is None:
@@ -167,7 +172,7 @@ def _plan(q: torch.Tensor, n: int, p: int, tau: float, one_tower: bool, splits: 
             len(_PLANS) > MAX_PLANS or sum(kept.nbytes for kept in _PLANS.values()) > MAX_PLAN_BYTES
         ):
             _PLANS.popitem(last=False)
-    elif next(reversed(_PLANS)) != key:  # a step's launches mostly find the plan already newest
+    else:
         _PLANS.move_to_end(key)
     return plan
 
@@ -197,12 +202,14 @@ def _launch(kernel, grid, capture: bool, key: tuple, default: triton.Config, *ar
 def _launch_forward(plan, capture, q, k, layout, loss, valid, stats, per_row) -> None:
     """The forward kernel, writing the rows' statistics to ``stats``: one a row, then ``per_row`` a row."""
     m, d = q.shape
-    constants = plan.forward_constants
+    constants = plan.forward_variants.get(per_row)
+    if constants is None:
+        constants = plan.forward_variants[per_row] = dict(STATS=per_row, **plan.forward_constants)
     _launch(
         kernels.forward_kernel, plan.forward_grid, capture, (plan.tuning_key, per_row),
         plan.first_configs[0], q, k, layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups,
         plan.partial, loss, valid, stats, m, k.shape[0], d, layout.self_offset, plan.scale2,
-        *plan.buckets, STATS=per_row, **constants,
+        *plan.buckets, **constants,
     )  # fmt: skip
 
 
@@ -218,7 +225,7 @@ def forward(q, k, layout, tau, *, splits=None):
     k = q if layout.one_tower else k.contiguous()
     m, p = layout.rows, layout.sets
     capture = capturing(device)
-    plan = _plan(q, layout.cols, p, tau, layout.one_tower, splits, capture)
+    plan = _plan(q, layout, tau, splits, capture)
     loss = torch.empty((m, p), device=device, dtype=torch.float32)
     valid = torch.empty((m, p), device=device, dtype=torch.bool)
     stats = torch.empty(m * (1 + p), device=device, dtype=torch.float32)
@@ -226,7 +233,7 @@ def forward(q, k, layout, tau, *, splits=None):
     if plan.splits > 1:
         kernels.finish_kernel[plan.finish_grid](
             plan.partial, loss, valid, stats, plan.block_sums, plan.ticket, stats, stats, m, plan.splits, m,
-            STATS=p, MERGE=True, MEANS=False, **plan.finish,
+            **plan.finish_rows,
         )  # fmt: skip
     return loss, valid, stats
 
@@ -244,17 +251,16 @@ def forward_mean(q, k, layout, tau, *, splits=None):
     k = q if layout.one_tower else k.contiguous()
     m, p = layout.rows, layout.sets
     capture = capturing(device)
-    plan = _plan(q, layout.cols, p, tau, layout.one_tower, splits, capture)
+    plan = _plan(q, layout, tau, splits, capture)
     per_row = plan.mean_stats
     stats = torch.empty(m * (1 + per_row) + 2 * p, device=device, dtype=torch.float32)
     shape = () if p == 1 else (p,)
-    mean0 = torch.empty(shape, device=device, dtype=torch.float32)
-    means = (mean0,) if layout.segments == 1 else (mean0, torch.empty(shape, device=device, dtype=torch.float32))
+    mean0 = stats.new_empty(shape)
+    means = (mean0,) if layout.segments == 1 else (mean0, stats.new_empty(shape))
     _launch_forward(plan, capture, q, k, layout, plan.loss, plan.valid, stats, per_row)
     kernels.finish_kernel[plan.finish_grid](
         plan.partial, plan.loss, plan.valid, stats, plan.block_sums, plan.ticket, mean0, means[-1] if
-        len(means) > 1 else plan.unused_mean, m, plan.splits, layout.boundary, STATS=per_row,
-        MERGE=plan.splits > 1, MEANS=True, **plan.finish,
+        len(means) > 1 else plan.unused_mean, m, plan.splits, layout.boundary, **plan.finish_means,
     )  # fmt: skip
     return means, stats
 
@@ -290,7 +296,7 @@ def backward(grad_loss, q, k, layout, tau, stats, *, splits=None):
     q = q.contiguous()
     k = q if layout.one_tower else k.contiguous()
     capture = capturing(device)
-    plan = _plan(q, layout.cols, layout.sets, tau, layout.one_tower, splits, capture)
+    plan = _plan(q, layout, tau, splits, capture)
     grad = grad_loss.float().contiguous()
     upstream = (grad, grad, grad)  # the means' pointers go unread without MEAN
     return _launch_backward(plan, capture, upstream, q, k, layout, stats, layout.sets, 0)
@@ -306,6 +312,6 @@ def backward_mean(grad_means, q, k, layout, tau, stats, *, splits=None):
     q = q.contiguous()
     k = q if layout.one_tower else k.contiguous()
     capture = capturing(device)
-    plan = _plan(q, layout.cols, layout.sets, tau, layout.one_tower, splits, capture)
+    plan = _plan(q, layout, tau, splits, capture)
     first, last = grad_means[0].float().contiguous(), grad_means[-1].float().contiguous()
     return _launch_backward(plan, capture, (first, first, last), q, k, layout, stats, plan.mean_stats, layout.segments)

@@ -947,7 +947,13 @@ def test_triton_plans_are_bounded_and_offsets_past_int32_are_refused():
 
     triton_launch._PLANS.clear()
     for rows in range(8, 8 + 2 * triton_launch.MAX_PLANS):
-        triton_launch._plan(torch.zeros(rows, 16), rows, 1, 0.1, True, None, False)
+        triton_launch._plan(
+            torch.zeros(rows, 16),
+            kernels.Layout.of(torch.zeros(rows, dtype=torch.long), one_tower=True),
+            0.1,
+            None,
+            False,
+        )
     assert len(triton_launch._PLANS) == triton_launch.MAX_PLANS
     newest = next(reversed(triton_launch._PLANS))
     assert newest[0] == 7 + 2 * triton_launch.MAX_PLANS  # the most recent plans are the ones kept
