@@ -64,6 +64,23 @@ def wait_for_checkpoint(run, process, at_least=1, timeout=300):
     raise AssertionError("the run ended before it could be interrupted")
 
 
+# The flags of a small digits run that trains, checkpoints and monitors every epoch (tests/engine).
+SMALL_TRAINING = (
+    "--batch-size",
+    "64",
+    "--proj-hidden",
+    "64",
+    "--backbone-opt",
+    "width=8",
+    "--warmup-epochs",
+    "1",
+    "--final-eval",
+    "none",
+    "--monitor-every",
+    "1",
+)
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals: a command that must fail in one line and leave every file as it was.
 SMALL = [

@@ -53,20 +53,10 @@ def set_variant(name: str) -> None:
         raise ValueError(str(exc).splitlines()[0]) from None
 
 
-def forward(q, k, layout, tau):
-    return tuple(
-        _C.multi_positive_forward_cpu(
-            q,
-            k,
-            layout.row_keys,
-            layout.col_keys,
-            layout.row_groups,
-            layout.col_groups,
-            layout.self_offset,
-            tau,
-            layout.one_tower,
-        )
-    )
+def forward(q, k, layout, tau, *, entry="multi_positive_forward_cpu"):
+    """(loss [M, P], valid [M, P], LSE over the allowed columns [M], LSE over each set's positives
+    [M, P]) from the extension's ``entry`` (the CUDA backend passes its own)."""
+    return tuple(getattr(_C, entry)(q, k, *_keys_and_groups(layout), layout.self_offset, tau, layout.one_tower))
 
 
 def statistics(rows, sets, d, tau, dtype, means):
@@ -76,19 +66,12 @@ def statistics(rows, sets, d, tau, dtype, means):
     return [((rows,), stats), ((rows, sets), stats)]
 
 
-def backward(grad_loss, q, k, layout, tau, lse_all, lse_pos):
-    dq, dk = _C.multi_positive_backward_cpu(
-        grad_loss,
-        q,
-        k,
-        layout.row_keys,
-        layout.col_keys,
-        layout.row_groups,
-        layout.col_groups,
-        lse_all,
-        lse_pos,
-        layout.self_offset,
-        tau,
-        layout.one_tower,
+def backward(grad_loss, q, k, layout, tau, lse_all, lse_pos, *, entry="multi_positive_backward_cpu"):
+    dq, dk = getattr(_C, entry)(
+        grad_loss, q, k, *_keys_and_groups(layout), lse_all, lse_pos, layout.self_offset, tau, layout.one_tower
     )
     return dq, (None if layout.one_tower else dk)
+
+
+def _keys_and_groups(layout):
+    return layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups

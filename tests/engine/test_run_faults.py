@@ -7,24 +7,9 @@ import signal
 import textwrap
 
 import pytest
-from conftest import start, wait_for_checkpoint
+from conftest import SMALL_TRAINING, start, wait_for_checkpoint
 
-SMALL = (
-    "--batch-size",
-    "64",
-    "--proj-hidden",
-    "64",
-    "--backbone-opt",
-    "width=8",
-    "--warmup-epochs",
-    "1",
-    "--final-eval",
-    "none",
-    "--monitor-every",
-    "1",
-    "--seed",
-    "5",
-)
+SMALL = (*SMALL_TRAINING, "--seed", "5")
 TIMING = {"images_per_second", "train_seconds"}
 EXIT_PREEMPTED, EXIT_INTERRUPTED, EXIT_NONFINITE = 75, 130, 3
 

@@ -8,22 +8,7 @@ import signal
 import textwrap
 
 import pytest
-from conftest import start, wait_for_checkpoint
-
-SMALL = (
-    "--batch-size",
-    "64",
-    "--proj-hidden",
-    "64",
-    "--backbone-opt",
-    "width=8",
-    "--warmup-epochs",
-    "1",
-    "--final-eval",
-    "none",
-    "--monitor-every",
-    "1",
-)
+from conftest import SMALL_TRAINING, start, wait_for_checkpoint
 
 NAN_AT_STEP_3 = '''
     from suncet.plugins.methods.simclr import SimCLR
@@ -50,20 +35,20 @@ def runs(tmp_path_factory):
     (info / "entry_points.txt").write_text("[suncet.methods]\nnan_at_three = nan_plugin:NanAtThree\n")
     (site / "nan_plugin.py").write_text(textwrap.dedent(NAN_AT_STEP_3))
     folder = root / "runs"
-    finished = start("train", "--epochs", "1", *SMALL, "--out", str(folder / "finished"))
+    finished = start("train", "--epochs", "1", *SMALL_TRAINING, "--out", str(folder / "finished"))
     failed = start(
         "train",
         "--method",
         "nan_at_three",
         "--epochs",
         "1",
-        *SMALL,
+        *SMALL_TRAINING,
         "--out",
         str(folder / "sweep" / "failed"),
         env={"PYTHONPATH": str(site)},
     )
     stopped, killed = (
-        start("train", "--epochs", "3", *SMALL, "--checkpoint-every", "4steps", "--out", str(folder / name))
+        start("train", "--epochs", "3", *SMALL_TRAINING, "--checkpoint-every", "4steps", "--out", str(folder / name))
         for name in ("stopped", "killed")
     )
     for process, sig in ((stopped, signal.SIGTERM), (killed, signal.SIGKILL)):
