@@ -14,8 +14,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rerun_under_triton_interpreter, skip_unless_triton_interpreter
 
-from suncet.kernels import backend_status
+from suncet.kernels import backend_status, set_fp32_precision
 from suncet.losses import MoCoLoss
 
 CPU_BACKENDS = [b for b in ("reference", "cpu") if backend_status()[b][0]]
@@ -73,6 +74,29 @@ def test_values_gradients_and_bank_equal_lightlys_over_steps_that_wrap_around(ba
             torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-12)
         assert torch.equal(loss.bank.double(), reference.bank)
         assert int(loss.bank_ptr) == reference.ptr
+
+
+def test_triton_interpreter_matches_the_reference_with_its_two_key_sets():
+    skip_unless_triton_interpreter()
+    backend_status.cache_clear()
+    set_fp32_precision("ieee")
+    try:
+        torch.manual_seed(0)
+        triton, reference = MoCoLoss(0.2, (16, 4), backend="triton"), MoCoLoss(0.2, (16, 4), backend="reference")
+        reference.bank.copy_(triton.bank)
+        for step in range(3):
+            out0, out1 = rows(2 * step).float().requires_grad_(), rows(2 * step + 1).float().requires_grad_()
+            got, want = triton(out0, out1), reference(out0, out1)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            for mine, theirs in zip(torch.autograd.grad(got, (out0, out1)), torch.autograd.grad(want, (out0, out1))):
+                torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+            assert torch.equal(triton.bank, reference.bank)
+    finally:
+        set_fp32_precision("tf32")
+
+
+def test_triton_interpreter_in_subprocess():
+    rerun_under_triton_interpreter(__file__, "test_triton_interpreter_matches", passed=1)
 
 
 def test_an_evaluation_leaves_the_bank_alone_and_update_overrides_the_rule():
