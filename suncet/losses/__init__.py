@@ -1,5 +1,6 @@
 """The losses: NT-Xent (SimCLR), SuNCEt, their fused pair, the general multi-positive form,
-SwAV's swapped prediction and PAWS's soft nearest-neighbour assignments.
+SwAV's swapped prediction, PAWS's soft nearest-neighbour assignments, BYOL's negative cosine
+similarity and MoCo's InfoNCE against a queue of keys.
 
 As modules that hold their settings, for any training loop (``contrastive.py``, ``modules.py``,
 ``paws.py``)::
@@ -14,7 +15,9 @@ may see minus LSE over its positives) that the kernels implement. Every argument
 the checks of ``checks.py``.
 """
 
+from suncet.losses.byol import NegativeCosineSimilarity
 from suncet.losses.contrastive import contrastive_loss, multi_positive_loss, nt_xent, nt_xent_and_suncet, suncet_loss
+from suncet.losses.moco import MoCoLoss
 from suncet.losses.modules import (
     ContrastiveLosses,
     MultiPositiveContrastiveLoss,
@@ -28,9 +31,11 @@ from suncet.losses.swav import sinkhorn, swapped_prediction_loss
 
 __all__ = [
     "ContrastiveLosses",
+    "MoCoLoss",
     "MultiPositiveContrastiveLoss",
     "NTXentLoss",
     "NTXentSuNCEtLoss",
+    "NegativeCosineSimilarity",
     "PAWSLoss",
     "SuNCEtLoss",
     "SwAVLoss",

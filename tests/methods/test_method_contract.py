@@ -49,8 +49,13 @@ def earlier_contract_method() -> type[Method]:
 METHOD_CLASSES = {name: METHODS.get(name).obj for name in METHODS.names()} | {
     "barlow_twins (example)": example_method()
 }
-# Options that make every parameter train from the first step (SwAV freezes its prototypes at first).
-OPTIONS = {"swav": {"local_crops": 1, "freeze_prototypes_epochs": 0.0}, "paws": {"local_crops": 1}}
+# Options that make every parameter train from the first step (SwAV freezes its prototypes at first),
+# and a MoCo queue that a short run fills and wraps around.
+OPTIONS = {
+    "swav": {"local_crops": 1, "freeze_prototypes_epochs": 0.0},
+    "paws": {"local_crops": 1},
+    "moco": {"queue_size": 100},
+}
 # Methods whose own objective takes the unlabeled views only: the base class adds the labeled term.
 ADDS_LABELED_TERM = [n for n, cls in METHOD_CLASSES.items() if not cls.objective_uses_labels]
 OWN_OBJECTIVE = [n for n in ADDS_LABELED_TERM if METHOD_CLASSES[n].global_views or METHOD_CLASSES[n].local_views]
@@ -372,3 +377,45 @@ def test_a_teacher_is_what_evaluation_and_export_use_and_stays_out_of_the_optimi
     with torch.no_grad():
         torch.testing.assert_close(exported(images), run.method.teacher(images), rtol=0, atol=0)
         assert not torch.equal(exported(images), run.method.backbone(images))
+
+
+# Methods with state outside the optimizer: moving-average targets (after_optimizer_step) and
+# queues (rank_state).
+KEEPS_OWN_STATE = [
+    name
+    for name in METHODS.names()
+    if METHODS.get(name).obj.after_optimizer_step is not Method.after_optimizer_step
+    or METHODS.get(name).obj.rank_state is not Method.rank_state
+]
+
+
+@pytest.mark.parametrize("name", KEEPS_OWN_STATE)
+def test_two_epochs_equal_one_epoch_and_a_resumed_one_exactly(tmp_path, name):
+    from suncet.engine.assemble import assemble
+    from suncet.engine.loop import train
+    from suncet.engine.state import load_checkpoint, numbered_checkpoints
+
+    settings = {"method": name, "method_options": OPTIONS.get(name, {}), "epochs": 2}
+    straight = small_run(tmp_path / "straight", **settings)
+    train(straight)
+    first_epoch = next(
+        state
+        for state in map(load_checkpoint, numbered_checkpoints(straight.run_dir / "checkpoints"))
+        if state["progress"]["epoch"] == 1
+    )
+    config = small_run(tmp_path / "unused", **settings).config
+    resumed = assemble(
+        config,
+        tmp_path / "resumed",
+        labeled=first_epoch["labeled"],
+        checkpoint=first_epoch,
+        checkpoint_path=tmp_path / "resumed" / "checkpoints",
+        resuming=True,
+    )
+    train(resumed, first_epoch)
+    expected, got = straight.method.state_dict(), resumed.method.state_dict()
+    assert set(got) == set(expected)
+    differing = [key for key in expected if not torch.equal(got[key], expected[key])]
+    assert not differing, f"not the same after resume: {differing}"
+    expected, got = straight.method.rank_state(), resumed.method.rank_state()
+    assert set(got) == set(expected) and all(torch.equal(got[key], expected[key]) for key in expected)
