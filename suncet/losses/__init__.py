@@ -1,5 +1,6 @@
 """The losses: NT-Xent (SimCLR), SuNCEt, their fused pair, the general multi-positive form,
-SwAV's swapped prediction and PAWS's soft nearest-neighbour assignments.
+SwAV's swapped prediction, PAWS's soft nearest-neighbour assignments, and the
+redundancy-reduction losses of VICReg and Barlow Twins (``redundancy.py``).
 
 As modules that hold their settings, for any training loop (``contrastive.py``, ``modules.py``,
 ``paws.py``)::
@@ -24,9 +25,11 @@ from suncet.losses.modules import (
     SwAVLoss,
 )
 from suncet.losses.paws import PAWSLoss, soft_nearest_neighbours
+from suncet.losses.redundancy import BarlowTwinsLoss, VICRegLoss
 from suncet.losses.swav import sinkhorn, swapped_prediction_loss
 
 __all__ = [
+    "BarlowTwinsLoss",
     "ContrastiveLosses",
     "MultiPositiveContrastiveLoss",
     "NTXentLoss",
@@ -34,6 +37,7 @@ __all__ = [
     "PAWSLoss",
     "SuNCEtLoss",
     "SwAVLoss",
+    "VICRegLoss",
     "contrastive_loss",
     "multi_positive_loss",
     "nt_xent",
