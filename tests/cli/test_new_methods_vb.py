@@ -79,3 +79,17 @@ def test_the_builtin_barlow_twins_leaves_the_example_packages_name_free(cli):
     assert result.returncode == 0, result.stderr
     names = {cells[2].strip() for cells in (line.split("│") for line in result.stdout.splitlines()) if len(cells) > 3}
     assert "barlowtwins" in names and "vicreg" in names and "barlow_twins" not in names
+
+
+@pytest.mark.parametrize("preset,method", [("vicreg-digits", "vicreg"), ("barlow-twins-digits", "barlowtwins")])
+def test_digits_presets_are_the_digits_recipe_for_50_epochs(cli, preset, method):
+    result = cli("train", "--preset", preset, "--print-config")
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert (printed["method"], printed["dataset"], printed["backbone"], printed["epochs"]) == (
+        method,
+        "digits",
+        "small_resnet",
+        50,
+    )
+    assert (printed["batch_size"], printed["proj_hidden"], printed["proj_dim"]) == (128, 512, 128)
