@@ -2,7 +2,8 @@
 Twins' cross-correlation to the identity, as ``torch.nn.Module`` objects that hold their settings.
 
 Both compare two views' embeddings [B, D] (no normalisation of rows: the terms are statistics
-over the batch). They compute in fp32 at least (fp64 stays fp64). Under torchrun, with
+over the batch). They compute in fp32 at least (fp64 stays fp64), autocast off: a bf16 product
+would round the small off-diagonal correlations they drive to zero. Under torchrun, with
 ``gather="grad"`` (the default), the batch statistics run over the rows of every rank, and each
 row's gradient returns to the rank that owns it (the all-gather's backward sums the ranks'
 gradients of its rows): the loss, and with DDP's mean of gradients the step, are those of one
@@ -103,6 +104,10 @@ class VICRegLoss(_GatheringLoss):
     def terms(self, z_a: Tensor, z_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(invariance, variance, covariance), unweighted."""
         z_a, z_b = _two_views(z_a, z_b)
+        with torch.autocast(z_a.device.type, enabled=False):
+            return self._terms(z_a, z_b)
+
+    def _terms(self, z_a: Tensor, z_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         invariance = F.mse_loss(z_a, z_b)
         z_a, z_b = self._gathered(z_a), self._gathered(z_b)
         variance = 0.5 * (self._variance(z_a) + self._variance(z_b))
@@ -150,6 +155,10 @@ class BarlowTwinsLoss(_GatheringLoss):
     def terms(self, z_a: Tensor, z_b: Tensor) -> tuple[Tensor, Tensor]:
         """(on-diagonal, off-diagonal), unweighted."""
         z_a, z_b = _two_views(z_a, z_b)
+        with torch.autocast(z_a.device.type, enabled=False):
+            return self._terms(z_a, z_b)
+
+    def _terms(self, z_a: Tensor, z_b: Tensor) -> tuple[Tensor, Tensor]:
         z_a, z_b = self._standardised(self._gathered(z_a)), self._standardised(self._gathered(z_b))
         c = z_a.T @ z_b / z_a.shape[0]
         return (torch.diagonal(c) - 1).pow(2).sum(), _off_diagonal(c).pow(2).sum()

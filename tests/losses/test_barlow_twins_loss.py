@@ -88,6 +88,10 @@ def test_float32_and_bfloat16_inputs_compute_in_float32():
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     assert BarlowTwinsLoss()(z_a.bfloat16(), z_b.bfloat16()).dtype == torch.float32
+    # autocast (the engine's bf16 on CUDA; here on the CPU) does not lower the products
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = BarlowTwinsLoss()(z_a.float(), z_b.float())
+    assert autocast.dtype == torch.float32 and torch.equal(autocast, got)
 
 
 def test_a_nan_in_either_view_gives_a_nan_loss():
