@@ -1,3 +1,12 @@
 """Built-in pre-training methods (see suncet.methods.Method for the interface)."""
 
-from suncet.plugins.methods import byol, moco, paws, simclr, supervised, swav  # noqa: F401  (registers the plugins)
+from suncet.plugins.methods import (  # noqa: F401  (registers the plugins)
+    barlowtwins,
+    byol,
+    moco,
+    paws,
+    simclr,
+    supervised,
+    swav,
+    vicreg,
+)

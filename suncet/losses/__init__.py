@@ -1,6 +1,7 @@
 """The losses: NT-Xent (SimCLR), SuNCEt, their fused pair, the general multi-positive form,
 SwAV's swapped prediction, PAWS's soft nearest-neighbour assignments, BYOL's negative cosine
-similarity and MoCo's InfoNCE against a queue of keys.
+similarity, MoCo's InfoNCE against a queue of keys, and the redundancy-reduction losses of
+VICReg and Barlow Twins (``redundancy.py``).
 
 As modules that hold their settings, for any training loop (``contrastive.py``, ``modules.py``,
 ``paws.py``)::
@@ -27,9 +28,11 @@ from suncet.losses.modules import (
     SwAVLoss,
 )
 from suncet.losses.paws import PAWSLoss, soft_nearest_neighbours
+from suncet.losses.redundancy import BarlowTwinsLoss, VICRegLoss
 from suncet.losses.swav import sinkhorn, swapped_prediction_loss
 
 __all__ = [
+    "BarlowTwinsLoss",
     "ContrastiveLosses",
     "MoCoLoss",
     "MultiPositiveContrastiveLoss",
@@ -39,6 +42,7 @@ __all__ = [
     "PAWSLoss",
     "SuNCEtLoss",
     "SwAVLoss",
+    "VICRegLoss",
     "contrastive_loss",
     "multi_positive_loss",
     "nt_xent",

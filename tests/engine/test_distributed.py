@@ -19,12 +19,14 @@ from torch import nn
 from suncet.distributed import shutdown
 from suncet.kernels import backend_status
 from suncet.losses import (
+    BarlowTwinsLoss,
     MultiPositiveContrastiveLoss,
     NTXentLoss,
     NTXentSuNCEtLoss,
     PAWSLoss,
     SuNCEtLoss,
     SwAVLoss,
+    VICRegLoss,
     nt_xent,
     nt_xent_and_suncet,
     sinkhorn,
@@ -70,6 +72,9 @@ def objectives(model, x1, x2, xl, y, k1, k2, prototypes, backend, gather):
         "NTXentSuNCEtLoss": sum(NTXentSuNCEtLoss(0.2, backend=backend)(z1, z2, zl, y)),
         "MultiPositiveContrastiveLoss": MultiPositiveContrastiveLoss(0.2, backend=backend)(z1, k1, z2, k2),
         "SwAVLoss": SwAVLoss()([p1, p2]),
+        # batch statistics over every rank's rows (VICReg's invariance stays per rank: its mean is the whole's)
+        "VICRegLoss": VICRegLoss()(z1, z2),
+        "BarlowTwinsLoss": BarlowTwinsLoss(0.3)(z1, z2),
         # supports gathered with gradient, me-max over every rank's anchors
         "PAWSLoss": sum(
             PAWSLoss(0.2, multicrop=0, num_classes=5)(
@@ -91,6 +96,8 @@ OBJECTIVES = (
     "MultiPositiveContrastiveLoss",
     "SwAVLoss",
     "PAWSLoss",
+    "VICRegLoss",
+    "BarlowTwinsLoss",
 )
 
 
