@@ -1,5 +1,5 @@
 """The losses: NT-Xent (SimCLR), SuNCEt, their fused pair, the general multi-positive form,
-SwAV's swapped prediction and PAWS's soft nearest-neighbour assignments.
+SwAV's swapped prediction, PAWS's soft nearest-neighbour assignments and DINO's self-distillation.
 
 As modules that hold their settings, for any training loop (``contrastive.py``, ``modules.py``,
 ``paws.py``)::
@@ -15,6 +15,7 @@ the checks of ``checks.py``.
 """
 
 from suncet.losses.contrastive import contrastive_loss, multi_positive_loss, nt_xent, nt_xent_and_suncet, suncet_loss
+from suncet.losses.dino import DINOLoss
 from suncet.losses.modules import (
     ContrastiveLosses,
     MultiPositiveContrastiveLoss,
@@ -28,6 +29,7 @@ from suncet.losses.swav import sinkhorn, swapped_prediction_loss
 
 __all__ = [
     "ContrastiveLosses",
+    "DINOLoss",
     "MultiPositiveContrastiveLoss",
     "NTXentLoss",
     "NTXentSuNCEtLoss",
