@@ -6,4 +6,4 @@ dataset's default recipe. Learning rates are stated for a global batch (``lr_bat
 with the run's own (suncet/optim.py, ``scale_learning_rates``).
 """
 
-from suncet.plugins.presets import datasets, paper  # noqa: F401  (registers the plugins)
+from suncet.plugins.presets import datasets, dino, paper  # noqa: F401  (registers the plugins)
