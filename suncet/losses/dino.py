@@ -110,9 +110,10 @@ class DINOLoss(nn.Module):
         targets = F.softmax((teacher - self.center.to(dtype)) / temperature, dim=-1)
         log_predictions = F.log_softmax(student / self.student_temp, dim=-1)
         cross = -torch.einsum("tbd,sbd->ts", targets, log_predictions)  # summed over the batch
-        # Same crop index of teacher and student: the same view, left out.
+        # Same crop index of teacher and student: the same view, left out (no host read, for
+        # torch.compile: the pair count is known from the shapes).
         other = ~torch.eye(*cross.shape, dtype=torch.bool, device=cross.device)
-        loss = cross[other].sum() / (int(other.sum()) * rows)
+        loss = torch.where(other, cross, 0.0).sum() / ((cross.numel() - min(cross.shape)) * rows)
         if self.training:
             self.update_center(teacher)
         return loss

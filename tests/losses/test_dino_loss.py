@@ -217,3 +217,14 @@ def test_two_ranks_move_the_center_by_the_whole_batchs_mean(tmp_path):
         loss, center = gathered[r]
         assert loss == pytest.approx(own.item(), rel=1e-12)
         torch.testing.assert_close(torch.tensor(center, dtype=torch.float64), want_center, rtol=1e-12, atol=1e-14)
+
+
+def test_torch_compile_traces_it_in_one_graph_center_update_included():
+    teacher, student = crops(2, dtype=torch.float32), [s.requires_grad_() for s in crops(4, dtype=torch.float32)]
+    compiled, eager = DINOLoss(DIM), DINOLoss(DIM)
+    got = torch.compile(lambda t, s: compiled(t, s, epoch=0), fullgraph=True)(teacher, student)
+    want = eager(teacher, [s.detach() for s in student], epoch=0)
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(compiled.center, eager.center, rtol=1e-6, atol=1e-7)
+    assert all(s.grad is not None for s in student)
