@@ -2,7 +2,7 @@
 SwAV's swapped prediction, PAWS's soft nearest-neighbour assignments and DINO's self-distillation.
 
 As modules that hold their settings, for any training loop (``contrastive.py``, ``modules.py``,
-``paws.py``)::
+``paws.py``, ``dino.py``)::
 
     from suncet.losses import NTXentLoss, SuNCEtLoss
     ntxent, suncet = NTXentLoss(temperature=0.1), SuNCEtLoss(temperature=0.1)
