@@ -3,6 +3,7 @@
 from suncet.plugins.methods import (  # noqa: F401  (registers the plugins)
     barlowtwins,
     byol,
+    dino,
     moco,
     paws,
     simclr,

@@ -6,4 +6,4 @@ dataset's default recipe. Learning rates are stated for a global batch (``lr_bat
 with the run's own (suncet/optim.py, ``scale_learning_rates``).
 """
 
-from suncet.plugins.presets import byol, datasets, moco, paper, redundancy  # noqa: F401  (registers the plugins)
+from suncet.plugins.presets import byol, datasets, dino, moco, paper, redundancy  # noqa: F401  (registers the plugins)

@@ -1,10 +1,10 @@
 """The losses: NT-Xent (SimCLR), SuNCEt, their fused pair, the general multi-positive form,
 SwAV's swapped prediction, PAWS's soft nearest-neighbour assignments, BYOL's negative cosine
-similarity, MoCo's InfoNCE against a queue of keys, and the redundancy-reduction losses of
-VICReg and Barlow Twins (``redundancy.py``).
+similarity, MoCo's InfoNCE against a queue of keys, DINO's self-distillation, and the
+redundancy-reduction losses of VICReg and Barlow Twins (``redundancy.py``).
 
 As modules that hold their settings, for any training loop (``contrastive.py``, ``modules.py``,
-``paws.py``)::
+``paws.py``, ``dino.py``)::
 
     from suncet.losses import NTXentLoss, SuNCEtLoss
     ntxent, suncet = NTXentLoss(temperature=0.1), SuNCEtLoss(temperature=0.1)
@@ -18,6 +18,7 @@ the checks of ``checks.py``.
 
 from suncet.losses.byol import NegativeCosineSimilarity
 from suncet.losses.contrastive import contrastive_loss, multi_positive_loss, nt_xent, nt_xent_and_suncet, suncet_loss
+from suncet.losses.dino import DINOLoss
 from suncet.losses.moco import MoCoLoss
 from suncet.losses.modules import (
     ContrastiveLosses,
@@ -34,6 +35,7 @@ from suncet.losses.swav import sinkhorn, swapped_prediction_loss
 __all__ = [
     "BarlowTwinsLoss",
     "ContrastiveLosses",
+    "DINOLoss",
     "MoCoLoss",
     "MultiPositiveContrastiveLoss",
     "NTXentLoss",

@@ -49,12 +49,13 @@ def earlier_contract_method() -> type[Method]:
 METHOD_CLASSES = {name: METHODS.get(name).obj for name in METHODS.names()} | {
     "barlow_twins (example)": example_method()
 }
-# Options that make every parameter train from the first step (SwAV freezes its prototypes at first),
-# and a MoCo queue that a short run fills and wraps around.
+# Options that make every parameter train from the first step (SwAV freezes its prototypes at
+# first, DINO its head's last layer), and a MoCo queue that a short run fills and wraps around.
 OPTIONS = {
     "swav": {"local_crops": 1, "freeze_prototypes_epochs": 0.0},
     "paws": {"local_crops": 1},
     "moco": {"queue_size": 100},
+    "dino": {"local_crops": 1, "freeze_last_layer_epochs": 0.0, "out_dim": 32},
 }
 # Methods whose own objective takes the unlabeled views only: the base class adds the labeled term.
 ADDS_LABELED_TERM = [n for n, cls in METHOD_CLASSES.items() if not cls.objective_uses_labels]
