@@ -134,7 +134,8 @@ class TrainConfig:
     preset: str | None = setting(
         None,
         "Recipe preset (suncet plugins lists them): digits, cifar10, paper-imagenet-10pct, paper-imagenet-1pct, "
-        "paper-swav-imagenet-10pct, paper-cifar10, ... (docs/recipes.md); a dataset's own preset applies by default.",
+        "paper-swav-imagenet-10pct, paper-cifar10, ... (docs/recipes.md); by default the method's preset for the "
+        "dataset (<method>-<dataset>), else the dataset's own.",
     )
 
 

@@ -1,8 +1,9 @@
 """A run's settings from their sources: defaults < preset < YAML file < flags (or keyword arguments).
 
 A preset is a plugin (``suncet.presets`` entry points; plugins/presets/ holds the built-in ones):
-the one named with ``preset``, else the dataset's own (a preset named after the dataset). The
-configuration records the preset it applied. Learning rates are left as the sources state them:
+the one named with ``preset``, else the default of the method on the dataset (a preset named
+``<method>-<dataset>``, such as ``dino-digits``), else the dataset's own (a preset named after the
+dataset). The configuration records the preset it applied. Learning rates are left as the sources state them:
 a run scales them once, after its batch is fitted to the data (suncet/engine/fit.py).
 """
 
@@ -23,7 +24,8 @@ def build_config(
     file_name: str | Path | None = None,
     given_by: str = "flag",
 ) -> TrainConfig:
-    """defaults < preset (named in overrides or file, else the dataset's own) < file < overrides
+    """defaults < preset (named in overrides or file, else the method's on the dataset, else the
+    dataset's own) < file < overrides
     (None values count as not given), checked.
 
     ``file_name`` and ``given_by`` ("flag": --name, or "argument") name the sources in errors.
@@ -34,7 +36,8 @@ def build_config(
         _check_keys(values, source)
     dataset = overrides.get("dataset", file_values.get("dataset", TrainConfig.dataset))
     preset = overrides.get("preset", file_values.get("preset"))
-    values, preset_name = _preset_values(preset, dataset)
+    method = overrides.get("method", file_values.get("method", TrainConfig.method))
+    values, preset_name = _preset_values(preset, dataset, method)
     method_defaults = values.pop("method_defaults", {})
     sources = {k: f"preset {preset_name}" for k in values}
     sources.update({k: f"config file {file_name}" if file_name else "config file" for k in file_values})
@@ -63,12 +66,16 @@ def _check_keys(values: dict[str, Any], source: str) -> None:
             raise ConfigError(f"unknown {source} key {shown(key)}; known keys: {', '.join(known)}")
 
 
-def _preset_values(preset: Any, dataset: Any) -> tuple[dict[str, Any], str | None]:
-    """The settings of the preset named, else of the dataset's own preset (none: no settings)."""
+def _preset_values(preset: Any, dataset: Any, method: Any) -> tuple[dict[str, Any], str | None]:
+    """The settings of the preset named, else of the method's preset for the dataset, else of the
+    dataset's own preset (none: no settings)."""
     if preset is None:
-        if not isinstance(dataset, str) or dataset not in PRESETS:
+        if not isinstance(dataset, str):
             return {}, None
-        preset = dataset
+        defaults = [f"{method}-{dataset}"] if isinstance(method, str) else []
+        preset = next((name for name in (*defaults, dataset) if name in PRESETS), None)
+        if preset is None:
+            return {}, None
     elif not isinstance(preset, str):
         raise ConfigError(f"unknown preset {shown(preset)}; available: {', '.join(PRESETS.names())}")
     info = PRESETS.get(preset)

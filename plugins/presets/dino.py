@@ -83,5 +83,6 @@ def dino_digits() -> dict[str, Any]:
         "lr": 0.001,
         "lr_batch": 256,
         "weight_decay": 0.04,
-        "method_options": recipe["method_defaults"]["dino"],
+        # 10 classes need no 65,536 prototypes; ~2,200 steps want a teacher that follows faster
+        "method_options": {"out_dim": 256, "local_crops": 2, "momentum_teacher": 0.99},
     }

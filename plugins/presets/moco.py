@@ -43,7 +43,7 @@ def moco_v2_imagenet() -> dict[str, Any]:
     }
 
 
-@register_preset("moco-v2-digits")
+@register_preset("moco-digits")
 def moco_v2_digits() -> dict[str, Any]:
     """MoCo v2 + SuNCEt on the bundled digits, tuned on 2 CPU cores (docs/recipes.md)."""
     return {**digits(), "method": "moco", "method_options": {"momentum": 0.99, "queue_size": 1024}}

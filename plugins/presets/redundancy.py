@@ -80,7 +80,7 @@ def vicreg_digits() -> dict[str, Any]:
     return _digits("vicreg")
 
 
-@register_preset("barlow-twins-digits")
+@register_preset("barlowtwins-digits")
 def barlow_twins_digits() -> dict[str, Any]:
     """Barlow Twins + SuNCEt on digits: the digits recipe, 50 epochs (linear probe 0.964 at 10% labels, seed 0)."""
     return _digits("barlowtwins")

@@ -83,7 +83,7 @@ def test_moco_v2_imagenet_prints_mocos_numbers_on_its_8_gpus_and_scales_linearly
 
 @pytest.mark.parametrize(
     "preset,options",
-    [("byol-digits", {"momentum": 0.99}), ("moco-v2-digits", {"momentum": 0.99, "queue_size": 1024})],
+    [("byol-digits", {"momentum": 0.99}), ("moco-digits", {"momentum": 0.99, "queue_size": 1024})],
 )
 def test_digits_presets_and_the_digits_defaults_agree(preset, options):
     assert build_config(overrides={"preset": preset}).method_options == options

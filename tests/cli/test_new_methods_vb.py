@@ -81,7 +81,7 @@ def test_the_builtin_barlow_twins_leaves_the_example_packages_name_free(cli):
     assert "barlowtwins" in names and "vicreg" in names and "barlow_twins" not in names
 
 
-@pytest.mark.parametrize("preset,method", [("vicreg-digits", "vicreg"), ("barlow-twins-digits", "barlowtwins")])
+@pytest.mark.parametrize("preset,method", [("vicreg-digits", "vicreg"), ("barlowtwins-digits", "barlowtwins")])
 def test_digits_presets_are_the_digits_recipe_for_50_epochs(cli, preset, method):
     result = cli("train", "--preset", preset, "--print-config")
     assert result.returncode == 0, result.stderr

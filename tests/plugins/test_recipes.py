@@ -118,6 +118,21 @@ def test_the_preset_a_dataset_applies_by_default_is_named_and_recorded(cli, tmp_
     assert build_config().preset == "digits" and build_config(overrides={"dataset": "imagefolder"}).preset is None
 
 
+def test_a_method_with_a_recipe_of_its_own_on_the_dataset_takes_it_by_default(cli, tmp_path):
+    # dino-digits (AdamW) is DINO's default on digits; an explicit preset, file or flag still wins,
+    # and a method without one keeps the dataset's own.
+    dino = build_config(overrides={"method": "dino"})
+    assert dino.preset == "dino-digits" and dino.optimizer == "adamw" and dino.method_options["out_dim"] == 256
+    assert build_config({"method": "byol"}).preset == "byol-digits"
+    assert build_config(overrides={"method": "simclr"}).preset == "digits"
+    explicit = build_config(overrides={"method": "dino", "preset": "digits"})
+    assert explicit.preset == "digits" and explicit.optimizer == "lars" and explicit.method_options == {}
+    assert build_config(overrides={"method": "dino", "optimizer": "sgd"}).optimizer == "sgd"
+    printed = cli("train", "--method", "moco", "--print-config")
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.splitlines()[0].startswith("# preset moco-digits;")
+
+
 def test_run_header_shows_the_effective_learning_rate(cli, tmp_path):
     result = cli(
         "train",
