@@ -7,19 +7,7 @@ import json
 
 import pytest
 import yaml
-
-SMALL = (
-    "--batch-size",
-    "64",
-    "--proj-hidden",
-    "64",
-    "--backbone-opt",
-    "width=8",
-    "--epochs",
-    "1",
-    "--monitor-every",
-    "0",
-)
+from conftest import SMALL
 
 
 @pytest.mark.parametrize("label_loss", ["suncet", "ce"])

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from conftest import SMALL
 
-SMALL = ("--batch-size", "64", "--proj-hidden", "64", "--backbone-opt", "width=8", "--epochs", "1")
-SMALL += ("--monitor-every", "0", "--final-eval", "none")
 TERMS = {"vicreg": {"vicreg", "invariance", "variance", "covariance"}, "barlowtwins": {"barlowtwins", "on_diagonal"}}
 
 

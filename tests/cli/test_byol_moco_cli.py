@@ -5,22 +5,10 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from conftest import SMALL
 
 from suncet.optim import scale_learning_rates
 from suncet.presets import build_config
-
-SMALL = (
-    "--batch-size",
-    "64",
-    "--proj-hidden",
-    "64",
-    "--backbone-opt",
-    "width=8",
-    "--epochs",
-    "1",
-    "--monitor-every",
-    "0",
-)
 
 
 @pytest.mark.parametrize("method,term", [("byol", "byol"), ("moco", "moco")])
