@@ -52,9 +52,16 @@ def print_scores(result: dict, title: str) -> None:
     type=click.IntRange(min=1),
     help="Epochs for --protocol finetune (default 60 when the labeled images are at most 2% of the training set, else 30).",
 )
+@click.option(
+    "--finetune-head",
+    type=click.Choice(["probe", "zero"]),
+    default="probe",
+    show_default=True,
+    help="The classifier --protocol finetune starts from: the linear probe's, or zero as in the paper.",
+)
 @click.option("--device", help="auto, cpu, cuda or cuda:N (default: the run's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def eval_command(run_dir, protocol, labels, knn_k, finetune_epochs, device, as_json):
+def eval_command(run_dir, protocol, labels, knn_k, finetune_epochs, finetune_head, device, as_json):
     """Evaluate a run's backbone on the test split with the labeled subset.
 
     Prints the same-label raw-pixel baseline beside it for small datasets.
@@ -72,7 +79,14 @@ def eval_command(run_dir, protocol, labels, knn_k, finetune_epochs, device, as_j
         labeled = None
         if labels is not None:
             labeled = choose_labeled(dataclasses.replace(run.config, labels=labels), run.dataset)
-        result = evaluate_run(run, protocol, labeled=labeled, finetune_epochs=finetune_epochs, baseline=True)
+        result = evaluate_run(
+            run,
+            protocol,
+            labeled=labeled,
+            finetune_epochs=finetune_epochs,
+            finetune_head=finetune_head,
+            baseline=True,
+        )
     result["run"] = str(run_dir)
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))

@@ -30,7 +30,12 @@ PROTOCOLS = ("linear", "knn", "snn", "finetune")
 
 
 def evaluate_run(
-    run: Run, protocol: str, labeled: Tensor | None = None, finetune_epochs: int | None = None, baseline: bool = False
+    run: Run,
+    protocol: str,
+    labeled: Tensor | None = None,
+    finetune_epochs: int | None = None,
+    finetune_head: str = "probe",
+    baseline: bool = False,
 ) -> dict:
     """Semi-supervised test accuracy with the labeled subset (an empty subset is an error: no
     protocol may fall back on labels the run was not given), of the network the method names
@@ -38,8 +43,9 @@ def evaluate_run(
 
     'knn', 'snn' (PAWS's soft nearest neighbour: every labeled image votes, weighted by a softmax
     of cosine similarity / 0.1) and 'linear' use frozen backbone features; 'finetune' is the paper's protocol: the whole
-    backbone plus a zero-initialised linear layer trained on the labeled images (60 epochs when
-    they are at most 2% of the training set, else 30; method.md section 7). With ``baseline``,
+    backbone plus a linear classifier trained on the labeled images (60 epochs when they are at
+    most 2% of the training set, else 30; method.md section 7), the classifier starting from the
+    linear probe's (``finetune_head`` 'probe') or, as in the paper, from zero ('zero'). With ``baseline``,
     small in-memory datasets also get the raw-pixel baseline.
     """
     if protocol not in PROTOCOLS:
@@ -54,7 +60,9 @@ def evaluate_run(
             "evaluate with some: suncet eval RUN --labels 10%"
         )
     if protocol == "finetune":
-        scores = finetune(backbone, dataset, bank, device, epochs=finetune_epochs, seed=run.config.seed)
+        scores = finetune(
+            backbone, dataset, bank, device, epochs=finetune_epochs, seed=run.config.seed, head=finetune_head
+        )
     else:
         train_features = extract_features(backbone, dataset.train, dataset, device, indices=bank)
         test_features = extract_features(backbone, dataset.test, dataset, device)

@@ -102,6 +102,53 @@ def snn_classify(
     return topk_scores(torch.cat(probs), test_labels.to(train_features.device), num_classes)
 
 
+class ProbeHead(nn.Module):
+    """The linear probe's classifier: features L2-normalised, standardised with the statistics of
+    the features it was fitted on, then one linear layer. Standardising removes the common mean
+    that dominates post-ReLU features, the direction along which plain SGD on a raw linear layer
+    spends its steps (docs/recipes.md, Evaluation)."""
+
+    def __init__(self, mean: Tensor, std: Tensor, num_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.linear = nn.Linear(len(mean), num_classes, dtype=mean.dtype, device=mean.device)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def standardise(self, features: Tensor) -> Tensor:
+        return (F.normalize(features.to(self.mean.dtype), dim=1) - self.mean) / self.std
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.linear(self.standardise(features))
+
+
+def fit_linear_probe(
+    train_features: Tensor,
+    train_labels: Tensor,
+    num_classes: int,
+    weight_decay: float = 1e-3,
+    max_iter: int = 300,
+) -> ProbeHead:
+    """Multinomial logistic regression on frozen features, fit in float64 by L-BFGS (deterministic)."""
+    device = train_features.device
+    x_train = F.normalize(train_features.double(), dim=1)
+    mean, std = x_train.mean(dim=0), x_train.std(dim=0, unbiased=False).clamp(min=1e-6)
+    head = ProbeHead(mean, std, num_classes)
+    x_train = head.standardise(x_train)
+    y = train_labels.to(device)
+    optimizer = torch.optim.LBFGS(head.linear.parameters(), lr=1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(head.linear(x_train), y) + 0.5 * weight_decay * head.linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return head.requires_grad_(False)
+
+
 def linear_probe(
     train_features: Tensor,
     train_labels: Tensor,
@@ -111,29 +158,11 @@ def linear_probe(
     weight_decay: float = 1e-3,
     max_iter: int = 300,
 ) -> Scores:
-    """Multinomial logistic regression on frozen features, fit by L-BFGS (deterministic).
-
-    Features are L2-normalised and standardised with the training features' statistics.
-    """
+    """Test accuracy of ``fit_linear_probe``'s classifier."""
+    head = fit_linear_probe(train_features, train_labels, num_classes, weight_decay, max_iter)
     device = train_features.device
-    x_train = F.normalize(train_features.double(), dim=1)
-    x_test = F.normalize(test_features.double().to(device), dim=1)
-    mean, std = x_train.mean(dim=0), x_train.std(dim=0, unbiased=False).clamp(min=1e-6)
-    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    y = train_labels.to(device)
-    weight = torch.zeros(x_train.shape[1], num_classes, dtype=torch.float64, device=device, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, device=device, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(x_train @ weight + bias, y) + 0.5 * weight_decay * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
     with torch.no_grad():
-        return topk_scores(x_test @ weight + bias, test_labels.to(device), num_classes)
+        return topk_scores(head(test_features.to(device)), test_labels.to(device), num_classes)
 
 
 def raw_pixel_baseline(dataset: ImageDataset, labeled: Tensor, device: torch.device) -> Scores:
@@ -149,6 +178,7 @@ def raw_pixel_baseline(dataset: ImageDataset, labeled: Tensor, device: torch.dev
 FINETUNE_LONG_SHARE = 0.02
 FINETUNE_EPOCHS_SMALL_SUBSET = 60
 FINETUNE_EPOCHS = 30
+FINETUNE_HEADS = ("probe", "zero")
 
 
 def finetune_epochs(num_labeled: int, num_train: int) -> int:
@@ -226,11 +256,19 @@ def finetune(
     weight_decay: float = 0.0,
     recipe: AugmentRecipe | None = None,
     seed: int = 0,
+    head: str = "probe",
 ) -> Scores:
-    """The paper's protocol: drop the head, add a zero-initialised linear layer, fine-tune the
-    whole network on the labeled subset only, then test. Defaults are ``finetune_settings``'s
-    and ``finetune_recipe`` of the dataset's recipe; each argument overrides one of them. The
-    learning rate follows a cosine from its peak to 0 per step, as SimCLR's fine-tuning does."""
+    """Fine-tune the whole network and a new classifier on the labeled subset only, then test.
+
+    ``head``: 'probe' starts from the linear probe's classifier on the frozen backbone
+    (``ProbeHead``; linear probing then fine-tuning); 'zero' is the paper's zero-initialised linear
+    layer on the raw features, which leaves the classifier of a backbone with mean-dominated
+    features untrained in the few steps of a small labeled subset (docs/recipes.md, Evaluation). Defaults
+    are ``finetune_settings``'s and ``finetune_recipe`` of the dataset's recipe; each argument
+    overrides one of them. The learning rate follows a cosine from its peak to 0 per step, as
+    SimCLR's fine-tuning does."""
+    if head not in FINETUNE_HEADS:
+        raise ValueError(f"head must be one of {', '.join(FINETUNE_HEADS)}, got {head!r}")
     settings = finetune_settings(
         len(labeled),
         len(dataset.train),
@@ -242,14 +280,19 @@ def finetune(
         weight_decay=weight_decay,
     )
     torch.manual_seed(seed)
-    model = nn.Sequential(copy.deepcopy(backbone), nn.Linear(backbone.feature_dim, dataset.num_classes)).to(device)
-    nn.init.zeros_(model[1].weight)
-    nn.init.zeros_(model[1].bias)
+    labels = dataset.train.labels[labeled].to(device)
+    if head == "probe":
+        features = extract_features(backbone, dataset.train, dataset, device, indices=labeled)
+        classifier = fit_linear_probe(features, labels, dataset.num_classes).float().requires_grad_(True)
+    else:
+        classifier = nn.Linear(backbone.feature_dim, dataset.num_classes)
+        nn.init.zeros_(classifier.weight)
+        nn.init.zeros_(classifier.bias)
+    model = nn.Sequential(copy.deepcopy(backbone), classifier).to(device)
     recipe = finetune_recipe(dataset.recipe) if recipe is None else recipe
     augment = BatchAugment(recipe, recipe.global_crop)
     generator = torch.Generator().manual_seed(seed)  # views are drawn on the host, as in training
     optimizer = finetune_optimizer(model, settings)
-    labels = dataset.train.labels[labeled].to(device)
     steps_per_epoch = len(labeled) // settings.batch_size
     total = settings.epochs * steps_per_epoch
     model.train()
