@@ -113,7 +113,8 @@ def test_resume_rejects_other_settings(cli, tmp_path):
 def test_eval_json_protocols(cli, tmp_path):
     run = tmp_path / "run"
     assert cli("train", "--epochs", "1", *SMALL, "--final-eval", "none", "--out", str(run)).returncode == 0
-    for protocol, extra in (("knn", ()), ("linear", ()), ("finetune", ("--finetune-epochs", "1"))):
+    finetunes = [("finetune", ("--finetune-epochs", "1", "--finetune-head", head)) for head in ("probe", "zero")]
+    for protocol, extra in (("knn", ()), ("linear", ()), *finetunes):
         result = cli("eval", str(run), "--protocol", protocol, "--json", *extra)
         assert result.returncode == 0, result.stderr
         data = json.loads(result.stdout)
