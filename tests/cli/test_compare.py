@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import yaml
+from conftest import REPO
 
 from suncet.compare import compare_table, crossing, group_runs, load_curve, slowest_best
 
@@ -152,3 +153,11 @@ def test_sweep_shards_split_the_grid(cli, tmp_path):
     assert result.stdout.count("another shard") == 2 and result.stdout.count("to run") == 1
     result = cli("sweep", str(sweep), "--shard", "0/2")
     assert result.returncode == 2 and "--shard" in result.stderr
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweep_files_are_valid_grids(path):
+    from suncet.sweep import expand, load_sweep
+
+    sweep = load_sweep(path)  # builds and checks every run's configuration
+    assert len(expand(sweep)) == math.prod(len(values) for values in sweep.grid.values()) * len(sweep.variants)
