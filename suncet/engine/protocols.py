@@ -102,51 +102,26 @@ def snn_classify(
     return topk_scores(torch.cat(probs), test_labels.to(train_features.device), num_classes)
 
 
-class ProbeHead(nn.Module):
-    """The linear probe's classifier: features L2-normalised, standardised with the statistics of
-    the features it was fitted on, then one linear layer. Standardising removes the common mean
-    that dominates post-ReLU features, the direction along which plain SGD on a raw linear layer
-    spends its steps (docs/recipes.md, Evaluation)."""
-
-    def __init__(self, mean: Tensor, std: Tensor, num_classes: int) -> None:
-        super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-        self.linear = nn.Linear(len(mean), num_classes, dtype=mean.dtype, device=mean.device)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-
-    def standardise(self, features: Tensor) -> Tensor:
-        return (F.normalize(features.to(self.mean.dtype), dim=1) - self.mean) / self.std
-
-    def forward(self, features: Tensor) -> Tensor:
-        return self.linear(self.standardise(features))
-
-
-def fit_linear_probe(
-    train_features: Tensor,
-    train_labels: Tensor,
-    num_classes: int,
-    weight_decay: float = 1e-3,
-    max_iter: int = 300,
-) -> ProbeHead:
-    """Multinomial logistic regression on frozen features, fit in float64 by L-BFGS (deterministic)."""
-    device = train_features.device
-    x_train = F.normalize(train_features.double(), dim=1)
-    mean, std = x_train.mean(dim=0), x_train.std(dim=0, unbiased=False).clamp(min=1e-6)
-    head = ProbeHead(mean, std, num_classes)
-    x_train = head.standardise(x_train)
-    y = train_labels.to(device)
-    optimizer = torch.optim.LBFGS(head.linear.parameters(), lr=1, max_iter=max_iter, line_search_fn="strong_wolfe")
+def fit_classifier(
+    features: Tensor, labels: Tensor, num_classes: int, weight_decay: float = 1e-3, max_iter: int = 300
+) -> nn.Linear:
+    """Multinomial logistic regression on ``features`` (cross-entropy plus weight_decay / 2 |W|^2),
+    fit in float64 by L-BFGS from zero (deterministic): a float64 ``nn.Linear`` without gradient."""
+    x = features.double()
+    classifier = nn.Linear(x.shape[1], num_classes, dtype=torch.float64, device=x.device)
+    nn.init.zeros_(classifier.weight)
+    nn.init.zeros_(classifier.bias)
+    y = labels.to(x.device)
+    optimizer = torch.optim.LBFGS(classifier.parameters(), lr=1, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(head.linear(x_train), y) + 0.5 * weight_decay * head.linear.weight.pow(2).sum()
+        loss = F.cross_entropy(classifier(x), y) + 0.5 * weight_decay * classifier.weight.pow(2).sum()
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    return head.requires_grad_(False)
+    return classifier.requires_grad_(False)
 
 
 def linear_probe(
@@ -158,11 +133,15 @@ def linear_probe(
     weight_decay: float = 1e-3,
     max_iter: int = 300,
 ) -> Scores:
-    """Test accuracy of ``fit_linear_probe``'s classifier."""
-    head = fit_linear_probe(train_features, train_labels, num_classes, weight_decay, max_iter)
+    """``fit_classifier`` on frozen features, L2-normalised and standardised with the training
+    features' statistics, and its test accuracy."""
     device = train_features.device
+    x_train = F.normalize(train_features.double(), dim=1)
+    x_test = F.normalize(test_features.double().to(device), dim=1)
+    mean, std = x_train.mean(dim=0), x_train.std(dim=0, unbiased=False).clamp(min=1e-6)
+    classifier = fit_classifier((x_train - mean) / std, train_labels, num_classes, weight_decay, max_iter)
     with torch.no_grad():
-        return topk_scores(head(test_features.to(device)), test_labels.to(device), num_classes)
+        return topk_scores(classifier((x_test - mean) / std), test_labels.to(device), num_classes)
 
 
 def raw_pixel_baseline(dataset: ImageDataset, labeled: Tensor, device: torch.device) -> Scores:
@@ -260,10 +239,10 @@ def finetune(
 ) -> Scores:
     """Fine-tune the whole network and a new classifier on the labeled subset only, then test.
 
-    ``head``: 'probe' starts from the linear probe's classifier on the frozen backbone
-    (``ProbeHead``; linear probing then fine-tuning); 'zero' is the paper's zero-initialised linear
-    layer on the raw features, which leaves the classifier of a backbone with mean-dominated
-    features untrained in the few steps of a small labeled subset (docs/recipes.md, Evaluation). Defaults
+    ``head``: 'probe' starts the linear layer from ``fit_classifier`` on the frozen backbone's
+    features of the labeled images (linear probing, then fine-tuning); 'zero' starts it from zero,
+    as the paper does, which a small labeled subset's few steps leave far from fitted
+    (docs/recipes.md, Evaluation). Defaults
     are ``finetune_settings``'s and ``finetune_recipe`` of the dataset's recipe; each argument
     overrides one of them. The learning rate follows a cosine from its peak to 0 per step, as
     SimCLR's fine-tuning does."""
@@ -283,7 +262,7 @@ def finetune(
     labels = dataset.train.labels[labeled].to(device)
     if head == "probe":
         features = extract_features(backbone, dataset.train, dataset, device, indices=labeled)
-        classifier = fit_linear_probe(features, labels, dataset.num_classes).float().requires_grad_(True)
+        classifier = fit_classifier(features, labels, dataset.num_classes).float().requires_grad_(True)
     else:
         classifier = nn.Linear(backbone.feature_dim, dataset.num_classes)
         nn.init.zeros_(classifier.weight)

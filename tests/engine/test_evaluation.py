@@ -1,5 +1,5 @@
-"""The linear probe (the regularised logistic regression it states, at its optimum) and the
-fine-tuning protocol (method.md section 7): epochs from the labeled share, SimCLR's optimizer and
+"""The classifier fit the linear probe and fine-tuning share (the regularised logistic regression
+it states, at its optimum) and the fine-tuning protocol (method.md section 7): epochs from the labeled share, SimCLR's optimizer and
 learning-rate rule, crop-and-flip augmentation only, a short run that learns, and the classifier
 it starts from."""
 
@@ -19,8 +19,7 @@ from suncet.engine.protocols import (
     finetune_optimizer,
     finetune_recipe,
     finetune_settings,
-    fit_linear_probe,
-    linear_probe,
+    fit_classifier,
 )
 from suncet.plugins.datasets import imagefolder
 from suncet.registry import BACKBONES, DATASETS
@@ -122,21 +121,19 @@ def test_short_finetune_on_digits_beats_chance():
     assert scores.top1 > 0.3  # 10 classes: chance is 0.1
 
 
-def test_linear_probe_is_at_the_optimum_of_its_stated_objective():
-    """Cross-entropy of a linear layer on L2-normalised, standardised features plus weight_decay/2
-    |W|^2: the gradient, written out in float64, vanishes at the fitted weights."""
+def test_fit_classifier_is_at_the_optimum_of_its_stated_objective():
+    """Cross-entropy of a linear layer plus weight_decay/2 |W|^2: the gradient, written out in
+    float64, vanishes at the fitted weights."""
     generator = torch.Generator().manual_seed(0)
     features = torch.rand(60, 12, generator=generator) + 3.0  # post-ReLU-like: a large common mean
     labels = torch.arange(60) % 4
-    head = fit_linear_probe(features, labels, 4, weight_decay=1e-2)
-    x = torch.nn.functional.normalize(features.double(), dim=1)
-    x = (x - x.mean(0)) / x.std(0, unbiased=False)
-    weight, bias = head.linear.weight.double(), head.linear.bias.double()
+    classifier = fit_classifier(features, labels, 4, weight_decay=1e-2)
+    x = features.double()
+    weight, bias = classifier.weight, classifier.bias
     residual = torch.softmax(x @ weight.T + bias, dim=1) - torch.nn.functional.one_hot(labels, 4).double()
     grad_weight = residual.T @ x / len(x) + 1e-2 * weight
     grad_bias = residual.mean(0)
     assert grad_weight.abs().max() < 1e-5 and grad_bias.abs().max() < 1e-5  # L-BFGS stops near 1e-6
-    assert torch.equal(head(features).argmax(1), (x @ weight.T + bias).argmax(1))
 
 
 class PixelBackbone(nn.Module):
@@ -153,23 +150,19 @@ class PixelBackbone(nn.Module):
         return images.flatten(1) * self.scale
 
 
-def test_finetune_starts_from_the_linear_probe_and_keeps_it_on_a_small_subset():
+def test_finetune_starts_from_the_fitted_classifier_and_keeps_it_on_a_small_subset():
     dataset = DATASETS.create("digits", root=None, download=False, options={})
     labeled = torch.randperm(len(dataset.train), generator=torch.Generator().manual_seed(0))[:14]  # 1%: 60 steps
     backbone, cpu = PixelBackbone(), torch.device("cpu")
     features = extract_features(backbone, dataset.train, dataset, cpu, indices=labeled)
-    probe = linear_probe(
-        features,
-        dataset.train.labels[labeled],
-        extract_features(backbone, dataset.test, dataset, cpu),
-        dataset.test.labels,
-        dataset.num_classes,
-    ).top1
-    assert finetune(backbone, dataset, labeled, cpu, base_lr=0.0).top1 == pytest.approx(probe, abs=1 / 360)
-    from_probe = finetune(backbone, dataset, labeled, cpu).top1
+    classifier = fit_classifier(features, dataset.train.labels[labeled], dataset.num_classes)
+    test_features = extract_features(backbone, dataset.test, dataset, cpu).double()
+    fitted = (classifier(test_features).argmax(1) == dataset.test.labels).double().mean().item()
+    assert finetune(backbone, dataset, labeled, cpu, base_lr=0.0).top1 == pytest.approx(fitted, abs=1 / 360)
+    from_fit = finetune(backbone, dataset, labeled, cpu).top1
     from_zero = finetune(backbone, dataset, labeled, cpu, head="zero").top1
     # The paper's zero-initialised layer gets 60 steps at lr 0.05 x 14/256 on these 14 images: too
-    # few to fit it; started from the probe, fine-tuning keeps the probe's accuracy.
-    assert from_probe >= probe - 0.03 and from_zero < from_probe - 0.1
+    # few to fit it; started from the fitted classifier, fine-tuning keeps its accuracy.
+    assert from_fit >= fitted - 0.03 and from_zero < from_fit - 0.1
     with pytest.raises(ValueError, match="head must be one of probe, zero"):
         finetune(backbone, dataset, labeled, cpu, head="random")
