@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from suncet.data import ImageDataset, ImageSource
 from suncet.data.augment import BatchAugment, eval_transform
 from suncet.data.recipe import AugmentRecipe
+from suncet.errors import NonFiniteError
 from suncet.losses.paws import soft_nearest_neighbours
 
 
@@ -291,4 +292,8 @@ def finetune(
     test_features = extract_features(model[0], dataset.test, dataset, device)
     with torch.no_grad():
         logits = model[1](test_features)
+    if not torch.isfinite(logits).all():  # argmax would still name a class: no accuracy may hide a NaN
+        raise NonFiniteError(
+            f"fine-tuning diverged: the fine-tuned network's test logits are not finite (lr {settings.lr:g})"
+        )
     return topk_scores(logits, dataset.test.labels.to(device), dataset.num_classes)

@@ -21,6 +21,7 @@ from suncet.engine.protocols import (
     finetune_settings,
     fit_classifier,
 )
+from suncet.errors import NonFiniteError
 from suncet.plugins.datasets import imagefolder
 from suncet.registry import BACKBONES, DATASETS
 
@@ -166,3 +167,10 @@ def test_finetune_starts_from_the_fitted_classifier_and_keeps_it_on_a_small_subs
     assert from_fit >= fitted - 0.03 and from_zero < from_fit - 0.1
     with pytest.raises(ValueError, match="head must be one of probe, zero"):
         finetune(backbone, dataset, labeled, cpu, head="random")
+
+
+def test_finetune_that_diverges_is_an_error_not_an_accuracy():
+    dataset = DATASETS.create("digits", root=None, download=False, options={})
+    labeled = torch.randperm(len(dataset.train), generator=torch.Generator().manual_seed(0))[:14]
+    with pytest.raises(NonFiniteError, match="fine-tuning diverged"):
+        finetune(PixelBackbone(), dataset, labeled, torch.device("cpu"), base_lr=1e30, epochs=2)
