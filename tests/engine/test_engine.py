@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import SMALL_TRAINING
 
 import suncet
 from suncet.config import TrainConfig
@@ -17,20 +18,7 @@ from suncet.methods import MethodConfig
 from suncet.plugins.backbones.resnet import small_resnet
 from suncet.plugins.methods.simclr import SimCLR
 
-SMALL = (
-    "--batch-size",
-    "64",
-    "--proj-hidden",
-    "64",
-    "--backbone-opt",
-    "width=8",
-    "--warmup-epochs",
-    "1",
-    "--monitor-every",
-    "0",
-    "--final-eval",
-    "none",
-)
+SMALL = (*SMALL_TRAINING, "--monitor-every", "0")  # the last value of a flag wins
 TIMING = {"images_per_second", "train_seconds"}
 
 

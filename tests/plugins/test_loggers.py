@@ -8,21 +8,8 @@ import json
 import textwrap
 
 import pytest
+from conftest import SMALL_TRAINING
 
-SMALL = (
-    "--batch-size",
-    "64",
-    "--proj-hidden",
-    "64",
-    "--backbone-opt",
-    "width=8",
-    "--warmup-epochs",
-    "1",
-    "--monitor-every",
-    "1",
-    "--final-eval",
-    "none",
-)
 STEPS_PER_EPOCH, EPOCHS, SYNC_EVERY = 1437 // 64, 2, 5
 
 RECORDER = '''
@@ -65,7 +52,7 @@ def logged_run(tmp_path_factory):
         "train",
         "--epochs",
         str(EPOCHS),
-        *SMALL,
+        *SMALL_TRAINING,
         "--sync-every",
         str(SYNC_EVERY),
         "--logger",
