@@ -57,7 +57,7 @@ def print_scores(result: dict, title: str) -> None:
     type=click.Choice(["probe", "zero"]),
     default="probe",
     show_default=True,
-    help="The classifier --protocol finetune starts from: the linear probe's, or zero as in the paper.",
+    help="Where --protocol finetune starts its classifier: fitted to the frozen features, or zero as in the paper.",
 )
 @click.option("--device", help="auto, cpu, cuda or cuda:N (default: the run's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")

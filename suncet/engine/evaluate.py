@@ -45,7 +45,7 @@ def evaluate_run(
     of cosine similarity / 0.1) and 'linear' use frozen backbone features; 'finetune' is the paper's protocol: the whole
     backbone plus a linear classifier trained on the labeled images (60 epochs when they are at
     most 2% of the training set, else 30; method.md section 7), the classifier starting from the
-    linear probe's (``finetune_head`` 'probe') or, as in the paper, from zero ('zero'). With ``baseline``,
+    one fitted to the frozen features (``finetune_head`` 'probe') or, as in the paper, from zero ('zero'). With ``baseline``,
     small in-memory datasets also get the raw-pixel baseline.
     """
     if protocol not in PROTOCOLS:

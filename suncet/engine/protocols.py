@@ -243,10 +243,9 @@ def finetune(
     ``head``: 'probe' starts the linear layer from ``fit_classifier`` on the frozen backbone's
     features of the labeled images (linear probing, then fine-tuning); 'zero' starts it from zero,
     as the paper does, which a small labeled subset's few steps leave far from fitted
-    (docs/recipes.md, Evaluation). Defaults
-    are ``finetune_settings``'s and ``finetune_recipe`` of the dataset's recipe; each argument
-    overrides one of them. The learning rate follows a cosine from its peak to 0 per step, as
-    SimCLR's fine-tuning does."""
+    (docs/recipes.md, Evaluation). Defaults are ``finetune_settings``'s and ``finetune_recipe``
+    of the dataset's recipe; each argument overrides one of them. The learning rate follows a
+    cosine from its peak to 0 per step, as SimCLR's fine-tuning does."""
     if head not in FINETUNE_HEADS:
         raise ValueError(f"head must be one of {', '.join(FINETUNE_HEADS)}, got {head!r}")
     settings = finetune_settings(
