@@ -137,6 +137,27 @@ OPTION_CASES = [
         "option local_crops of method SwAV must be int",
     ),
     (["--method", "swav", "--method-opt", "sinkhorn_eps=0"], "swav options need"),
+    (["--method", "byol", "--method-opt", "momentum=1.5"], "byol options need 0 <= momentum <= 1"),
+    (["--method", "byol", "--method-opt", "predictor_hidden=-1"], "predictor_hidden >= 0"),
+    (
+        ["--method", "moco", "--method-opt", "queue_size=0"],
+        "moco options need 0 <= momentum <= 1, temperature >= 0.001 and queue_size >= 1",
+    ),
+    (
+        ["--method", "moco", "--method-opt", "temperature=nan"],
+        "option temperature of method MoCo must be a finite float",
+    ),
+    (
+        ["--method", "vicreg", "--method-opt", "std_coeff=-1"],
+        "vicreg options need sim_coeff, std_coeff, cov_coeff >= 0",
+    ),
+    (["--method", "vicreg", "--method-opt", "expander_layers=0"], "expander_layers >= 1"),
+    (["--method", "barlowtwins", "--method-opt", "lambd=-0.1"], "barlowtwins options need lambd >= 0"),
+    (
+        ["--method", "barlowtwins", "--method-opt", "redundancy_weight=0.1"],
+        "unknown option 'redundancy_weight' for method BarlowTwins",
+    ),
+    (["--method", "dino", "--method-opt", "teacher_temp=0"], "dino options need"),
     (["--method-opt", "=3"], "unknown option '' for method SimCLR"),
     (["--backbone-opt", "width=abc"], "option width of backbone 'small_resnet' must be int"),
     (["--backbone-opt", "width=0"], "option width of backbone 'small_resnet' must be >= 1"),
