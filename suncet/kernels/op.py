@@ -147,8 +147,8 @@ class FusedContrastive(torch.autograd.Function):
         if traced(q):
             op = torch.ops.suncet.multi_positive_mean if means else torch.ops.suncet.multi_positive
             outputs = op(q, columns, *layout.fields(), tau, backend)
-            if not means:  # the op returns its statistics as a list
-                outputs = (outputs[0], outputs[1], *outputs[2])
+            # The ops return lists: the statistics, or the means.
+            outputs = (tuple(outputs[0]), outputs[1]) if means else (outputs[0], outputs[1], *outputs[2])
         else:
             kernels = kernels_of(backend)
             outputs = (kernels.forward_mean if means else kernels.forward)(q, columns, layout, tau)
@@ -156,7 +156,7 @@ class FusedContrastive(torch.autograd.Function):
         if means:
             segment_means, stats = outputs
             ctx.save_for_backward(q, k, stats)
-            return tuple(segment_means)
+            return segment_means
         ctx.save_for_backward(q, k, *outputs[2:])
         ctx.mark_non_differentiable(outputs[1])
         return outputs[0], outputs[1]
@@ -181,17 +181,33 @@ class FusedContrastive(torch.autograd.Function):
 
 def _checked(q: Tensor, k: Tensor | None, layout: Layout, backend: str) -> str:
     """The backend that runs ``q`` against ``k`` (None: one tower) in ``layout``; ValueError when they do not fit."""
-    if q.dim() != 2 or (k is not None and (k.dim() != 2 or k.shape[1] != q.shape[1])):
-        shapes = f"{tuple(q.shape)}" + ("" if k is None else f" and {tuple(k.shape)}")
-        raise ValueError(f"q and k must be [rows, D] with the same D, got {shapes}")
+    shape = q.shape
+    if k is None:
+        fits = len(shape) == 2 and layout.one_tower and layout.rows == shape[0] == layout.cols
+    else:
+        fits = (
+            len(shape) == 2
+            and k.dim() == 2
+            and k.shape[1] == shape[1]
+            and not layout.one_tower
+            and layout.rows == shape[0]
+            and layout.cols == k.shape[0]
+        )
+    if not fits:
+        raise ValueError(_misfit(q, k, layout))
     if k is not None and k.dtype != q.dtype:
         raise ValueError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
-    if layout.one_tower != (k is None) or layout.rows != q.shape[0] or layout.cols != (q if k is None else k).shape[0]:
-        raise ValueError(
-            f"the layout ({layout.rows} rows, {layout.cols} columns, one_tower={layout.one_tower}) does not fit "
-            f"q {tuple(q.shape)} and " + ("k = q" if k is None else f"k {tuple(k.shape)}")
-        )
-    return resolve_backend(backend, q.device, q.dtype, q.shape[1])
+    return resolve_backend(backend, q.device, q.dtype, shape[1])
+
+
+def _misfit(q: Tensor, k: Tensor | None, layout: Layout) -> str:
+    if q.dim() != 2 or (k is not None and (k.dim() != 2 or k.shape[1] != q.shape[1])):
+        shapes = f"{tuple(q.shape)}" + ("" if k is None else f" and {tuple(k.shape)}")
+        return f"q and k must be [rows, D] with the same D, got {shapes}"
+    return (
+        f"the layout ({layout.rows} rows, {layout.cols} columns, one_tower={layout.one_tower}) does not fit "
+        f"q {tuple(q.shape)} and " + ("k = q" if k is None else f"k {tuple(k.shape)}")
+    )
 
 
 def multi_positive(

@@ -96,10 +96,12 @@ class _Plan:
         # Statistics per row of the masked-means path: in the bounded backward, each set's
         # share of the denominator's inverse as well (no validity test per column).
         self.mean_stats = 2 * p if self.bounded_backward else p
-        self.backward_variants: dict[tuple, dict] = {}
-        # The keyword arguments of each launch, merged once: per statistics count for the forward
-        # kernel, per path (per-row losses, masked means) for the finishing one.
-        self.forward_variants: dict[int, dict] = {}
+        self.mean_stats_size = m * (1 + self.mean_stats) + 2 * p
+        self.mean_shape = () if p == 1 else (p,)
+        # Each kernel launch's constants and recorded tile, made once: per statistics count for
+        # the forward kernel, per variant for the backward, per path for the finishing one.
+        self.forward_launches: dict[int, _Launch] = {}
+        self.backward_launches: dict[tuple, _Launch] = {}
         finish = dict(P=p, INVERSE=self.bounded_backward, BLOCK=tiles.FINISH_BLOCK)
         self.finish_rows = dict(STATS=p, MERGE=True, MEANS=False, **finish)
         self.finish_means = dict(STATS=self.mean_stats, MERGE=self.splits > 1, MEANS=True, **finish)
@@ -153,34 +155,36 @@ MAX_PLANS = 32
 MAX_PLAN_BYTES = 1 << 30
 
 
-def capturing(device: torch.device) -> bool:
-    """Whether a CUDA graph is being captured on ``device``'s current stream."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+def capturing(q: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of ``q``'s device."""
+    return q.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _plan(q: torch.Tensor, layout, tau: float, splits: int | None, capture: bool) -> _Plan:
+def _plan(q: torch.Tensor, layout, tau: float, splits: int | None) -> tuple[_Plan, bool]:
+    """The plan of a call on ``q``'s device (the current one) and its current stream, and
+    whether a graph is being captured there (the plan is then the capture's own)."""
     m, d = q.shape
-    n, p, one_tower, device = layout.cols, layout.sets, layout.one_tower, q.device
-    if capture:
-        return _Plan(m, n, d, p, q.dtype, device, tau, one_tower, splits)
-    stream = torch.cuda.current_stream(device).cuda_stream if q.is_cuda else None
-    key = (m, n, d, p, q.dtype, device, tau, one_tower, splits, _fp32_precision, stream)
+    n, p, one_tower = layout.cols, layout.sets, layout.one_tower
+    if capturing(q):
+        return _Plan(m, n, d, p, q.dtype, q.device, tau, one_tower, splits), True
+    where = (q.get_device(), torch.cuda.current_stream().cuda_stream) if q.is_cuda else None
+    key = (m, n, d, p, q.dtype, where, tau, one_tower, splits, _fp32_precision)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _Plan(m, n, d, p, q.dtype, device, tau, one_tower, splits)
+        plan = _PLANS[key] = _Plan(m, n, d, p, q.dtype, q.device, tau, one_tower, splits)
         while len(_PLANS) > 1 and (
             len(_PLANS) > MAX_PLANS or sum(kept.nbytes for kept in _PLANS.values()) > MAX_PLAN_BYTES
         ):
             _PLANS.popitem(last=False)
     else:
         _PLANS.move_to_end(key)
-    return plan
+    return plan, False
 
 
-def _elsewhere(device: torch.device) -> bool:
-    """Whether ``device`` is a CUDA device other than the current one. Triton launches on the
+def _elsewhere(q: torch.Tensor) -> bool:
+    """Whether ``q`` is on a CUDA device other than the current one. Triton launches on the
     current device, so each entry point then calls itself again under ``torch.cuda.device``."""
-    return device.type == "cuda" and device.index != torch.cuda.current_device()
+    return q.is_cuda and q.get_device() != torch.cuda.current_device()
 
 
 # The tile the autotuner chose per kernel and key (row buckets and constants): a launch while a
@@ -189,27 +193,65 @@ def _elsewhere(device: torch.device) -> bool:
 _CHOSEN: dict[tuple, triton.Config] = {}
 
 
-def _launch(kernel, grid, capture: bool, key: tuple, default: triton.Config, *args, **constants) -> None:
-    if capture:
-        config = _CHOSEN.get((kernel, key), default)
-        kernel.fn[grid](*args, **constants, **config.all_kwargs())
-    else:
-        kernel[grid](*args, **constants)
-        if (kernel, key) not in _CHOSEN:
-            _CHOSEN[(kernel, key)] = kernel.best_config
+class _Launch:
+    """One autotuned kernel as a plan launches it: its grid, its constants merged once, the key
+    its chosen tile is kept under in ``_CHOSEN``, and the tile a capture takes without one."""
+
+    __slots__ = ("kernel", "grid", "constants", "chosen_key", "default")
+
+    def __init__(self, kernel, grid, constants: dict, chosen_key: tuple, default: triton.Config):
+        self.kernel, self.grid, self.constants = kernel, grid, constants
+        self.chosen_key, self.default = (kernel, *chosen_key), default
+
+    def run(self, capture: bool, *args) -> None:
+        if capture:
+            config = _CHOSEN.get(self.chosen_key, self.default)
+            self.kernel.fn[self.grid](*args, **self.constants, **config.all_kwargs())
+            return
+        self.kernel[self.grid](*args, **self.constants)
+        if self.chosen_key not in _CHOSEN:
+            _CHOSEN[self.chosen_key] = self.kernel.best_config
 
 
-def _launch_forward(plan, capture, q, k, layout, loss, valid, stats, per_row) -> None:
+def _forward_launch(plan: _Plan, per_row: int) -> _Launch:
+    """The forward kernel's launch writing ``per_row`` statistics a row (after the LSE)."""
+    launch = plan.forward_launches.get(per_row)
+    if launch is None:
+        launch = plan.forward_launches[per_row] = _Launch(
+            kernels.forward_kernel, plan.forward_grid, dict(STATS=per_row, **plan.forward_constants),
+            (plan.tuning_key, per_row), plan.first_configs[0],
+        )  # fmt: skip
+    return launch
+
+
+def _backward_launch(plan: _Plan, layout, per_row: int, mean: int) -> _Launch:
+    """The backward kernel's launch reading ``per_row`` statistics a row, with ``mean`` segments
+    (0: per-row upstream gradients)."""
+    variant = (mean, layout.symmetric, per_row, layout.one_tower)
+    launch = plan.backward_launches.get(variant)
+    if launch is None:
+        constants = dict(
+            MEAN=mean, SYMMETRIC=layout.symmetric, STATS=per_row, TWO_SIDES=not layout.one_tower,
+            **plan.backward_constants,
+        )  # fmt: skip
+        launch = plan.backward_launches[variant] = _Launch(
+            kernels.backward_kernel, plan.backward_grid, constants, (plan.tuning_key, *variant), plan.first_configs[1]
+        )
+    return launch
+
+
+def _operands(q, k, layout):
+    """q and k contiguous; k is q itself with one tower."""
+    q = q.contiguous()
+    return q, (q if layout.one_tower else k.contiguous())
+
+
+def _run_forward(plan, capture, q, k, layout, loss, valid, stats, per_row) -> None:
     """The forward kernel, writing the rows' statistics to ``stats``: one a row, then ``per_row`` a row."""
     m, d = q.shape
-    constants = plan.forward_variants.get(per_row)
-    if constants is None:
-        constants = plan.forward_variants[per_row] = dict(STATS=per_row, **plan.forward_constants)
-    _launch(
-        kernels.forward_kernel, plan.forward_grid, capture, (plan.tuning_key, per_row),
-        plan.first_configs[0], q, k, layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups,
-        plan.partial, loss, valid, stats, m, k.shape[0], d, layout.self_offset, plan.scale2,
-        *plan.buckets, **constants,
+    _forward_launch(plan, per_row).run(
+        capture, q, k, layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups,
+        plan.partial, loss, valid, stats, m, k.shape[0], d, layout.self_offset, plan.scale2, *plan.buckets,
     )  # fmt: skip
 
 
@@ -217,19 +259,16 @@ def forward(q, k, layout, tau, *, splits=None):
     """(loss [M, P], valid [M, P], statistics [M (1 + P)]): in fp32 per row the LSE over the
     allowed columns, then each set's: or, where the backward takes exponents relative to the
     bound, the inverse sums it reads."""
-    device = q.device
-    if _elsewhere(device):
-        with torch.cuda.device(device):
+    if _elsewhere(q):
+        with torch.cuda.device(q.device):
             return forward(q, k, layout, tau, splits=splits)
-    q = q.contiguous()
-    k = q if layout.one_tower else k.contiguous()
+    q, k = _operands(q, k, layout)
+    plan, capture = _plan(q, layout, tau, splits)
     m, p = layout.rows, layout.sets
-    capture = capturing(device)
-    plan = _plan(q, layout, tau, splits, capture)
-    loss = torch.empty((m, p), device=device, dtype=torch.float32)
-    valid = torch.empty((m, p), device=device, dtype=torch.bool)
-    stats = torch.empty(m * (1 + p), device=device, dtype=torch.float32)
-    _launch_forward(plan, capture, q, k, layout, loss, valid, stats, p)
+    loss = plan.loss.new_empty((m, p))
+    valid = plan.valid.new_empty((m, p))
+    stats = plan.loss.new_empty(m * (1 + p))
+    _run_forward(plan, capture, q, k, layout, loss, valid, stats, p)
     if plan.splits > 1:
         kernels.finish_kernel[plan.finish_grid](
             plan.partial, loss, valid, stats, plan.block_sums, plan.ticket, stats, stats, m, plan.splits, m,
@@ -243,75 +282,55 @@ def forward_mean(q, k, layout, tau, *, splits=None):
     in two launches. Returns (the means of each segment, [P] or a scalar with one key set; the
     statistics tensor ``backward_mean`` reads: per row those ``forward`` would return, then the
     valid counts)."""
-    device = q.device
-    if _elsewhere(device):
-        with torch.cuda.device(device):
+    if _elsewhere(q):
+        with torch.cuda.device(q.device):
             return forward_mean(q, k, layout, tau, splits=splits)
-    q = q.contiguous()
-    k = q if layout.one_tower else k.contiguous()
-    m, p = layout.rows, layout.sets
-    capture = capturing(device)
-    plan = _plan(q, layout, tau, splits, capture)
-    per_row = plan.mean_stats
-    stats = torch.empty(m * (1 + per_row) + 2 * p, device=device, dtype=torch.float32)
-    shape = () if p == 1 else (p,)
-    mean0 = stats.new_empty(shape)
-    means = (mean0,) if layout.segments == 1 else (mean0, stats.new_empty(shape))
-    _launch_forward(plan, capture, q, k, layout, plan.loss, plan.valid, stats, per_row)
+    q, k = _operands(q, k, layout)
+    plan, capture = _plan(q, layout, tau, splits)
+    stats = plan.loss.new_empty(plan.mean_stats_size)
+    mean0 = stats.new_empty(plan.mean_shape)
+    mean1 = stats.new_empty(plan.mean_shape) if layout.segments == 2 else plan.unused_mean
+    _run_forward(plan, capture, q, k, layout, plan.loss, plan.valid, stats, plan.mean_stats)
     kernels.finish_kernel[plan.finish_grid](
-        plan.partial, plan.loss, plan.valid, stats, plan.block_sums, plan.ticket, mean0, means[-1] if
-        len(means) > 1 else plan.unused_mean, m, plan.splits, layout.boundary, **plan.finish_means,
+        plan.partial, plan.loss, plan.valid, stats, plan.block_sums, plan.ticket, mean0, mean1, layout.rows,
+        plan.splits, layout.boundary, **plan.finish_means,
     )  # fmt: skip
-    return means, stats
+    return ((mean0,) if layout.segments == 1 else (mean0, mean1)), stats
 
 
-def _launch_backward(plan, capture, upstream, q, k, layout, stats, per_row, mean):
+def _run_backward(plan, capture, upstream, q, k, layout, stats, per_row, mean):
     """(dq, dk), dk None with one tower: one launch, reading the forward's ``stats`` (one a row,
     then ``per_row`` a row, then with ``mean`` the valid counts)."""
     m, d = q.shape
-    one_tower = layout.one_tower
-    constants = plan.backward_variants.get((mean, layout.symmetric, per_row))
-    if constants is None:
-        constants = plan.backward_variants[(mean, layout.symmetric, per_row)] = dict(
-            MEAN=mean, SYMMETRIC=layout.symmetric, STATS=per_row, TWO_SIDES=not one_tower, **plan.backward_constants
-        )
     dq = torch.empty_like(q)
-    dk = None if one_tower else torch.empty_like(k)
-    _launch(
-        kernels.backward_kernel, plan.backward_grid, capture,
-        (plan.tuning_key, per_row, mean, one_tower, layout.symmetric), plan.first_configs[1],
-        q, k, dq, dq if one_tower else dk, plan.backward_partial, plan.backward_tickets, *upstream, stats,
+    dk = None if layout.one_tower else torch.empty_like(k)
+    _backward_launch(plan, layout, per_row, mean).run(
+        capture, q, k, dq, dq if dk is None else dk, plan.backward_partial, plan.backward_tickets, *upstream, stats,
         layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups, m, k.shape[0], d,
-        layout.self_offset, layout.boundary, plan.scale2, plan.inv_tau, *plan.buckets, **constants,
+        layout.self_offset, layout.boundary, plan.scale2, plan.inv_tau, *plan.buckets,
     )  # fmt: skip
     return dq, dk
 
 
 def backward(grad_loss, q, k, layout, tau, stats, *, splits=None):
     """(dq, dk); dk is None with one tower, where dq already holds (G + G^T) q / tau."""
-    device = q.device
-    if _elsewhere(device):
-        with torch.cuda.device(device):
+    if _elsewhere(q):
+        with torch.cuda.device(q.device):
             return backward(grad_loss, q, k, layout, tau, stats, splits=splits)
-    q = q.contiguous()
-    k = q if layout.one_tower else k.contiguous()
-    capture = capturing(device)
-    plan = _plan(q, layout, tau, splits, capture)
+    q, k = _operands(q, k, layout)
+    plan, capture = _plan(q, layout, tau, splits)
     grad = grad_loss.float().contiguous()
     upstream = (grad, grad, grad)  # the means' pointers go unread without MEAN
-    return _launch_backward(plan, capture, upstream, q, k, layout, stats, layout.sets, 0)
+    return _run_backward(plan, capture, upstream, q, k, layout, stats, layout.sets, 0)
 
 
 def backward_mean(grad_means, q, k, layout, tau, stats, *, splits=None):
     """(dq, dk or None with one tower) of the means of ``forward_mean`` from their upstream
     gradients (one per segment) and ``forward_mean``'s statistics."""
-    device = q.device
-    if _elsewhere(device):
-        with torch.cuda.device(device):
+    if _elsewhere(q):
+        with torch.cuda.device(q.device):
             return backward_mean(grad_means, q, k, layout, tau, stats, splits=splits)
-    q = q.contiguous()
-    k = q if layout.one_tower else k.contiguous()
-    capture = capturing(device)
-    plan = _plan(q, layout, tau, splits, capture)
+    q, k = _operands(q, k, layout)
+    plan, capture = _plan(q, layout, tau, splits)
     first, last = grad_means[0].float().contiguous(), grad_means[-1].float().contiguous()
-    return _launch_backward(plan, capture, (first, first, last), q, k, layout, stats, plan.mean_stats, layout.segments)
+    return _run_backward(plan, capture, (first, first, last), q, k, layout, stats, plan.mean_stats, layout.segments)

@@ -952,7 +952,6 @@ def test_triton_plans_are_bounded_and_offsets_past_int32_are_refused():
             kernels.Layout.of(torch.zeros(rows, dtype=torch.long), one_tower=True),
             0.1,
             None,
-            False,
         )
     assert len(triton_launch._PLANS) == triton_launch.MAX_PLANS
     newest = next(reversed(triton_launch._PLANS))
