@@ -182,32 +182,18 @@ class FusedContrastive(torch.autograd.Function):
 def _checked(q: Tensor, k: Tensor | None, layout: Layout, backend: str) -> str:
     """The backend that runs ``q`` against ``k`` (None: one tower) in ``layout``; ValueError when they do not fit."""
     shape = q.shape
-    if k is None:
-        fits = len(shape) == 2 and layout.one_tower and layout.rows == shape[0] == layout.cols
-    else:
-        fits = (
-            len(shape) == 2
-            and k.dim() == 2
-            and k.shape[1] == shape[1]
-            and not layout.one_tower
-            and layout.rows == shape[0]
-            and layout.cols == k.shape[0]
-        )
-    if not fits:
-        raise ValueError(_misfit(q, k, layout))
+    columns = shape if k is None else k.shape
+    if len(shape) != 2 or len(columns) != 2 or columns[1] != shape[1]:
+        shapes = f"{tuple(shape)}" + ("" if k is None else f" and {tuple(columns)}")
+        raise ValueError(f"q and k must be [rows, D] with the same D, got {shapes}")
     if k is not None and k.dtype != q.dtype:
         raise ValueError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    if layout.one_tower != (k is None) or layout.rows != shape[0] or layout.cols != columns[0]:
+        raise ValueError(
+            f"the layout ({layout.rows} rows, {layout.cols} columns, one_tower={layout.one_tower}) does not fit "
+            f"q {tuple(shape)} and " + ("k = q" if k is None else f"k {tuple(columns)}")
+        )
     return resolve_backend(backend, q.device, q.dtype, shape[1])
-
-
-def _misfit(q: Tensor, k: Tensor | None, layout: Layout) -> str:
-    if q.dim() != 2 or (k is not None and (k.dim() != 2 or k.shape[1] != q.shape[1])):
-        shapes = f"{tuple(q.shape)}" + ("" if k is None else f" and {tuple(k.shape)}")
-        return f"q and k must be [rows, D] with the same D, got {shapes}"
-    return (
-        f"the layout ({layout.rows} rows, {layout.cols} columns, one_tower={layout.one_tower}) does not fit "
-        f"q {tuple(q.shape)} and " + ("k = q" if k is None else f"k {tuple(k.shape)}")
-    )
 
 
 def multi_positive(

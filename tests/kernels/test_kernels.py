@@ -941,6 +941,26 @@ def test_gpu_large_n_is_finite_deterministic_and_small():
 # Safe across streams, graph capture and large shapes (reliability round three).
 
 
+_ONE_TOWER = Layout.of(torch.zeros(4, dtype=torch.long), one_tower=True)
+_TWO_TOWERS = Layout.of(torch.zeros(4, dtype=torch.long), torch.zeros(5, dtype=torch.long))
+_MISFITS = [
+    (torch.randn(4), None, _ONE_TOWER, r"^q and k must be \[rows, D\] with the same D, got \(4,\)$"),
+    (torch.randn(4, 8), torch.randn(5, 3), _TWO_TOWERS, r"same D, got \(4, 8\) and \(5, 3\)$"),
+    (torch.randn(4, 8), torch.randn(5, 8).double(), _TWO_TOWERS, "^q and k must share a dtype"),
+    (torch.randn(5, 8), None, _ONE_TOWER, r"^the layout \(4 rows, 4 columns, one_tower=True\) does not fit q \(5, 8\)"),
+    (torch.randn(4, 8), None, _TWO_TOWERS, r"one_tower=False\) does not fit q \(4, 8\) and k = q$"),
+    (torch.randn(4, 8), torch.randn(4, 8), _ONE_TOWER, r"one_tower=True\) does not fit q \(4, 8\) and k \(4, 8\)$"),
+]
+
+
+@pytest.mark.parametrize("q,k,layout,message", _MISFITS)
+@pytest.mark.parametrize("op", [kernels.multi_positive, kernels.multi_positive_mean])
+def test_operands_that_do_not_fit_the_layout_are_refused_in_one_line(op, q, k, layout, message):
+    with pytest.raises(ValueError, match=message) as info:
+        op(q, k, layout, 0.1, backend="reference")
+    assert "\n" not in str(info.value)
+
+
 def test_triton_plans_are_bounded_and_offsets_past_int32_are_refused():
     pytest.importorskip("triton")
     from suncet.kernels import triton_launch
