@@ -97,16 +97,20 @@ class _Plan:
         # share of the denominator's inverse as well (no validity test per column).
         self.mean_stats = 2 * p if self.bounded_backward else p
         self.mean_stats_size = m * (1 + self.mean_stats) + 2 * p
-        self.mean_shape = () if p == 1 else (p,)
-        # Each kernel launch's constants and recorded tile, made once: per statistics count for
-        # the forward kernel, per variant for the backward, per path for the finishing one.
-        self.forward_launches: dict[int, _Launch] = {}
+        # Each kernel's launch (grid, constants, recorded tile) made once: the forward kernel's
+        # of the per-row and of the means path, the finishing kernel's; the backward's per variant.
+        forward_grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), self.splits)  # noqa: E731
+        self.forward_rows, self.forward_means = (
+            _Launch(kernels.forward_kernel, forward_grid, dict(STATS=per_row, **self.forward_constants),
+                    (self.tuning_key, per_row), self.first_configs[0])
+            for per_row in (p, self.mean_stats)
+        )  # fmt: skip
         self.backward_launches: dict[tuple, _Launch] = {}
         finish = dict(P=p, INVERSE=self.bounded_backward, BLOCK=tiles.FINISH_BLOCK)
         self.finish_rows = dict(STATS=p, MERGE=True, MEANS=False, **finish)
         self.finish_means = dict(STATS=self.mean_stats, MERGE=self.splits > 1, MEANS=True, **finish)
-        self.forward_grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), self.splits)
-        self.finish_grid = (triton.cdiv(m, tiles.FINISH_BLOCK),)
+        finish_blocks = triton.cdiv(m, tiles.FINISH_BLOCK)
+        self.finish = kernels.finish_kernel[(finish_blocks,)]
         # The backward: q's row tiles, then (two towers) k's, by column splits; the partial sums
         # are sized for the candidate tile that splits most.
         backward_rows = m if one_tower else m + n
@@ -127,8 +131,9 @@ class _Plan:
         self.partial = torch.empty((self.splits, 2 + 2 * p, m), **f32) if self.splits > 1 else torch.empty(1, **f32)
         self.loss = torch.empty((m, p), **f32)
         self.valid = torch.empty((m, p), device=device, dtype=torch.bool)
-        self.block_sums = torch.empty((self.finish_grid[0], 4 * p), **f32)
+        self.block_sums = torch.empty((finish_blocks, 4 * p), **f32)
         self.ticket = torch.zeros(1, device=device, dtype=torch.int32)
+        self.mean_like = torch.empty(() if p == 1 else (p,), **f32)  # each mean's shape, for empty_like
         self.unused_mean = torch.empty(p, **f32)  # where the second segment's mean goes when there is none
         buffers = (self.backward_partial, self.backward_tickets, self.partial, self.loss, self.valid, self.block_sums)
         self.nbytes = sum(t.numel() * t.element_size() for t in buffers)
@@ -197,10 +202,11 @@ class _Launch:
     """One autotuned kernel as a plan launches it: its grid, its constants merged once, the key
     its chosen tile is kept under in ``_CHOSEN``, and the tile a capture takes without one."""
 
-    __slots__ = ("kernel", "grid", "constants", "chosen_key", "default")
+    __slots__ = ("kernel", "grid", "launch", "constants", "chosen_key", "default")
 
     def __init__(self, kernel, grid, constants: dict, chosen_key: tuple, default: triton.Config):
         self.kernel, self.grid, self.constants = kernel, grid, constants
+        self.launch = kernel[grid]
         self.chosen_key, self.default = (kernel, *chosen_key), default
 
     def run(self, capture: bool, *args) -> None:
@@ -208,35 +214,23 @@ class _Launch:
             config = _CHOSEN.get(self.chosen_key, self.default)
             self.kernel.fn[self.grid](*args, **self.constants, **config.all_kwargs())
             return
-        self.kernel[self.grid](*args, **self.constants)
+        self.launch(*args, **self.constants)
         if self.chosen_key not in _CHOSEN:
             _CHOSEN[self.chosen_key] = self.kernel.best_config
 
 
-def _forward_launch(plan: _Plan, per_row: int) -> _Launch:
-    """The forward kernel's launch writing ``per_row`` statistics a row (after the LSE)."""
-    launch = plan.forward_launches.get(per_row)
-    if launch is None:
-        launch = plan.forward_launches[per_row] = _Launch(
-            kernels.forward_kernel, plan.forward_grid, dict(STATS=per_row, **plan.forward_constants),
-            (plan.tuning_key, per_row), plan.first_configs[0],
-        )  # fmt: skip
-    return launch
-
-
-def _backward_launch(plan: _Plan, layout, per_row: int, mean: int) -> _Launch:
-    """The backward kernel's launch reading ``per_row`` statistics a row, with ``mean`` segments
-    (0: per-row upstream gradients)."""
-    variant = (mean, layout.symmetric, per_row, layout.one_tower)
-    launch = plan.backward_launches.get(variant)
-    if launch is None:
-        constants = dict(
-            MEAN=mean, SYMMETRIC=layout.symmetric, STATS=per_row, TWO_SIDES=not layout.one_tower,
-            **plan.backward_constants,
-        )  # fmt: skip
-        launch = plan.backward_launches[variant] = _Launch(
-            kernels.backward_kernel, plan.backward_grid, constants, (plan.tuning_key, *variant), plan.first_configs[1]
-        )
+def _backward_launch(plan: _Plan, layout, mean: int) -> _Launch:
+    """The backward kernel's launch with ``mean`` segments (0: per-row upstream gradients)."""
+    per_row = plan.mean_stats if mean else layout.sets
+    constants = dict(
+        MEAN=mean, SYMMETRIC=layout.symmetric, STATS=per_row, TWO_SIDES=not layout.one_tower,
+        **plan.backward_constants,
+    )  # fmt: skip
+    variant = (mean, layout.symmetric)
+    launch = plan.backward_launches[variant] = _Launch(
+        kernels.backward_kernel, plan.backward_grid, constants, (plan.tuning_key, *variant, per_row),
+        plan.first_configs[1],
+    )  # fmt: skip
     return launch
 
 
@@ -246,10 +240,11 @@ def _operands(q, k, layout):
     return q, (q if layout.one_tower else k.contiguous())
 
 
-def _run_forward(plan, capture, q, k, layout, loss, valid, stats, per_row) -> None:
-    """The forward kernel, writing the rows' statistics to ``stats``: one a row, then ``per_row`` a row."""
+def _run_forward(launch, plan, capture, q, k, layout, loss, valid, stats) -> None:
+    """The forward kernel's ``launch``, writing the rows' statistics to ``stats``: one a row, then
+    those of the launch's path (``STATS``) a row."""
     m, d = q.shape
-    _forward_launch(plan, per_row).run(
+    launch.run(
         capture, q, k, layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups,
         plan.partial, loss, valid, stats, m, k.shape[0], d, layout.self_offset, plan.scale2, *plan.buckets,
     )  # fmt: skip
@@ -265,12 +260,12 @@ def forward(q, k, layout, tau, *, splits=None):
     q, k = _operands(q, k, layout)
     plan, capture = _plan(q, layout, tau, splits)
     m, p = layout.rows, layout.sets
-    loss = plan.loss.new_empty((m, p))
-    valid = plan.valid.new_empty((m, p))
+    loss = torch.empty_like(plan.loss)
+    valid = torch.empty_like(plan.valid)
     stats = plan.loss.new_empty(m * (1 + p))
-    _run_forward(plan, capture, q, k, layout, loss, valid, stats, p)
+    _run_forward(plan.forward_rows, plan, capture, q, k, layout, loss, valid, stats)
     if plan.splits > 1:
-        kernels.finish_kernel[plan.finish_grid](
+        plan.finish(
             plan.partial, loss, valid, stats, plan.block_sums, plan.ticket, stats, stats, m, plan.splits, m,
             **plan.finish_rows,
         )  # fmt: skip
@@ -288,23 +283,24 @@ def forward_mean(q, k, layout, tau, *, splits=None):
     q, k = _operands(q, k, layout)
     plan, capture = _plan(q, layout, tau, splits)
     stats = plan.loss.new_empty(plan.mean_stats_size)
-    mean0 = stats.new_empty(plan.mean_shape)
-    mean1 = stats.new_empty(plan.mean_shape) if layout.segments == 2 else plan.unused_mean
-    _run_forward(plan, capture, q, k, layout, plan.loss, plan.valid, stats, plan.mean_stats)
-    kernels.finish_kernel[plan.finish_grid](
+    mean0 = torch.empty_like(plan.mean_like)
+    mean1 = torch.empty_like(plan.mean_like) if layout.segments == 2 else plan.unused_mean
+    _run_forward(plan.forward_means, plan, capture, q, k, layout, plan.loss, plan.valid, stats)
+    plan.finish(
         plan.partial, plan.loss, plan.valid, stats, plan.block_sums, plan.ticket, mean0, mean1, layout.rows,
         plan.splits, layout.boundary, **plan.finish_means,
     )  # fmt: skip
     return ((mean0,) if layout.segments == 1 else (mean0, mean1)), stats
 
 
-def _run_backward(plan, capture, upstream, q, k, layout, stats, per_row, mean):
+def _run_backward(plan, capture, upstream, q, k, layout, stats, mean):
     """(dq, dk), dk None with one tower: one launch, reading the forward's ``stats`` (one a row,
     then ``per_row`` a row, then with ``mean`` the valid counts)."""
     m, d = q.shape
     dq = torch.empty_like(q)
     dk = None if layout.one_tower else torch.empty_like(k)
-    _backward_launch(plan, layout, per_row, mean).run(
+    launch = plan.backward_launches.get((mean, layout.symmetric)) or _backward_launch(plan, layout, mean)
+    launch.run(
         capture, q, k, dq, dq if dk is None else dk, plan.backward_partial, plan.backward_tickets, *upstream, stats,
         layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups, m, k.shape[0], d,
         layout.self_offset, layout.boundary, plan.scale2, plan.inv_tau, *plan.buckets,
@@ -321,7 +317,7 @@ def backward(grad_loss, q, k, layout, tau, stats, *, splits=None):
     plan, capture = _plan(q, layout, tau, splits)
     grad = grad_loss.float().contiguous()
     upstream = (grad, grad, grad)  # the means' pointers go unread without MEAN
-    return _run_backward(plan, capture, upstream, q, k, layout, stats, layout.sets, 0)
+    return _run_backward(plan, capture, upstream, q, k, layout, stats, 0)
 
 
 def backward_mean(grad_means, q, k, layout, tau, stats, *, splits=None):
@@ -333,4 +329,4 @@ def backward_mean(grad_means, q, k, layout, tau, stats, *, splits=None):
     q, k = _operands(q, k, layout)
     plan, capture = _plan(q, layout, tau, splits)
     first, last = grad_means[0].float().contiguous(), grad_means[-1].float().contiguous()
-    return _run_backward(plan, capture, (first, first, last), q, k, layout, stats, plan.mean_stats, layout.segments)
+    return _run_backward(plan, capture, (first, first, last), q, k, layout, stats, layout.segments)
