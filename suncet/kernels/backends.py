@@ -174,19 +174,18 @@ def resolve_backend(
     ``reference`` on CPU tensors, ``triton``, ``cuda``, ``reference`` on CUDA tensors. An
     explicit backend that cannot run raises ConfigError with the reason.
     """
-    device = device if isinstance(device, torch.device) else torch.device(device)
     status = backend_status()
     if _RESOLVED.get("status") is not status:  # recomputed (cache cleared): decide afresh
         _RESOLVED.clear()
         _RESOLVED["status"] = status
-    key = (name, device.type, dtype, dim)
+    key = (name, device, dtype, dim)
     chosen = _RESOLVED.get(key)
     if chosen is None:
-        chosen = _RESOLVED[key] = _resolve(name, device, dtype, dim, status)
+        chosen = _RESOLVED[key] = _resolve(name, torch.device(device), dtype, dim, status)
     return chosen
 
 
-_RESOLVED: dict = {}  # (name, device type, dtype, dim) -> backend, and the status they came from
+_RESOLVED: dict = {}  # (name, device as given, dtype, dim) -> backend, and the status they came from
 
 
 def _resolve(name: str, device: torch.device, dtype, dim, status) -> str:

@@ -72,9 +72,11 @@ class _Plan:
     within one kernel or between the forward kernel and the finishing one of the same call
     (stream order keeps one call's use of them before the next call's; calls on another stream
     get plans of their own, and a graph capture plans afresh: ``_plan``). A step then spends its
-    host time on launches. ``splits`` overrides the column splits of both directions."""
+    host time on launches. ``splits`` overrides the column splits of both directions;
+    ``capture``: the plan is a graph capture's, whose launches never autotune (``_Launch``)."""
 
-    def __init__(self, m, n, d, p, dtype, device, tau, one_tower, splits):
+    def __init__(self, m, n, d, p, dtype, device, tau, one_tower, splits, capture):
+        self.capture = capture
         f32 = dict(device=device, dtype=torch.float32)
         sms = _multiprocessors(device)
         self.splits = splits or tiles.forward_splits(m, n, sms)
@@ -82,11 +84,7 @@ class _Plan:
         self.bounded_backward = tiles.bounded_backward(tau, d)
         self.scale2, self.inv_tau = tiles.LOG2E / tau, 1.0 / tau
         self.buckets = (triton.next_power_of_2(m), triton.next_power_of_2(n))
-        self.tuning_key = (
-            *self.buckets,
-            d,
-            dtype,
-        )  # what the autotuner's choice depends on, beside the kernel's constants
+        self.tuning_key = (*self.buckets, d, dtype)  # what the autotuner's choice depends on, beside the constants
         self.first_configs = (tiles.first_forward_config(d), tiles.first_backward_config(d, self.bounded_backward))
         common = dict(P=p, BLOCK_D=tiles.block_d(d), EVEN_D=tiles.block_d(d) == d, PRECISION=_precision(dtype))
         self.forward_constants = dict(
@@ -102,7 +100,7 @@ class _Plan:
         forward_grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), self.splits)  # noqa: E731
         self.forward_rows, self.forward_means = (
             _Launch(kernels.forward_kernel, forward_grid, dict(STATS=per_row, **self.forward_constants),
-                    (self.tuning_key, per_row), self.first_configs[0])
+                    (self.tuning_key, per_row), self.first_configs[0], capture)
             for per_row in (p, self.mean_stats)
         )  # fmt: skip
         self.backward_launches: dict[tuple, _Launch] = {}
@@ -165,25 +163,25 @@ def capturing(q: torch.Tensor) -> bool:
     return q.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _plan(q: torch.Tensor, layout, tau: float, splits: int | None) -> tuple[_Plan, bool]:
-    """The plan of a call on ``q``'s device (the current one) and its current stream, and
-    whether a graph is being captured there (the plan is then the capture's own)."""
+def _plan(q: torch.Tensor, layout, tau: float, splits: int | None) -> _Plan:
+    """The plan of a call on ``q``'s device (the current one) and its current stream: a plan of
+    its own while a graph is being captured there."""
     m, d = q.shape
     n, p, one_tower = layout.cols, layout.sets, layout.one_tower
     if capturing(q):
-        return _Plan(m, n, d, p, q.dtype, q.device, tau, one_tower, splits), True
+        return _Plan(m, n, d, p, q.dtype, q.device, tau, one_tower, splits, True)
     where = (q.get_device(), torch.cuda.current_stream().cuda_stream) if q.is_cuda else None
     key = (m, n, d, p, q.dtype, where, tau, one_tower, splits, _fp32_precision)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _Plan(m, n, d, p, q.dtype, q.device, tau, one_tower, splits)
+        plan = _PLANS[key] = _Plan(m, n, d, p, q.dtype, q.device, tau, one_tower, splits, False)
         while len(_PLANS) > 1 and (
             len(_PLANS) > MAX_PLANS or sum(kept.nbytes for kept in _PLANS.values()) > MAX_PLAN_BYTES
         ):
             _PLANS.popitem(last=False)
     else:
         _PLANS.move_to_end(key)
-    return plan, False
+    return plan
 
 
 def _elsewhere(q: torch.Tensor) -> bool:
@@ -199,24 +197,25 @@ _CHOSEN: dict[tuple, triton.Config] = {}
 
 
 class _Launch:
-    """One autotuned kernel as a plan launches it: its grid, its constants merged once, the key
-    its chosen tile is kept under in ``_CHOSEN``, and the tile a capture takes without one."""
+    """One autotuned kernel as a plan launches it, its grid bound and constants merged once.
+    Eagerly the autotuner runs and its choice is recorded under ``chosen_key``; in a capture's
+    plan the kernel launches past the autotuner, with the tile recorded for that key, else
+    ``default``."""
 
-    __slots__ = ("kernel", "grid", "launch", "constants", "chosen_key", "default")
+    __slots__ = ("kernel", "launch", "constants", "record_as")
 
-    def __init__(self, kernel, grid, constants: dict, chosen_key: tuple, default: triton.Config):
-        self.kernel, self.grid, self.constants = kernel, grid, constants
-        self.launch = kernel[grid]
-        self.chosen_key, self.default = (kernel, *chosen_key), default
-
-    def run(self, capture: bool, *args) -> None:
+    def __init__(self, kernel, grid, constants: dict, chosen_key: tuple, default: triton.Config, capture: bool):
+        self.kernel, chosen_key = kernel, (kernel, *chosen_key)
         if capture:
-            config = _CHOSEN.get(self.chosen_key, self.default)
-            self.kernel.fn[self.grid](*args, **self.constants, **config.all_kwargs())
-            return
+            self.launch, self.record_as = kernel.fn[grid], None
+            self.constants = {**constants, **_CHOSEN.get(chosen_key, default).all_kwargs()}
+        else:
+            self.launch, self.constants, self.record_as = kernel[grid], constants, chosen_key
+
+    def run(self, *args) -> None:
         self.launch(*args, **self.constants)
-        if self.chosen_key not in _CHOSEN:
-            _CHOSEN[self.chosen_key] = self.kernel.best_config
+        if self.record_as is not None and self.record_as not in _CHOSEN:
+            _CHOSEN[self.record_as] = self.kernel.best_config
 
 
 def _backward_launch(plan: _Plan, layout, mean: int) -> _Launch:
@@ -229,7 +228,7 @@ def _backward_launch(plan: _Plan, layout, mean: int) -> _Launch:
     variant = (mean, layout.symmetric)
     launch = plan.backward_launches[variant] = _Launch(
         kernels.backward_kernel, plan.backward_grid, constants, (plan.tuning_key, *variant, per_row),
-        plan.first_configs[1],
+        plan.first_configs[1], plan.capture,
     )  # fmt: skip
     return launch
 
@@ -240,12 +239,12 @@ def _operands(q, k, layout):
     return q, (q if layout.one_tower else k.contiguous())
 
 
-def _run_forward(launch, plan, capture, q, k, layout, loss, valid, stats) -> None:
+def _run_forward(launch, plan, q, k, layout, loss, valid, stats) -> None:
     """The forward kernel's ``launch``, writing the rows' statistics to ``stats``: one a row, then
     those of the launch's path (``STATS``) a row."""
     m, d = q.shape
     launch.run(
-        capture, q, k, layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups,
+        q, k, layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups,
         plan.partial, loss, valid, stats, m, k.shape[0], d, layout.self_offset, plan.scale2, *plan.buckets,
     )  # fmt: skip
 
@@ -258,12 +257,12 @@ def forward(q, k, layout, tau, *, splits=None):
         with torch.cuda.device(q.device):
             return forward(q, k, layout, tau, splits=splits)
     q, k = _operands(q, k, layout)
-    plan, capture = _plan(q, layout, tau, splits)
+    plan = _plan(q, layout, tau, splits)
     m, p = layout.rows, layout.sets
     loss = torch.empty_like(plan.loss)
     valid = torch.empty_like(plan.valid)
     stats = plan.loss.new_empty(m * (1 + p))
-    _run_forward(plan.forward_rows, plan, capture, q, k, layout, loss, valid, stats)
+    _run_forward(plan.forward_rows, plan, q, k, layout, loss, valid, stats)
     if plan.splits > 1:
         plan.finish(
             plan.partial, loss, valid, stats, plan.block_sums, plan.ticket, stats, stats, m, plan.splits, m,
@@ -281,11 +280,11 @@ def forward_mean(q, k, layout, tau, *, splits=None):
         with torch.cuda.device(q.device):
             return forward_mean(q, k, layout, tau, splits=splits)
     q, k = _operands(q, k, layout)
-    plan, capture = _plan(q, layout, tau, splits)
+    plan = _plan(q, layout, tau, splits)
     stats = plan.loss.new_empty(plan.mean_stats_size)
     mean0 = torch.empty_like(plan.mean_like)
     mean1 = torch.empty_like(plan.mean_like) if layout.segments == 2 else plan.unused_mean
-    _run_forward(plan.forward_means, plan, capture, q, k, layout, plan.loss, plan.valid, stats)
+    _run_forward(plan.forward_means, plan, q, k, layout, plan.loss, plan.valid, stats)
     plan.finish(
         plan.partial, plan.loss, plan.valid, stats, plan.block_sums, plan.ticket, mean0, mean1, layout.rows,
         plan.splits, layout.boundary, **plan.finish_means,
@@ -293,7 +292,7 @@ def forward_mean(q, k, layout, tau, *, splits=None):
     return ((mean0,) if layout.segments == 1 else (mean0, mean1)), stats
 
 
-def _run_backward(plan, capture, upstream, q, k, layout, stats, mean):
+def _run_backward(plan, upstream, q, k, layout, stats, mean):
     """(dq, dk), dk None with one tower: one launch, reading the forward's ``stats`` (one a row,
     then ``per_row`` a row, then with ``mean`` the valid counts)."""
     m, d = q.shape
@@ -301,7 +300,7 @@ def _run_backward(plan, capture, upstream, q, k, layout, stats, mean):
     dk = None if layout.one_tower else torch.empty_like(k)
     launch = plan.backward_launches.get((mean, layout.symmetric)) or _backward_launch(plan, layout, mean)
     launch.run(
-        capture, q, k, dq, dq if dk is None else dk, plan.backward_partial, plan.backward_tickets, *upstream, stats,
+        q, k, dq, dq if dk is None else dk, plan.backward_partial, plan.backward_tickets, *upstream, stats,
         layout.row_keys, layout.col_keys, layout.row_groups, layout.col_groups, m, k.shape[0], d,
         layout.self_offset, layout.boundary, plan.scale2, plan.inv_tau, *plan.buckets,
     )  # fmt: skip
@@ -314,10 +313,10 @@ def backward(grad_loss, q, k, layout, tau, stats, *, splits=None):
         with torch.cuda.device(q.device):
             return backward(grad_loss, q, k, layout, tau, stats, splits=splits)
     q, k = _operands(q, k, layout)
-    plan, capture = _plan(q, layout, tau, splits)
+    plan = _plan(q, layout, tau, splits)
     grad = grad_loss.float().contiguous()
     upstream = (grad, grad, grad)  # the means' pointers go unread without MEAN
-    return _run_backward(plan, capture, upstream, q, k, layout, stats, 0)
+    return _run_backward(plan, upstream, q, k, layout, stats, 0)
 
 
 def backward_mean(grad_means, q, k, layout, tau, stats, *, splits=None):
@@ -327,6 +326,6 @@ def backward_mean(grad_means, q, k, layout, tau, stats, *, splits=None):
         with torch.cuda.device(q.device):
             return backward_mean(grad_means, q, k, layout, tau, stats, splits=splits)
     q, k = _operands(q, k, layout)
-    plan, capture = _plan(q, layout, tau, splits)
+    plan = _plan(q, layout, tau, splits)
     first, last = grad_means[0].float().contiguous(), grad_means[-1].float().contiguous()
-    return _run_backward(plan, capture, (first, first, last), q, k, layout, stats, layout.segments)
+    return _run_backward(plan, (first, first, last), q, k, layout, stats, layout.segments)
