@@ -120,9 +120,9 @@ else
   PROFILE_JSON=(--json "$OUT/profile_host.json")
   if ((ALL)); then PROFILE_JSON=(); fi  # its figures stay in the log: --all fills the 8 files
   # Host time does not depend on the tile: the first entries, no autotuning.
-  run "profile host" 45 env SUNCET_TRITON_AUTOTUNE=0 "$PY" benchmarks/profile_host.py "${PROFILE_JSON[@]}"
+  run "profile host" 45 env SUNCET_TRITON_AUTOTUNE=0 "$PY" benchmarks/profile_host.py --rounds 7 "${PROFILE_JSON[@]}"
 fi
-run "profile host, launches stubbed" 30 "$PY" benchmarks/profile_host.py --stub
+run "profile host, launches stubbed" 30 "$PY" benchmarks/profile_host.py --stub --rounds 7
 
 step "PAWS's soft nearest neighbour: GEMMs + softmax against scaled_dot_product_attention, fp32 and bf16"
 SNN_JSON=(--json "$OUT/bench_snn.json")

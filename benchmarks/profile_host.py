@@ -15,7 +15,7 @@ Default (a CUDA device): the same steps with real launches and the GPU never wai
 empty Triton launch and an empty PyTorch op for scale, then cProfile and torch.profiler of the
 fused step.
 
-    python benchmarks/profile_host.py --stub [--n 2048] [--d 128] [--json FILE]
+    python benchmarks/profile_host.py --stub [--n 2048] [--d 128] [--rounds 15] [--json FILE]
     python benchmarks/profile_host.py [--json FILE]     # on a GPU; benchmarks/gpu_check.sh runs it
 """
 
@@ -58,7 +58,7 @@ def _stub_kernels(module) -> int:
     return stubbed
 
 
-def host_us(steps: dict, repeats: int, sync, clock, rounds: int = 15) -> dict[str, list[float]]:
+def host_us(steps: dict, repeats: int, sync, clock, rounds: int) -> dict[str, list[float]]:
     """Per step, the mean ``clock`` time per call in microseconds in each of ``rounds`` rounds;
     the steps take turns within each round, so that a shared machine's drift touches all alike."""
     for fn in steps.values():
@@ -226,6 +226,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2048)
     parser.add_argument("--d", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=15, help="rounds of --repeats calls, the steps in turn")
     parser.add_argument("--json", type=Path, help="also write the timings here")
     args = parser.parse_args()
     if args.stub:
@@ -248,7 +249,7 @@ def main() -> None:
         empty = torch.empty(1, device=device)
         steps["empty Triton launch"] = lambda: _empty_kernel[(1,)](empty, 1)
         steps["empty PyTorch op (add_)"] = lambda: empty.add_(1)
-    rounds = host_us(steps, args.repeats, sync, clock)
+    rounds = host_us(steps, args.repeats, sync, clock, args.rounds)
     timings = {name: statistics.median(values) for name, values in rounds.items()}
     # The ratio of each round's adjacent measurements: a drifting machine moves both alike.
     ratio = statistics.median(fused / floor for fused, floor in zip(rounds[FUSED], rounds[FLOOR]))
