@@ -220,13 +220,28 @@ def _profiles(fused_step, sync) -> str:
     return report + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low``, else a one-line usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"an integer is needed, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"at least {low} is needed, got {value}")
+        return value
+
+    return parse
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stub", action="store_true", help="CPU tensors, Triton launches replaced by no-ops")
-    parser.add_argument("--n", type=int, default=2048)
-    parser.add_argument("--d", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=15, help="rounds of --repeats calls, the steps in turn")
+    parser.add_argument("--n", type=_at_least(4), default=2048, help="rows (half NT-Xent views, half labeled)")
+    parser.add_argument("--d", type=_at_least(1), default=128)
+    parser.add_argument("--repeats", type=_at_least(1), default=300)
+    parser.add_argument("--rounds", type=_at_least(1), default=15, help="rounds of --repeats calls, the steps in turn")
     parser.add_argument("--json", type=Path, help="also write the timings here")
     args = parser.parse_args()
     if args.stub:
