@@ -294,7 +294,7 @@ def forward_mean(q, k, layout, tau, *, splits=None):
 
 def _run_backward(plan, upstream, q, k, layout, stats, mean):
     """(dq, dk), dk None with one tower: one launch, reading the forward's ``stats`` (one a row,
-    then ``per_row`` a row, then with ``mean`` the valid counts)."""
+    then those of its path a row, then with ``mean`` the valid counts)."""
     m, d = q.shape
     dq = torch.empty_like(q)
     dk = None if layout.one_tower else torch.empty_like(k)
