@@ -30,6 +30,7 @@ pybind11::dict build_info() {
     info["cpu_variant"] = std::string("none: ") + exc.what_without_backtrace();
   }
   info["cxx_standard"] = static_cast<long>(__cplusplus);
+  info["compiler"] = std::string(__VERSION__);  // the variants' code is this compiler's register allocation
   return info;
 }
 

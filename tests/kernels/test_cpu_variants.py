@@ -5,6 +5,7 @@ test_kernels.py (the ``cpu_variant`` fixture)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import re
@@ -16,6 +17,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 
 from suncet import kernels
 from suncet.kernels import cpu
@@ -105,6 +107,22 @@ def test_wide_registers_appear_only_in_their_variants_code():
                 wrong.append((function, line.strip()))
     assert not wrong, f"wide registers outside their variant: {wrong[:5]}"
     assert seen["avx512"] > 0 and seen["avx2"] > 0  # the scan did see the variants' code
+
+
+@pytest.mark.skipif(not X86 or shutil.which("objdump") is None, reason="checks x86-64 disassembly with objdump")
+def test_no_variants_product_loop_keeps_a_vector_on_the_stack():
+    # The defect the variants fixed: 64-byte vectors built for AVX2 split into register pairs and
+    # the micro-kernel's accumulators spilled to the stack. Read from the built code, so the
+    # avx512 variant is checked on processors that cannot run it.
+    spec = importlib.util.spec_from_file_location("cpu_kernel_loops", REPO / "benchmarks" / "cpu_kernel_loops.py")
+    loops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loops)
+    shapes = loops.product_shapes(loops.loops(cpu._C.__file__))
+    register = {"avx512": "zmm", "avx2": "ymm", "generic": "xmm"}
+    assert {s["variant"] for s in shapes} == set(cpu.variants(False))
+    for shape in shapes:
+        assert shape["stack_operands"] == 0, shape
+        assert shape["register"] == register[shape["variant"]], shape
 
 
 def _step_seconds(backend: str, z: torch.Tensor, layout: Layout) -> float:
