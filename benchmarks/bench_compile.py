@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from suncet.bench import json_output
 from suncet.engine.rundir import write_json
 
 SUNCET = str(Path(sys.executable).parent / "suncet")
@@ -60,7 +61,7 @@ def main() -> None:
     parser.add_argument("--modes", default="none,default")
     parser.add_argument("--epochs", type=int, help="Override the preset's 200 epochs (a shorter check).")
     parser.add_argument("--train-args", default="", help="More `suncet train` flags, e.g. for a GPU run.")
-    parser.add_argument("--json", default="benchmarks/results/cpu_compile.json")
+    parser.add_argument("--json", type=json_output, default="benchmarks/results/cpu_compile.json")
     args = parser.parse_args()
     report = {
         "machine": {

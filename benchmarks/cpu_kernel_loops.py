@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from suncet import _C
+from suncet.bench import json_output
 from suncet.engine.rundir import write_json
 
 _FUNCTION = re.compile(r"^[0-9a-f]+ <(.*)>:$")
@@ -142,7 +143,7 @@ def per_entry_summary(rows: list[dict]) -> list[dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", help="also write the loops and both summaries to this file")
+    parser.add_argument("--json", type=json_output, help="also write the loops and both summaries to this file")
     args = parser.parse_args()
     if shutil.which("objdump") is None:
         print("error: objdump (GNU binutils) is needed to read the extension's code", file=sys.stderr)

@@ -21,11 +21,11 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from suncet.bench import json_output
 from suncet.engine.rundir import write_json
 from suncet.kernels import Layout, triton_kernels, triton_launch, triton_tiles
 
@@ -63,7 +63,7 @@ def forced(kernel, table: list, entry: tuple) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, required=True, help="where to write the rows")
+    parser.add_argument("--json", type=json_output, required=True, help="where to write the rows")
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--d", type=int, default=128)
     args = parser.parse_args()

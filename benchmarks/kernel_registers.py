@@ -34,6 +34,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
+from suncet.bench import json_output
 from suncet.engine.rundir import write_json, write_text
 from suncet.kernels import triton_kernels as tk
 from suncet.kernels import triton_tiles as tiles
@@ -182,7 +183,7 @@ def analyse(kernel, dtype: str, constants: dict, tile: tuple[int, int, int, int]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--json", type=json_output, help="also write the rows here")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--sets", type=int, default=2, choices=[1, 2], help="positive-key sets (P)")
     parser.add_argument(

@@ -30,7 +30,8 @@ import pstats
 import statistics
 import sys
 import time
-from pathlib import Path
+
+from suncet.bench import json_output  # imports neither torch nor triton: --stub sets the interpreter first
 
 
 def _stub_kernels(module) -> int:
@@ -242,7 +243,7 @@ def main() -> None:
     parser.add_argument("--d", type=_at_least(1), default=128)
     parser.add_argument("--repeats", type=_at_least(1), default=300)
     parser.add_argument("--rounds", type=_at_least(1), default=15, help="rounds of --repeats calls, the steps in turn")
-    parser.add_argument("--json", type=Path, help="also write the timings here")
+    parser.add_argument("--json", type=json_output, help="also write the timings here")
     args = parser.parse_args()
     if args.stub:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: lets the backend take CPU tensors
