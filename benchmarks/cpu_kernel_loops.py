@@ -45,8 +45,8 @@ _BROADCAST = re.compile(r"^vbroadcasts[sd]$|^vpbroadcast|^shufps$")
 _EXPONENTIAL = re.compile(r"^v?cvttp[sd]2dq$")
 
 
-def _functions(path: str) -> dict[str, list[tuple[int, str, str]]]:
-    """Instructions of the fp32 kernel functions of each variant, as (address, mnemonic, operands)."""
+def disassemble(path: str) -> dict[str, list[tuple[int, str, str]]]:
+    """Every function of the library at ``path``, as its instructions (address, mnemonic, operands)."""
     listing = subprocess.run(
         ["objdump", "-d", "-C", "--no-show-raw-insn", path], capture_output=True, text=True, check=True
     ).stdout
@@ -55,10 +55,8 @@ def _functions(path: str) -> dict[str, list[tuple[int, str, str]]]:
     for line in listing.splitlines():
         header = _FUNCTION.match(line)
         if header:
-            name = header.group(1)
-            current = name if _VARIANT.search(name) and _KERNEL.search(name) else None
-            if current:
-                functions[current] = []
+            current = header.group(1)
+            functions[current] = []
             continue
         instruction = _INSTRUCTION.match(line) if current else None
         if instruction:
@@ -85,7 +83,9 @@ def _short_name(function: str) -> str:
 
 def loops(path: str) -> list[dict]:
     rows = []
-    for function, instructions in _functions(path).items():
+    for function, instructions in disassemble(path).items():
+        if not (_VARIANT.search(function) and _KERNEL.search(function)):
+            continue
         for start, end in _innermost_loops(instructions):
             body = instructions[start : end + 1]
             mnemonics = [m for _, m, _ in body]

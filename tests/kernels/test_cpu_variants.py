@@ -5,6 +5,7 @@ test_kernels.py (the ``cpu_variant`` fixture)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import platform
@@ -79,44 +80,47 @@ def test_variants_are_forced_in_process_and_refused_in_one_line():
     assert cpu.variant() == running
 
 
-@pytest.mark.skipif(not X86 or shutil.which("objdump") is None, reason="checks x86-64 disassembly with objdump")
+OBJDUMP = pytest.mark.skipif(not X86 or shutil.which("objdump") is None, reason="reads x86-64 code with objdump")
+
+
+@functools.cache
+def _kernel_loops():
+    """benchmarks/cpu_kernel_loops.py, the reader of the built library's code."""
+    spec = importlib.util.spec_from_file_location("cpu_kernel_loops", REPO / "benchmarks" / "cpu_kernel_loops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@OBJDUMP
 def test_wide_registers_appear_only_in_their_variants_code():
     # A function compiled with a variant's flags but shared with other callers (an inline
     # function of a common header, picked by the linker) would crash processors without those
     # instructions. Every function that touches AVX-512 state must belong to the avx512
     # variant, every one touching 256-bit registers to the avx2 or avx512 variant.
-    library = cpu._C.__file__
-    listing = subprocess.run(
-        ["objdump", "-d", "-C", "--no-show-raw-insn", library], capture_output=True, text=True, check=True
-    ).stdout
-    function = None
     wrong, seen = [], {"avx512": 0, "avx2": 0}
     avx512_state = re.compile(r"%zmm|%k[1-7]\b|%[xy]mm(1[6-9]|2\d|3[01])\b|\{1to\d+\}")
-    for line in listing.splitlines():
-        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
-        if header:
-            function = header.group(1)
-            continue
-        if avx512_state.search(line):
-            seen["avx512"] += "::avx512::" in function
-            if "::avx512::" not in function:
-                wrong.append((function, line.strip()))
-        elif "%ymm" in line:
-            seen["avx2"] += "::avx2::" in function
-            if "::avx512::" not in function and "::avx2::" not in function:
-                wrong.append((function, line.strip()))
+    for function, instructions in _kernel_loops().disassemble(cpu._C.__file__).items():
+        for _, mnemonic, operands in instructions:
+            line = f"{mnemonic} {operands}"
+            if avx512_state.search(line):
+                seen["avx512"] += "::avx512::" in function
+                if "::avx512::" not in function:
+                    wrong.append((function, line))
+            elif "%ymm" in line:
+                seen["avx2"] += "::avx2::" in function
+                if "::avx512::" not in function and "::avx2::" not in function:
+                    wrong.append((function, line))
     assert not wrong, f"wide registers outside their variant: {wrong[:5]}"
     assert seen["avx512"] > 0 and seen["avx2"] > 0  # the scan did see the variants' code
 
 
-@pytest.mark.skipif(not X86 or shutil.which("objdump") is None, reason="checks x86-64 disassembly with objdump")
+@OBJDUMP
 def test_no_variants_product_loop_keeps_a_vector_on_the_stack():
     # The defect the variants fixed: 64-byte vectors built for AVX2 split into register pairs and
     # the micro-kernel's accumulators spilled to the stack. Read from the built code, so the
     # avx512 variant is checked on processors that cannot run it.
-    spec = importlib.util.spec_from_file_location("cpu_kernel_loops", REPO / "benchmarks" / "cpu_kernel_loops.py")
-    loops = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loops)
+    loops = _kernel_loops()
     shapes = loops.product_shapes(loops.loops(cpu._C.__file__))
     register = {"avx512": "zmm", "avx2": "ymm", "generic": "xmm"}
     assert {s["variant"] for s in shapes} == set(cpu.variants(False))
